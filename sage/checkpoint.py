@@ -1,0 +1,105 @@
+"""Checkpoints: a directory per checkpoint, written atomically, loaded without pickle.
+
+    checkpoints/<run>/<name>/
+        model.safetensors     weights (safetensors: no code execution on load)
+        training_state.pt     optimiser state and RNG states (torch.load with weights_only=True)
+        meta.json             resolved config, step, epoch, metrics, best-so-far: human readable
+
+A checkpoint is written into a temporary sibling directory and renamed into place, so a crash at
+any moment leaves the previous checkpoint intact and loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+WEIGHTS, STATE, META = "model.safetensors", "training_state.pt", "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or incompatible; the message names the path."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    training_state: dict[str, Any] | None  # None when loaded for inference only
+
+
+def save_checkpoint(
+    directory: str | Path, weights: dict[str, torch.Tensor], training_state: dict[str, Any], meta: dict[str, Any]
+) -> Path:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS)
+    torch.save(training_state, tmp / STATE)
+    (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    for f in tmp.iterdir():  # durable before the rename makes it visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def load_checkpoint(directory: str | Path, with_training_state: bool = True) -> Checkpoint:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no checkpoint here (expected a directory with {WEIGHTS} and {META})")
+    for name in (WEIGHTS, META) + ((STATE,) if with_training_state else ()):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory}: incomplete checkpoint, {name} is missing")
+    try:
+        meta = json.loads((directory / META).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{directory / META}: corrupted ({e.msg})") from None
+    try:
+        weights = load_file(directory / WEIGHTS)
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise CheckpointError(f"{directory / WEIGHTS}: cannot read weights ({e}); the file is truncated or corrupted") from None
+    state = None
+    if with_training_state:
+        try:
+            state = torch.load(directory / STATE, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a damaged file
+            raise CheckpointError(f"{directory / STATE}: cannot read training state ({e})") from None
+    return Checkpoint(directory, meta, weights, state)
+
+
+def load_weights_into(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
+    """Strict load with a readable error when the checkpoint's model config differs from `model`'s."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(checkpoint.weights))
+    unexpected = sorted(set(checkpoint.weights) - set(expected))
+    mismatched = [k for k in expected if k in checkpoint.weights and checkpoint.weights[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        details = []
+        if missing:
+            details.append(f"missing {missing[:3]}")
+        if unexpected:
+            details.append(f"unexpected {unexpected[:3]}")
+        if mismatched:
+            k = mismatched[0]
+            details.append(f"shape of {k}: checkpoint {tuple(checkpoint.weights[k].shape)} vs model {tuple(expected[k].shape)}")
+        raise CheckpointError(
+            f"{checkpoint.path}: weights do not fit this model config ({'; '.join(details)}). "
+            "Use the model section the checkpoint was trained with (meta.json: config.model)."
+        )
+    model.load_state_dict(checkpoint.weights)

@@ -1,0 +1,233 @@
+"""Experiment configuration: one YAML file describes a run completely.
+
+The schema is the dataclasses below; their defaults are the full `sage-44m` recipe. Loading checks
+every key and type and names the file and key path of any mistake. `--set a.b=value` overrides
+(values parsed as YAML) are checked the same way. The resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from sage.encoding import min_context_tokens
+from sage_student_model import StudentConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the file and key."""
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None  # checkpoints/<name>/ and logs/<name>/; default: the config file's stem
+    seed: int = 0
+    device: str = "auto"  # auto (CUDA if available), cpu, cuda, cuda:N
+    checkpoint_dir: str = "checkpoints"
+    log_dir: str = "logs"
+
+
+@dataclass
+class SyntheticConfig:
+    num_tasks: int = 1000
+    seed: int = 0
+    transforms: list[str] = field(
+        default_factory=lambda: ["flip_lr", "flip_ud", "rot90", "rot180", "transpose", "colour_swap", "recolour"]
+    )
+    min_side: int = 3
+    max_side: int = 6
+    demos: int = 3
+
+
+@dataclass
+class DataConfig:
+    train: str = "arc-agi-1/training"  # arc-agi-{1,2}/{training,evaluation}, synthetic, or a directory
+    val: str = "holdout"  # 'holdout': val_fraction of the training tasks, held out whole; or a dataset
+    val_fraction: float = 0.1
+    use_test_pairs: bool = True  # training tasks' test pairs also serve as training queries
+    augment: bool = True  # a random dihedral transform + colour permutation per training example
+    max_context_tokens: int = 4096  # context cap (policy: sage/encoding.py)
+    num_workers: int = 0  # DataLoader worker processes
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 1e-4
+    min_lr: float = 1e-6  # cosine floor
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    log_every: int = 20  # optimiser steps between train.log lines
+
+
+@dataclass
+class ValConfig:
+    batch_size: int = 4
+    every_epochs: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 10  # keep an epoch_N snapshot this often (0: never)
+    every_steps: int = 0  # also refresh `last` every N steps, for long epochs (0: only at epoch ends)
+
+
+@dataclass
+class ExperimentConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML config (or start from the defaults when path is None), apply `a.b=value`
+    overrides, check everything, and fill in the run name."""
+    raw: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found (see configs/ for examples)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set train.epochs=5")
+        _set_path(raw, key.strip().split("."), yaml.safe_load(value), f"--set {item}")
+    cfg = from_dict(ExperimentConfig, raw, where)
+    if cfg.run.name is None:
+        cfg.run.name = Path(path).stem if path is not None else "default"
+    check(cfg, where)
+    return cfg
+
+
+def from_dict(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {_show(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key '{prefix}{unknown[0]}' (known keys here: {', '.join(sorted(fields))})"
+        )
+    values = {name: _convert(hints[name], value, where, prefix + name) for name, value in raw.items()}
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, where: str, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where, key + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: '{key}' must be a list, got {_show(value)}")
+        return [_convert(args[0], v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: '{key}' must be true or false, got {_show(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: '{key}' must be an integer, got {_show(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: '{key}' must be a number, got {_show(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: '{key}' must be a string, got {_show(value)}")
+        return value
+    raise TypeError(f"config schema: unsupported type {hint} for {key}")
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _set_path(raw: dict, keys: list[str], value: Any, where: str) -> None:
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def check(cfg: ExperimentConfig, where: str) -> None:
+    """Value checks the types alone cannot express."""
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    need(m.d_model % m.n_heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    need(1 <= m.grid_size <= 30, f"model.grid_size must be 1..30, got {m.grid_size}")
+    need(m.max_demos >= 1, f"model.max_demos must be >= 1, got {m.max_demos}")
+    need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    least = min_context_tokens(m.grid_size)
+    need(
+        d.max_context_tokens >= least,
+        f"data.max_context_tokens must be >= {least} (one demonstration pair and a test input of the largest "
+        f"grids at model.grid_size={m.grid_size}), got {d.max_context_tokens}",
+    )
+    need(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    need(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    need(cfg.val.batch_size >= 1, f"val.batch_size must be >= 1, got {cfg.val.batch_size}")
+    need(cfg.val.every_epochs >= 1, f"val.every_epochs must be >= 1, got {cfg.val.every_epochs}")
+    need(t.lr > 0 and 0 <= t.min_lr <= t.lr, f"need 0 <= train.min_lr <= train.lr and lr > 0, got {t.min_lr}, {t.lr}")
+    need(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    need(len(t.betas) == 2, f"train.betas must have two values, got {t.betas}")
+    need(t.grad_clip > 0, f"train.grad_clip must be > 0, got {t.grad_clip}")
+    need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    need(cfg.checkpoint.every_epochs >= 0, "checkpoint.every_epochs must be >= 0")
+    need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0")
+    name = cfg.run.name or ""
+    need(bool(name) and "/" not in name and name not in (".", ".."), f"run.name must be a plain name, got {name!r}")
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

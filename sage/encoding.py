@@ -1,0 +1,273 @@
+"""Grids as tokens, and ARC tasks as padded, length-bucketed batches for the student.
+
+Vocabulary (12 tokens, the HRM/TRM convention): PAD=0, EOS=1, colour c -> c + 2. A grid's size is
+marked by EOS cells on the row just below it and the column just right of it (within its extent).
+
+- The ANSWER is a fixed canvas of grid_size x grid_size cells (30x30 for ARC): the student predicts
+  every cell, so it predicts the output size too. Decoding takes the largest top-left rectangle of
+  colour tokens.
+- The CONTEXT (demonstration pairs and the test input) spends no tokens on padding: each grid is
+  the top-left (h+1) x (w+1) corner of its canvas (the grid plus its EOS border), with explicit
+  row/column positions, and a task's grids are packed one after another. Batches pad only to the
+  longest context in the batch, and the sampler groups contexts of similar length.
+
+Context cap policy: a task keeps at most `max_demos` demonstrations; if its context is still longer
+than `max_context_tokens`, trailing demonstrations are dropped until it fits, always keeping one.
+The config requires max_context_tokens >= 3 * (grid_size + 1)^2, so every task fits this way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from sage.arc import Augmentation, Pair, Task, random_augmentation
+
+PAD, EOS, COLOUR_OFFSET = 0, 1, 2
+VOCAB_SIZE = 12
+
+
+def grid_to_canvas(grid: np.ndarray, size: int = 30) -> np.ndarray:
+    """[size, size] int64 tokens: the grid's colours, its EOS border, PAD elsewhere."""
+    h, w = grid.shape
+    if h > size or w > size:
+        raise ValueError(f"a {h}x{w} grid does not fit the {size}x{size} canvas (raise model.grid_size)")
+    canvas = np.full((size + 1, size + 1), PAD, dtype=np.int64)  # one spare row/column for the border
+    canvas[:h, :w] = grid.astype(np.int64) + COLOUR_OFFSET
+    canvas[h, :w] = EOS
+    canvas[:h, w] = EOS
+    return canvas[:size, :size]
+
+
+def canvas_to_grid(tokens: np.ndarray) -> np.ndarray:
+    """Largest top-left rectangle of colour tokens in a [size, size] token canvas (may be 0x0)."""
+    is_colour = (tokens >= COLOUR_OFFSET) & (tokens < VOCAB_SIZE)
+    best_area, best_shape = 0, (0, 0)
+    width = tokens.shape[1]
+    for r in range(tokens.shape[0]):
+        row = is_colour[r, :width]
+        width = int(np.argmin(row)) if not row.all() else width  # first non-colour cell bounds the width
+        if width == 0:
+            break
+        if (r + 1) * width > best_area:
+            best_area, best_shape = (r + 1) * width, (r + 1, width)
+    h, w = best_shape
+    return (tokens[:h, :w] - COLOUR_OFFSET).astype(np.uint8)
+
+
+def context_grid_tokens(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, rows, cols) of the grid plus its EOS border: (h+1)*(w+1) entries, row-major."""
+    h, w = grid.shape
+    tokens = grid_to_canvas(grid, 31)[: h + 1, : w + 1]
+    rows, cols = np.meshgrid(np.arange(h + 1), np.arange(w + 1), indexing="ij")
+    return tokens.reshape(-1), rows.reshape(-1), cols.reshape(-1)
+
+
+def context_length(grid_shapes: Sequence[tuple[int, int]]) -> int:
+    return sum((h + 1) * (w + 1) for h, w in grid_shapes)
+
+
+def min_context_tokens(grid_size: int) -> int:
+    """Smallest cap that fits one demonstration pair and the test input at the largest grid size."""
+    return 3 * (grid_size + 1) ** 2
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+@dataclass(frozen=True)
+class ExampleRef:
+    """One prediction problem: `query` of `task` is answered from demonstrations `demos`.
+
+    Indices count over task.train + task.test (so training can also use test pairs as queries).
+    """
+
+    task_index: int
+    demos: tuple[int, ...]
+    query: int
+    test_index: int | None  # position in task.test when the query is a test pair, else None
+
+
+def training_examples(tasks: Sequence[Task], use_test_pairs: bool = True) -> list[ExampleRef]:
+    """Leave-one-out over each task's pairs: every pair with an output is a query once, the others
+    are its demonstrations."""
+    refs = []
+    for ti, task in enumerate(tasks):
+        pairs = task.train + task.test
+        usable = [i for i, p in enumerate(pairs) if p.output is not None and (use_test_pairs or i < len(task.train))]
+        for q in usable:
+            demos = tuple(i for i in usable if i != q)
+            if demos:
+                test_index = q - len(task.train) if q >= len(task.train) else None
+                refs.append(ExampleRef(ti, demos, q, test_index))
+    return refs
+
+
+def evaluation_examples(tasks: Sequence[Task]) -> list[ExampleRef]:
+    """The official protocol: each test input is answered from the task's demonstration pairs."""
+    refs = []
+    for ti, task in enumerate(tasks):
+        demos = tuple(range(len(task.train)))
+        for j in range(len(task.test)):
+            refs.append(ExampleRef(ti, demos, len(task.train) + j, j))
+    return refs
+
+
+def fit_demos(
+    pairs: Sequence[Pair], demos: Sequence[int], query: int, max_demos: int, max_context_tokens: int
+) -> tuple[int, ...]:
+    """Apply the context cap policy (module docstring): the demonstrations that are kept."""
+    kept = list(demos[:max_demos])
+    shapes = [pairs[query].input.shape] + [s for d in kept for s in (pairs[d].input.shape, pairs[d].output.shape)]
+    length = context_length(shapes)
+    while length > max_context_tokens and len(kept) > 1:
+        dropped = kept.pop()
+        length -= context_length([pairs[dropped].input.shape, pairs[dropped].output.shape])
+    return tuple(kept)
+
+
+def encode_example(
+    pairs: Sequence[Pair], demos: Sequence[int], query: int, max_demos: int, grid_size: int
+) -> dict[str, np.ndarray]:
+    """Pack the context grids and the answer canvas of one example as numpy arrays.
+
+    Segment (and grid slot) ids: demo k input = 2k, demo k output = 2k + 1, test input = 2 * max_demos.
+    The answer canvas uses segment 2 * max_demos + 1 inside the model.
+    """
+    grids, slots = [], []
+    for k, d in enumerate(demos):
+        grids += [pairs[d].input, pairs[d].output]
+        slots += [2 * k, 2 * k + 1]
+    grids.append(pairs[query].input)
+    slots.append(2 * max_demos)
+    parts = [context_grid_tokens(g) for g in grids]
+    tokens = np.concatenate([p[0] for p in parts])
+    rows = np.concatenate([p[1] for p in parts])
+    cols = np.concatenate([p[2] for p in parts])
+    segments = np.concatenate([np.full(len(p[0]), s, dtype=np.int64) for p, s in zip(parts, slots)])
+    answer = pairs[query].output
+    if answer is None:
+        target = np.full(grid_size * grid_size, PAD, dtype=np.int64)
+    else:
+        target = grid_to_canvas(answer, grid_size).reshape(-1)
+    return {"tokens": tokens, "rows": rows, "cols": cols, "segments": segments, "target": target}
+
+
+class ARCExamples(torch.utils.data.Dataset):
+    """Encoded examples of a task list, optionally under a fresh random augmentation per item.
+
+    The augmentation of item i in epoch e depends only on (seed, e, i): a resumed run sees exactly
+    the data the uninterrupted run would have seen.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        refs: Sequence[ExampleRef],
+        grid_size: int,
+        max_demos: int,
+        max_context_tokens: int,
+        augment: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.tasks, self.refs = list(tasks), list(refs)
+        self.grid_size, self.max_demos, self.augment, self.seed = grid_size, max_demos, augment, seed
+        self.epoch = 0
+        # Caps depend only on grid shapes, which augmentations may transpose but never resize in area.
+        self.kept_demos = [
+            fit_demos(self._pairs(r.task_index), r.demos, r.query, max_demos, max_context_tokens) for r in self.refs
+        ]
+        self.lengths = np.array([self._length(i) for i in range(len(self.refs))], dtype=np.int64)
+
+    def _pairs(self, task_index: int) -> tuple[Pair, ...]:
+        task = self.tasks[task_index]
+        return task.train + task.test
+
+    def _length(self, i: int) -> int:
+        pairs, ref = self._pairs(self.refs[i].task_index), self.refs[i]
+        shapes = [pairs[ref.query].input.shape]
+        shapes += [s for d in self.kept_demos[i] for s in (pairs[d].input.shape, pairs[d].output.shape)]
+        return context_length(shapes)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def augmentation(self, i: int) -> Augmentation:
+        if not self.augment:
+            return Augmentation()
+        return random_augmentation(np.random.default_rng([self.seed, self.epoch, i]))
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        ref = self.refs[i]
+        task = self.tasks[ref.task_index]
+        aug = self.augmentation(i)
+        if not aug.is_identity:
+            task = aug.apply_task(task)
+        item = encode_example(task.train + task.test, self.kept_demos[i], ref.query, self.max_demos, self.grid_size)
+        item["index"] = np.int64(i)
+        return item
+
+
+def collate(items: Sequence[dict[str, np.ndarray]], pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Stack examples, padding contexts to the longest one (rounded up; `context_mask` marks real tokens)."""
+    longest = max(len(it["tokens"]) for it in items)
+    length = -(-longest // pad_to_multiple) * pad_to_multiple
+    batch = {}
+    for key in ("tokens", "rows", "cols", "segments"):
+        out = np.zeros((len(items), length), dtype=np.int64)
+        for b, it in enumerate(items):
+            out[b, : len(it[key])] = it[key]
+        batch[key] = torch.from_numpy(out)
+    mask = np.zeros((len(items), length), dtype=bool)
+    for b, it in enumerate(items):
+        mask[b, : len(it["tokens"])] = True
+    batch["context_mask"] = torch.from_numpy(mask)
+    batch["target"] = torch.from_numpy(np.stack([it["target"] for it in items]))
+    batch["index"] = torch.tensor([int(it["index"]) for it in items])
+    return batch
+
+
+class LengthBucketSampler(torch.utils.data.Sampler):
+    """Batches of examples with similar context length, in a shuffled order fixed by (seed, epoch).
+
+    Examples are shuffled, cut into windows of `bucket_batches` batches, sorted by length inside a
+    window and batched; the batch order is then shuffled. Padding stays small and every epoch still
+    mixes lengths. `skip_batches` lets a resumed run start mid-epoch.
+    """
+
+    def __init__(
+        self, lengths: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0, bucket_batches: int = 50
+    ) -> None:
+        self.lengths, self.batch_size, self.shuffle = np.asarray(lengths), batch_size, shuffle
+        self.seed, self.bucket_batches = seed, bucket_batches
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def batches(self) -> list[list[int]]:
+        n = len(self.lengths)
+        if not self.shuffle:  # deterministic order sorted by length: least padding for validation
+            order = np.argsort(self.lengths, kind="stable")
+            return [order[i : i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n)
+        window = self.batch_size * self.bucket_batches
+        batches = []
+        for start in range(0, n, window):
+            chunk = order[start : start + window]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches()[self.skip_batches :]
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size) - self.skip_batches

@@ -1,0 +1,225 @@
+"""The SAGE student: a transformer that solves an ARC task from its grids alone.
+
+    context grids (demonstration pairs + test input, packed, no padding)
+        -> token + row + column + segment embeddings
+        -> context encoder (pre-LN self-attention blocks, padding masked)
+    answer canvas (grid_size x grid_size learned slots: row + column + "answer" segment)
+        -> grid decoder (self-attention over the canvas, cross-attention to the context)
+        -> per-cell logits over 12 tokens (PAD, EOS, 10 colours): the output grid AND its size
+    per-grid mean of encoder states -> distillation head -> teacher width (2048 for GR00T N1.5)
+
+The student never reads teacher features: at inference it replaces the teacher. The distillation
+head is part of the model (trained, saved, restored) and is only used by the training loss.
+
+Run `python sage_student_model.py [--preset NAME]` to print the parameter breakdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sage.encoding import VOCAB_SIZE
+
+
+@dataclass
+class StudentConfig:
+    d_model: int = 512
+    n_heads: int = 8
+    encoder_layers: int = 6
+    decoder_layers: int = 5
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    grid_size: int = 30  # answer canvas side; ARC grids are at most 30x30
+    max_demos: int = 10  # demonstration pairs the segment embedding can tell apart
+    teacher_dim: int = 2048  # width of the teacher features the distillation head predicts
+    distill_hidden: int = 1536  # hidden width of the distillation head's MLP
+
+    @property
+    def num_segments(self) -> int:  # demo k input/output, test input, answer
+        return 2 * self.max_demos + 2
+
+    @property
+    def num_grid_slots(self) -> int:  # context grids that get a pooled feature
+        return 2 * self.max_demos + 1
+
+
+PRESETS: dict[str, StudentConfig] = {
+    "sage-44m": StudentConfig(),
+    "sage-small": StudentConfig(d_model=128, n_heads=4, encoder_layers=2, decoder_layers=2, distill_hidden=256),
+    "sage-tiny": StudentConfig(
+        d_model=64, n_heads=4, encoder_layers=2, decoder_layers=2, teacher_dim=64, distill_hidden=64
+    ),
+}
+
+
+class Attention(nn.Module):
+    """Multi-head attention (self or cross) on PyTorch's fused scaled_dot_product_attention."""
+
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, D = x.shape
+        S = memory.shape[1]
+        q = self.q(x).view(B, T, self.n_heads, -1).transpose(1, 2)
+        k, v = self.kv(memory).view(B, S, 2, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # True = attend
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.up = nn.Linear(cfg.d_model, hidden)
+        self.down = nn.Linear(hidden, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x))))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
+        self.norm2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        self.norm1, self.self_attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
+        self.norm2, self.cross_attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
+        self.norm3, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.self_attn(h, h, None)  # every answer cell sees every other: sizes must agree
+        x = x + self.cross_attn(self.norm2(x), context, context_mask)
+        return x + self.mlp(self.norm3(x))
+
+
+@dataclass
+class StudentOutput:
+    logits: torch.Tensor  # [B, grid_size^2, 12] per answer cell
+    grid_features: torch.Tensor  # [B, num_grid_slots, teacher_dim] distillation head output
+    grid_mask: torch.Tensor  # [B, num_grid_slots] which slots hold a context grid
+
+
+class SageStudent(nn.Module):
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        if cfg.d_model % cfg.n_heads:
+            raise ValueError(f"d_model ({cfg.d_model}) must be divisible by n_heads ({cfg.n_heads})")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.token_emb = nn.Embedding(VOCAB_SIZE, d)
+        self.row_emb = nn.Embedding(cfg.grid_size + 1, d)  # +1: the EOS border row/column
+        self.col_emb = nn.Embedding(cfg.grid_size + 1, d)
+        self.segment_emb = nn.Embedding(cfg.num_segments, d)
+        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.encoder_layers))
+        self.encoder_norm = nn.LayerNorm(d)
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
+        self.decoder_norm = nn.LayerNorm(d)
+        self.cell_head = nn.Linear(d, VOCAB_SIZE)
+        self.distill_head = nn.Sequential(
+            nn.LayerNorm(d), nn.Linear(d, cfg.distill_hidden), nn.GELU(), nn.Linear(cfg.distill_hidden, cfg.teacher_dim)
+        )
+        cells = torch.arange(cfg.grid_size * cfg.grid_size)
+        self.register_buffer("answer_rows", cells // cfg.grid_size, persistent=False)
+        self.register_buffer("answer_cols", cells % cfg.grid_size, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 style: shrink the residual projections so the stream's variance stays put with depth.
+        n_residual = 2 * cfg.encoder_layers + 3 * cfg.decoder_layers
+        for name, p in self.named_parameters():
+            if name.endswith(("out.weight", "down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_residual))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = (
+            self.token_emb(batch["tokens"])
+            + self.row_emb(batch["rows"])
+            + self.col_emb(batch["cols"])
+            + self.segment_emb(batch["segments"])
+        )
+        for block in self.encoder:
+            x = block(x, batch["context_mask"])
+        return self.encoder_norm(x)
+
+    def decode(self, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        answer_segment = self.segment_emb.weight[self.cfg.num_segments - 1]
+        slots = self.row_emb(self.answer_rows) + self.col_emb(self.answer_cols) + answer_segment
+        x = slots.unsqueeze(0).expand(context.shape[0], -1, -1)
+        for block in self.decoder:
+            x = block(x, context, context_mask)
+        return self.cell_head(self.decoder_norm(x))
+
+    def pool_grids(self, context: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean of the encoder states of each context grid: [B, num_grid_slots, d] and a slot mask."""
+        slots = F.one_hot(batch["segments"], self.cfg.num_segments)[..., : self.cfg.num_grid_slots]
+        slots = slots * batch["context_mask"].unsqueeze(-1)
+        slots = slots.to(context.dtype)
+        counts = slots.sum(1)  # [B, G]
+        pooled = torch.einsum("bsg,bsd->bgd", slots, context) / counts.clamp(min=1).unsqueeze(-1)
+        return pooled, counts > 0
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> StudentOutput:
+        context = self.encode(batch)
+        logits = self.decode(context, batch["context_mask"])
+        pooled, grid_mask = self.pool_grids(context, batch)
+        return StudentOutput(logits, self.distill_head(pooled), grid_mask)
+
+
+# ----------------------------------------------------------------------------- parameter report
+
+
+def parameter_breakdown(model: nn.Module) -> dict[str, int]:
+    """Parameters per top-level component, in definition order."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        component = name.split(".")[0]
+        counts[component] = counts.get(component, 0) + p.numel()
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="sage-44m", choices=sorted(PRESETS))
+    args = parser.parse_args()
+    cfg = PRESETS[args.preset]
+    with torch.device("meta"):  # count without allocating
+        model = SageStudent(cfg)
+    print(f"preset {args.preset}: {asdict(cfg)}")
+    counts = parameter_breakdown(model)
+    for name, n in counts.items():
+        print(f"  {name:<16} {n:>12,}")
+    print(f"total parameters: {sum(counts.values()):,}")
+
+
+if __name__ == "__main__":
+    main()
