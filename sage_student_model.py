@@ -3,7 +3,8 @@
     context grids (demonstration pairs + test input, packed, no padding)
         -> token + row + column + segment embeddings
         -> context encoder (pre-LN self-attention blocks, padding masked)
-    answer canvas (grid_size x grid_size learned slots: row + column + "answer" segment)
+    answer canvas (grid_size x grid_size slots: the test input's canvas tokens + row + column
+                   + "answer" segment, so the decoder edits the input in place)
         -> grid decoder (self-attention over the canvas, cross-attention to the context)
         -> per-cell logits over 12 tokens (PAD, EOS, 10 colours): the output grid AND its size
     per-grid mean of encoder states -> distillation head -> teacher width (2048 for GR00T N1.5)
@@ -171,10 +172,10 @@ class SageStudent(nn.Module):
             x = block(x, batch["context_mask"])
         return self.encoder_norm(x)
 
-    def decode(self, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+    def decode(self, query: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         answer_segment = self.segment_emb.weight[self.cfg.num_segments - 1]
-        slots = self.row_emb(self.answer_rows) + self.col_emb(self.answer_cols) + answer_segment
-        x = slots.unsqueeze(0).expand(context.shape[0], -1, -1)
+        positions = self.row_emb(self.answer_rows) + self.col_emb(self.answer_cols) + answer_segment
+        x = self.token_emb(query) + positions
         for block in self.decoder:
             x = block(x, context, context_mask)
         return self.cell_head(self.decoder_norm(x))
@@ -190,7 +191,7 @@ class SageStudent(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StudentOutput:
         context = self.encode(batch)
-        logits = self.decode(context, batch["context_mask"])
+        logits = self.decode(batch["query"], context, batch["context_mask"])
         pooled, grid_mask = self.pool_grids(context, batch)
         return StudentOutput(logits, self.distill_head(pooled), grid_mask)
 

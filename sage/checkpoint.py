@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 WEIGHTS, STATE, META = "model.safetensors", "training_state.pt", "meta.json"
@@ -72,7 +72,7 @@ def load_checkpoint(directory: str | Path, with_training_state: bool = True) -> 
         raise CheckpointError(f"{directory / META}: corrupted ({e.msg})") from None
     try:
         weights = load_file(directory / WEIGHTS)
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{directory / WEIGHTS}: cannot read weights ({e}); the file is truncated or corrupted") from None
     state = None
     if with_training_state:

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import yaml
 
 from sage.encoding import min_context_tokens
+from sage.teacher.config import TeacherConfig, teacher_problems
 from sage_student_model import StudentConfig
 
 
@@ -90,6 +91,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     val: ValConfig = field(default_factory=ValConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -223,6 +225,7 @@ def check(cfg: ExperimentConfig, where: str) -> None:
     need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     need(cfg.checkpoint.every_epochs >= 0, "checkpoint.every_epochs must be >= 0")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0")
+    problems.extend(teacher_problems(cfg.teacher))
     name = cfg.run.name or ""
     need(bool(name) and "/" not in name and name not in (".", ".."), f"run.name must be a plain name, got {name!r}")
     if problems:

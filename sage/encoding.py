@@ -148,12 +148,15 @@ def encode_example(
     rows = np.concatenate([p[1] for p in parts])
     cols = np.concatenate([p[2] for p in parts])
     segments = np.concatenate([np.full(len(p[0]), s, dtype=np.int64) for p, s in zip(parts, slots)])
+    # The answer canvas starts from the test input's canvas: the decoder edits the input in place
+    # (most ARC outputs share much with their input) instead of drawing from nothing.
+    query_canvas = grid_to_canvas(pairs[query].input, grid_size).reshape(-1)
     answer = pairs[query].output
     if answer is None:
         target = np.full(grid_size * grid_size, PAD, dtype=np.int64)
     else:
         target = grid_to_canvas(answer, grid_size).reshape(-1)
-    return {"tokens": tokens, "rows": rows, "cols": cols, "segments": segments, "target": target}
+    return {"tokens": tokens, "rows": rows, "cols": cols, "segments": segments, "query": query_canvas, "target": target}
 
 
 class ARCExamples(torch.utils.data.Dataset):
@@ -228,7 +231,8 @@ def collate(items: Sequence[dict[str, np.ndarray]], pad_to_multiple: int = 8) ->
     for b, it in enumerate(items):
         mask[b, : len(it["tokens"])] = True
     batch["context_mask"] = torch.from_numpy(mask)
-    batch["target"] = torch.from_numpy(np.stack([it["target"] for it in items]))
+    for key in ("query", "target"):
+        batch[key] = torch.from_numpy(np.stack([it[key] for it in items]))
     batch["index"] = torch.tensor([int(it["index"]) for it in items])
     return batch
 

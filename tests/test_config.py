@@ -1,0 +1,77 @@
+"""Config schema: defaults, overrides, and errors that name the file and key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sage.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["quickstart", "sage_44m", "smoke"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert cfg.run.name == name
+
+
+def test_full_recipe_matches_the_documented_values():
+    cfg = load_config(REPO / "configs" / "sage_44m.yaml")
+    assert (cfg.train.batch_size, cfg.val.batch_size, cfg.train.epochs) == (8, 4, 100)
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay, cfg.train.grad_clip) == (1e-4, 1e-6, 0.01, 1.0)
+    assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.encoder_layers) == (512, 8, 6)
+
+
+def test_overrides_and_run_name(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 3\n")
+    cfg = load_config(path, ["train.batch_size=2", "run.name=other", "data.augment=false", "train.lr=3e-4"])
+    assert cfg.train.epochs == 3 and cfg.train.batch_size == 2 and cfg.data.augment is False
+    assert cfg.run.name == "other" and cfg.train.lr == pytest.approx(3e-4)
+    assert load_config(path).run.name == "exp"
+
+
+@pytest.mark.parametrize(
+    "text, overrides, expected",
+    [
+        ("train:\n  batch_sise: 4\n", [], r"exp\.yaml: unknown key 'train\.batch_sise' \(known keys here: .*batch_size"),
+        ("trian:\n  epochs: 1\n", [], r"unknown key 'trian'"),
+        ("train:\n  epochs: many\n", [], r"'train\.epochs' must be an integer, got 'many'"),
+        ("train:\n  epochs: 2.5\n", [], r"'train\.epochs' must be an integer"),
+        ("train:\n  lr: fast\n", [], r"'train\.lr' must be a number"),
+        ("data:\n  augment: 1\n", [], r"'data\.augment' must be true or false"),
+        ("train:\n  betas: 0.9\n", [], r"'train\.betas' must be a list"),
+        ("train: 5\n", [], r"'train' must be a mapping"),
+        ("- a\n- b\n", [], r"the top level must be a mapping"),
+        ("train: [unclosed\n", [], r"not valid YAML"),
+        ("", ["train.epochz=3"], r"unknown key 'train\.epochz'"),
+        ("", ["train.epochs"], r"expected key\.path=value"),
+        ("", ["model.n_heads=5"], r"model\.d_model \(512\) must be divisible by model\.n_heads \(5\)"),
+        ("", ["data.max_context_tokens=100"], r"data\.max_context_tokens must be >= 2883"),
+        ("", ["train.batch_size=0"], r"train\.batch_size must be >= 1"),
+        ("", ["train.min_lr=1.0"], r"train\.min_lr <= train\.lr"),
+        ("", ["run.name=a/b"], r"run\.name must be a plain name"),
+    ],
+)
+def test_config_errors_name_file_and_key(tmp_path, text, overrides, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path, overrides)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", ["train.epochs=7"])
+    path = write(tmp_path, yaml.safe_dump(cfg.to_dict()), "resolved.yaml")
+    again = load_config(path)
+    assert again.to_dict() == cfg.to_dict()

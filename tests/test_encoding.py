@@ -1,0 +1,117 @@
+"""Grid <-> token encoding, context packing, cap policy and batching."""
+
+import numpy as np
+import pytest
+
+from sage.arc import Pair, load_dataset
+from sage.encoding import (
+    EOS,
+    PAD,
+    ARCExamples,
+    LengthBucketSampler,
+    canvas_to_grid,
+    collate,
+    context_grid_tokens,
+    evaluation_examples,
+    fit_demos,
+    grid_to_canvas,
+    min_context_tokens,
+    training_examples,
+)
+
+
+@pytest.mark.parametrize("dataset", ["arc-agi-1/training", "arc-agi-1/evaluation", "arc-agi-2/training", "arc-agi-2/evaluation"])
+def test_round_trip_is_exact_for_every_grid(dataset):
+    grids = [g for task in load_dataset(dataset) for g in task.grids()]
+    assert len(grids) > 1000
+    for grid in grids:
+        canvas = grid_to_canvas(grid)
+        assert canvas.shape == (30, 30)
+        decoded = canvas_to_grid(canvas)
+        assert decoded.shape == grid.shape and np.array_equal(decoded, grid)
+
+
+def test_canvas_layout_marks_size_with_eos_border():
+    grid = np.array([[0, 1, 2], [3, 4, 5]], dtype=np.uint8)
+    canvas = grid_to_canvas(grid, size=5)
+    assert canvas[:2, :3].tolist() == [[2, 3, 4], [5, 6, 7]]
+    assert (canvas[2, :3] == EOS).all() and (canvas[:2, 3] == EOS).all()
+    assert canvas[2, 3] == PAD and (canvas[3:, :] == PAD).all() and (canvas[:, 4:] == PAD).all()
+    full = grid_to_canvas(np.ones((5, 5), np.uint8), size=5)  # a full-size grid has no border
+    assert (full == 3).all() and canvas_to_grid(full).shape == (5, 5)
+    with pytest.raises(ValueError, match="does not fit"):
+        grid_to_canvas(np.ones((6, 2), np.uint8), size=5)
+
+
+def test_decoding_takes_the_largest_top_left_colour_rectangle():
+    canvas = np.full((5, 5), PAD)
+    canvas[:3, :4] = 3
+    canvas[1, 2] = EOS  # a stray EOS inside cuts the rectangle
+    assert canvas_to_grid(canvas).shape == (3, 2)
+    assert canvas_to_grid(np.full((5, 5), EOS)).shape == (0, 0)
+
+
+def test_context_tokens_cover_grid_plus_border_with_positions():
+    grid = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    tokens, rows, cols = context_grid_tokens(grid)
+    assert len(tokens) == (2 + 1) * (3 + 1)
+    assert rows.max() == 2 and cols.max() == 3
+    assert tokens[rows * 4 + cols].tolist() == tokens.tolist()
+    assert np.array_equal(canvas_to_grid(tokens.reshape(3, 4)), grid)
+
+
+def test_cap_policy_drops_trailing_demos_and_keeps_one():
+    big, small = np.zeros((30, 30), np.uint8), np.zeros((2, 2), np.uint8)
+    pairs = [Pair(big, big)] * 4 + [Pair(small, small)]
+    kept = fit_demos(pairs, demos=(0, 1, 2, 3), query=4, max_demos=10, max_context_tokens=min_context_tokens(30))
+    assert kept == (0,)
+    kept = fit_demos(pairs, demos=(0, 1, 2, 3), query=4, max_demos=2, max_context_tokens=100_000)
+    assert kept == (0, 1)
+
+
+def test_examples_and_batches_on_real_tasks():
+    tasks = load_dataset("arc-agi-1/training")[:20]
+    train_refs, eval_refs = training_examples(tasks), evaluation_examples(tasks)
+    assert len(train_refs) == sum(len(t.train) + len(t.test) for t in tasks)
+    assert len(eval_refs) == sum(len(t.test) for t in tasks)
+    assert all(r.query not in r.demos for r in train_refs)
+    data = ARCExamples(tasks, eval_refs, grid_size=30, max_demos=10, max_context_tokens=4096)
+    item = data[0]
+    task = tasks[eval_refs[0].task_index]
+    assert len(item["tokens"]) == data.lengths[0]
+    assert np.array_equal(canvas_to_grid(item["target"].reshape(30, 30)), task.test[0].output)
+    assert np.array_equal(canvas_to_grid(item["query"].reshape(30, 30)), task.test[0].input)
+    assert item["segments"].max() == 20 and item["segments"][-1] == 20  # the test input comes last
+    batch = collate([data[i] for i in range(4)])
+    lengths = batch["context_mask"].sum(1)
+    assert lengths.tolist() == data.lengths[:4].tolist()
+    assert batch["tokens"].shape[1] % 8 == 0 and batch["target"].shape == (4, 900)
+    assert (batch["tokens"][~batch["context_mask"]] == PAD).all()
+
+
+def test_augmented_items_depend_only_on_seed_epoch_index():
+    tasks = load_dataset("arc-agi-1/training")[:5]
+    refs = training_examples(tasks)
+    a = ARCExamples(tasks, refs, 30, 10, 4096, augment=True, seed=1)
+    b = ARCExamples(tasks, refs, 30, 10, 4096, augment=True, seed=1)
+    b.set_epoch(0)
+    assert all(np.array_equal(a[i]["tokens"], b[i]["tokens"]) for i in range(len(refs)))
+    b.set_epoch(1)
+    assert not all(np.array_equal(a[i]["target"], b[i]["target"]) for i in range(len(refs)))
+
+
+def test_length_bucket_sampler_covers_everything_once_and_resumes_mid_epoch():
+    lengths = np.random.default_rng(0).integers(10, 1000, size=103)
+    sampler = LengthBucketSampler(lengths, batch_size=8, shuffle=True, seed=5, bucket_batches=4)
+    sampler.set_epoch(2)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(103))
+    assert len(batches) == len(sampler) == 13
+    sampler.set_epoch(2, skip_batches=5)
+    assert list(sampler) == batches[5:] and len(sampler) == 8
+    sampler.set_epoch(3)
+    assert list(sampler) != batches
+    spread = np.mean([np.ptp(lengths[b]) for b in batches])
+    assert spread < np.ptp(lengths) / 2  # bucketing keeps similar lengths together
+    ordered = LengthBucketSampler(lengths, batch_size=8, shuffle=False)
+    assert [i for b in ordered for i in b] == np.argsort(lengths, kind="stable").tolist()

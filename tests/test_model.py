@@ -1,0 +1,56 @@
+"""The student model: size of the default preset, shapes, and behaviour under padding."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sage.arc import load_dataset
+from sage.encoding import ARCExamples, collate, evaluation_examples
+from sage_student_model import PRESETS, SageStudent, StudentConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_preset_is_44m_and_cli_prints_breakdown():
+    out = subprocess.run([sys.executable, "sage_student_model.py"], cwd=REPO, capture_output=True, text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1].startswith("total parameters: ")
+    total = int(lines[-1].split(": ")[1].replace(",", ""))
+    assert 43_000_000 <= total <= 45_000_000
+    for component in ("encoder", "decoder", "distill_head", "cell_head"):
+        assert any(line.split()[0] == component for line in lines[1:-1])
+    with torch.device("meta"):
+        assert sum(p.numel() for p in SageStudent(PRESETS["sage-44m"]).parameters()) == total
+
+
+def tiny_batch(n=3, grid_size=30):
+    tasks = load_dataset("arc-agi-1/evaluation")[:n]
+    data = ARCExamples(tasks, evaluation_examples(tasks)[:n], grid_size, 10, 4096)
+    return data, [data[i] for i in range(n)]
+
+
+def test_forward_shapes_and_slot_mask():
+    torch.manual_seed(0)
+    cfg = StudentConfig(d_model=32, n_heads=4, encoder_layers=1, decoder_layers=1, teacher_dim=48, distill_hidden=16)
+    model = SageStudent(cfg).eval()
+    data, items = tiny_batch()
+    out = model(collate(items))
+    assert out.logits.shape == (3, 900, 12)
+    assert out.grid_features.shape == (3, 21, 48)
+    for b, item in enumerate(items):
+        slots = set(np.unique(item["segments"]).tolist())
+        assert out.grid_mask[b].nonzero().flatten().tolist() == sorted(slots)
+
+
+def test_predictions_do_not_depend_on_batch_padding():
+    torch.manual_seed(0)
+    cfg = StudentConfig(d_model=32, n_heads=4, encoder_layers=2, decoder_layers=1, teacher_dim=16, distill_hidden=16)
+    model = SageStudent(cfg).eval()
+    _, items = tiny_batch()
+    alone = model(collate(items[:1]))
+    padded = model(collate(items))  # item 0 is now padded to the longest context of the three
+    torch.testing.assert_close(padded.logits[0], alone.logits[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(padded.grid_features[0], alone.grid_features[0], atol=1e-5, rtol=1e-4)

@@ -1,0 +1,44 @@
+"""Train the SAGE student on ARC tasks: `python train_sage.py --config configs/quickstart.yaml`.
+
+Everything about the run is in the YAML config (schema: sage/config.py); `--set a.b=value`
+overrides single keys. Writes checkpoints/<run>/{best,last,epoch_N} and logs/<run>/ (train.log to
+tail, metrics.jsonl, curves.png, the resolved config.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sage.arc import ARCDataError
+from sage.checkpoint import CheckpointError
+from sage.config import ConfigError, load_config
+from sage.training import train
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/quickstart.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set train.epochs=5 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue the run from checkpoints/<run>/last")
+    parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+                        help="save and exit after optimiser step N (continue later with --resume)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
+    except (ConfigError, ARCDataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is intact; continue with --resume", file=sys.stderr)
+        return 130
+    if not summary["stopped_early"]:
+        print(f"best validation exact match {summary['best_exact_match']:.4f} (epoch {summary['best_epoch']}); "
+              f"baselines: " + ", ".join(f"{k} {v['exact_match']:.4f}" for k, v in summary["baselines"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
