@@ -1,0 +1,74 @@
+"""The `teacher:` section of an experiment config, and the teacher's error type.
+
+Kept free of torch/transformers imports: sage/config.py imports it on every run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VIEWS = ("task_context", "test_input", "with_answer")
+LEAKING_VIEWS = ("with_answer",)  # the teacher saw the answer: privileged-information experiments only
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+FEATURE_DTYPES = ("float16", "bfloat16", "float32")
+
+DOWNLOAD_HELP = (
+    "Download the weights once (several GB; only the backbone's ~2.7 GB is read) with\n"
+    "    huggingface-cli download nvidia/GR00T-N1.5-3B --local-dir ~/models/GR00T-N1.5-3B\n"
+    "and set teacher.checkpoint_dir to that directory (in the YAML config or with "
+    "--set teacher.checkpoint_dir=~/models/GR00T-N1.5-3B)."
+)
+TOKENIZER_HELP = (
+    "GR00T N1.5's tokenizer ships with NVIDIA's Isaac-GR00T code, not with the weights. Get it with\n"
+    "    git clone --depth 1 --branch n1.5-release https://github.com/NVIDIA/Isaac-GR00T ~/src/Isaac-GR00T\n"
+    "and set teacher.tokenizer_dir=~/src/Isaac-GR00T/gr00t/model/backbone/eagle2_hg_model "
+    "(it needs vocab.json, merges.txt and added_tokens.json)."
+)
+
+
+class TeacherError(RuntimeError):
+    """The teacher cannot be built: missing or wrong weights or tokenizer. The message says what to do."""
+
+
+@dataclass
+class TeacherConfig:
+    preset: str = "groot-n1.5-tiny"  # groot-n1.5 (real sizes) or groot-n1.5-tiny (random weights, CPU)
+    checkpoint_dir: str | None = None  # local GR00T N1.5 checkpoint; required by groot-n1.5
+    # Local directory with vocab.json, merges.txt, added_tokens.json. Required by groot-n1.5; the tiny
+    # preset falls back to a built-in byte-level tokenizer (same special ids, see tokenizer.py).
+    tokenizer_dir: str | None = None
+    seed: int = 0  # random weights of a preset without a checkpoint (the tiny one)
+    view: str = "task_context"  # task_context | test_input | with_answer (leaks the answer)
+    dataset: str | None = None  # tasks to extract; None: data.train
+    cache_dir: str = "data/features"  # the cache lives in <cache_dir>/<preset>/<view>/<dataset>
+    batch_size: int = 4  # prompts (one per task test input) per forward pass
+    dtype: str = "auto"  # compute dtype: auto = bfloat16 on CUDA, float32 on CPU
+    feature_dtype: str = "float16"  # stored dtype of the features
+    token_features: bool = False  # also store every output token's feature (~1 MiB per image at 2048-d)
+    max_demos: int = 10  # demonstration pairs shown to the teacher (the first ones; ARC tasks have <= 10)
+    instruction: str | None = None  # text after the images; None: the view's default (sage/teacher/prompt.py)
+    shard_entries: int = 256  # prompts per safetensors shard (the unit of resumption)
+
+
+def teacher_problems(t: TeacherConfig) -> list[str]:
+    """Value checks for sage.config.check (types are already checked by the schema)."""
+    from sage.teacher.presets import PRESETS
+
+    problems = []
+    if t.preset not in PRESETS:
+        problems.append(f"teacher.preset must be one of {', '.join(PRESETS)}, got {t.preset!r}")
+    if t.view not in VIEWS:
+        problems.append(f"teacher.view must be one of {', '.join(VIEWS)}, got {t.view!r}")
+    if t.dtype not in DTYPES:
+        problems.append(f"teacher.dtype must be one of {', '.join(DTYPES)}, got {t.dtype!r}")
+    if t.feature_dtype not in FEATURE_DTYPES:
+        problems.append(f"teacher.feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {t.feature_dtype!r}")
+    if t.batch_size < 1:
+        problems.append(f"teacher.batch_size must be >= 1, got {t.batch_size}")
+    if t.max_demos < 1:
+        problems.append(f"teacher.max_demos must be >= 1, got {t.max_demos}")
+    if t.shard_entries < 1:
+        problems.append(f"teacher.shard_entries must be >= 1, got {t.shard_entries}")
+    if not t.cache_dir:
+        problems.append("teacher.cache_dir must not be empty")
+    return problems
