@@ -1,7 +1,7 @@
 """The SAGE student: a transformer that solves an ARC task from its grids alone.
 
     context grids (demonstration pairs + test input, packed, no padding)
-        -> token + row + column + segment embeddings
+        -> token + row + column (from both edges) + segment embeddings
         -> context encoder (pre-LN self-attention blocks, padding masked)
     answer canvas (grid_size x grid_size slots: the test input's canvas tokens + row + column
                    + "answer" segment, so the decoder edits the input in place)
@@ -133,8 +133,11 @@ class SageStudent(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.token_emb = nn.Embedding(VOCAB_SIZE, d)
-        self.row_emb = nn.Embedding(cfg.grid_size + 1, d)  # +1: the EOS border row/column
-        self.col_emb = nn.Embedding(cfg.grid_size + 1, d)
+        self.row_emb = nn.Embedding(31, d)  # context grids are up to 30x30 plus the EOS border
+        self.col_emb = nn.Embedding(31, d)
+        # Distance from the far edge (sage.encoding.edge_distance): 0 beyond the grid, 1 border, 2.. cells.
+        self.row_from_end_emb = nn.Embedding(32, d)
+        self.col_from_end_emb = nn.Embedding(32, d)
         self.segment_emb = nn.Embedding(cfg.num_segments, d)
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.encoder_layers))
         self.encoder_norm = nn.LayerNorm(d)
@@ -166,18 +169,26 @@ class SageStudent(nn.Module):
             self.token_emb(batch["tokens"])
             + self.row_emb(batch["rows"])
             + self.col_emb(batch["cols"])
+            + self.row_from_end_emb(batch["rows_from_end"])
+            + self.col_from_end_emb(batch["cols_from_end"])
             + self.segment_emb(batch["segments"])
         )
         for block in self.encoder:
             x = block(x, batch["context_mask"])
         return self.encoder_norm(x)
 
-    def decode(self, query: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+    def decode(self, batch: dict[str, torch.Tensor], context: torch.Tensor) -> torch.Tensor:
         answer_segment = self.segment_emb.weight[self.cfg.num_segments - 1]
-        positions = self.row_emb(self.answer_rows) + self.col_emb(self.answer_cols) + answer_segment
-        x = self.token_emb(query) + positions
+        x = (
+            self.token_emb(batch["query"])  # the test input's canvas
+            + self.row_emb(self.answer_rows)
+            + self.col_emb(self.answer_cols)
+            + self.row_from_end_emb(batch["query_rows_from_end"])  # measured on the test input
+            + self.col_from_end_emb(batch["query_cols_from_end"])
+            + answer_segment
+        )
         for block in self.decoder:
-            x = block(x, context, context_mask)
+            x = block(x, context, batch["context_mask"])
         return self.cell_head(self.decoder_norm(x))
 
     def pool_grids(self, context: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +202,7 @@ class SageStudent(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StudentOutput:
         context = self.encode(batch)
-        logits = self.decode(batch["query"], context, batch["context_mask"])
+        logits = self.decode(batch, context)
         pooled, grid_mask = self.pool_grids(context, batch)
         return StudentOutput(logits, self.distill_head(pooled), grid_mask)
 

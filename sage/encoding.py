@@ -28,6 +28,9 @@ from sage.arc import Augmentation, Pair, Task, random_augmentation
 
 PAD, EOS, COLOUR_OFFSET = 0, 1, 2
 VOCAB_SIZE = 12
+# Per-token arrays of the packed context, and per-cell arrays of the answer canvas, in a batch.
+CONTEXT_KEYS = ("tokens", "rows", "cols", "rows_from_end", "cols_from_end", "segments")
+ANSWER_KEYS = ("query", "query_rows_from_end", "query_cols_from_end", "target")
 
 
 def grid_to_canvas(grid: np.ndarray, size: int = 30) -> np.ndarray:
@@ -58,12 +61,25 @@ def canvas_to_grid(tokens: np.ndarray) -> np.ndarray:
     return (tokens[:h, :w] - COLOUR_OFFSET).astype(np.uint8)
 
 
-def context_grid_tokens(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens, rows, cols) of the grid plus its EOS border: (h+1)*(w+1) entries, row-major."""
+def edge_distance(position: np.ndarray, extent: int) -> np.ndarray:
+    """Position counted from the grid's far edge: extent - position + 1 inside the grid and on its
+    EOS border (border = 1, last cell = 2, ...), 0 beyond it. Lets attention match "c" with
+    "w - 1 - c" directly, which flips and rotations need."""
+    return np.where(position <= extent, extent - position + 1, 0)
+
+
+def context_grid_tokens(grid: np.ndarray) -> dict[str, np.ndarray]:
+    """Tokens and positions of the grid plus its EOS border: (h+1)*(w+1) entries, row-major."""
     h, w = grid.shape
     tokens = grid_to_canvas(grid, 31)[: h + 1, : w + 1]
     rows, cols = np.meshgrid(np.arange(h + 1), np.arange(w + 1), indexing="ij")
-    return tokens.reshape(-1), rows.reshape(-1), cols.reshape(-1)
+    return {
+        "tokens": tokens.reshape(-1),
+        "rows": rows.reshape(-1),
+        "cols": cols.reshape(-1),
+        "rows_from_end": edge_distance(rows, h).reshape(-1),
+        "cols_from_end": edge_distance(cols, w).reshape(-1),
+    }
 
 
 def context_length(grid_shapes: Sequence[tuple[int, int]]) -> int:
@@ -130,7 +146,7 @@ def fit_demos(
 
 
 def encode_example(
-    pairs: Sequence[Pair], demos: Sequence[int], query: int, max_demos: int, grid_size: int
+    pairs: Sequence[Pair], demos: Sequence[int], query_index: int, max_demos: int, grid_size: int
 ) -> dict[str, np.ndarray]:
     """Pack the context grids and the answer canvas of one example as numpy arrays.
 
@@ -141,22 +157,24 @@ def encode_example(
     for k, d in enumerate(demos):
         grids += [pairs[d].input, pairs[d].output]
         slots += [2 * k, 2 * k + 1]
-    grids.append(pairs[query].input)
+    grids.append(pairs[query_index].input)
     slots.append(2 * max_demos)
     parts = [context_grid_tokens(g) for g in grids]
-    tokens = np.concatenate([p[0] for p in parts])
-    rows = np.concatenate([p[1] for p in parts])
-    cols = np.concatenate([p[2] for p in parts])
-    segments = np.concatenate([np.full(len(p[0]), s, dtype=np.int64) for p, s in zip(parts, slots)])
+    item = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    item["segments"] = np.concatenate([np.full(len(p["tokens"]), s, dtype=np.int64) for p, s in zip(parts, slots)])
     # The answer canvas starts from the test input's canvas: the decoder edits the input in place
     # (most ARC outputs share much with their input) instead of drawing from nothing.
-    query_canvas = grid_to_canvas(pairs[query].input, grid_size).reshape(-1)
-    answer = pairs[query].output
+    query = pairs[query_index].input
+    item["query"] = grid_to_canvas(query, grid_size).reshape(-1)
+    rows, cols = np.divmod(np.arange(grid_size * grid_size), grid_size)
+    item["query_rows_from_end"] = edge_distance(rows, query.shape[0])
+    item["query_cols_from_end"] = edge_distance(cols, query.shape[1])
+    answer = pairs[query_index].output
     if answer is None:
-        target = np.full(grid_size * grid_size, PAD, dtype=np.int64)
+        item["target"] = np.full(grid_size * grid_size, PAD, dtype=np.int64)
     else:
-        target = grid_to_canvas(answer, grid_size).reshape(-1)
-    return {"tokens": tokens, "rows": rows, "cols": cols, "segments": segments, "query": query_canvas, "target": target}
+        item["target"] = grid_to_canvas(answer, grid_size).reshape(-1)
+    return item
 
 
 class ARCExamples(torch.utils.data.Dataset):
@@ -222,7 +240,7 @@ def collate(items: Sequence[dict[str, np.ndarray]], pad_to_multiple: int = 8) ->
     longest = max(len(it["tokens"]) for it in items)
     length = -(-longest // pad_to_multiple) * pad_to_multiple
     batch = {}
-    for key in ("tokens", "rows", "cols", "segments"):
+    for key in CONTEXT_KEYS:
         out = np.zeros((len(items), length), dtype=np.int64)
         for b, it in enumerate(items):
             out[b, : len(it[key])] = it[key]
@@ -231,7 +249,7 @@ def collate(items: Sequence[dict[str, np.ndarray]], pad_to_multiple: int = 8) ->
     for b, it in enumerate(items):
         mask[b, : len(it["tokens"])] = True
     batch["context_mask"] = torch.from_numpy(mask)
-    for key in ("query", "target"):
+    for key in ANSWER_KEYS:
         batch[key] = torch.from_numpy(np.stack([it[key] for it in items]))
     batch["index"] = torch.tensor([int(it["index"]) for it in items])
     return batch

@@ -12,6 +12,7 @@ from sage.encoding import (
     canvas_to_grid,
     collate,
     context_grid_tokens,
+    edge_distance,
     evaluation_examples,
     fit_demos,
     grid_to_canvas,
@@ -53,11 +54,16 @@ def test_decoding_takes_the_largest_top_left_colour_rectangle():
 
 def test_context_tokens_cover_grid_plus_border_with_positions():
     grid = np.arange(6, dtype=np.uint8).reshape(2, 3)
-    tokens, rows, cols = context_grid_tokens(grid)
+    parts = context_grid_tokens(grid)
+    tokens, rows, cols = parts["tokens"], parts["rows"], parts["cols"]
     assert len(tokens) == (2 + 1) * (3 + 1)
     assert rows.max() == 2 and cols.max() == 3
     assert tokens[rows * 4 + cols].tolist() == tokens.tolist()
     assert np.array_equal(canvas_to_grid(tokens.reshape(3, 4)), grid)
+    # distance from the far edge: last column 2, border 1; mirrors "c" onto "w - 1 - c"
+    assert parts["cols_from_end"].reshape(3, 4)[0].tolist() == [4, 3, 2, 1]
+    assert parts["rows_from_end"].reshape(3, 4)[:, 0].tolist() == [3, 2, 1]
+    assert edge_distance(np.arange(6), 3).tolist() == [4, 3, 2, 1, 0, 0]
 
 
 def test_cap_policy_drops_trailing_demos_and_keeps_one():

@@ -131,5 +131,7 @@ GROOT_N15_SIGLIP_HEAD_PARAMS = 15_238_352
 
 def get_preset(name: str) -> GrootArch:
     if name not in PRESETS:
-        raise KeyError(f"unknown teacher preset '{name}': choose one of {', '.join(PRESETS)}")
+        from sage.teacher.config import TeacherError
+
+        raise TeacherError(f"unknown teacher preset '{name}': choose one of {', '.join(PRESETS)}")
     return PRESETS[name]

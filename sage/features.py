@@ -1,0 +1,499 @@
+"""The teacher-feature cache: manifest + safetensors shards, written resumably, read memory-mapped.
+
+One directory per (teacher, view, dataset):
+
+    <teacher.cache_dir>/<preset>/<view>/<dataset>[+tokens]/
+        manifest.json     spec (what produced the features) + one location per entry, once complete
+        shards/part-K-of-N-SEQ.safetensors
+                          tensors "<task_id>/<test_index>/pooled" [n_grids, dim] (and ".../tokens"
+                          [n_tokens, dim] when token features were asked for); the header metadata
+                          repeats the spec hash and each entry's roles, so shards describe themselves
+
+An entry is one teacher prompt: one test input of one task (sage/teacher/prompt.py). Its pooled
+features are the mean of the teacher's output over each image's 256 <IMG_CONTEXT> tokens, one row per
+grid in prompt order; `roles` says which grid each row is (e.g. train/0/input).
+
+Resumption: a shard is written to a temporary name, fsynced and renamed, so a shard either exists
+whole or not at all. On (re)start the shards are scanned and every entry already present is skipped;
+an interrupted run loses at most the shard it was filling. `--shard k/n` processes task k, k+n, ...
+into its own shard names, so n processes can share the directory; whoever finds every entry present
+(or `--merge`) writes the complete manifest. An entry present in two shards (possible only when runs
+with different n overlapped) is recorded once.
+
+The spec's `identity` (teacher, weights, tokenizer, view, prompt, rendering, feature dim/dtype,
+dataset content) must equal what the config asks for, or the cache is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from sage.arc import Task
+from sage.teacher.config import DOWNLOAD_HELP, LEAKING_VIEWS, TOKENIZER_HELP, TeacherConfig, TeacherError
+from sage.teacher.loading import checkpoint_fingerprint, read_safetensors_header
+from sage.teacher.presets import get_preset
+from sage.teacher.prompt import Role, entry_key, instruction_for, prompt_template
+from sage.teacher.render import IMAGE_SIZE, RENDER_ID
+from sage.teacher.tokenizer import load_tokenizer
+
+FORMAT = "sage-feature-cache/1"
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+POOLING = "mean over each image's <IMG_CONTEXT> output tokens (final normed hidden state of the 12-layer Qwen3)"
+SHARD_BYTES = 512 * 2**20  # also flush a shard once its tensors reach this size (token features)
+_SHARD_RE = re.compile(r"^part-(\d+)-of-(\d+)-(\d+)\.safetensors$")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class FeatureCacheError(RuntimeError):
+    """A feature cache is missing, incomplete, damaged or does not match the config."""
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def dataset_slug(dataset: str) -> str:
+    """A directory name for a dataset: official names as is, directories by name + path hash."""
+    if "/" in dataset and not Path(dataset).expanduser().exists():  # arc-agi-1/training etc.
+        return dataset.replace("/", "_")
+    if dataset == "synthetic":
+        return dataset
+    path = Path(dataset).expanduser().resolve()
+    return f"{path.name}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+
+
+def cache_path(teacher: TeacherConfig, dataset: str, limit: int | None = None) -> Path:
+    name = dataset_slug(dataset) + (f"-first{limit}" if limit else "") + ("+tokens" if teacher.token_features else "")
+    return Path(teacher.cache_dir).expanduser() / teacher.preset / teacher.view / name
+
+
+def dataset_identity(dataset: str, tasks: Sequence[Task]) -> dict[str, Any]:
+    h = hashlib.sha1()
+    for t in tasks:
+        h.update(t.id.encode())
+        h.update(t.fingerprint().encode())
+        for pair in t.test:  # the with_answer view shows test outputs; Task.fingerprint covers inputs only
+            if pair.output is not None:
+                h.update(pair.output.tobytes())
+    return {
+        "name": dataset,
+        "fingerprint": h.hexdigest()[:16],
+        "num_tasks": len(tasks),
+        "num_entries": sum(len(t.test) for t in tasks),
+    }
+
+
+def teacher_identity(teacher: TeacherConfig) -> dict[str, Any]:
+    """What determines the teacher's function: architecture, weights, tokenizer. Cheap: reads the
+    tokenizer and a few MB of the checkpoint, builds no model."""
+    arch = get_preset(teacher.preset)
+    require_real_files(teacher)
+    if teacher.checkpoint_dir is None:
+        weights = f"random(seed={teacher.seed})"
+    else:
+        weights = checkpoint_fingerprint(teacher.checkpoint_dir)
+    tokenizer = load_tokenizer(teacher.tokenizer_dir, allow_builtin=not arch.has_public_weights)
+    return {"preset": arch.name, "arch": arch.to_dict(), "weights": weights, "tokenizer": tokenizer.identity}
+
+
+def require_real_files(teacher: TeacherConfig) -> None:
+    """The real preset needs the user's checkpoint and tokenizer: say what to download and where."""
+    if get_preset(teacher.preset).has_public_weights:
+        if teacher.checkpoint_dir is None:
+            raise TeacherError(f"teacher.preset {teacher.preset} needs teacher.checkpoint_dir.\n{DOWNLOAD_HELP}")
+        if teacher.tokenizer_dir is None:
+            raise TeacherError(f"teacher.preset {teacher.preset} needs teacher.tokenizer_dir.\n{TOKENIZER_HELP}")
+
+
+def build_spec(teacher: TeacherConfig, dataset: str, tasks: Sequence[Task]) -> dict[str, Any]:
+    """The cache's spec: `identity` must match to reuse a cache; `info` is recorded only."""
+    arch = get_preset(teacher.preset)
+    instruction = instruction_for(teacher.view, teacher.instruction)
+    identity = {
+        "format": FORMAT,
+        "teacher": teacher_identity(teacher),
+        "view": teacher.view,
+        "leaks_answer": teacher.view in LEAKING_VIEWS,
+        "prompt": {
+            "template": prompt_template(instruction, arch.tokens_per_image),
+            "instruction": instruction,
+            "max_demos": teacher.max_demos,
+            "tokens_per_image": arch.tokens_per_image,
+            "one_prompt_per": "test input of a task (demonstrations + that test input)",
+        },
+        "image": {"size": IMAGE_SIZE, "render": RENDER_ID, "normalise": "(x / 255 - 0.5) / 0.5"},
+        "features": {
+            "dim": arch.feature_dim,
+            "dtype": teacher.feature_dtype,
+            "pooling": POOLING,
+            "token_features": teacher.token_features,
+        },
+        "dataset": dataset_identity(dataset, tasks),
+    }
+    return {"identity": identity, "info": {}}
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec["identity"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(have: Any, want: Any, path: str = "") -> list[str]:
+    if isinstance(have, dict) and isinstance(want, dict):
+        out = []
+        for k in sorted(set(have) | set(want)):
+            out += _differences(have.get(k), want.get(k), f"{path}.{k}" if path else k)
+        return out
+    return [] if have == want else [f"{path}: cache has {_short(have)}, config asks for {_short(want)}"]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_spec(directory: Path, have: dict[str, Any], want: dict[str, Any]) -> None:
+    diffs = _differences(have["identity"], want["identity"])
+    if diffs:
+        raise FeatureCacheError(
+            f"{directory}: this feature cache was made for something else, refusing to use it:\n  "
+            + "\n  ".join(diffs[:8])
+            + "\nPoint teacher.cache_dir elsewhere, or delete the directory and extract again."
+        )
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@dataclass
+class EntryFeatures:
+    """The teacher's output for one prompt, ready to store."""
+
+    task_id: str
+    test_index: int
+    roles: tuple[Role, ...]
+    pooled: torch.Tensor  # [n_grids, dim]
+    tokens: torch.Tensor | None = None  # [n_tokens, dim] (unpadded prompt), when token features are on
+    image_starts: tuple[int, ...] = ()  # position of each image's first <IMG_CONTEXT> in the prompt
+    n_tokens: int = 0
+
+    @property
+    def key(self) -> str:
+        return entry_key(self.task_id, self.test_index)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FeatureCacheError(f"{path}: corrupted ({e.msg}); delete the cache directory and extract again") from None
+
+
+def prepare_directory(directory: Path, spec: dict[str, Any]) -> None:
+    """Create the cache directory for `spec`, or check that an existing one was made for it."""
+    manifest = directory / MANIFEST
+    if manifest.is_file():
+        existing = _read_json(manifest)
+        if existing.get("format") != FORMAT:
+            raise FeatureCacheError(f"{manifest}: format {existing.get('format')!r}, expected {FORMAT!r}")
+        check_spec(directory, existing["spec"], spec)
+        (directory / SHARDS).mkdir(exist_ok=True)
+        return
+    (directory / SHARDS).mkdir(parents=True, exist_ok=True)
+    # Several `--shard k/n` workers may get here together; they all write the same content.
+    record = {"format": FORMAT, "complete": False, "spec": spec, "spec_hash": spec_hash(spec), "entries": {}}
+    _atomic_write_text(manifest, json.dumps(record, indent=1))
+
+
+@dataclass
+class ShardEntry:
+    shard: str  # path relative to the cache directory
+    roles: list[str]
+    n_tokens: int
+    image_starts: list[int]
+
+
+def scan_shards(directory: Path, expected_hash: str) -> tuple[dict[str, ShardEntry], int]:
+    """Every entry stored in the finished shards (first occurrence wins) and the number of duplicates."""
+    entries: dict[str, ShardEntry] = {}
+    duplicates = 0
+    shard_dir = directory / SHARDS
+    for path in sorted(shard_dir.glob("part-*.safetensors")) if shard_dir.is_dir() else []:
+        try:
+            meta = read_safetensors_header(path).get("__metadata__", {})
+        except Exception as e:  # a damaged shard: say which, and how to recover
+            raise FeatureCacheError(
+                f"{path}: unreadable shard ({e}); delete this file and rerun to recompute it"
+            ) from None
+        if meta.get("spec_hash") != expected_hash:
+            raise FeatureCacheError(
+                f"{path}: written for another spec (hash {meta.get('spec_hash')}, expected {expected_hash}); "
+                "this shard does not belong in this cache, delete it"
+            )
+        for e in json.loads(meta["entries"]):
+            if e["key"] in entries:
+                duplicates += 1
+                continue
+            entries[e["key"]] = ShardEntry(f"{SHARDS}/{path.name}", e["roles"], e["n_tokens"], e["image_starts"])
+    return entries, duplicates
+
+
+class CacheWriter:
+    """Accumulates entries and writes them as atomic safetensors shards of part k of n."""
+
+    def __init__(self, directory: Path, spec: dict[str, Any], part: int = 0, parts: int = 1, shard_entries: int = 256):
+        self.directory, self.spec = directory, spec
+        self.hash = spec_hash(spec)
+        self.part, self.parts, self.shard_entries = part, parts, shard_entries
+        self.dtype = _DTYPES[spec["identity"]["features"]["dtype"]]
+        prepare_directory(directory, spec)
+        for stale in (directory / SHARDS).glob(f".part-{part:03d}-of-{parts:03d}-*.tmp"):
+            stale.unlink()  # left by a killed run of this same part
+        self.done, self.duplicates = scan_shards(directory, self.hash)
+        seqs = [
+            int(m.group(3))
+            for p in (directory / SHARDS).iterdir()
+            if (m := _SHARD_RE.match(p.name)) and (int(m.group(1)), int(m.group(2))) == (part, parts)
+        ]
+        self.next_seq = max(seqs, default=-1) + 1
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._meta: list[dict[str, Any]] = []
+        self._bytes = 0
+        self.shards_written: list[Path] = []
+
+    def add(self, entry: EntryFeatures) -> None:
+        if entry.key in self.done or any(m["key"] == entry.key for m in self._meta):
+            raise FeatureCacheError(f"{self.directory}: entry {entry.key} is already stored")
+        pooled = entry.pooled.detach().to("cpu", torch.float32)
+        if not torch.isfinite(pooled).all():
+            raise FeatureCacheError(
+                f"task {entry.task_id} test {entry.test_index}: the teacher produced non-finite features"
+            )
+        stored = pooled.to(self.dtype)
+        if not torch.isfinite(stored).all():
+            raise FeatureCacheError(
+                f"task {entry.task_id}: features overflow {self.dtype} (max |x| = {pooled.abs().max():.3g}); "
+                "set teacher.feature_dtype=bfloat16"
+            )
+        self._tensors[f"{entry.key}/pooled"] = stored.contiguous()
+        self._bytes += stored.numel() * stored.element_size()
+        if entry.tokens is not None:
+            tokens = entry.tokens.detach().to("cpu").to(self.dtype).contiguous()
+            self._tensors[f"{entry.key}/tokens"] = tokens
+            self._bytes += tokens.numel() * tokens.element_size()
+        self._meta.append(
+            {
+                "key": entry.key,
+                "roles": [str(r) for r in entry.roles],
+                "n_tokens": entry.n_tokens,
+                "image_starts": list(entry.image_starts),
+            }
+        )
+        if len(self._meta) >= self.shard_entries or self._bytes >= SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> Path | None:
+        """Write what has accumulated as one shard (atomically); returns its path."""
+        from safetensors.torch import save_file
+
+        if not self._meta:
+            return None
+        name = f"part-{self.part:03d}-of-{self.parts:03d}-{self.next_seq:05d}.safetensors"
+        final = self.directory / SHARDS / name
+        tmp = self.directory / SHARDS / f".{name[:-len('.safetensors')]}.tmp"
+        metadata = {"format": FORMAT, "spec_hash": self.hash, "entries": json.dumps(self._meta)}
+        save_file(self._tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        for m in self._meta:
+            self.done[m["key"]] = ShardEntry(f"{SHARDS}/{name}", m["roles"], m["n_tokens"], m["image_starts"])
+        self.next_seq += 1
+        self._tensors, self._meta, self._bytes = {}, [], 0
+        self.shards_written.append(final)
+        return final
+
+
+def finalize(
+    directory: Path, spec: dict[str, Any], expected_keys: Iterable[str], info: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write the complete manifest if every expected entry is stored. Returns a status dict:
+    {"complete", "present", "expected", "missing" (a few keys), "duplicates"}."""
+    entries, duplicates = scan_shards(directory, spec_hash(spec))
+    expected = list(expected_keys)
+    missing = [k for k in expected if k not in entries]
+    extra = sorted(set(entries) - set(expected))
+    if extra:
+        raise FeatureCacheError(f"{directory}: shards hold entries the dataset does not have, e.g. {extra[:3]}")
+    status = {"complete": not missing, "present": len(expected) - len(missing), "expected": len(expected),
+              "missing": missing[:5], "duplicates": duplicates}
+    if missing:
+        return status
+    shard_bytes = {p.name: p.stat().st_size for p in (directory / SHARDS).glob("part-*.safetensors")}
+    previous = _read_json(directory / MANIFEST) if (directory / MANIFEST).is_file() else {}
+    info = {**previous.get("spec", {}).get("info", {}), **spec.get("info", {}), **(info or {})}
+    record = {
+        "format": FORMAT,
+        "complete": True,
+        "spec": {"identity": spec["identity"], "info": info},
+        "spec_hash": spec_hash(spec),
+        "stats": {"entries": len(expected), "shards": len(shard_bytes), "bytes": sum(shard_bytes.values())},
+        "entries": {k: asdict(entries[k]) for k in expected},
+    }
+    _atomic_write_text(directory / MANIFEST, json.dumps(record, indent=1))
+    return status
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class FeatureCache:
+    """Read side, used by training and evaluation. Tensors come out of memory-mapped shards
+    (safetensors.safe_open); handles are opened lazily per process, so DataLoader workers are fine."""
+
+    def __init__(self, directory: str | Path, expected_spec: dict[str, Any] | None = None) -> None:
+        self.directory = Path(directory)
+        manifest = self.directory / MANIFEST
+        if not manifest.is_file():
+            raise FeatureCacheError(
+                f"{self.directory}: no feature cache here (no {MANIFEST}). Run "
+                "`python extract_groot_features.py --config <your config>` first."
+            )
+        record = _read_json(manifest)
+        if record.get("format") != FORMAT:
+            raise FeatureCacheError(f"{manifest}: format {record.get('format')!r}, expected {FORMAT!r}")
+        self.spec: dict[str, Any] = record["spec"]
+        if expected_spec is not None:
+            check_spec(self.directory, self.spec, expected_spec)
+        if not record.get("complete"):
+            raise FeatureCacheError(
+                f"{self.directory}: the cache is incomplete (extraction was interrupted or other --shard parts are "
+                "still running). Rerun the same extraction command to finish it, or run with --merge once all "
+                "parts are done."
+            )
+        self.entries: dict[str, dict[str, Any]] = record["entries"]
+        self._handles: dict[str, Any] = {}
+        self._pid = os.getpid()
+
+    # -- what it holds
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.spec["identity"]
+
+    @property
+    def leaks_answer(self) -> bool:
+        """True for the with_answer view: features computed with the test output visible."""
+        return bool(self.identity["leaks_answer"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.identity["features"]["dim"])
+
+    @property
+    def has_tokens(self) -> bool:
+        return bool(self.identity["features"]["token_features"])
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def has(self, task_id: str, test_index: int = 0) -> bool:
+        return entry_key(task_id, test_index) in self.entries
+
+    def roles(self, task_id: str, test_index: int = 0) -> tuple[Role, ...]:
+        return tuple(Role.parse(r) for r in self._entry(task_id, test_index)["roles"])
+
+    # -- tensors
+    def pooled(self, task_id: str, test_index: int = 0) -> torch.Tensor:
+        """[n_grids, dim] in the stored dtype, one row per grid in prompt order (see `roles`)."""
+        return self._tensor(task_id, test_index, "pooled")
+
+    def lookup(self, task_id: str, test_index: int, roles: Sequence[Role]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of the grids `roles` (e.g. a student example's grids in slot order) from the prompt
+        of (task_id, test_index): ([len(roles), dim], bool mask of the roles the prompt showed). Rows
+        of grids the teacher did not see (beyond teacher.max_demos, or the answer) are zero, mask False."""
+        row = {r: i for i, r in enumerate(self.roles(task_id, test_index))}
+        pooled = self.pooled(task_id, test_index)
+        out = torch.zeros(len(roles), pooled.shape[1], dtype=pooled.dtype)
+        mask = torch.zeros(len(roles), dtype=torch.bool)
+        for i, r in enumerate(roles):
+            if r in row:
+                out[i], mask[i] = pooled[row[r]], True
+        return out, mask
+
+    def tokens(self, task_id: str, test_index: int = 0) -> torch.Tensor:
+        """[n_tokens, dim]: every output token of the (unpadded) prompt. Needs token_features."""
+        if not self.has_tokens:
+            raise FeatureCacheError(
+                f"{self.directory}: token features were not extracted (teacher.token_features=false)"
+            )
+        return self._tensor(task_id, test_index, "tokens")
+
+    def image_tokens(self, task_id: str, test_index: int = 0) -> torch.Tensor:
+        """[n_grids, tokens_per_image, dim]: the output tokens at each image's <IMG_CONTEXT> positions."""
+        tokens = self.tokens(task_id, test_index)
+        per_image = int(self.identity["prompt"]["tokens_per_image"])
+        starts = self._entry(task_id, test_index)["image_starts"]
+        return torch.stack([tokens[s : s + per_image] for s in starts])
+
+    def _entry(self, task_id: str, test_index: int) -> dict[str, Any]:
+        key = entry_key(task_id, test_index)
+        if key not in self.entries:
+            raise KeyError(f"{self.directory}: no features for task '{task_id}' test input {test_index}")
+        return self.entries[key]
+
+    def _tensor(self, task_id: str, test_index: int, what: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        shard = self._entry(task_id, test_index)["shard"]
+        if self._pid != os.getpid():  # forked (DataLoader worker): mmaps are per process
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.get(shard)
+        if handle is None:
+            path = self.directory / shard
+            if not path.is_file():
+                raise FeatureCacheError(f"{path}: shard listed in the manifest is missing; extract again")
+            handle = self._handles[shard] = safe_open(str(path), framework="pt", device="cpu")
+        return handle.get_tensor(f"{entry_key(task_id, test_index)}/{what}")
+
+
+def example_roles(demos: Sequence[int], query: int, n_train: int) -> list[Role]:
+    """Roles of a student example's context grids in slot order (demo k input, demo k output, ...,
+    query input), from sage.encoding's indices over task.train + task.test. Every prompt of a task
+    shows all its demonstrations, so a training query that is a demonstration pair can read its
+    input's features from the task's prompt for test input 0."""
+
+    def role(i: int, side: str) -> Role:
+        return Role("train", i, side) if i < n_train else Role("test", i - n_train, side)
+
+    return [r for d in demos for r in (role(d, "input"), role(d, "output"))] + [role(query, "input")]
+
+
+def open_cache(
+    teacher: TeacherConfig, dataset: str, tasks: Sequence[Task], limit: int | None = None, allow_leaking: bool = True
+) -> FeatureCache:
+    """The cache the config asks for, checked against it (teacher, weights, view, prompt, dataset)."""
+    directory = cache_path(teacher, dataset, limit)
+    cache = FeatureCache(directory, expected_spec=build_spec(teacher, dataset, tasks))
+    if cache.leaks_answer and not allow_leaking:
+        raise FeatureCacheError(f"{directory}: the {teacher.view} view shows the teacher the answer; refused here")
+    return cache
+

@@ -1,0 +1,233 @@
+"""Run the teacher over a dataset and fill the feature cache (sage/features.py).
+
+    tasks -> one prompt per (task, test input) under the view -> render grids (224x224)
+          -> tokenise the prompt -> left-pad a batch -> GrootBackbone -> per-grid mean over each
+          image's <IMG_CONTEXT> outputs (+ all tokens on request) -> safetensors shards
+
+Prompts are processed shortest first (fewest images) so a batch pads little; which prompts are done
+is decided by the shards on disk, so any order resumes correctly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from sage.arc import Task, load_dataset
+from sage.features import (
+    CacheWriter,
+    EntryFeatures,
+    build_spec,
+    cache_path,
+    finalize,
+    require_real_files,
+)
+from sage.teacher.backbone import GrootBackbone, build_backbone
+from sage.teacher.config import TeacherConfig
+from sage.teacher.loading import LoadReport
+from sage.teacher.presets import GrootArch, get_preset
+from sage.teacher.prompt import TeacherExample, build_prompt, instruction_for, view_examples
+from sage.teacher.render import render_grid, to_pixel_values
+from sage.teacher.tokenizer import IMG_CONTEXT_ID, PAD_ID, GrootTokenizer, load_tokenizer
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 as NVIDIA runs it
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L] left-padded with <|endoftext|>
+    attention_mask: torch.Tensor  # [B, L] 1 for real tokens
+    pixel_values: torch.Tensor  # [sum of images, 3, 224, 224], prompt by prompt
+
+
+class Teacher:
+    """The backbone with its tokenizer and prompt: examples in, per-grid features out."""
+
+    def __init__(
+        self,
+        arch: GrootArch,
+        model: GrootBackbone,
+        tokenizer: GrootTokenizer,
+        instruction: str,
+        device: torch.device,
+        load_report: LoadReport | None = None,
+    ) -> None:
+        self.arch, self.model, self.tokenizer, self.instruction = arch, model, tokenizer, instruction
+        self.device, self.load_report = device, load_report
+        self._prompt_ids: dict[int, list[int]] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.mlp1.weight.dtype
+
+    def prompt_ids(self, n_images: int) -> list[int]:
+        """Token ids of the prompt with `n_images` images (memoised: it depends on nothing else)."""
+        if n_images not in self._prompt_ids:
+            ids = self.tokenizer.encode(build_prompt(n_images, self.instruction, self.arch.tokens_per_image))
+            n_slots = sum(i == IMG_CONTEXT_ID for i in ids)
+            if n_slots != n_images * self.arch.tokens_per_image:
+                raise ValueError(
+                    f"the instruction text must not contain <IMG_CONTEXT>: the prompt has {n_slots} image slots "
+                    f"for {n_images} images"
+                )
+            self._prompt_ids[n_images] = ids
+        return self._prompt_ids[n_images]
+
+    def encode(self, examples: Sequence[TeacherExample]) -> Batch:
+        prompts = [self.prompt_ids(len(e.grids)) for e in examples]
+        length = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), length), PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for b, ids in enumerate(prompts):  # left padding: every prompt ends at the last position
+            input_ids[b, length - len(ids) :] = torch.tensor(ids)
+            mask[b, length - len(ids) :] = 1
+        pixel_values = to_pixel_values([render_grid(g) for e in examples for g in e.grids])
+        return Batch(input_ids, mask, pixel_values)
+
+    @torch.inference_mode()
+    def features(self, examples: Sequence[TeacherExample], token_features: bool = False) -> list[EntryFeatures]:
+        batch = self.encode(examples)
+        ids = batch.input_ids.to(self.device)
+        hidden = self.model(ids, batch.attention_mask.to(self.device), batch.pixel_values)
+        per_image = self.arch.tokens_per_image
+        out = []
+        for b, example in enumerate(examples):
+            n_pad = int((batch.attention_mask[b] == 0).sum())
+            slots = torch.nonzero(ids[b] == IMG_CONTEXT_ID).squeeze(1).view(len(example.grids), per_image)
+            pooled = hidden[b, slots].float().mean(dim=1)  # [n_grids, dim], averaged in fp32
+            tokens = hidden[b, n_pad:].cpu() if token_features else None
+            out.append(
+                EntryFeatures(
+                    task_id=example.task_id,
+                    test_index=example.test_index,
+                    roles=example.roles,
+                    pooled=pooled.cpu(),
+                    tokens=tokens,
+                    image_starts=tuple(int(s) - n_pad for s in slots[:, 0]),
+                    n_tokens=ids.shape[1] - n_pad,
+                )
+            )
+        return out
+
+
+def load_teacher(teacher: TeacherConfig, device: str | torch.device = "auto") -> Teacher:
+    """Build the configured teacher: real weights from teacher.checkpoint_dir, or (tiny preset
+    without a checkpoint) deterministic random weights. Clear TeacherError when files are missing."""
+    arch = get_preset(teacher.preset)
+    require_real_files(teacher)
+    tokenizer = load_tokenizer(teacher.tokenizer_dir, allow_builtin=not arch.has_public_weights)
+    device = resolve_device(device) if isinstance(device, str) else device
+    model, report = build_backbone(
+        arch, device, resolve_dtype(teacher.dtype, device), teacher.checkpoint_dir, teacher.seed
+    )
+    return Teacher(arch, model, tokenizer, instruction_for(teacher.view, teacher.instruction), device, report)
+
+
+def teacher_tasks(cfg: Any, limit: int | None = None) -> tuple[str, list[Task]]:
+    """(dataset name, tasks) the config's teacher extracts: teacher.dataset, else data.train."""
+    dataset = cfg.teacher.dataset or cfg.data.train
+    options = dataclasses.asdict(cfg.data.synthetic) if dataset == "synthetic" else None
+    tasks = load_dataset(dataset, options)
+    return dataset, tasks[:limit] if limit else tasks
+
+
+@dataclass
+class ExtractionResult:
+    directory: Path
+    assigned: int  # prompts of this part
+    already_done: int  # found in the cache at start
+    computed: int  # computed by this run
+    seconds: float  # model time of this run (excl. loading)
+    images: int  # images computed by this run
+    status: dict[str, Any]  # from features.finalize: complete / present / expected / missing
+
+    @property
+    def prompts_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds else 0.0
+
+
+def run_extraction(
+    cfg: Any,
+    part: int = 0,
+    parts: int = 1,
+    limit: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> ExtractionResult:
+    """Extract (or resume) part `part` of `parts` of the config's teacher features."""
+    t = cfg.teacher
+    dataset, tasks = teacher_tasks(cfg, limit)
+    directory = cache_path(t, dataset, limit)
+    spec = build_spec(t, dataset, tasks)
+    writer = CacheWriter(directory, spec, part, parts, t.shard_entries)
+    examples = view_examples(tasks, t.view, t.max_demos)
+    task_index = {task.id: i for i, task in enumerate(tasks)}
+    mine = [e for e in examples if task_index[e.task_id] % parts == part]
+    todo = [e for e in mine if e.key not in writer.done]
+    log(
+        f"feature cache {directory}: part {part + 1} of {parts} has {len(mine)} prompts, "
+        f"{len(mine) - len(todo)} already stored, {len(todo)} to compute"
+    )
+    computed = images = 0
+    seconds = 0.0
+    info: dict[str, Any] = {}
+    if todo:
+        teacher = load_teacher(t, cfg.run.device)
+        if teacher.load_report is not None:
+            log(teacher.load_report.summary())
+        info = {
+            "compute_dtype": str(teacher.dtype).replace("torch.", ""),
+            "device": str(teacher.device),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        }
+        todo.sort(key=lambda e: len(e.grids))  # stable: equal sizes stay in task order
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), unit="prompt", disable=not progress, file=sys.stderr, mininterval=1.0)
+        start = time.perf_counter()
+        for i in range(0, len(todo), t.batch_size):
+            chunk = todo[i : i + t.batch_size]
+            for entry in teacher.features(chunk, token_features=t.token_features):
+                writer.add(entry)
+            computed += len(chunk)
+            images += sum(len(e.grids) for e in chunk)
+            bar.update(len(chunk))
+        writer.flush()
+        seconds = time.perf_counter() - start
+        bar.close()
+    status = finalize(directory, spec, [e.key for e in examples], info)
+    return ExtractionResult(directory, len(mine), len(mine) - len(todo), computed, seconds, images, status)
+
+
+def merge(cfg: Any, limit: int | None = None) -> dict[str, Any]:
+    """After all `--shard k/n` parts finished: check every prompt is stored and write the manifest."""
+    t = cfg.teacher
+    dataset, tasks = teacher_tasks(cfg, limit)
+    directory = cache_path(t, dataset, limit)
+    spec = build_spec(t, dataset, tasks)
+    from sage.features import FeatureCacheError, prepare_directory
+
+    if not (directory / "manifest.json").is_file():
+        raise FeatureCacheError(f"{directory}: nothing to merge (no extraction has run for this config)")
+    prepare_directory(directory, spec)  # refuses a cache made for another spec
+    examples = view_examples(tasks, t.view, t.max_demos)
+    return {"directory": directory, **finalize(directory, spec, [e.key for e in examples])}
+
