@@ -35,6 +35,12 @@ def _recolour(rng: np.random.Generator) -> Transform:
     return lambda g: np.where(g > 0, colour, 0).astype(np.uint8)
 
 
+def _fill_background(rng: np.random.Generator) -> Transform:
+    """Paint every background (0) cell one task-specific colour; the rest unchanged."""
+    colour = np.uint8(rng.integers(1, 10))
+    return lambda g: np.where(g == 0, colour, g).astype(np.uint8)
+
+
 TRANSFORMS: dict[str, Callable[[np.random.Generator], Transform]] = {
     "flip_lr": _geometric(np.fliplr),
     "flip_ud": _geometric(np.flipud),
@@ -43,6 +49,7 @@ TRANSFORMS: dict[str, Callable[[np.random.Generator], Transform]] = {
     "transpose": _geometric(lambda g: g.T),
     "colour_swap": _colour_map,
     "recolour": _recolour,
+    "fill_background": _fill_background,
 }
 
 
