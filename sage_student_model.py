@@ -10,7 +10,11 @@
     per-grid mean of encoder states -> distillation head -> teacher width (2048 for GR00T N1.5)
 
 The student never reads teacher features: at inference it replaces the teacher. The distillation
-head is part of the model (trained, saved, restored) and is only used by the training loss.
+head is part of the model (trained, saved, restored) and is only used by the training loss; the
+teacher-feature statistics it is trained against are buffers of the model, saved with it.
+
+`SageProbe` (model.kind: probe) is the comparison point, "GR00T + a trained head": the same
+encoder and decoder, but its context is the teacher's per-grid features instead of the grids.
 
 Run `python sage_student_model.py [--preset NAME]` to print the parameter breakdown.
 """
@@ -30,6 +34,7 @@ from sage.encoding import VOCAB_SIZE
 
 @dataclass
 class StudentConfig:
+    kind: str = "student"  # student: reads grids; probe: reads teacher features (for comparison only)
     d_model: int = 512
     n_heads: int = 8
     encoder_layers: int = 6
@@ -121,7 +126,7 @@ class DecoderBlock(nn.Module):
 @dataclass
 class StudentOutput:
     logits: torch.Tensor  # [B, grid_size^2, 12] per answer cell
-    grid_features: torch.Tensor  # [B, num_grid_slots, teacher_dim] distillation head output
+    grid_features: torch.Tensor | None  # [B, num_grid_slots, teacher_dim] distillation head (None: probe)
     grid_mask: torch.Tensor  # [B, num_grid_slots] which slots hold a context grid
 
 
@@ -147,6 +152,10 @@ class SageStudent(nn.Module):
         self.distill_head = nn.Sequential(
             nn.LayerNorm(d), nn.Linear(d, cfg.distill_hidden), nn.GELU(), nn.Linear(cfg.distill_hidden, cfg.teacher_dim)
         )
+        # Per-dimension mean/std of the teacher's features on the training tasks: the head predicts
+        # standardised features. Persistent buffers, so a checkpoint carries them.
+        self.register_buffer("teacher_mean", torch.zeros(cfg.teacher_dim))
+        self.register_buffer("teacher_std", torch.ones(cfg.teacher_dim))
         cells = torch.arange(cfg.grid_size * cfg.grid_size)
         self.register_buffer("answer_rows", cells // cfg.grid_size, persistent=False)
         self.register_buffer("answer_cols", cells % cfg.grid_size, persistent=False)
@@ -164,7 +173,8 @@ class SageStudent(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context states [B, L, d] and their mask [B, L]."""
         x = (
             self.token_emb(batch["tokens"])
             + self.row_emb(batch["rows"])
@@ -175,9 +185,9 @@ class SageStudent(nn.Module):
         )
         for block in self.encoder:
             x = block(x, batch["context_mask"])
-        return self.encoder_norm(x)
+        return self.encoder_norm(x), batch["context_mask"]
 
-    def decode(self, batch: dict[str, torch.Tensor], context: torch.Tensor) -> torch.Tensor:
+    def decode(self, batch: dict[str, torch.Tensor], context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         answer_segment = self.segment_emb.weight[self.cfg.num_segments - 1]
         x = (
             self.token_emb(batch["query"])  # the test input's canvas
@@ -188,7 +198,7 @@ class SageStudent(nn.Module):
             + answer_segment
         )
         for block in self.decoder:
-            x = block(x, context, batch["context_mask"])
+            x = block(x, context, context_mask)
         return self.cell_head(self.decoder_norm(x))
 
     def pool_grids(self, context: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,11 +210,51 @@ class SageStudent(nn.Module):
         pooled = torch.einsum("bsg,bsd->bgd", slots, context) / counts.clamp(min=1).unsqueeze(-1)
         return pooled, counts > 0
 
+    def standardise(self, teacher_features: torch.Tensor) -> torch.Tensor:
+        """Teacher features in the units the distillation head predicts."""
+        return (teacher_features.float() - self.teacher_mean) / self.teacher_std
+
     def forward(self, batch: dict[str, torch.Tensor]) -> StudentOutput:
-        context = self.encode(batch)
-        logits = self.decode(batch, context)
+        context, context_mask = self.encode(batch)
+        logits = self.decode(batch, context, context_mask)
         pooled, grid_mask = self.pool_grids(context, batch)
         return StudentOutput(logits, self.distill_head(pooled), grid_mask)
+
+
+class SageProbe(SageStudent):
+    """GR00T + a trained head: the teacher's per-grid pooled features (projected to d_model, one
+    context token per grid slot) replace the student's grid tokens; encoder and decoder as above.
+    Needs batch["teacher_features"] [B, slots, teacher_dim] and batch["teacher_mask"] [B, slots]."""
+
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__(cfg)
+        self.feature_norm = nn.LayerNorm(cfg.teacher_dim)  # teacher features are not unit-scaled
+        self.feature_proj = nn.Linear(cfg.teacher_dim, cfg.d_model)
+        nn.init.normal_(self.feature_proj.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.feature_proj.bias)
+        del self.distill_head  # a probe has nothing to distil
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        features, mask = batch["teacher_features"], batch["teacher_mask"]
+        slots = torch.arange(features.shape[1], device=features.device)
+        x = self.feature_proj(self.feature_norm(features.float())) + self.segment_emb(slots)
+        for block in self.encoder:
+            x = block(x, mask)
+        return self.encoder_norm(x), mask
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> StudentOutput:
+        context, context_mask = self.encode(batch)
+        logits = self.decode(batch, context, context_mask)
+        return StudentOutput(logits, None, context_mask)
+
+
+def build_model(cfg: StudentConfig) -> SageStudent:
+    """The network `cfg.kind` names."""
+    if cfg.kind == "probe":
+        return SageProbe(cfg)
+    if cfg.kind != "student":
+        raise ValueError(f"model.kind must be 'student' or 'probe', got {cfg.kind!r}")
+    return SageStudent(cfg)
 
 
 # ----------------------------------------------------------------------------- parameter report

@@ -13,6 +13,8 @@ import sys
 from sage.arc import ARCDataError
 from sage.checkpoint import CheckpointError
 from sage.config import ConfigError, load_config
+from sage.features import FeatureCacheError
+from sage.teacher.config import TeacherError
 from sage.training import train
 
 
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
-    except (ConfigError, ARCDataError, CheckpointError) as e:
+    except (ConfigError, ARCDataError, CheckpointError, TeacherError, FeatureCacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

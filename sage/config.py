@@ -18,6 +18,7 @@ import yaml
 
 from sage.encoding import min_context_tokens
 from sage.teacher.config import TeacherConfig, teacher_problems
+from sage.teacher.presets import PRESETS as TEACHER_PRESETS
 from sage_student_model import StudentConfig
 
 
@@ -53,6 +54,9 @@ class DataConfig:
     val_fraction: float = 0.1
     use_test_pairs: bool = True  # training tasks' test pairs also serve as training queries
     augment: bool = True  # a random dihedral transform + colour permutation per training example
+    # Share of training examples augmented (when augment is true). The teacher saw the tasks as given,
+    # so distillation targets exist only for the un-augmented rest.
+    augment_probability: float = 1.0
     max_context_tokens: int = 4096  # context cap (policy: sage/encoding.py)
     num_workers: int = 0  # DataLoader worker processes
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -84,6 +88,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Feature distillation: loss = task CE + weight * (cosine_weight * (1 - cos) + mse_weight * MSE),
+    between the student's distillation head and the teacher's cached per-grid features, standardised
+    with statistics of the training tasks' features (saved in the model)."""
+
+    weight: float = 0.0  # 0: no distillation, the teacher is not used
+    cosine_weight: float = 1.0
+    mse_weight: float = 1.0
+
+
+@dataclass
 class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -92,6 +107,12 @@ class ExperimentConfig:
     val: ValConfig = field(default_factory=ValConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether training reads the teacher's feature cache."""
+        return self.distill.weight > 0 or self.model.kind == "probe"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,6 +234,18 @@ def check(cfg: ExperimentConfig, where: str) -> None:
         f"grids at model.grid_size={m.grid_size}), got {d.max_context_tokens}",
     )
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    need(0.0 <= d.augment_probability <= 1.0, f"data.augment_probability must be in [0, 1], got {d.augment_probability}")
+    need(m.kind in ("student", "probe"), f"model.kind must be 'student' or 'probe', got {m.kind!r}")
+    need(cfg.distill.weight >= 0, f"distill.weight must be >= 0, got {cfg.distill.weight}")
+    if m.kind == "probe":
+        need(cfg.distill.weight == 0, "a probe reads teacher features, it does not distil them: set distill.weight=0")
+        need(not (d.augment and d.augment_probability > 0),
+             "a probe reads the teacher's features of the tasks as given: set data.augment=false")
+    if cfg.uses_teacher and cfg.teacher.preset in TEACHER_PRESETS:
+        width = TEACHER_PRESETS[cfg.teacher.preset].feature_dim
+        need(m.teacher_dim == width,
+             f"model.teacher_dim ({m.teacher_dim}) must equal the width of teacher {cfg.teacher.preset}'s features "
+             f"({width}): set model.teacher_dim={width}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     need(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")

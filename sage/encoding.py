@@ -19,18 +19,22 @@ The config requires max_context_tokens >= 3 * (grid_size + 1)^2, so every task f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from sage.arc import Augmentation, Pair, Task, random_augmentation
 
+if TYPE_CHECKING:
+    from sage.distill import TeacherTargets
+
 PAD, EOS, COLOUR_OFFSET = 0, 1, 2
 VOCAB_SIZE = 12
 # Per-token arrays of the packed context, and per-cell arrays of the answer canvas, in a batch.
 CONTEXT_KEYS = ("tokens", "rows", "cols", "rows_from_end", "cols_from_end", "segments")
 ANSWER_KEYS = ("query", "query_rows_from_end", "query_cols_from_end", "target")
+TEACHER_KEYS = ("teacher_features", "teacher_mask")  # per grid slot, when training reads a teacher cache
 
 
 def grid_to_canvas(grid: np.ndarray, size: int = 30) -> np.ndarray:
@@ -193,9 +197,13 @@ class ARCExamples(torch.utils.data.Dataset):
         max_context_tokens: int,
         augment: bool = False,
         seed: int = 0,
+        augment_probability: float = 1.0,
+        teacher: "TeacherTargets | None" = None,
     ) -> None:
         self.tasks, self.refs = list(tasks), list(refs)
         self.grid_size, self.max_demos, self.augment, self.seed = grid_size, max_demos, augment, seed
+        self.augment_probability = augment_probability if augment else 0.0
+        self.teacher = teacher  # per-slot teacher features for un-augmented items (sage/distill.py)
         self.epoch = 0
         # Caps depend only on grid shapes, which augmentations may transpose but never resize in area.
         self.kept_demos = [
@@ -217,9 +225,10 @@ class ARCExamples(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def augmentation(self, i: int) -> Augmentation:
-        if not self.augment:
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        if self.augment_probability == 0.0 or rng.random() >= self.augment_probability:
             return Augmentation()
-        return random_augmentation(np.random.default_rng([self.seed, self.epoch, i]))
+        return random_augmentation(rng)
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -232,6 +241,13 @@ class ARCExamples(torch.utils.data.Dataset):
             task = aug.apply_task(task)
         item = encode_example(task.train + task.test, self.kept_demos[i], ref.query, self.max_demos, self.grid_size)
         item["index"] = np.int64(i)
+        if self.teacher is not None:
+            if aug.is_identity:
+                item["teacher_features"], item["teacher_mask"] = self.teacher.for_example(
+                    task, self.kept_demos[i], ref.query, ref.test_index, self.max_demos)
+            else:  # the teacher saw the task as given, not this view of it
+                item["teacher_features"] = np.zeros((self.teacher.num_slots, self.teacher.dim), dtype=np.float32)
+                item["teacher_mask"] = np.zeros(self.teacher.num_slots, dtype=bool)
         return item
 
 
@@ -249,8 +265,9 @@ def collate(items: Sequence[dict[str, np.ndarray]], pad_to_multiple: int = 8) ->
     for b, it in enumerate(items):
         mask[b, : len(it["tokens"])] = True
     batch["context_mask"] = torch.from_numpy(mask)
-    for key in ANSWER_KEYS:
-        batch[key] = torch.from_numpy(np.stack([it[key] for it in items]))
+    for key in ANSWER_KEYS + TEACHER_KEYS:
+        if key in items[0]:
+            batch[key] = torch.from_numpy(np.stack([it[key] for it in items]))
     batch["index"] = torch.tensor([int(it["index"]) for it in items])
     return batch
 

@@ -22,11 +22,12 @@ from tqdm import tqdm
 from sage.arc import Task, assert_task_disjoint, load_dataset, split_by_task
 from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into, save_checkpoint
 from sage.config import ExperimentConfig, save_config
+from sage.distill import TeacherTargets, ensure_teacher_cache, feature_statistics
 from sage.encoding import ARCExamples, LengthBucketSampler, canvas_to_grid, collate, evaluation_examples, training_examples
-from sage.losses import answer_cross_entropy
+from sage.losses import answer_cross_entropy, distillation_losses
 from sage.metrics import score_baselines, score_canvas, summarize
 from sage.runlog import RunLog, plot_training_curves, read_metrics
-from sage_student_model import SageStudent, StudentConfig, parameter_breakdown
+from sage_student_model import SageStudent, build_model, parameter_breakdown
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -41,16 +42,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_splits(cfg: ExperimentConfig) -> tuple[list[Task], list[Task]]:
-    """(train, val) task lists, disjoint by task. 'holdout' keeps whole training tasks aside."""
+@dataclass
+class Splits:
+    train: list[Task]  # training tasks
+    val: list[Task]  # held-out tasks, disjoint from train
+    train_dataset: list[Task]  # every task of data.train (the teacher cache covers them all)
+    val_dataset: list[Task]  # every task of the validation dataset (== train_dataset for 'holdout')
+
+
+def load_splits(cfg: ExperimentConfig) -> Splits:
+    """Train and validation tasks, disjoint by task. 'holdout' keeps whole training tasks aside."""
     synthetic = asdict(cfg.data.synthetic)
     tasks = load_dataset(cfg.data.train, synthetic)
     if cfg.data.val == "holdout":
         train, val = split_by_task(tasks, cfg.data.val_fraction, cfg.run.seed)
+        val_dataset = tasks
     else:
         train, val = tasks, load_dataset(cfg.data.val, synthetic)
+        val_dataset = val
     assert_task_disjoint(train, val)
-    return train, val
+    return Splits(train, val, tasks, val_dataset)
 
 
 def lr_at(step: int, cfg: ExperimentConfig, total_steps: int) -> float:
@@ -139,20 +150,38 @@ def train(
             raise CheckpointError(f"{checkpoint.path}: model config differs from the checkpoint's: {diff}")
 
     log = RunLog(log_dir, echo=echo)
-    train_tasks, val_tasks = load_splits(cfg)
+    splits = load_splits(cfg)
+    train_tasks, val_tasks = splits.train, splits.val
     m = cfg.model
+    train_teacher = val_teacher = None
+    if cfg.uses_teacher:
+        t = cfg.teacher
+        log.info(f"teacher: {t.preset} ({'weights from ' + t.checkpoint_dir if t.checkpoint_dir else 'random weights'}), "
+                 f"view {t.view}; {'distillation weight ' + str(cfg.distill.weight) if m.kind == 'student' else 'probe input'}")
+        train_cache = ensure_teacher_cache(cfg, cfg.data.train, splits.train_dataset, log.info)
+        val_cache = train_cache if cfg.data.val == "holdout" else ensure_teacher_cache(
+            cfg, cfg.data.val, splits.val_dataset, log.info)
+        train_teacher = TeacherTargets(train_cache, m.num_grid_slots)
+        val_teacher = TeacherTargets(val_cache, m.num_grid_slots)
     train_set = ARCExamples(
         train_tasks, training_examples(train_tasks, cfg.data.use_test_pairs), m.grid_size, m.max_demos,
         cfg.data.max_context_tokens, augment=cfg.data.augment, seed=cfg.run.seed,
+        augment_probability=cfg.data.augment_probability, teacher=train_teacher,
     )
-    val_set = ARCExamples(val_tasks, evaluation_examples(val_tasks), m.grid_size, m.max_demos, cfg.data.max_context_tokens)
+    val_set = ARCExamples(val_tasks, evaluation_examples(val_tasks), m.grid_size, m.max_demos,
+                          cfg.data.max_context_tokens, teacher=val_teacher)
     train_sampler = LengthBucketSampler(train_set.lengths, cfg.train.batch_size, shuffle=True, seed=cfg.run.seed)
     val_sampler = LengthBucketSampler(val_set.lengths, cfg.val.batch_size, shuffle=False)
     loader_args = dict(collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=train_sampler, **loader_args)
     val_loader = torch.utils.data.DataLoader(val_set, batch_sampler=val_sampler, **loader_args)
 
-    model = SageStudent(m).to(device)
+    model = build_model(m).to(device)
+    distilling = m.kind == "student" and cfg.distill.weight > 0
+    if distilling and checkpoint is None:
+        mean, std = feature_statistics(train_teacher.cache, train_tasks)
+        model.teacher_mean.copy_(mean)
+        model.teacher_std.copy_(std)
     optimizer = make_optimizer(model, cfg)
     state = TrainState()
     steps_per_epoch = len(train_sampler)
@@ -175,7 +204,7 @@ def train(
     log.info(f"run '{run_name}' on {device}: student {n_params:,} parameters "
              f"({', '.join(f'{k} {v:,}' for k, v in parameter_breakdown(model).items())})")
     log.info(f"data: train {len(train_tasks)} tasks from {cfg.data.train} ({len(train_set)} examples, "
-             f"augment={cfg.data.augment}); validation {len(val_tasks)} held-out tasks "
+             f"augment={cfg.data.augment} p={train_set.augment_probability}); validation {len(val_tasks)} held-out tasks "
              f"({'holdout of ' + cfg.data.train if cfg.data.val == 'holdout' else cfg.data.val}, "
              f"{len(val_set)} test outputs); splits are by task")
     log.info(f"batches: train {cfg.train.batch_size} x {steps_per_epoch} steps/epoch, val {cfg.val.batch_size}; "
@@ -183,11 +212,17 @@ def train(
     baselines = score_baselines(val_tasks)
     log.info("validation baselines (exact match): "
              + ", ".join(f"{k} {v['exact_match']:.3f}" for k, v in baselines.items()))
-    if state.step == 0:
-        log.metrics("start", step=0, run=run_name, device=str(device), parameters=n_params,
-                    train_tasks=len(train_tasks), val_tasks=len(val_tasks), baselines=baselines)
-
     autocast = Autocast(device)
+    if state.step == 0:
+        start_record = dict(step=0, run=run_name, device=str(device), parameters=n_params,
+                            train_tasks=len(train_tasks), val_tasks=len(val_tasks), baselines=baselines,
+                            teacher=cfg.teacher.preset if cfg.uses_teacher else None)
+        if distilling:  # the reference point: how close an untrained head is to the teacher
+            untrained = validate(model, val_loader, device, autocast, m.grid_size)
+            start_record["val_feature_cosine"] = untrained["feature_cosine"]
+            log.info(f"untrained distillation head: validation feature cosine {untrained['feature_cosine']:.4f}")
+        log.metrics("start", **start_record)
+
     interactive = echo and sys.stderr.isatty()
     stopped_early = False
 
@@ -222,7 +257,8 @@ def train(
                 batch = to_device(batch, device)
                 with autocast():
                     out = model(batch)
-                    loss = answer_cross_entropy(out.logits, batch["target"])
+                    losses, distill_slots = compute_losses(out, batch, model, cfg)
+                loss = losses["loss"]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -233,13 +269,18 @@ def train(
                 scores = score_batch(out.logits.detach(), batch["target"], m.grid_size)
                 sums = state.epoch_sums
                 n = len(scores)
-                sums["loss"] = sums.get("loss", 0.0) + loss.item() * n
+                values = {k: v.item() for k, v in losses.items()}
+                for k, v in values.items():  # feature terms: means over the slots that had a target
+                    weight = distill_slots if k.startswith("distill_") else n
+                    sums[k] = sums.get(k, 0.0) + v * weight
+                sums["distill_slots"] = sums.get("distill_slots", 0.0) + distill_slots
                 sums["exact"] = sums.get("exact", 0.0) + sum(s.exact for s in scores)
                 sums["examples"] = sums.get("examples", 0.0) + n
                 if state.step % cfg.train.log_every == 0:
+                    terms = "".join(f" | {k} {v:.4f}" for k, v in values.items() if k != "loss")
                     log.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {state.step}/{total_steps} | "
-                             f"loss {loss.item():.4f} | grad_norm {grad_norm.item():.3f} | lr {lr:.2e}")
-                    log.metrics("train", step=state.step, epoch=epoch + 1, loss=loss.item(),
+                             f"loss {loss.item():.4f}{terms} | grad_norm {grad_norm.item():.3f} | lr {lr:.2e}")
+                    log.metrics("train", step=state.step, epoch=epoch + 1, **values,
                                 grad_norm=grad_norm.item(), lr=lr)
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
                 if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
@@ -257,10 +298,11 @@ def train(
             state.epoch += 1
             state.batch_in_epoch = 0
             sums, state.epoch_sums = state.epoch_sums, {}
-            record: dict[str, Any] = {
-                "step": state.step, "epoch": state.epoch, "lr": lr,
-                "train_loss": sums["loss"] / sums["examples"], "train_exact_match": sums["exact"] / sums["examples"],
-            }
+            record: dict[str, Any] = {"step": state.step, "epoch": state.epoch, "lr": lr}
+            for k, v in sums.items():
+                if k not in ("exact", "examples", "distill_slots"):
+                    record[f"train_{k}"] = v / (sums["distill_slots"] if k.startswith("distill_") else sums["examples"])
+            record["train_exact_match"] = sums["exact"] / sums["examples"]
             val_metrics = None
             if state.epoch % cfg.val.every_epochs == 0 or state.epoch == cfg.train.epochs:
                 if device.type == "cuda":
@@ -299,13 +341,31 @@ def train(
     return summary
 
 
+def compute_losses(out: Any, batch: dict[str, torch.Tensor], model: SageStudent,
+                   cfg: ExperimentConfig) -> tuple[dict[str, torch.Tensor], int]:
+    """The training objective and its terms (loss = task CE [+ weight * feature loss]), and the
+    number of grid slots that had a teacher target (0: the feature terms are left out)."""
+    task = answer_cross_entropy(out.logits, batch["target"])
+    if cfg.distill.weight == 0 or out.grid_features is None:
+        return {"loss": task}, 0
+    mse, cosine, slots = distillation_losses(out.grid_features, model.standardise(batch["teacher_features"]),
+                                             batch["teacher_mask"] & out.grid_mask)
+    if slots == 0:  # every example of the batch was augmented: nothing to distil
+        return {"loss": task, "task_loss": task}, 0
+    d = cfg.distill
+    feature = d.cosine_weight * (1.0 - cosine) + d.mse_weight * mse
+    return {"loss": task + d.weight * feature, "task_loss": task, "distill_mse": mse, "distill_cosine": cosine}, slots
+
+
 @torch.inference_mode()
 def validate(
     model: SageStudent, loader: torch.utils.data.DataLoader, device: torch.device, autocast: Autocast, grid_size: int
 ) -> dict[str, float]:
-    """Loss and exact match / output size / pixel accuracy (target cells only) on held-out tasks."""
+    """Task loss and exact match / output size / pixel accuracy (target cells only) on held-out
+    tasks; with teacher features, also the distillation head's cosine to them (feature fidelity)."""
     model.eval()
     loss_sum, count, scores = 0.0, 0, []
+    cosine_sum, slots = 0.0, 0.0
     for batch in loader:
         batch = to_device(batch, device)
         with autocast():
@@ -315,15 +375,29 @@ def validate(
         loss_sum += loss.item() * n
         count += n
         scores += score_batch(out.logits, batch["target"], grid_size)
+        if out.grid_features is not None and "teacher_features" in batch:
+            mask = batch["teacher_mask"] & out.grid_mask
+            _, cosine, count = distillation_losses(out.grid_features, model.standardise(batch["teacher_features"]),
+                                                   mask)
+            cosine_sum += cosine.item() * count
+            slots += count
     model.train()
-    return {"loss": loss_sum / max(count, 1), **summarize(scores)}
+    metrics = {"loss": loss_sum / max(count, 1), **summarize(scores)}
+    if slots:
+        metrics["feature_cosine"] = cosine_sum / slots
+    return metrics
 
 
 def epoch_summary(record: dict[str, Any], epochs: int, state: TrainState) -> str:
-    text = (f"epoch {record['epoch']}/{epochs} done | train loss {record['train_loss']:.4f} "
-            f"exact {record['train_exact_match']:.3f}")
+    text = f"epoch {record['epoch']}/{epochs} done | train loss {record['train_loss']:.4f}"
+    if "train_distill_mse" in record:
+        text += (f" (task {record['train_task_loss']:.4f}, distill mse {record['train_distill_mse']:.4f}, "
+                 f"cosine {record['train_distill_cosine']:.4f})")
+    text += f" exact {record['train_exact_match']:.3f}"
     if "val_loss" in record:
         text += (f" | val loss {record['val_loss']:.4f} exact {record['val_exact_match']:.3f} "
                  f"size {record['val_size_accuracy']:.3f} pixel {record['val_pixel_accuracy']:.3f}")
+        if "val_feature_cosine" in record:
+            text += f" feature cosine {record['val_feature_cosine']:.4f}"
     return text + (f" | lr {record['lr']:.2e} | best exact {state.best_exact:.3f} (epoch {state.best_epoch}) "
                    f"| {record['seconds']:.1f}s")

@@ -16,7 +16,7 @@ def write(tmp_path, text, name="exp.yaml"):
     return path
 
 
-@pytest.mark.parametrize("name", ["quickstart", "sage_44m", "smoke"])
+@pytest.mark.parametrize("name", ["quickstart", "sage_44m", "smoke", "probe_groot"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert cfg.run.name == name
@@ -27,6 +27,7 @@ def test_full_recipe_matches_the_documented_values():
     assert (cfg.train.batch_size, cfg.val.batch_size, cfg.train.epochs) == (8, 4, 100)
     assert (cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay, cfg.train.grad_clip) == (1e-4, 1e-6, 0.01, 1.0)
     assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.encoder_layers) == (512, 8, 6)
+    assert (cfg.teacher.preset, cfg.distill.weight, cfg.model.teacher_dim) == ("groot-n1.5", 0.5, 2048)
 
 
 def test_overrides_and_run_name(tmp_path):

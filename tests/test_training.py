@@ -116,16 +116,20 @@ def test_student_learns_in_context_rules_on_unseen_synthetic_tasks(tmp_path):
     assert learned >= 0.5 and learned >= max(copy, frequent) + 0.4, message
 
 
+@pytest.mark.slow
 def test_quickstart_config_trains_on_real_arc_tasks(tmp_path):
-    """The README's quickstart, cut to 3 steps: real ARC-AGI-1 data at full 30x30 size, via the CLI."""
+    """The README's quickstart, cut to 3 steps: tiny-teacher extraction of ARC-AGI-1 training, then
+    distillation on real data at full 30x30 size, via the CLI."""
     out = subprocess.run(
         [sys.executable, "train_sage.py", "--config", "configs/quickstart.yaml", "--stop-after-steps", "3",
-         "--set", f"run.checkpoint_dir={tmp_path / 'checkpoints'}", "--set", f"run.log_dir={tmp_path / 'logs'}"],
+         "--set", f"run.checkpoint_dir={tmp_path / 'checkpoints'}", "--set", f"run.log_dir={tmp_path / 'logs'}",
+         "--set", f"teacher.cache_dir={tmp_path / 'features'}"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr
     log = (tmp_path / "logs" / "quickstart" / "train.log").read_text()
     assert "train 360 tasks from arc-agi-1/training" in log and "validation 40 held-out tasks" in log
     assert "stopped after step 3" in log
+    assert "teacher: groot-n1.5-tiny (random weights)" in log and "untrained distillation head" in log
     meta = json.loads((tmp_path / "checkpoints" / "quickstart" / "last" / "meta.json").read_text())
     assert meta["train_state"]["step"] == 3 and len(meta["val_task_ids"]) == 40

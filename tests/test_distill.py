@@ -1,0 +1,107 @@
+"""Distillation from the tiny GR00T teacher, and the probe that reads teacher features."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sage.config import ConfigError, load_config
+from sage.features import FeatureCacheError
+from sage.losses import distillation_losses
+from sage.runlog import read_metrics
+from sage.training import train
+from sage_student_model import SageStudent
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "data.train=synthetic", "data.synthetic.num_tasks=40", "data.val_fraction=0.25", "data.max_context_tokens=108",
+    "model.grid_size=5", "model.max_demos=3", "model.d_model=32", "model.encoder_layers=1", "model.decoder_layers=1",
+    "model.teacher_dim=64", "model.distill_hidden=32", "train.batch_size=8", "train.warmup_steps=3",
+    "train.log_every=2", "val.batch_size=16", "run.device=cpu", "teacher.batch_size=8",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("features")  # shared: the tiny teacher extracts once per module
+
+
+def config(tmp_path, cache_dir, name, *extra):
+    return load_config(REPO / "configs" / "smoke.yaml", TINY + [
+        f"run.checkpoint_dir={tmp_path / 'checkpoints'}", f"run.log_dir={tmp_path / 'logs'}", f"run.name={name}",
+        f"teacher.cache_dir={cache_dir}", *extra])
+
+
+def records(tmp_path, name, event):
+    return [r for r in read_metrics(tmp_path / "logs" / name / "metrics.jsonl") if r["event"] == event]
+
+
+def test_distillation_losses_are_masked_means():
+    target = torch.randn(2, 3, 8)
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    mse, cosine, count = distillation_losses(target.clone(), target, mask)
+    assert mse.item() == 0 and cosine.item() == pytest.approx(1.0) and count == 2
+    garbage = target.clone()
+    garbage[0, 1] = 1e6  # a masked slot must not count
+    assert distillation_losses(garbage, target, mask)[0].item() == 0
+    mse, cosine, _ = distillation_losses(-target, target, mask)
+    assert cosine.item() == pytest.approx(-1.0) and mse.item() == pytest.approx(4 * (target[mask] ** 2).mean().item())
+    mse, cosine, count = distillation_losses(target, target, torch.zeros(2, 3, dtype=torch.bool))
+    assert mse.item() == 0 and cosine.item() == 0 and count == 0
+
+
+@pytest.mark.slow
+def test_distillation_learns_the_teacher_and_the_task_and_resumes(tmp_path, cache_dir):
+    cfg = config(tmp_path, cache_dir, "distil", "distill.weight=1.0", "train.epochs=6", "train.lr=3e-3")
+    train(cfg, echo=False)
+    log = (tmp_path / "logs" / "distil" / "train.log").read_text()
+    assert "teacher: groot-n1.5-tiny (random weights), view task_context; distillation weight 1.0" in log
+    assert "extracting with groot-n1.5-tiny" in log
+    untrained = records(tmp_path, "distil", "start")[0]["val_feature_cosine"]
+    epochs = records(tmp_path, "distil", "epoch")
+    trained = epochs[-1]["val_feature_cosine"]
+    assert trained > untrained + 0.3 and trained > 0.5, (untrained, trained)
+    assert epochs[-1]["train_task_loss"] < epochs[0]["train_task_loss"]
+    assert {"train_distill_mse", "train_distill_cosine", "val_feature_cosine"} <= set(epochs[-1])
+    assert "distill_mse" in records(tmp_path, "distil", "train")[0]
+
+    weights = load_file(tmp_path / "checkpoints" / "distil" / "last" / "model.safetensors")
+    torch.manual_seed(cfg.run.seed)
+    fresh = SageStudent(cfg.model).state_dict()
+    assert not torch.equal(weights["distill_head.1.weight"], fresh["distill_head.1.weight"])
+    assert not torch.equal(weights["teacher_mean"], fresh["teacher_mean"])  # statistics saved with the model
+
+    # Interrupt mid-run and resume: the same weights, distillation head and statistics included.
+    train(config(tmp_path, cache_dir, "again", "distill.weight=1.0", "train.epochs=6", "train.lr=3e-3"),
+          stop_after_steps=7, echo=False)
+    train(config(tmp_path, cache_dir, "again", "distill.weight=1.0", "train.epochs=6", "train.lr=3e-3"),
+          resume=True, echo=False)
+    resumed = load_file(tmp_path / "checkpoints" / "again" / "last" / "model.safetensors")
+    for key in weights:
+        assert torch.equal(weights[key], resumed[key]), key
+    assert "extracting" not in (tmp_path / "logs" / "again" / "train.log").read_text()  # the cache was reused
+
+
+@pytest.mark.slow
+def test_probe_trains_on_teacher_features_and_refuses_leaking_views(tmp_path, cache_dir):
+    cfg = config(tmp_path, cache_dir, "probe", "model.kind=probe", "data.augment=false", "train.epochs=2")
+    summary = train(cfg, echo=False)
+    epochs = records(tmp_path, "probe", "epoch")
+    assert len(epochs) == 2 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert summary["best_exact_match"] >= 0
+    leaking = config(tmp_path, cache_dir, "leaky", "model.kind=probe", "data.augment=false", "train.epochs=1",
+                     "teacher.view=with_answer")
+    with pytest.raises(FeatureCacheError, match="shows the teacher the answer"):
+        train(leaking, echo=False)
+
+
+def test_config_checks_for_teacher_use(tmp_path, cache_dir):
+    with pytest.raises(ConfigError, match=r"model.teacher_dim \(2048\) must equal the width of teacher "
+                                          r"groot-n1.5-tiny's features \(64\): set model.teacher_dim=64"):
+        config(tmp_path, cache_dir, "x", "distill.weight=0.5", "model.teacher_dim=2048")
+    with pytest.raises(ConfigError, match="set data.augment=false"):
+        config(tmp_path, cache_dir, "x", "model.kind=probe", "data.augment=true")
+    with pytest.raises(ConfigError, match="model.kind must be 'student' or 'probe'"):
+        config(tmp_path, cache_dir, "x", "model.kind=teacher")
