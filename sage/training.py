@@ -22,6 +22,7 @@ from tqdm import tqdm
 from sage.arc import Task, assert_task_disjoint, load_dataset, split_by_task
 from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into, save_checkpoint
 from sage.config import ExperimentConfig, save_config
+from sage.device import resolve_device
 from sage.distill import TeacherTargets, ensure_teacher_cache, feature_statistics
 from sage.encoding import ARCExamples, LengthBucketSampler, canvas_to_grid, collate, evaluation_examples, training_examples
 from sage.losses import answer_cross_entropy, distillation_losses
@@ -31,15 +32,6 @@ from sage_student_model import SageStudent, build_model, parameter_breakdown
 
 
 # ----------------------------------------------------------------------------- setup helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"run.device is '{name}' but no CUDA device is available (use run.device=cpu or auto)")
-    return device
 
 
 @dataclass
@@ -201,7 +193,7 @@ def train(
     save_config(cfg, log_dir / "config.yaml")
 
     n_params = sum(p.numel() for p in model.parameters())
-    log.info(f"run '{run_name}' on {device}: student {n_params:,} parameters "
+    log.info(f"run '{run_name}' on {device}: {m.kind} {n_params:,} parameters "
              f"({', '.join(f'{k} {v:,}' for k, v in parameter_breakdown(model).items())})")
     log.info(f"data: train {len(train_tasks)} tasks from {cfg.data.train} ({len(train_set)} examples, "
              f"augment={cfg.data.augment} p={train_set.augment_probability}); validation {len(val_tasks)} held-out tasks "

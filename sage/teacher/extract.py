@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sage.arc import Task, load_dataset
+from sage.device import resolve_device
 from sage.features import (
     CacheWriter,
     EntryFeatures,
@@ -36,12 +37,6 @@ from sage.teacher.presets import GrootArch, get_preset
 from sage.teacher.prompt import TeacherExample, build_prompt, instruction_for, view_examples
 from sage.teacher.render import render_grid, to_pixel_values
 from sage.teacher.tokenizer import IMG_CONTEXT_ID, PAD_ID, GrootTokenizer, load_tokenizer
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
