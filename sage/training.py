@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sage.arc import Task, assert_task_disjoint, load_dataset, split_by_task
+from sage.arc import Task, assert_task_disjoint, drop_shared_tasks, load_dataset, split_by_task
 from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into, save_checkpoint
 from sage.config import ExperimentConfig, save_config
 from sage.device import resolve_device
@@ -40,6 +40,7 @@ class Splits:
     val: list[Task]  # held-out tasks, disjoint from train
     train_dataset: list[Task]  # every task of data.train (the teacher cache covers them all)
     val_dataset: list[Task]  # every task of the validation dataset (== train_dataset for 'holdout')
+    shared: dict[str, str]  # validation tasks left out because they are training tasks (id -> training id)
 
 
 def load_splits(cfg: ExperimentConfig) -> Splits:
@@ -49,11 +50,12 @@ def load_splits(cfg: ExperimentConfig) -> Splits:
     if cfg.data.val == "holdout":
         train, val = split_by_task(tasks, cfg.data.val_fraction, cfg.run.seed)
         val_dataset = tasks
+        shared: dict[str, str] = {}
     else:
-        train, val = tasks, load_dataset(cfg.data.val, synthetic)
-        val_dataset = val
+        train, val_dataset = tasks, load_dataset(cfg.data.val, synthetic)
+        val, shared = drop_shared_tasks(train, val_dataset, "validation")
     assert_task_disjoint(train, val)
-    return Splits(train, val, tasks, val_dataset)
+    return Splits(train, val, tasks, val_dataset, shared)
 
 
 def lr_at(step: int, cfg: ExperimentConfig, total_steps: int) -> float:
@@ -144,6 +146,9 @@ def train(
     log = RunLog(log_dir, echo=echo)
     splits = load_splits(cfg)
     train_tasks, val_tasks = splits.train, splits.val
+    if splits.shared:
+        log.info(f"left out of validation, being training tasks too: "
+                 + ", ".join(f"{k} (= {v})" for k, v in splits.shared.items()))
     m = cfg.model
     train_teacher = val_teacher = None
     if cfg.uses_teacher:

@@ -9,6 +9,7 @@ from sage.arc import (
     ARCDataError,
     Augmentation,
     assert_task_disjoint,
+    drop_shared_tasks,
     load_dataset,
     load_task_dir,
     random_augmentation,
@@ -137,3 +138,13 @@ def test_augmentations_invert_exactly_and_apply_to_the_whole_task():
     assert (Augmentation(0, random_augmentation(rng).colours).apply(np.zeros((2, 2), np.uint8)) == 0).all()
     with pytest.raises(ValueError, match="keeping 0 fixed"):
         Augmentation(0, (1, 0, 2, 3, 4, 5, 6, 7, 8, 9))
+
+
+def test_a_few_shared_tasks_are_left_out_and_mostly_shared_sets_refused():
+    arc1_train, arc1_eval = load_dataset("arc-agi-1/training"), load_dataset("arc-agi-1/evaluation")
+    kept, shared = drop_shared_tasks(arc1_train, arc1_eval, "validation")
+    assert shared == {"070dd51e": "40853293"}  # the same grids under two ids in ARC-AGI-1
+    assert len(kept) == 399
+    assert_task_disjoint(arc1_train, kept)
+    with pytest.raises(ARCDataError, match="376 of the 400 validation tasks are training tasks"):
+        drop_shared_tasks(load_dataset("arc-agi-2/training"), arc1_eval, "validation")

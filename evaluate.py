@@ -1,0 +1,89 @@
+"""Score a SAGE checkpoint on ARC tasks it never saw, beside trivial baselines and against GR00T N1.5.
+
+    python evaluate.py --checkpoint checkpoints/<run>/best                  # ARC-AGI-1 evaluation
+    python evaluate.py --checkpoint checkpoints/<run>/best --split holdout  # the run's held-out tasks
+    python evaluate.py --checkpoint ... --views 1 --speed-tasks 0           # fastest: no voting, no timing
+
+Writes reports/<run>/<checkpoint>-<split>/ (or --out): submission.json (ARC Prize format),
+report.json, report.md, per_task.csv, pictures/, training_curves.png. Scoring is the official ARC
+Prize rule (pass@2 per test output, averaged per task, then over tasks); see sage/evaluation.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def default_out(checkpoint: str, split: str) -> Path:
+    ckpt = Path(checkpoint).resolve()
+    slug = split.replace("/", "_") if not Path(split).expanduser().is_dir() else Path(split).resolve().name
+    return Path("reports") / ckpt.parent.name / f"{ckpt.name}-{slug}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory, e.g. checkpoints/quickstart/best")
+    parser.add_argument("--split", default="arc-agi-1/evaluation",
+                        help="arc-agi-{1,2}/{training,evaluation}, a directory of ARC JSON tasks, or 'holdout' "
+                             "(the run's held-out validation tasks); default arc-agi-1/evaluation")
+    parser.add_argument("--views", type=int, default=8, help="augmented views voted over per test input (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the views' colour permutations")
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per forward pass (default val.batch_size)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N tasks (a quick look)")
+    parser.add_argument("--speed-tasks", type=int, default=None, metavar="N",
+                        help="tasks timed for student vs teacher backbone (0: skip; default 3 on a GPU, 1 on a CPU, "
+                             "where the full-size backbone takes minutes per task)")
+    parser.add_argument("--speed-teacher", default="groot-n1.5", choices=["groot-n1.5", "groot-n1.5-tiny"],
+                        help="teacher architecture timed (default the full-size GR00T N1.5 backbone)")
+    parser.add_argument("--teacher-probe", default=None, metavar="CHECKPOINT",
+                        help="a probe checkpoint (GR00T features + trained head) to score beside the student")
+    parser.add_argument("--feature-cache-dir", default=None,
+                        help="where the teacher feature cache lives (default: the run's teacher.cache_dir)")
+    parser.add_argument("--extract-features", action="store_true",
+                        help="extract the split's teacher features with the run's teacher when they are not cached "
+                             "(needed for feature fidelity and the probe; the tiny teacher takes a few minutes on a CPU)")
+    parser.add_argument("--pictures", type=int, default=12, help="tasks drawn as PNG (default 12)")
+    parser.add_argument("--out", default=None, help="output folder (default reports/<run>/<checkpoint>-<split>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    from sage.arc import ARCDataError
+    from sage.checkpoint import CheckpointError
+    from sage.config import ConfigError
+    from sage.evaluation import EvalSettings, EvaluationError, evaluate
+    from sage.features import FeatureCacheError
+    from sage.report import write_report
+    from sage.teacher.config import TeacherError
+
+    settings = EvalSettings(
+        split=args.split, views=args.views, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        limit=args.limit, speed_tasks=args.speed_tasks, speed_teacher=args.speed_teacher,
+        feature_cache_dir=args.feature_cache_dir, extract_features=args.extract_features,
+        teacher_probe=args.teacher_probe,
+    )
+    out = Path(args.out) if args.out else default_out(args.checkpoint, args.split)
+    try:
+        if args.batch_size is not None and args.batch_size < 1:
+            raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
+        result = evaluate(args.checkpoint, settings, progress=not args.no_progress)
+        files = write_report(result, out, pictures=args.pictures)
+    except (EvaluationError, CheckpointError, ConfigError, ARCDataError, FeatureCacheError, TeacherError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    s = result.systems["student"].summary
+    print(f"ARC Prize score (pass@2) {s['arc_prize_score']:.4f} on {s['tasks']} tasks of {args.split} "
+          f"({s['tasks_solved_count']} fully solved); baselines: "
+          + ", ".join(f"{k} {result.systems[k].summary['arc_prize_score']:.4f}"
+                      for k in ("copy_input", "most_frequent_colour", "all_zeros")))
+    print(f"report: {files['report_md']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

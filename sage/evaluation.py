@@ -1,0 +1,741 @@
+"""Evaluation: a checkpoint scored on a named split under the official ARC Prize rules, beside the
+trivial baselines, and measured against the GR00T N1.5 teacher.
+
+    checkpoint -> model + the config it was trained with
+    split      -> tasks; any the checkpoint trained on (by id or by content) is left out and named,
+                  and a split made mostly of trained tasks is refused
+    per task   -> test outputs removed (the model never sees them) -> augmented views
+               -> student -> decode -> undo each view's augmentation -> vote -> attempts 1 and 2
+    scoring    -> sage.metrics (pure functions) for the student, the baselines and the probe alike
+    GR00T      -> feature fidelity against the cached teacher features, parameters, and inference
+                  time per task of student and teacher backbone on the same inputs and machine
+
+`evaluate()` returns an EvaluationResult; sage/report.py writes it out. Nothing here trains.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from sage.arc import MAX_SHARED_SHARE as MAX_TRAINED_SHARE
+from sage.arc import ARCDataError, Pair, Task, assert_task_disjoint, load_dataset, overlapping_tasks
+from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into
+from sage.config import ConfigError, ExperimentConfig, from_dict
+from sage.device import resolve_device
+from sage.distill import TeacherTargets
+from sage.encoding import ARCExamples, ExampleRef, canvas_to_grid, collate
+from sage.metrics import OutputScore, baseline_attempts, score_attempts, summarize_tasks
+from sage.training import Autocast, to_device
+from sage.voting import Candidate, attempts as top_attempts, views as make_views, vote
+from sage_student_model import build_model, parameter_breakdown
+
+DEFAULT_SPLIT = "arc-agi-1/evaluation"
+HOLDOUT = "holdout"  # the checkpoint's own held-out validation tasks
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation that cannot run as asked; the message says what, where, and what to do."""
+
+
+@dataclass
+class EvalSettings:
+    split: str = DEFAULT_SPLIT  # a dataset name (sage.arc.load_dataset) or 'holdout'
+    views: int = 8  # augmented views voted over per test input (1: the task as given only)
+    seed: int = 0  # colour permutations of the views
+    batch_size: int | None = None  # examples per forward pass; None: the checkpoint's val.batch_size
+    device: str = "auto"
+    limit: int | None = None  # only the first N tasks of the split (a quick look; the report says so)
+    # Tasks timed for student vs teacher (0: skip). None: 3 on a GPU, 1 on a CPU, where the full-size
+    # backbone takes minutes per task (175 s for a 9-image prompt on a 2-core EPYC VM).
+    speed_tasks: int | None = None
+    speed_teacher: str = "groot-n1.5"  # teacher architecture timed: full size, or groot-n1.5-tiny
+    feature_cache_dir: str | None = None  # where the teacher feature cache is; None: the config's
+    extract_features: bool = False  # extract the split's teacher features when they are not cached
+    teacher_probe: str | None = None  # a probe checkpoint to score beside the student
+
+
+# ----------------------------------------------------------------------------- model and tasks
+
+
+# Buffers added with feature distillation; checkpoints from before it lack them. Their defaults
+# (mean 0, std 1: no standardisation) are exactly what those models were trained with.
+STATISTICS_BUFFERS = ("teacher_mean", "teacher_std")
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    cfg: ExperimentConfig  # the config the checkpoint was trained with
+    meta: dict[str, Any]
+    model: torch.nn.Module
+    parameters: int
+    notes: list[str] = field(default_factory=list)
+
+
+def load_model(path: str | Path, device: torch.device) -> LoadedModel:
+    """A checkpoint's network in eval mode, built from the config saved inside it."""
+    ckpt = load_checkpoint(path, with_training_state=False)
+    if "config" not in ckpt.meta:
+        raise CheckpointError(f"{ckpt.path}/meta.json has no 'config': not a SAGE checkpoint")
+    cfg = from_dict(ExperimentConfig, ckpt.meta["config"], f"{ckpt.path}/meta.json")
+    model = build_model(cfg.model)
+    notes = []
+    defaults = model.state_dict()
+    missing = [k for k in STATISTICS_BUFFERS if k in defaults and k not in ckpt.weights]
+    if missing:
+        ckpt.weights.update({k: defaults[k] for k in missing})
+        notes.append(f"{ckpt.path} predates teacher-feature statistics ({', '.join(missing)}): "
+                     "no standardisation assumed, as it was trained")
+    load_weights_into(model, ckpt)
+    model.to(device).eval()
+    return LoadedModel(ckpt.path, cfg, ckpt.meta, model, sum(p.numel() for p in model.parameters()), notes)
+
+
+def is_probe(cfg: ExperimentConfig) -> bool:
+    return cfg.model.kind == "probe"
+
+
+def split_tasks(cfg: ExperimentConfig, meta: dict[str, Any], split: str) -> tuple[list[Task], dict[str, Any]]:
+    """The tasks of `split` that the checkpoint never trained on, and the protocol record.
+
+    The tasks the checkpoint trained on are data.train minus its held-out validation tasks. A score
+    on trained tasks says nothing about generalisation: evaluated tasks among them (by id or by
+    content) are left out and named, and a split made mostly of them is refused."""
+    synthetic = asdict(cfg.data.synthetic)
+    train_all = load_dataset(cfg.data.train, synthetic)
+    held_out_ids = set(meta.get("val_task_ids") or []) if cfg.data.val == HOLDOUT else set()
+    trained = [t for t in train_all if t.id not in held_out_ids]
+    if split == HOLDOUT:
+        if cfg.data.val != HOLDOUT:
+            raise EvaluationError(
+                f"--split holdout: this checkpoint validated on {cfg.data.val!r}, not on held-out tasks of "
+                f"{cfg.data.train!r}; name a split instead (e.g. --split {DEFAULT_SPLIT})"
+            )
+        tasks = [t for t in train_all if t.id in held_out_ids]
+        if not tasks:
+            raise EvaluationError("--split holdout: the checkpoint's meta.json lists no held-out task ids")
+    else:
+        tasks = load_dataset(split, synthetic)
+    overlap = overlapping_tasks(trained, tasks)
+    if len(overlap) > MAX_TRAINED_SHARE * len(tasks):
+        first = next(iter(overlap))
+        raise EvaluationError(
+            f"{len(overlap)} of the {len(tasks)} tasks of {split} are tasks this checkpoint trained on "
+            f"({cfg.data.train}), by id or by identical grids (e.g. evaluation task '{first}' is also a training "
+            f"task as '{overlap[first]}'); evaluate it on tasks it never saw (default --split {DEFAULT_SPLIT}, "
+            "or --split holdout for its held-out validation tasks)"
+        )
+    tasks = [t for t in tasks if t.id not in overlap]
+    try:
+        assert_task_disjoint(trained, tasks, what="evaluation")  # the library's own guard, as in training
+    except ARCDataError as e:
+        raise EvaluationError(str(e)) from None
+    unscorable = [f"{t.id} test {j}" for t in tasks for j, p in enumerate(t.test) if p.output is None]
+    if unscorable:
+        raise EvaluationError(
+            f"split {split!r}: {len(unscorable)} test inputs have no output to score against "
+            f"(e.g. {', '.join(unscorable[:3])}); evaluation needs the answers"
+        )
+    selected_by = cfg.data.val if cfg.data.val != HOLDOUT else HOLDOUT
+    protocol = {
+        "split": split,
+        "scored_on": "test outputs (each answered from its task's demonstration pairs)",
+        "trained_on": cfg.data.train + (" minus the held-out validation tasks" if held_out_ids else ""),
+        "tasks_scored": len(tasks),
+        "excluded_as_trained": [{"task": k, "training_task": v} for k, v in overlap.items()],
+        "evaluation_tasks_trained_on": 0,
+        "evaluation_demonstrations_trained_on": False,
+        "disjointness": "checked: no scored task is a training task, by id or by grid content",
+        "split_selected_the_checkpoint": split == selected_by,
+        "training_config": {"train": cfg.data.train, "val": cfg.data.val, "augment": cfg.data.augment,
+                            "use_test_pairs": cfg.data.use_test_pairs},
+    }
+    return tasks, protocol
+
+
+def blind(task: Task) -> Task:
+    """The task with its test outputs removed: what a predictor may see."""
+    return replace(task, test=tuple(Pair(p.input, None) for p in task.test))
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+@dataclass
+class OutputPrediction:
+    """What the predictor made of one test input."""
+
+    candidates: list[Candidate]  # distinct grids, best first
+    attempts: list[np.ndarray]  # attempt 1 and attempt 2 (sage.voting.attempts)
+    answerable: bool  # False when the test input does not fit the model's answer canvas
+    views: int  # views that produced a non-empty grid
+    # identity view only, for feature fidelity: distillation head output per context slot
+    grid_features: torch.Tensor | None = None
+    grid_mask: torch.Tensor | None = None
+    kept_demos: tuple[int, ...] = ()
+
+
+@dataclass
+class TaskPrediction:
+    task_id: str
+    tests: list[OutputPrediction]
+    seconds: float  # encode + forward + decode + vote, all views
+
+
+class Predictor:
+    """Runs a model over the augmented views of one task at a time and votes."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: torch.device,
+        n_views: int,
+        seed: int,
+        batch_size: int,
+        teacher: TeacherTargets | None = None,
+    ) -> None:
+        self.loaded, self.device = loaded, device
+        self.model = loaded.model
+        m, d = loaded.cfg.model, loaded.cfg.data
+        self.grid_size, self.max_demos, self.max_context_tokens = m.grid_size, m.max_demos, d.max_context_tokens
+        self.n_views, self.seed, self.batch_size = n_views, seed, batch_size
+        # Teacher features of the task as given, for a model that reads them (the probe): one view only.
+        self.teacher = teacher
+        if teacher is not None and n_views != 1:
+            raise ValueError("a model that reads teacher features answers the task as given only (n_views=1)")
+        self.autocast = Autocast(device)
+
+    def fits(self, grid: np.ndarray) -> bool:
+        return max(grid.shape) <= self.grid_size  # every dihedral view must fit the square canvas
+
+    @torch.inference_mode()
+    def forward(self, items: list[dict[str, np.ndarray]]) -> tuple[torch.Tensor, ...]:
+        """(argmax tokens [B, S, S], their log-probabilities [B, S, S], grid features, grid mask)."""
+        batch = to_device(collate(items), self.device)
+        with self.autocast():
+            out = self.model(batch)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)
+        best, tokens = logp.max(dim=-1)
+        s = self.grid_size
+        features = None if out.grid_features is None else out.grid_features.float().cpu()  # None: a probe
+        return tokens.view(-1, s, s).cpu(), best.view(-1, s, s).cpu(), features, out.grid_mask.cpu()
+
+    def encode(self, task: Task, views: Sequence) -> tuple[ARCExamples, list[tuple[int, int]]]:
+        """All (view, test input) examples of a task: the dataset and (view, test index) per item."""
+        answerable = [j for j, p in enumerate(task.test) if self.fits(p.input)]
+        view_tasks = [aug.apply_task(task) for aug in views]
+        demos = tuple(range(len(task.train)))
+        refs, where = [], []
+        for v in range(len(view_tasks)):
+            for j in answerable:
+                refs.append(ExampleRef(v, demos, len(task.train) + j, j))
+                where.append((v, j))
+        data = ARCExamples(view_tasks, refs, self.grid_size, self.max_demos, self.max_context_tokens,
+                           teacher=self.teacher)
+        return data, where
+
+    def predict(self, task: Task) -> TaskPrediction:
+        started = time.perf_counter()
+        task = blind(task)
+        views = make_views(task.id, self.n_views, self.seed)
+        data, where = self.encode(task, views)
+        per_test: dict[int, list[tuple[np.ndarray, float]]] = {j: [] for j in range(len(task.test))}
+        features: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
+        for start in range(0, len(data), self.batch_size):
+            idx = list(range(start, min(start + self.batch_size, len(data))))
+            items = [data[i] for i in idx]
+            tokens, logp, grid_features, grid_mask = self.forward(items)
+            for b, i in enumerate(idx):
+                v, j = where[i]
+                if v == 0 and grid_features is not None:
+                    features[j] = (grid_features[b], grid_mask[b], data.kept_demos[i])
+                grid = canvas_to_grid(tokens[b].numpy())
+                if grid.size == 0:  # no answer from this view; sage.voting ignores it
+                    per_test[j].append((grid, -math.inf))
+                    continue
+                h, w = grid.shape
+                confidence = float(logp[b, :h, :w].mean())  # mean log-probability of the grid's cells
+                per_test[j].append((views[v].invert(grid), confidence))
+        tests = []
+        for j, pair in enumerate(task.test):
+            ranked = vote(per_test[j])
+            feats = features.get(j)
+            tests.append(OutputPrediction(
+                candidates=ranked,
+                attempts=top_attempts(ranked),
+                answerable=self.fits(pair.input),
+                views=sum(g.size > 0 for g, _ in per_test[j]),
+                grid_features=None if feats is None else feats[0],
+                grid_mask=None if feats is None else feats[1],
+                kept_demos=() if feats is None else feats[2],
+            ))
+        return TaskPrediction(task.id, tests, time.perf_counter() - started)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class SystemResult:
+    """One system's attempts and their scores, task by task, in split order."""
+
+    name: str
+    attempts: dict[str, list[list[np.ndarray]]]  # task id -> per test input -> attempts (best first)
+    scores: dict[str, list[OutputScore]]
+    summary: dict[str, float]
+
+
+def score_system(name: str, attempts: dict[str, list[list[np.ndarray]]], tasks: Sequence[Task]) -> SystemResult:
+    """Score any system's attempts with sage.metrics; a task without attempts is an error, not a zero."""
+    missing = [t.id for t in tasks if t.id not in attempts]
+    if missing:
+        raise ValueError(f"{name}: no attempts for tasks {missing[:3]}")
+    scores = {t.id: [score_attempts(a, p.output) for a, p in zip(attempts[t.id], t.test, strict=True)]
+              for t in tasks}
+    return SystemResult(name, attempts, scores, summarize_tasks([scores[t.id] for t in tasks]))
+
+
+# ----------------------------------------------------------------------------- teacher features
+
+
+def open_teacher_cache(
+    cfg: ExperimentConfig,
+    split: str,
+    cache_dir: str | None,
+    extract: bool = False,
+    device: torch.device | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[Any, str]:
+    """The teacher feature cache covering the evaluated tasks: (cache, "") or (None, why not).
+    With `extract`, a missing or unfinished cache is extracted first (sage.distill.ensure_teacher_cache,
+    the path training takes), with the run's teacher on the evaluation device."""
+    from sage.distill import ensure_teacher_cache
+    from sage.features import FeatureCacheError, cache_path, open_cache
+    from sage.teacher.config import TeacherError
+
+    teacher = replace(cfg.teacher, cache_dir=cache_dir) if cache_dir else cfg.teacher
+    # Held-out validation tasks are part of the training dataset's cache.
+    dataset = cfg.data.train if split == HOLDOUT else split
+    directory = cache_path(teacher, dataset)
+    run_config = Path(cfg.run.log_dir) / (cfg.run.name or "") / "config.yaml"
+    command = (f"python extract_groot_features.py --config {run_config} --set teacher.dataset={dataset}"
+               + (f" --set teacher.cache_dir={cache_dir}" if cache_dir else ""))
+    try:
+        tasks = load_dataset(dataset, asdict(cfg.data.synthetic))
+        if extract:
+            run = replace(cfg.run, device=str(device) if device is not None else cfg.run.device)
+            cache = ensure_teacher_cache(replace(cfg, teacher=teacher, run=run), dataset, tasks, log)
+            if cache.leaks_answer:
+                return None, f"the {teacher.preset} cache at {directory} was made with the answer visible ({teacher.view})"
+            return cache, ""
+        if not (directory / "manifest.json").is_file():
+            return None, (f"no {teacher.preset} feature cache of {dataset} at {directory}; rerun with "
+                          f"--extract-features, or extract it with `{command}`")
+        return open_cache(teacher, dataset, tasks, allow_leaking=False), ""
+    except (FeatureCacheError, TeacherError) as e:
+        return None, f"the {teacher.preset} feature cache at {directory} cannot be used: {e}"
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-6)  # eps as in sage.losses
+
+
+def feature_fidelity(
+    loaded: LoadedModel,
+    split: str,
+    tasks: Sequence[Task],
+    predictions: dict[str, TaskPrediction],
+    cache_dir: str | None = None,
+    extract: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """How close the student's distillation head is to the teacher's cached per-grid features, on
+    the evaluated tasks' context grids (the un-augmented view, as the teacher saw them).
+
+    Two cosines: in standardised units (what training optimises and logs as val_feature_cosine),
+    and in the teacher's own units (the head's output mapped back with the model's statistics).
+    Beside each, a constant reference: pooled features are anisotropic, so a cosine means something
+    only above what a constant prediction gets. Returns {"measured": False, "reason": ...} when it
+    cannot be measured honestly."""
+    cfg = loaded.cfg
+    teacher = cfg.teacher.preset
+    device = next(loaded.model.parameters()).device
+    cache, reason = open_teacher_cache(cfg, split, cache_dir, extract, device, log)
+    if cache is None:
+        return {"measured": False, "teacher": teacher, "reason": reason}
+    if cache.dim != cfg.model.teacher_dim:
+        return {"measured": False, "teacher": teacher, "cache": str(cache.directory),
+                "reason": f"the student's distillation head predicts {cfg.model.teacher_dim}-d features but the "
+                          f"{teacher} cache holds {cache.dim}-d ones (model.teacher_dim does not match the teacher)"}
+    m = cfg.model
+    targets = TeacherTargets(cache, m.num_grid_slots)
+    student, target, kinds = [], [], []
+    for task in tasks:
+        for j, test in enumerate(predictions[task.id].tests):
+            if test.grid_features is None:
+                continue
+            feats, mask = targets.for_example(task, test.kept_demos, len(task.train) + j, j, m.max_demos)
+            valid = torch.from_numpy(mask) & test.grid_mask
+            for slot in torch.nonzero(valid).squeeze(1).tolist():
+                student.append(test.grid_features[slot])
+                target.append(torch.from_numpy(feats[slot]))
+                kinds.append("test input" if slot == 2 * m.max_demos else
+                             ("demo input" if slot % 2 == 0 else "demo output"))
+    if not student:
+        return {"measured": False, "teacher": teacher, "reason": "no evaluated grid has a cached teacher feature"}
+    model = loaded.model
+    mean, std = model.teacher_mean.float().cpu(), model.teacher_std.float().cpu()
+    predicted, raw = torch.stack(student), torch.stack(target)
+    standardised = (raw - mean) / std
+    cos_std = _cosines(predicted, standardised)
+    cos_raw = _cosines(predicted * std + mean, raw)
+    has_statistics = not (torch.all(mean == 0) and torch.all(std == 1))
+    by_kind = {k: float(cos_std[[i for i, x in enumerate(kinds) if x == k]].mean())
+               for k in ("demo input", "demo output", "test input") if k in kinds}
+    hindsight = standardised.mean(0, keepdim=True).expand_as(standardised)
+    result = {
+        "measured": True,
+        "teacher": teacher,
+        "cache": str(cache.directory),
+        "grids": len(student),
+        "cosine_standardised": float(cos_std.mean()),
+        "cosine_standardised_by_grid": by_kind,
+        "cosine_raw": float(cos_raw.mean()),
+        # The best constant in hindsight: the mean of these very (standardised) targets.
+        "reference_constant_standardised": float(_cosines(hindsight, standardised).mean()),
+        # Predicting the training tasks' mean feature in the teacher's units (needs the statistics).
+        "reference_training_mean_raw": float(_cosines(mean.expand_as(raw), raw).mean()) if has_statistics else None,
+        "distill_weight": cfg.distill.weight,
+    }
+    if cfg.distill.weight == 0:
+        result["note"] = "distill.weight was 0: the distillation head was never trained, these are an untrained head's figures"
+    return result
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def speed_sample(tasks: Sequence[Task], n: int) -> list[Task]:
+    """`n` tasks spread over the split by size (grids shown), so the mean time is representative."""
+    if n <= 0:
+        return []
+    ordered = sorted(tasks, key=lambda t: (2 * len(t.train) + 1) * len(t.test))
+    n = min(n, len(ordered))
+    return [ordered[int((i + 0.5) * len(ordered) / n)] for i in range(n)]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device: torch.device) -> dict[str, Any]:
+    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+            "cpu": _cpu_name(), "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_backbone(arch: Any, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """The backbone with random weights drawn in place (norm gains 1, biases 0, the rest N(0, 0.02),
+    the scheme of sage.teacher.backbone.random_state_dict). Speed does not depend on the values, and
+    this holds one copy of the weights (5.4 GB fp32 at full size) where building from a random
+    state dict holds two."""
+    from sage.teacher.backbone import GrootBackbone, _init_buffers
+
+    with torch.device("meta"):
+        model = GrootBackbone(arch).to(dtype)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+        _init_buffers(model, device)  # RoPE frequencies and position ids, as build_backbone does
+    return model.eval().requires_grad_(False)
+
+
+def measure_speed(
+    loaded: LoadedModel, tasks: Sequence[Task], n_tasks: int, teacher_preset: str, device: torch.device,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Inference time per task of the student and of the teacher backbone, same tasks, same machine.
+
+    Per task, both answer every test input of the task once (one forward pass, the task as given):
+    the student from its grids, the teacher from its task_context prompt (render + tokenise +
+    backbone + pooling). One untimed warm-up each. The student is timed 3 times (median)."""
+    from sage.teacher.backbone import build_backbone
+    from sage.teacher.extract import Teacher, resolve_dtype
+    from sage.teacher.presets import get_preset
+    from sage.teacher.prompt import instruction_for, view_examples
+    from sage.teacher.tokenizer import load_tokenizer
+
+    if n_tasks == 0:
+        return {"measured": False, "reason": "--speed-tasks 0"}
+    student = Predictor(loaded, device, n_views=1, seed=0, batch_size=64)
+    # Only tasks the student can answer in full: the same work for both.
+    sample = speed_sample([t for t in tasks if all(student.fits(p.input) for p in t.test)], n_tasks)
+    if not sample:
+        return {"measured": False, "reason": f"no task's test inputs fit the student's {student.grid_size}x"
+                                             f"{student.grid_size} answer canvas"}
+
+    def run_student(task: Task) -> None:
+        data, _ = student.encode(blind(task), make_views(task.id, 1))
+        student.forward([data[i] for i in range(len(data))])
+
+    run_student(sample[0])  # warm-up
+    student_s = []
+    for task in sample:
+        times = []
+        for _ in range(3):
+            _sync(device)
+            t0 = time.perf_counter()
+            run_student(task)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        student_s.append(statistics.median(times))
+
+    arch = get_preset(teacher_preset)
+    tc = loaded.cfg.teacher
+    real = teacher_preset == tc.preset and tc.checkpoint_dir is not None and Path(tc.checkpoint_dir).expanduser().is_dir()
+    dtype = resolve_dtype(tc.dtype if real else "auto", device)
+    log(f"speed: building the {arch.name} backbone ({'its checkpoint' if real else 'random weights'}, "
+        f"{str(dtype).replace('torch.', '')} on {device}) and timing {len(sample)} task(s)")
+    model = build_backbone(arch, device, dtype, tc.checkpoint_dir)[0] if real else random_backbone(arch, device, dtype)
+    tokenizer_dir = tc.tokenizer_dir if tc.tokenizer_dir and Path(tc.tokenizer_dir).expanduser().is_dir() else None
+    tokenizer = load_tokenizer(tokenizer_dir, allow_builtin=True)
+    teacher = Teacher(arch, model, tokenizer, instruction_for("task_context", None), device)
+    teacher_s, per_task = [], []
+    try:
+        warm = view_examples([sample[0]], "test_input", tc.max_demos)[:1]
+        teacher.features(warm)  # warm-up on a one-image prompt
+        for task, s_time in zip(sample, student_s):
+            examples = view_examples([task], "task_context", tc.max_demos)
+            _sync(device)
+            t0 = time.perf_counter()
+            teacher.features(examples)
+            _sync(device)
+            t_time = time.perf_counter() - t0
+            teacher_s.append(t_time)
+            per_task.append({
+                "task": task.id, "test_inputs": len(task.test), "teacher_images": sum(len(e.grids) for e in examples),
+                "teacher_prompt_tokens": sum(len(teacher.prompt_ids(len(e.grids))) for e in examples),
+                "student_seconds": s_time, "teacher_seconds": t_time,
+            })
+    finally:
+        del teacher, model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    student_mean, teacher_mean = statistics.mean(student_s), statistics.mean(teacher_s)
+    return {
+        "measured": True,
+        "tasks": per_task,
+        "student_seconds_per_task": student_mean,
+        "teacher_seconds_per_task": teacher_mean,
+        "speedup": teacher_mean / student_mean,
+        "teacher": {
+            "preset": arch.name,
+            "weights": "the checkpoint " + str(tc.checkpoint_dir) if real else
+                       "random (speed does not depend on weight values; no real weights were used)",
+            "tokenizer": tokenizer.identity if tokenizer_dir else
+                         "built-in byte-level (the instruction text is one token per byte, a few hundred more "
+                         "tokens per prompt than the real tokenizer; images dominate the length)",
+            "dtype": str(dtype).replace("torch.", ""),
+        },
+        "student_dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
+        "machine": machine_description(device),
+        "method": "per task: every test input answered once, un-augmented; student = encode + forward "
+                  "(median of 3), teacher = render + tokenise + backbone + pooling (1 run); one warm-up each",
+    }
+
+
+def parameter_counts(loaded: LoadedModel, teacher_preset: str = "groot-n1.5") -> dict[str, Any]:
+    from sage.teacher.backbone import count_parameters
+    from sage.teacher.presets import get_preset
+
+    counts = count_parameters(get_preset(teacher_preset), with_pooling_head=True)  # built on meta: free
+    runs = counts.total - counts.pooling_head
+    return {
+        "student": loaded.parameters,
+        "student_breakdown": parameter_breakdown(loaded.model),
+        "teacher_preset": teacher_preset,
+        "teacher_backbone": counts.total,
+        "teacher_backbone_without_unused_pooling_head": runs,
+        "teacher_to_student": runs / loaded.parameters,
+    }
+
+
+# ----------------------------------------------------------------------------- the whole evaluation
+
+
+@dataclass
+class EvaluationResult:
+    checkpoint: str
+    run: str
+    tasks: list[Task]
+    protocol: dict[str, Any]
+    settings: dict[str, Any]
+    systems: dict[str, SystemResult]  # "student", the baselines, and "teacher_probe" when given
+    predictions: dict[str, TaskPrediction]  # the student's, per task id
+    fidelity: dict[str, Any]
+    parameters: dict[str, Any]
+    speed: dict[str, Any]
+    machine: dict[str, Any]
+    seconds: float
+    log_dir: str  # the run's logs (metrics.jsonl for the training curves)
+    teacher: dict[str, Any]  # the teacher the run was configured with (reports always name it)
+    notes: list[str] = field(default_factory=list)
+
+
+def evaluate(
+    checkpoint: str | Path,
+    settings: EvalSettings,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> EvaluationResult:
+    """Score a checkpoint as `settings` ask (see the module docstring)."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    if settings.views < 1:
+        raise EvaluationError(f"--views must be >= 1, got {settings.views}")
+    if settings.limit is not None and settings.limit < 1:
+        raise EvaluationError(f"--limit must be >= 1, got {settings.limit}")
+    if settings.speed_tasks is not None and settings.speed_tasks < 0:
+        raise EvaluationError(f"--speed-tasks must be >= 0, got {settings.speed_tasks}")
+    try:
+        device = resolve_device(settings.device)
+    except ConfigError as e:
+        raise EvaluationError(str(e).replace("run.device", "--device")) from None
+    loaded = load_model(checkpoint, device)
+    if is_probe(loaded.cfg):
+        raise EvaluationError(f"{loaded.path} is a probe checkpoint (it reads teacher features): pass it as "
+                              "--teacher-probe next to a student checkpoint")
+    probe = load_probe(settings.teacher_probe, device) if settings.teacher_probe else None
+    tasks, protocol = split_tasks(loaded.cfg, loaded.meta, settings.split)
+    if probe is not None:  # the probe must not have trained on the scored tasks either
+        allowed = {t.id for t in split_tasks(probe.cfg, probe.meta, settings.split)[0]}
+        trained = [t.id for t in tasks if t.id not in allowed]
+        if trained:
+            raise EvaluationError(
+                f"--teacher-probe {probe.path}: the probe trained on {len(trained)} of the tasks scored for the "
+                f"student (e.g. '{trained[0]}'), so the two cannot be compared on {settings.split}"
+            )
+    notes = list(loaded.notes)
+    if settings.limit is not None and settings.limit < len(tasks):
+        notes.append(f"partial evaluation: the first {settings.limit} of {len(tasks)} tasks of {settings.split}; "
+                     "not comparable with full-split figures")
+        tasks = tasks[: settings.limit]
+    if protocol["excluded_as_trained"]:
+        notes.append(f"{len(protocol['excluded_as_trained'])} task(s) of {settings.split} left out because the "
+                     "checkpoint trained on them under another id: " + ", ".join(
+                         f"{x['task']} (= training task {x['training_task']})" for x in protocol["excluded_as_trained"]))
+    if protocol["split_selected_the_checkpoint"]:
+        notes.append(f"{settings.split} is also the split that picked this checkpoint (best validation exact match): "
+                     "its score is optimistic")
+    batch_size = settings.batch_size or loaded.cfg.val.batch_size
+    predictor = Predictor(loaded, device, settings.views, settings.seed, batch_size)
+    too_big = sum(not predictor.fits(p.input) for t in tasks for p in t.test)
+    if too_big:
+        notes.append(f"{too_big} test inputs are larger than the student's {loaded.cfg.model.grid_size}x"
+                     f"{loaded.cfg.model.grid_size} answer canvas: no prediction, scored as wrong")
+    log(f"evaluating {loaded.path} ({loaded.parameters:,} parameters) on {len(tasks)} tasks of {settings.split}, "
+        f"{settings.views} views per test input, on {device}")
+
+    predictions: dict[str, TaskPrediction] = {}
+    bar = tqdm(tasks, desc="tasks", unit="task", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for task in bar:
+        predictions[task.id] = predictor.predict(task)
+    bar.close()
+
+    systems = {"student": score_system("student", {k: [t.attempts for t in p.tests]
+                                                   for k, p in predictions.items()}, tasks)}
+    if probe is not None:
+        systems["teacher_probe"] = score_probe(probe, settings, tasks, device, batch_size)
+    for name, attempts in baseline_attempts(tasks).items():
+        systems[name] = score_system(name, attempts, tasks)
+    log("scores: " + ", ".join(f"{k} {v.summary['arc_prize_score']:.4f}" for k, v in systems.items()))
+
+    fidelity = feature_fidelity(loaded, settings.split, tasks, predictions, settings.feature_cache_dir,
+                                settings.extract_features, log)
+    parameters = parameter_counts(loaded, settings.speed_teacher)
+    speed_tasks = settings.speed_tasks if settings.speed_tasks is not None else (3 if device.type == "cuda" else 1)
+    speed = measure_speed(loaded, tasks, speed_tasks, settings.speed_teacher, device, log)
+    return EvaluationResult(
+        checkpoint=str(loaded.path),
+        run=loaded.cfg.run.name or loaded.path.parent.name,
+        tasks=tasks,
+        protocol=protocol,
+        settings={**asdict(settings), "batch_size": batch_size, "speed_tasks": speed_tasks},
+        systems=systems,
+        predictions=predictions,
+        fidelity=fidelity,
+        parameters=parameters,
+        speed=speed,
+        machine=machine_description(device),
+        seconds=time.perf_counter() - started,
+        log_dir=str(Path(loaded.cfg.run.log_dir) / (loaded.cfg.run.name or "")),
+        teacher={"preset": loaded.cfg.teacher.preset, "view": loaded.cfg.teacher.view,
+                 "weights": loaded.cfg.teacher.checkpoint_dir or f"random (seed {loaded.cfg.teacher.seed})"},
+        notes=notes,
+    )
+
+
+# ----------------------------------------------------------------------------- the probe
+
+
+def load_probe(path: str, device: torch.device) -> LoadedModel:
+    """A probe checkpoint ("GR00T + a trained head": teacher features in, the student's decoder)."""
+    loaded = load_model(path, device)
+    if not is_probe(loaded.cfg):
+        raise EvaluationError(
+            f"--teacher-probe {path}: not a probe checkpoint (its config has no model.kind: probe, it is a student); "
+            "train one with model.kind: probe and pass its checkpoint directory"
+        )
+    return loaded
+
+
+def score_probe(
+    probe: LoadedModel, settings: EvalSettings, tasks: Sequence[Task], device: torch.device, batch_size: int,
+) -> SystemResult:
+    """The probe scored by the same code. It reads the teacher's cached features of the grids as
+    given, so it answers the un-augmented task only (one view: attempt 2 repeats attempt 1)."""
+    cache, reason = open_teacher_cache(probe.cfg, settings.split, settings.feature_cache_dir,
+                                       settings.extract_features, device)
+    if cache is None:
+        raise EvaluationError(f"--teacher-probe: {reason}")
+    if cache.dim != probe.cfg.model.teacher_dim:
+        raise EvaluationError(f"--teacher-probe {probe.path}: reads {probe.cfg.model.teacher_dim}-d features but the "
+                              f"{probe.cfg.teacher.preset} cache at {cache.directory} holds {cache.dim}-d ones")
+    teacher = TeacherTargets(cache, probe.cfg.model.num_grid_slots)
+    predictor = Predictor(probe, device, n_views=1, seed=settings.seed, batch_size=batch_size, teacher=teacher)
+    attempts = {t.id: [p.attempts for p in predictor.predict(t).tests] for t in tasks}
+    return score_system("teacher_probe", attempts, tasks)

@@ -1,0 +1,274 @@
+"""Writing an evaluation out: one folder per evaluation.
+
+    submission.json      the student's attempts in the ARC Prize format:
+                         {task_id: [{"attempt_1": grid, "attempt_2": grid}, ...]}, one dict per test input
+    report.json          everything: protocol, settings, scores of every system, student vs GR00T, machine
+    report.md            the same as tables
+    per_task.csv         one row per task: the student's and the baselines' scores, votes, time
+    pictures/*.png       a sample of tasks: test input, target, attempt 1, attempt 2
+    training_curves.png  the run's curves from its metrics.jsonl (when the log is still there)
+
+The folder is written under a temporary name and renamed into place, so it never holds a mix of
+two evaluations.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sage.evaluation import EvaluationError, EvaluationResult
+from sage.metrics import task_score
+from sage.pictures import draw_task
+from sage.runlog import plot_training_curves
+
+SCORING = ("official ARC Prize: 2 attempts per test output, solved when either equals the target exactly; "
+           "a task scores the fraction of its test outputs solved; the score is the mean over tasks")
+BASELINE_NAMES = ("copy_input", "most_frequent_colour", "all_zeros")
+LABELS = {
+    "student": "SAGE student",
+    "teacher_probe": "GR00T features + probe head",
+    "copy_input": "baseline: copy the test input",
+    "most_frequent_colour": "baseline: most frequent colour",
+    "all_zeros": "baseline: all zeros",
+}
+
+
+def submission(result: EvaluationResult, system: str = "student") -> dict[str, list[dict[str, list]]]:
+    attempts = result.systems[system].attempts
+    return {
+        task.id: [{f"attempt_{k + 1}": np.asarray(a).tolist() for k, a in enumerate(tries)}
+                  for tries in attempts[task.id]]
+        for task in result.tasks
+    }
+
+
+def report_record(result: EvaluationResult) -> dict[str, Any]:
+    preds = result.predictions.values()
+    tests = [t for p in preds for t in p.tests]
+    probe = result.systems.get("teacher_probe")
+    return {
+        "checkpoint": result.checkpoint,
+        "run": result.run,
+        "split": result.protocol["split"],
+        "protocol": result.protocol,
+        "scoring": SCORING,
+        "notes": result.notes,
+        "settings": result.settings,
+        "scores": {name: system.summary for name, system in result.systems.items()},
+        "student_vs_teacher": {
+            "probe": probe.summary if probe else {"measured": False, "reason": "no --teacher-probe checkpoint given"},
+            "feature_fidelity": result.fidelity,
+            "parameters": result.parameters,
+            "speed": result.speed,
+            "teacher_of_the_run": result.teacher,
+        },
+        "voting": {
+            "views": result.settings["views"],
+            "mean_distinct_grids_per_test_input": float(np.mean([len(t.candidates) for t in tests])) if tests else 0.0,
+            "mean_votes_of_attempt_1": float(np.mean([t.candidates[0].votes for t in tests if t.candidates]))
+            if any(t.candidates for t in tests) else 0.0,
+            "test_inputs_without_any_prediction": sum(not t.candidates for t in tests),
+        },
+        "student_seconds_per_task_all_views": float(np.mean([p.seconds for p in preds])) if tests else 0.0,
+        "machine": result.machine,
+        "seconds": result.seconds,
+    }
+
+
+def per_task_rows(result: EvaluationResult) -> list[dict[str, Any]]:
+    rows = []
+    student = result.systems["student"]
+    for task in result.tasks:
+        scores = student.scores[task.id]
+        pred = result.predictions[task.id]
+        row = {
+            "task_id": task.id,
+            "test_outputs": len(task.test),
+            "score": task_score(scores, 2),
+            "pass_at_1": task_score(scores, 1),
+            "solved": all(s.pass_at_2 for s in scores),
+            "size_correct": sum(s.size_correct for s in scores),
+            "pixel_accuracy": round(sum(s.pixels_correct for s in scores) / sum(s.pixels_total for s in scores), 4),
+            "attempt_1_votes": ";".join(str(t.candidates[0].votes) if t.candidates else "0" for t in pred.tests),
+            "distinct_grids": ";".join(str(len(t.candidates)) for t in pred.tests),
+            "views_with_a_grid": ";".join(str(t.views) for t in pred.tests),
+            "seconds": round(pred.seconds, 4),
+        }
+        for name in result.systems:
+            if name != "student":
+                row[f"{name}_score"] = task_score(result.systems[name].scores[task.id], 2)
+        rows.append(row)
+    return rows
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def markdown(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[str], curves: str | None) -> str:
+    p = record["protocol"]
+    s = record["settings"]
+    lines = [
+        f"# Evaluation: {record['run']} on {record['split']}",
+        "",
+        f"- checkpoint: `{record['checkpoint']}`",
+        f"- split: **{p['split']}**, scored on its {p['scored_on']}",
+        f"- trained on: {p['trained_on']}; evaluation tasks trained on: {p['evaluation_tasks_trained_on']}; "
+        f"evaluation demonstrations trained on: {'yes' if p['evaluation_demonstrations_trained_on'] else 'no'} "
+        f"({p['disjointness']})",
+        f"- attempts: voting over {s['views']} augmented views per test input (view 0 as given, the others dihedral "
+        f"transforms + colour permutations, seed {s['seed']})",
+        f"- scoring: {record['scoring']}",
+    ]
+    lines += [f"- **note**: {n}" for n in record["notes"]]
+    lines += ["", "## Scores", "",
+              "| system | ARC Prize score (pass@2) | tasks fully solved | pass@1 | output size | pixels (target cells) |",
+              "|---|---|---|---|---|---|"]
+    for name, m in record["scores"].items():
+        label = LABELS.get(name, name)
+        lines.append(f"| {label} | **{_pct(m['arc_prize_score'])}** | {m['tasks_solved_count']}/{m['tasks']} "
+                     f"({_pct(m['tasks_solved'])}) | {_pct(m['pass_at_1'])} | {_pct(m['size_accuracy'])} | "
+                     f"{_pct(m['pixel_accuracy'])} |")
+    any_m = next(iter(record["scores"].values()))
+    lines += ["", f"{any_m['tasks']} tasks, {any_m['test_outputs']} test outputs. pass@1, output size and pixels "
+              "use attempt 1; pass@1 is averaged per task like the official score; pixels are counted over the "
+              "target's own cells only. Baselines make one guess (attempt 2 = attempt 1)."]
+
+    svt = record["student_vs_teacher"]
+    par, speed, fid, probe = svt["parameters"], svt["speed"], svt["feature_fidelity"], svt["probe"]
+    lines += ["", "## Student vs GR00T N1.5", "", "| | student | GR00T N1.5 backbone | ratio |", "|---|---|---|---|"]
+    lines.append(f"| parameters | {par['student']:,} | {par['teacher_backbone_without_unused_pooling_head']:,} "
+                 f"({par['teacher_preset']}; {par['teacher_backbone']:,} with SigLIP's unused pooling head) | "
+                 f"{par['teacher_to_student']:,.0f}x |")
+    if speed.get("measured"):
+        lines.append(f"| inference time per task | {_time(speed['student_seconds_per_task'])} | "
+                     f"{_time(speed['teacher_seconds_per_task'])} | student {speed['speedup']:,.0f}x faster |")
+    else:
+        lines.append(f"| inference time per task | not measured: {speed.get('reason')} | | |")
+    if probe.get("measured", True):
+        lines.append(f"| ARC Prize score | {_pct(record['scores']['student']['arc_prize_score'])} | "
+                     f"{_pct(probe['arc_prize_score'])} (features + probe head, 1 view) | |")
+    else:
+        lines.append(f"| ARC Prize score | {_pct(record['scores']['student']['arc_prize_score'])} | "
+                     f"not measured: {probe['reason']} | |")
+    if fid.get("measured"):
+        by = ", ".join(f"{k} {v:.3f}" for k, v in fid["cosine_standardised_by_grid"].items())
+        lines.append(f"| feature fidelity: cosine of the distillation head to {fid['teacher']}'s features, standardised "
+                     f"units | {fid['cosine_standardised']:.3f} ({by}) | best constant in hindsight "
+                     f"{fid['reference_constant_standardised']:.3f} | {fid['grids']} grids |")
+        reference = fid["reference_training_mean_raw"]
+        lines.append(f"| feature fidelity, the teacher's own units | {fid['cosine_raw']:.3f} | "
+                     + (f"training-mean feature {reference:.3f}" if reference is not None else "no statistics saved")
+                     + " | |")
+    else:
+        lines.append(f"| feature fidelity | not measured: {fid['reason']} | | |")
+    teacher = svt["teacher_of_the_run"]
+    lines += ["", f"The run was configured with teacher {teacher['preset']} (view {teacher['view']}, weights "
+              f"{teacher['weights']}); fidelity is measured against that teacher's cached features"
+              + (f" ({fid['note']})" if fid.get("note") else "") + "."
+              + (" The probe reads the teacher's features of the task as given: one view, so its attempt 2 repeats "
+                 "attempt 1." if probe.get("measured", True) else "")]
+    if speed.get("measured"):
+        t, mach = speed["teacher"], speed["machine"]
+        n = len(speed["tasks"])
+        lines += ["", f"Speed: {speed['method']}. The same {n} task{'s' if n > 1 else ''} and machine for both "
+                  f"({mach['device']}, {mach.get('gpu', mach['cpu'])}, {mach['cpu_threads']} CPU threads, torch "
+                  f"{mach['torch']}). Teacher: {t['preset']}, weights {t['weights']}, {t['dtype']}; tokenizer "
+                  f"{t['tokenizer']}. Student: {speed['student_dtype']}.", "",
+                  "| task | test inputs | teacher images | teacher prompt tokens | student | teacher |",
+                  "|---|---|---|---|---|---|"]
+        for r in speed["tasks"]:
+            lines.append(f"| {r['task']} | {r['test_inputs']} | {r['teacher_images']} | {r['teacher_prompt_tokens']:,} "
+                         f"| {_time(r['student_seconds'])} | {_time(r['teacher_seconds'])} |")
+    v = record["voting"]
+    lines += ["", "## Voting", "",
+              f"{v['views']} views per test input; on average {v['mean_distinct_grids_per_test_input']:.2f} distinct "
+              f"grids per test input, attempt 1 backed by {v['mean_votes_of_attempt_1']:.2f} votes; "
+              f"{v['test_inputs_without_any_prediction']} test inputs got no grid at all (placeholder [[0]] submitted). "
+              f"Student time per task with all views: {_time(record['student_seconds_per_task_all_views'])}."]
+    solved = [r for r in rows if r["score"] > 0]
+    lines += ["", "## Tasks", "", f"Solved (score > 0): {len(solved)} of {len(rows)} tasks"
+              + (": " + ", ".join(f"{r['task_id']} ({r['score']:.2f})" for r in solved[:40]) if solved else "")
+              + (" ..." if len(solved) > 40 else "") + ". Every task: `per_task.csv`."]
+    if pictures:
+        lines += ["", "Pictures (test input, target, attempts): " + ", ".join(f"[{Path(p).stem}]({p})" for p in pictures)]
+    if curves:
+        lines += ["", "## Training curves", "", f"![training curves]({curves})"]
+    m = record["machine"]
+    lines += ["", f"Evaluated in {record['seconds']:.1f} s on {m['device']} ({m.get('gpu', m['cpu'])}), "
+              f"torch {m['torch']}, Python {m['python']}."]
+    return "\n".join(lines) + "\n"
+
+
+def pick_pictures(result: EvaluationResult, n: int) -> list[str]:
+    """Up to n task ids: solved tasks first (up to half), the rest spread evenly over the split."""
+    if n <= 0:
+        return []
+    student = result.systems["student"]
+    solved = [t.id for t in result.tasks if task_score(student.scores[t.id], 2) > 0][: n // 2]
+    rest = [t.id for t in result.tasks if t.id not in solved]
+    k = min(n - len(solved), len(rest))
+    spread = [rest[int(i * len(rest) / k)] for i in range(k)] if k else []
+    return solved + spread
+
+
+def write_report(result: EvaluationResult, out_dir: str | Path, pictures: int = 12) -> dict[str, Path]:
+    """Write every file of the evaluation into `out_dir` (replacing an earlier evaluation there)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "report.json").is_file():
+        raise EvaluationError(f"{out_dir}: exists and is not an earlier evaluation (no report.json); "
+                              "choose another --out or empty it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "pictures").mkdir(parents=True)
+
+    files = {"submission": "submission.json", "report_json": "report.json", "report_md": "report.md",
+             "per_task": "per_task.csv"}
+    (tmp / files["submission"]).write_text(json.dumps(submission(result)))
+    rows = per_task_rows(result)
+    with open(tmp / files["per_task"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    by_id = {t.id: t for t in result.tasks}
+    picture_files = []
+    for task_id in pick_pictures(result, pictures):
+        task = by_id[task_id]
+        score = task_score(result.systems["student"].scores[task_id], 2)
+        name = f"pictures/{task_id}.png"
+        draw_task(tmp / name, task_id, [p.input for p in task.test], [p.output for p in task.test],
+                  result.systems["student"].attempts[task_id], title=f"{task_id}: task score {score:.2f}")
+        picture_files.append(name)
+
+    metrics = Path(result.log_dir) / "metrics.jsonl"
+    curves = "training_curves.png" if metrics.is_file() and plot_training_curves(
+        metrics, tmp / "training_curves.png", title=f"{result.run} (training)") else None
+    if curves is None:
+        result.notes.append(f"training curves not drawn: no epoch records in {metrics} (the run's log)")
+
+    record = report_record(result)
+    record["files"] = {**files, "pictures": picture_files, "training_curves": curves}
+    (tmp / files["report_json"]).write_text(json.dumps(record, indent=2, default=str))
+    (tmp / files["report_md"]).write_text(markdown(record, rows, picture_files, curves))
+
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_dir)
+    return {k: out_dir / v for k, v in files.items()}

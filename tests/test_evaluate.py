@@ -1,0 +1,235 @@
+"""evaluate.py end to end on a tiny checkpoint: every output file, an independent re-scoring of
+submission.json, the disjointness refusal, feature fidelity and the speed comparison."""
+
+import csv
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sage.arc import load_task_dir
+from sage.config import load_config
+from sage.encoding import fit_demos
+from sage.evaluation import (
+    EvalSettings,
+    EvaluationError,
+    evaluate,
+    feature_fidelity,
+    load_model,
+    score_system,
+)
+from sage.report import write_report
+from sage.synthetic import generate_tasks
+from sage.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+# As tests/test_training.py's TINY: fewer tasks, one epoch, distilling the tiny teacher (64-d features).
+TINY = [
+    "data.train=synthetic", "data.synthetic.num_tasks=30", "data.val_fraction=0.2",
+    "data.max_context_tokens=108", "model.grid_size=5", "model.max_demos=3", "model.d_model=32",
+    "model.encoder_layers=1", "model.decoder_layers=1", "model.teacher_dim=64", "model.distill_hidden=16",
+    "train.epochs=1", "train.batch_size=8", "train.warmup_steps=3", "train.log_every=2", "train.lr=1e-3",
+    "val.batch_size=16", "checkpoint.every_epochs=0", "run.device=cpu", "teacher.batch_size=8", "distill.weight=1.0",
+]
+PROBE = ["model.kind=probe", "distill.weight=0", "data.augment=false"]
+
+
+def independent_arc_prize_score(submission: dict, solutions: dict) -> float:
+    """ARC Prize scoring written from the rules, sharing no code with sage.metrics: per test output,
+    solved if attempt_1 or attempt_2 equals the target list exactly; task = fraction solved;
+    score = mean over the tasks of `solutions`."""
+    total = 0.0
+    for task_id, targets in solutions.items():
+        answers = submission.get(task_id, [])
+        solved = 0
+        for i, target in enumerate(targets):
+            if i < len(answers) and target in (answers[i].get("attempt_1"), answers[i].get("attempt_2")):
+                solved += 1
+        total += solved / len(targets)
+    return total / len(solutions)
+
+
+def write_tasks(tasks, directory: Path) -> Path:
+    directory.mkdir(parents=True)
+    for t in tasks:
+        obj = {part: [{"input": p.input.tolist(), "output": p.output.tolist()} for p in getattr(t, part)]
+               for part in ("train", "test")}
+        (directory / f"{t.id}.json").write_text(json.dumps(obj))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny distilled student and a tiny probe (training extracts the tiny teacher's features of
+    their tasks), an unseen split of synthetic tasks (other seed, one task with two test inputs)
+    and the teacher's feature cache of that split."""
+    root = tmp_path_factory.mktemp("evaluate")
+    common = TINY + [f"run.checkpoint_dir={root / 'checkpoints'}", f"run.log_dir={root / 'logs'}",
+                     f"teacher.cache_dir={root / 'features'}"]
+    train(load_config(REPO / "configs" / "smoke.yaml", common + ["run.name=tiny"]), echo=False)
+    train(load_config(REPO / "configs" / "smoke.yaml", common + PROBE + ["run.name=probe"]), echo=False)
+    unseen = generate_tasks(num_tasks=8, seed=7, transforms=["recolour", "fill_background"], max_side=5)
+    two = generate_tasks(num_tasks=1, seed=8, transforms=["recolour"], max_side=5, demos=4)[0]
+    two = type(two)(two.id, two.train[:3], two.train[3:] + two.test, two.source)  # 3 demos, 2 test inputs
+    split = write_tasks(unseen + [two], root / "unseen")
+
+    from sage.teacher.extract import run_extraction
+
+    extract_cfg = load_config(REPO / "configs" / "smoke.yaml", TINY + [
+        f"teacher.dataset={split}", f"teacher.cache_dir={root / 'features'}"])
+    run_extraction(extract_cfg, progress=False, log=lambda _: None)
+    return {"root": root, "checkpoint": root / "checkpoints" / "tiny" / "last", "split": split,
+            "probe": root / "checkpoints" / "probe" / "last", "features": root / "features"}
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_writes_every_output_and_submission_rescores_to_the_report(workspace):
+    out = workspace["root"] / "report-unseen"
+    done = run_cli("--checkpoint", workspace["checkpoint"], "--split", workspace["split"], "--views", 4,
+                   "--speed-tasks", 1, "--speed-teacher", "groot-n1.5-tiny", "--feature-cache-dir",
+                   workspace["features"], "--teacher-probe", workspace["probe"], "--out", out, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "ARC Prize score (pass@2)" in done.stdout
+    names = {p.name for p in out.iterdir()}
+    assert {"submission.json", "report.json", "report.md", "per_task.csv", "pictures", "training_curves.png"} <= names
+    assert len(list((out / "pictures").glob("*.png"))) == 9
+
+    tasks = load_task_dir(workspace["split"])
+    solutions = {t.id: [p.output.tolist() for p in t.test] for t in tasks}
+    submission = json.loads((out / "submission.json").read_text())
+    assert set(submission) == set(solutions)
+    assert all(len(submission[k]) == len(v) and set(submission[k][0]) == {"attempt_1", "attempt_2"}
+               for k, v in solutions.items())
+    report = json.loads((out / "report.json").read_text())
+    assert independent_arc_prize_score(submission, solutions) == pytest.approx(
+        report["scores"]["student"]["arc_prize_score"], abs=1e-12)
+
+    # The same code scores the baselines: check one against the independent scorer too.
+    copy = {t.id: [{"attempt_1": p.input.tolist(), "attempt_2": p.input.tolist()} for p in t.test] for t in tasks}
+    assert independent_arc_prize_score(copy, solutions) == pytest.approx(
+        report["scores"]["copy_input"]["arc_prize_score"], abs=1e-12)
+
+    assert report["protocol"]["evaluation_tasks_trained_on"] == 0
+    assert report["scores"]["student"]["tasks"] == 9 and report["scores"]["student"]["test_outputs"] == 10
+    assert set(report["scores"]) == {"student", "teacher_probe", "copy_input", "most_frequent_colour", "all_zeros"}
+    fidelity = report["student_vs_teacher"]["feature_fidelity"]
+    assert fidelity["measured"], fidelity
+    # every context grid the student saw (demonstrations kept under the context cap + the test input)
+    kept = [fit_demos(t.train + t.test, range(len(t.train)), len(t.train) + j, 3, 108)
+            for t in tasks for j in range(len(t.test))]
+    assert fidelity["grids"] == sum(2 * len(k) + 1 for k in kept)
+    assert -1.0 <= fidelity["cosine_standardised"] <= 1.0 and -1.0 <= fidelity["cosine_raw"] <= 1.0
+    assert fidelity["reference_training_mean_raw"] is not None  # the run distilled: statistics are set
+    speed = report["student_vs_teacher"]["speed"]
+    assert speed["measured"] and speed["teacher"]["preset"] == "groot-n1.5-tiny"
+    assert "random" in speed["teacher"]["weights"] and speed["teacher_seconds_per_task"] > 0
+    probe = report["student_vs_teacher"]["probe"]
+    assert probe["tasks"] == 9 and 0.0 <= probe["arc_prize_score"] <= 1.0
+
+    with open(out / "per_task.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9 and {"task_id", "score", "pass_at_1", "copy_input_score"} <= set(rows[0])
+    md = (out / "report.md").read_text()
+    assert "| SAGE student |" in md and "baseline: copy the test input" in md and "feature fidelity" in md
+    assert "GR00T features + probe head" in md
+
+
+def test_a_doctored_submission_scores_the_same_in_both_scorers():
+    """Guards the comparison above against passing only because everything scores 0: attempts that
+    solve a known subset must score identically in sage.metrics and in the independent scorer."""
+    tasks = generate_tasks(num_tasks=6, seed=3, max_side=4)
+    tasks.append(type(tasks[0])("two-tests", tasks[0].train[:2], tasks[0].train[2:] + tasks[0].test, "hand-made"))
+    attempts = {}
+    for i, t in enumerate(tasks):
+        tries = []
+        for j, p in enumerate(t.test):
+            wrong = np.zeros_like(p.output)
+            if (i + j) % 3 == 0:
+                tries.append([p.output, wrong])  # attempt 1 right
+            elif (i + j) % 3 == 1:
+                tries.append([wrong, p.output])  # attempt 2 right
+            else:
+                tries.append([wrong, wrong])
+        attempts[t.id] = tries
+    ours = score_system("doctored", attempts, tasks).summary["arc_prize_score"]
+    submission = {k: [{"attempt_1": a.tolist(), "attempt_2": b.tolist()} for a, b in v] for k, v in attempts.items()}
+    solutions = {t.id: [p.output.tolist() for p in t.test] for t in tasks}
+    theirs = independent_arc_prize_score(submission, solutions)
+    assert 0.2 < ours < 0.9 and ours == pytest.approx(theirs, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_holdout_split_and_refusal_to_score_trained_tasks(workspace):
+    settings = EvalSettings(split="holdout", views=2, speed_tasks=0, feature_cache_dir=str(workspace["features"]),
+                            teacher_probe=str(workspace["probe"]))  # same seed and data: same held-out tasks
+    result = evaluate(workspace["checkpoint"], settings, progress=False, log=lambda _: None)
+    assert result.systems["teacher_probe"].summary["tasks"] == 6
+    meta = json.loads((workspace["checkpoint"] / "meta.json").read_text())
+    assert {t.id for t in result.tasks} == set(meta["val_task_ids"]) and len(result.tasks) == 6
+    assert any("picked this checkpoint" in n for n in result.notes)
+    # Same tasks, model, teacher cache and standardisation as training's validation: same cosine.
+    assert result.fidelity["measured"], result.fidelity
+    assert result.fidelity["cosine_standardised"] == pytest.approx(meta["val_metrics"]["feature_cosine"], abs=1e-4)
+
+    elsewhere = EvalSettings(split="holdout", views=1, speed_tasks=0, feature_cache_dir=str(workspace["root"] / "none"))
+    result = evaluate(workspace["checkpoint"], elsewhere, progress=False, log=lambda _: None)
+    assert not result.fidelity["measured"] and "extract_groot_features.py" in result.fidelity["reason"]
+    out = write_report(result, workspace["root"] / "report-holdout", pictures=2)
+    assert len(list((out["report_md"].parent / "pictures").glob("*.png"))) == 2
+
+    with pytest.raises(EvaluationError, match="also a training task"):
+        evaluate(workspace["checkpoint"], EvalSettings(split="synthetic", views=1, speed_tasks=0),
+                 progress=False, log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_cli_mistakes_exit_2_with_a_clear_message(workspace, tmp_path, capsys):
+    done = run_cli("--checkpoint", tmp_path / "nope", "--no-progress")  # the real command line, once
+    assert done.returncode == 2 and "no checkpoint here" in done.stderr and "Traceback" not in done.stderr
+    import evaluate as cli
+
+    ckpt = workspace["checkpoint"]
+    cases = [
+        (["--split", "synthetic"], "also a training task"),
+        (["--split", "arc-agi-9/evaluation"], "Name one of arc-agi-1/training"),
+        (["--split", str(tmp_path / "missing")], "no such directory"),
+        (["--views", "0"], "--views must be >= 1"),
+        (["--split", "holdout", "--teacher-probe", str(ckpt)], "not a probe checkpoint"),
+    ]
+    for args, message in cases:
+        code = cli.main(["--checkpoint", str(ckpt), *args, "--speed-tasks", "0", "--out", str(tmp_path / "out"),
+                         "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and message in err, (args, err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_fidelity_is_not_measured_when_the_head_and_the_teacher_differ_in_width(workspace):
+    loaded = load_model(workspace["checkpoint"], torch.device("cpu"))
+    loaded.cfg.model = replace(loaded.cfg.model, teacher_dim=2048)  # the quickstart's head vs the tiny teacher
+    result = feature_fidelity(loaded, str(workspace["split"]), load_task_dir(workspace["split"]), {},
+                              str(workspace["features"]))
+    assert not result["measured"] and "2048-d" in result["reason"] and "64-d" in result["reason"]
+
+
+@pytest.mark.slow
+def test_extract_features_fills_a_missing_cache_for_fidelity(workspace):
+    fresh = workspace["root"] / "fresh-features"
+    settings = EvalSettings(split=str(workspace["split"]), views=1, limit=2, speed_tasks=0,
+                            feature_cache_dir=str(fresh), extract_features=True)
+    result = evaluate(workspace["checkpoint"], settings, progress=False, log=lambda _: None)
+    assert result.fidelity["measured"], result.fidelity
+    assert result.fidelity["cache"].startswith(str(fresh))
+    assert any("partial evaluation: the first 2 of 9 tasks" in n for n in result.notes)
