@@ -11,6 +11,7 @@ teacher.max_demos) get mask False and no loss.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Callable, Sequence
 
 import numpy as np
@@ -35,7 +36,7 @@ def ensure_teacher_cache(
         raise FeatureCacheError(f"{directory}: the {teacher.view} view shows the teacher the answer; "
                                 "a probe may not read it (use teacher.view=task_context)")
     manifest = directory / "manifest.json"
-    if not (manifest.is_file() and '"complete": true' in manifest.read_text()[:200]):
+    if not (manifest.is_file() and json.loads(manifest.read_text()).get("complete")):
         from sage.teacher.extract import run_extraction  # torch + transformers: only when needed
 
         log(f"teacher features for {dataset} not cached yet: extracting with {teacher.preset} into {directory}")
