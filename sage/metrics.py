@@ -6,7 +6,7 @@ is only ever taken over the target's own cells (a padded canvas makes any predic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -37,23 +37,15 @@ def score_grid(prediction: np.ndarray, target: np.ndarray) -> GridScore:
     )
 
 
-def score_canvas(logits_or_tokens: np.ndarray, target: np.ndarray) -> GridScore:
+def score_canvas(tokens: np.ndarray, target: np.ndarray) -> GridScore:
     """Score a predicted token canvas [S, S] (already argmax-ed) against a target grid.
 
-    Pixel accuracy reads the canvas cells inside the target's extent directly, so it is defined
-    even when the decoded size is wrong.
+    Exact match and size come from the decoded grid; pixel accuracy reads the canvas cells inside
+    the target's extent directly, so it is defined even when the decoded size is wrong.
     """
-    tokens = logits_or_tokens
     h, w = target.shape
     cells = tokens[:h, :w].astype(np.int64) - COLOUR_OFFSET
-    decoded = canvas_to_grid(tokens)
-    exact_and_size = score_grid(decoded, target)
-    return GridScore(
-        exact=exact_and_size.exact,
-        size_correct=exact_and_size.size_correct,
-        pixels_correct=int((cells == target).sum()),
-        pixels_total=h * w,
-    )
+    return replace(score_grid(canvas_to_grid(tokens), target), pixels_correct=int((cells == target).sum()))
 
 
 def summarize(scores: Iterable[GridScore]) -> dict[str, float]:
