@@ -45,6 +45,15 @@ class StudentConfig:
     max_demos: int = 10  # demonstration pairs the segment embedding can tell apart
     teacher_dim: int = 2048  # width of the teacher features the distillation head predicts
     distill_hidden: int = 1536  # hidden width of the distillation head's MLP
+    # Probe only: what it reads per grid. pooled: the grid's mean teacher feature (1 token);
+    # tokens: the image's output tokens average-pooled to probe_token_side^2 tokens (needs a cache
+    # extracted with teacher.token_features=true).
+    probe_input: str = "pooled"
+    probe_token_side: int = 4
+
+    @property
+    def probe_tokens_per_grid(self) -> int:
+        return 1 if self.probe_input == "pooled" else self.probe_token_side**2
 
     @property
     def num_segments(self) -> int:  # demo k input/output, test input, answer
@@ -222,9 +231,12 @@ class SageStudent(nn.Module):
 
 
 class SageProbe(SageStudent):
-    """GR00T + a trained head: the teacher's per-grid pooled features (projected to d_model, one
-    context token per grid slot) replace the student's grid tokens; encoder and decoder as above.
-    Needs batch["teacher_features"] [B, slots, teacher_dim] and batch["teacher_mask"] [B, slots]."""
+    """GR00T + a trained head: the teacher's features of each context grid (projected to d_model)
+    replace the student's grid tokens; encoder and decoder as above. With probe_input "pooled" each
+    grid slot is one context token (batch["teacher_features"] [B, slots, teacher_dim]); with
+    "tokens" it is probe_token_side^2 tokens (batch["teacher_tokens"] [B, slots, k, teacher_dim]),
+    told apart by a learned position-in-image embedding. batch["teacher_mask"] [B, slots] marks
+    the grids the teacher saw."""
 
     def __init__(self, cfg: StudentConfig) -> None:
         super().__init__(cfg)
@@ -232,12 +244,24 @@ class SageProbe(SageStudent):
         self.feature_proj = nn.Linear(cfg.teacher_dim, cfg.d_model)
         nn.init.normal_(self.feature_proj.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.feature_proj.bias)
+        if cfg.probe_input == "tokens":
+            self.image_pos_emb = nn.Embedding(cfg.probe_tokens_per_grid, cfg.d_model)
+            nn.init.normal_(self.image_pos_emb.weight, mean=0.0, std=0.02)
         del self.distill_head  # a probe has nothing to distil
 
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        features, mask = batch["teacher_features"], batch["teacher_mask"]
-        slots = torch.arange(features.shape[1], device=features.device)
-        x = self.feature_proj(self.feature_norm(features.float())) + self.segment_emb(slots)
+        mask = batch["teacher_mask"]
+        if self.cfg.probe_input == "tokens":
+            features = batch["teacher_tokens"]  # [B, slots, k, dim]
+            B, S, K, _ = features.shape
+            x = self.feature_proj(self.feature_norm(features.float()))
+            x = x + self.image_pos_emb(torch.arange(K, device=x.device))
+            x = x + self.segment_emb(torch.arange(S, device=x.device)).unsqueeze(1)
+            x, mask = x.reshape(B, S * K, -1), mask.repeat_interleave(K, dim=1)
+        else:
+            features = batch["teacher_features"]  # [B, slots, dim]
+            slots = torch.arange(features.shape[1], device=features.device)
+            x = self.feature_proj(self.feature_norm(features.float())) + self.segment_emb(slots)
         for block in self.encoder:
             x = block(x, mask)
         return self.encoder_norm(x), mask

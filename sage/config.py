@@ -8,6 +8,7 @@ every key and type and names the file and key path of any mistake. `--set a.b=va
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -241,6 +242,15 @@ def check(cfg: ExperimentConfig, where: str) -> None:
         need(cfg.distill.weight == 0, "a probe reads teacher features, it does not distil them: set distill.weight=0")
         need(not (d.augment and d.augment_probability > 0),
              "a probe reads the teacher's features of the tasks as given: set data.augment=false")
+        need(m.probe_input in ("pooled", "tokens"), f"model.probe_input must be 'pooled' or 'tokens', got {m.probe_input!r}")
+        if m.probe_input == "tokens":
+            need(cfg.teacher.token_features,
+                 "model.probe_input=tokens reads the teacher's image tokens: set teacher.token_features=true")
+            if cfg.teacher.preset in TEACHER_PRESETS:
+                side = math.isqrt(TEACHER_PRESETS[cfg.teacher.preset].tokens_per_image)
+                need(1 <= m.probe_token_side <= side,
+                     f"model.probe_token_side must be 1..{side} (teacher {cfg.teacher.preset} sees each grid as "
+                     f"{side}x{side} image tokens), got {m.probe_token_side}")
     if cfg.uses_teacher and cfg.teacher.preset in TEACHER_PRESETS:
         width = TEACHER_PRESETS[cfg.teacher.preset].feature_dim
         need(m.teacher_dim == width,

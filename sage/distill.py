@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from sage.arc import Task
 from sage.config import ExperimentConfig
 from sage.features import FeatureCache, FeatureCacheError, cache_path, example_roles, open_cache
 from sage.teacher.config import LEAKING_VIEWS
+
+if TYPE_CHECKING:
+    from sage_student_model import StudentConfig
 
 
 def ensure_teacher_cache(
@@ -52,24 +55,46 @@ def ensure_teacher_cache(
 
 
 class TeacherTargets:
-    """Per-example teacher features in the student's slot order."""
+    """Per-example teacher features in the student's slot order: pooled ([slots, dim]), or with
+    `token_side` the image tokens pooled to token_side^2 per grid ([slots, token_side^2, dim]) for a
+    probe that reads tokens."""
 
-    def __init__(self, cache: FeatureCache, num_slots: int) -> None:
-        self.cache, self.num_slots, self.dim = cache, num_slots, cache.dim
+    def __init__(self, cache: FeatureCache, num_slots: int, token_side: int | None = None) -> None:
+        self.cache, self.num_slots, self.dim, self.token_side = cache, num_slots, cache.dim, token_side
+        self.key = "teacher_features" if token_side is None else "teacher_tokens"
+        self.shape = (num_slots, cache.dim) if token_side is None else (num_slots, token_side**2, cache.dim)
 
     def for_example(self, task: Task, demos: Sequence[int], query: int, test_index: int | None,
                     max_demos: int) -> tuple[np.ndarray, np.ndarray]:
-        """([num_slots, dim] float32, [num_slots] bool) for the context of one example."""
+        """(features of `self.shape`, float32; [num_slots] bool) for the context of one example."""
         roles = example_roles(demos, query, len(task.train))
         # A test-pair query reads its own prompt; a demonstration query any prompt of the task
         # (all show every demonstration input), the first one.
-        features, seen = self.cache.lookup(task.id, test_index or 0, roles)
+        if self.token_side is None:
+            features, seen = self.cache.lookup(task.id, test_index or 0, roles)
+        else:
+            features, seen = self.cache.lookup_tokens(task.id, test_index or 0, roles, self.token_side)
         slots = [s for k in range(len(demos)) for s in (2 * k, 2 * k + 1)] + [2 * max_demos]
-        out = np.zeros((self.num_slots, self.dim), dtype=np.float32)
+        out = np.zeros(self.shape, dtype=np.float32)
         mask = np.zeros(self.num_slots, dtype=bool)
         out[slots] = features.float().numpy()
         mask[slots] = seen.numpy()
         return out, mask
+
+    def empty(self) -> tuple[np.ndarray, np.ndarray]:
+        """No teacher features (an augmented view the teacher never saw)."""
+        return np.zeros(self.shape, dtype=np.float32), np.zeros(self.num_slots, dtype=bool)
+
+
+def teacher_targets(cache: FeatureCache, model: "StudentConfig") -> TeacherTargets:
+    """What the model reads or is trained against: token features for a token-reading probe,
+    pooled features otherwise."""
+    if model.kind == "probe" and model.probe_input == "tokens":
+        if not cache.has_tokens:
+            raise FeatureCacheError(f"{cache.directory}: model.probe_input=tokens needs token features; "
+                                    "set teacher.token_features=true (they are extracted on first use)")
+        return TeacherTargets(cache, model.num_grid_slots, token_side=model.probe_token_side)
+    return TeacherTargets(cache, model.num_grid_slots)
 
 
 def feature_statistics(cache: FeatureCache, tasks: Sequence[Task]) -> tuple[torch.Tensor, torch.Tensor]:

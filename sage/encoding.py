@@ -34,7 +34,7 @@ VOCAB_SIZE = 12
 # Per-token arrays of the packed context, and per-cell arrays of the answer canvas, in a batch.
 CONTEXT_KEYS = ("tokens", "rows", "cols", "rows_from_end", "cols_from_end", "segments")
 ANSWER_KEYS = ("query", "query_rows_from_end", "query_cols_from_end", "target")
-TEACHER_KEYS = ("teacher_features", "teacher_mask")  # per grid slot, when training reads a teacher cache
+TEACHER_KEYS = ("teacher_features", "teacher_tokens", "teacher_mask")  # per grid slot, when training reads a teacher cache
 
 
 def grid_to_canvas(grid: np.ndarray, size: int = 30) -> np.ndarray:
@@ -243,11 +243,10 @@ class ARCExamples(torch.utils.data.Dataset):
         item["index"] = np.int64(i)
         if self.teacher is not None:
             if aug.is_identity:
-                item["teacher_features"], item["teacher_mask"] = self.teacher.for_example(
+                item[self.teacher.key], item["teacher_mask"] = self.teacher.for_example(
                     task, self.kept_demos[i], ref.query, ref.test_index, self.max_demos)
             else:  # the teacher saw the task as given, not this view of it
-                item["teacher_features"] = np.zeros((self.teacher.num_slots, self.teacher.dim), dtype=np.float32)
-                item["teacher_mask"] = np.zeros(self.teacher.num_slots, dtype=bool)
+                item[self.teacher.key], item["teacher_mask"] = self.teacher.empty()
         return item
 
 

@@ -33,7 +33,7 @@ from sage.arc import ARCDataError, Pair, Task, assert_task_disjoint, drop_shared
 from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into
 from sage.config import ConfigError, ExperimentConfig, from_dict
 from sage.device import resolve_device
-from sage.distill import TeacherTargets
+from sage.distill import TeacherTargets, teacher_targets
 from sage.encoding import ARCExamples, ExampleRef, canvas_to_grid, collate
 from sage.metrics import OutputScore, baseline_attempts, score_attempts, summarize_tasks
 from sage.training import Autocast, to_device
@@ -728,7 +728,7 @@ def score_probe(
     if cache.dim != probe.cfg.model.teacher_dim:
         raise EvaluationError(f"--teacher-probe {probe.path}: reads {probe.cfg.model.teacher_dim}-d features but the "
                               f"{probe.cfg.teacher.preset} cache at {cache.directory} holds {cache.dim}-d ones")
-    teacher = TeacherTargets(cache, probe.cfg.model.num_grid_slots)
+    teacher = teacher_targets(cache, probe.cfg.model)
     predictor = Predictor(probe, device, n_views=1, seed=settings.seed, batch_size=batch_size, teacher=teacher)
     attempts = {t.id: [p.attempts for p in predictor.predict(t).tests] for t in tasks}
     return score_system("teacher_probe", attempts, tasks)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from sage.arc import Task
 from sage.teacher.config import DOWNLOAD_HELP, LEAKING_VIEWS, TOKENIZER_HELP, TeacherConfig, TeacherError
@@ -430,20 +432,40 @@ class FeatureCache:
         """Features of the grids `roles` (e.g. a student example's grids in slot order) from the prompt
         of (task_id, test_index): ([len(roles), dim], bool mask of the roles the prompt showed). Rows
         of grids the teacher did not see (beyond teacher.max_demos, or the answer) are zero, mask False."""
+        return self._select(task_id, test_index, roles, self.pooled(task_id, test_index))
+
+    def lookup_tokens(
+        self, task_id: str, test_index: int, roles: Sequence[Role], side: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `lookup`, with each grid's image tokens average-pooled over the image's patch grid to
+        side x side: ([len(roles), side * side, dim] float32, mask). Needs token_features."""
+        images = self.image_tokens(task_id, test_index)  # [n_grids, patches, dim]
+        n, patches, dim = images.shape
+        grid = math.isqrt(patches)
+        if grid * grid != patches or not 1 <= side <= grid:
+            raise FeatureCacheError(f"{self.directory}: cannot pool {patches} image tokens to {side}x{side}")
+        pooled = F.adaptive_avg_pool2d(images.float().reshape(n, grid, grid, dim).permute(0, 3, 1, 2), side)
+        pooled = pooled.flatten(2).transpose(1, 2)  # [n_grids, side*side, dim], row-major patches
+        return self._select(task_id, test_index, roles, pooled)
+
+    def _select(
+        self, task_id: str, test_index: int, roles: Sequence[Role], per_grid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of `per_grid` (one per grid of the prompt) in the order of `roles`; zero and mask
+        False for grids the prompt did not show."""
         row = {r: i for i, r in enumerate(self.roles(task_id, test_index))}
-        pooled = self.pooled(task_id, test_index)
-        out = torch.zeros(len(roles), pooled.shape[1], dtype=pooled.dtype)
+        out = per_grid.new_zeros((len(roles), *per_grid.shape[1:]))
         mask = torch.zeros(len(roles), dtype=torch.bool)
         for i, r in enumerate(roles):
             if r in row:
-                out[i], mask[i] = pooled[row[r]], True
+                out[i], mask[i] = per_grid[row[r]], True
         return out, mask
 
     def tokens(self, task_id: str, test_index: int = 0) -> torch.Tensor:
         """[n_tokens, dim]: every output token of the (unpadded) prompt. Needs token_features."""
         if not self.has_tokens:
             raise FeatureCacheError(
-                f"{self.directory}: token features were not extracted (teacher.token_features=false)"
+                f"{self.directory}: token features were not extracted; extract with teacher.token_features=true"
             )
         return self._tensor(task_id, test_index, "tokens")
 

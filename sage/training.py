@@ -23,7 +23,7 @@ from sage.arc import Task, assert_task_disjoint, drop_shared_tasks, load_dataset
 from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into, save_checkpoint
 from sage.config import ExperimentConfig, save_config
 from sage.device import resolve_device
-from sage.distill import TeacherTargets, ensure_teacher_cache, feature_statistics
+from sage.distill import ensure_teacher_cache, feature_statistics, teacher_targets
 from sage.encoding import ARCExamples, LengthBucketSampler, canvas_to_grid, collate, evaluation_examples, training_examples
 from sage.losses import answer_cross_entropy, distillation_losses
 from sage.metrics import score_baselines, score_canvas, summarize
@@ -154,12 +154,12 @@ def train(
     if cfg.uses_teacher:
         t = cfg.teacher
         log.info(f"teacher: {t.preset} ({'weights from ' + t.checkpoint_dir if t.checkpoint_dir else 'random weights'}), "
-                 f"view {t.view}; {'distillation weight ' + str(cfg.distill.weight) if m.kind == 'student' else 'probe input'}")
+                 f"view {t.view}; " + (f"distillation weight {cfg.distill.weight}" if m.kind == "student"
+                                     else f"probe input: {m.probe_input}"))
         train_cache = ensure_teacher_cache(cfg, cfg.data.train, splits.train_dataset, log.info)
         val_cache = train_cache if cfg.data.val == "holdout" else ensure_teacher_cache(
             cfg, cfg.data.val, splits.val_dataset, log.info)
-        train_teacher = TeacherTargets(train_cache, m.num_grid_slots)
-        val_teacher = TeacherTargets(val_cache, m.num_grid_slots)
+        train_teacher, val_teacher = teacher_targets(train_cache, m), teacher_targets(val_cache, m)
     train_set = ARCExamples(
         train_tasks, training_examples(train_tasks, cfg.data.use_test_pairs), m.grid_size, m.max_demos,
         cfg.data.max_context_tokens, augment=cfg.data.augment, seed=cfg.run.seed,

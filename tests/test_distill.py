@@ -91,6 +91,13 @@ def test_probe_trains_on_teacher_features_and_refuses_leaking_views(tmp_path, ca
     epochs = records(tmp_path, "probe", "epoch")
     assert len(epochs) == 2 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     assert summary["best_exact_match"] >= 0
+    # The probe can read the teacher's image tokens (pooled to 2x2 per grid) instead of one vector per grid.
+    tokens = config(tmp_path, cache_dir, "probe-tokens", "model.kind=probe", "data.augment=false", "train.epochs=2",
+                    "model.probe_input=tokens", "model.probe_token_side=2", "teacher.token_features=true")
+    train(tokens, echo=False)
+    epochs = records(tmp_path, "probe-tokens", "epoch")
+    assert len(epochs) == 2 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert "probe input: tokens" in (tmp_path / "logs" / "probe-tokens" / "train.log").read_text()
     leaking = config(tmp_path, cache_dir, "leaky", "model.kind=probe", "data.augment=false", "train.epochs=1",
                      "teacher.view=with_answer")
     with pytest.raises(FeatureCacheError, match="shows the teacher the answer"):
@@ -103,5 +110,10 @@ def test_config_checks_for_teacher_use(tmp_path, cache_dir):
         config(tmp_path, cache_dir, "x", "distill.weight=0.5", "model.teacher_dim=2048")
     with pytest.raises(ConfigError, match="set data.augment=false"):
         config(tmp_path, cache_dir, "x", "model.kind=probe", "data.augment=true")
+    with pytest.raises(ConfigError, match="set teacher.token_features=true"):
+        config(tmp_path, cache_dir, "x", "model.kind=probe", "data.augment=false", "model.probe_input=tokens")
+    with pytest.raises(ConfigError, match=r"model.probe_token_side must be 1..16"):
+        config(tmp_path, cache_dir, "x", "model.kind=probe", "data.augment=false", "model.probe_input=tokens",
+               "teacher.token_features=true", "model.probe_token_side=17")
     with pytest.raises(ConfigError, match="model.kind must be 'student' or 'probe'"):
         config(tmp_path, cache_dir, "x", "model.kind=teacher")

@@ -168,6 +168,17 @@ def test_token_features_and_leaking_view(tmp_path, arc_tasks):
     pooled = cache.pooled(arc_tasks[0].id)
     assert images.shape == (pooled.shape[0], 256, 64) and tokens.shape[0] > 256 * pooled.shape[0]
     torch.testing.assert_close(images.float().mean(1), pooled.float(), rtol=1e-2, atol=1e-2)
+    # The token probe's input: each image's 16x16 tokens pooled to 2x2 (quadrant means), in role order.
+    roles = [Role("test", 0, "input"), Role("train", 99, "input"), Role("train", 0, "output")]
+    quadrants, seen = cache.lookup_tokens(arc_tasks[0].id, 0, roles, side=2)
+    assert quadrants.shape == (3, 4, 64) and seen.tolist() == [True, False, True]
+    query = cache.roles(arc_tasks[0].id).index(roles[0])
+    top_left = images[query].float().reshape(16, 16, 64)[:8, :8].mean((0, 1))
+    torch.testing.assert_close(quadrants[0, 0], top_left)
+    assert quadrants[1].abs().sum() == 0
+    torch.testing.assert_close(quadrants[0].mean(0), images[query].float().mean(0))
+    with pytest.raises(FeatureCacheError, match="cannot pool 256 image tokens to 17x17"):
+        cache.lookup_tokens(arc_tasks[0].id, 0, roles, side=17)
     with pytest.raises(FeatureCacheError, match="shows the teacher the answer"):
         open_cache(cfg.teacher, "arc-agi-1/training", arc_tasks[:2], limit=2, allow_leaking=False)
 
