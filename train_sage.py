@@ -14,6 +14,7 @@ from sage.arc import ARCDataError
 from sage.checkpoint import CheckpointError
 from sage.config import ConfigError, load_config
 from sage.features import FeatureCacheError
+from sage.recovery import FaultInjection, TrainingError
 from sage.teacher.config import TeacherError
 from sage.training import train
 
@@ -26,13 +27,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue the run from checkpoints/<run>/last")
     parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
                         help="save and exit after optimiser step N (continue later with --resume)")
+    parser.add_argument("--inject-fault", action="append", default=[], metavar="KIND:PHASE:N",
+                        help="testing: simulate oom:train:N, oom:val:N (out of memory on the Nth forward pass of "
+                             "the phase) or nan:train:N (NaN loss); repeatable")
     args = parser.parse_args(argv)
     try:
+        faults = FaultInjection.parse(args.inject_fault)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
         cfg = load_config(args.config, args.overrides)
-        summary = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
+        summary = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps, faults=faults)
     except (ConfigError, ARCDataError, CheckpointError, TeacherError, FeatureCacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact; continue with --resume", file=sys.stderr)
         return 130

@@ -6,7 +6,8 @@
         meta.json             resolved config, step, epoch, metrics, best-so-far: human readable
 
 A checkpoint is written into a temporary sibling directory and renamed into place, so a crash at
-any moment leaves the previous checkpoint intact and loadable.
+any moment leaves the previous checkpoint intact and loadable (a crash between moving the old one
+aside and renaming the new one in is repaired on the next load or save).
 """
 
 from __future__ import annotations
@@ -37,11 +38,39 @@ class Checkpoint:
     training_state: dict[str, Any] | None  # None when loaded for inference only
 
 
+def _left_by_dead_process(path: Path) -> bool:
+    """Temporary names end in the writer's pid; a live writer (another run, or an evaluation
+    loading while training saves) must be left alone."""
+    try:
+        pid = int(path.name.rsplit("-", 1)[1])
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return True
+    except PermissionError:
+        return False
+    return pid == os.getpid()
+
+
+def recover_interrupted_save(directory: Path) -> None:
+    """A save killed between its two renames leaves the previous checkpoint as `.NAME.old-PID` and
+    no NAME: put it back. Leftovers of killed saves are removed."""
+    for tmp in directory.parent.glob(f".{directory.name}.tmp-*"):
+        if _left_by_dead_process(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    olds = [p for p in directory.parent.glob(f".{directory.name}.old-*") if _left_by_dead_process(p)]
+    olds.sort(key=lambda p: p.stat().st_mtime)
+    if not directory.exists() and olds:
+        olds.pop().rename(directory)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(
     directory: str | Path, weights: dict[str, torch.Tensor], training_state: dict[str, Any], meta: dict[str, Any]
 ) -> Path:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_save(directory)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -61,6 +90,8 @@ def save_checkpoint(
 
 def load_checkpoint(directory: str | Path, with_training_state: bool = True) -> Checkpoint:
     directory = Path(directory)
+    if directory.parent.is_dir():
+        recover_interrupted_save(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no checkpoint here (expected a directory with {WEIGHTS} and {META})")
     for name in (WEIGHTS, META) + ((STATE,) if with_training_state else ()):

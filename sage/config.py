@@ -74,6 +74,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     log_every: int = 20  # optimiser steps between train.log lines
+    max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient
 
 
 @dataclass
@@ -268,6 +269,7 @@ def check(cfg: ExperimentConfig, where: str) -> None:
     need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     need(cfg.checkpoint.every_epochs >= 0, "checkpoint.every_epochs must be >= 0")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0")
+    need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     problems.extend(teacher_problems(cfg.teacher))
     name = cfg.run.name or ""
     need(bool(name) and "/" not in name and name not in (".", ".."), f"run.name must be a plain name, got {name!r}")

@@ -37,6 +37,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from sage.arc import Task
 from sage.teacher.config import DOWNLOAD_HELP, LEAKING_VIEWS, TOKENIZER_HELP, TeacherConfig, TeacherError
@@ -392,6 +393,8 @@ class FeatureCache:
         self.entries: dict[str, dict[str, Any]] = record["entries"]
         self._handles: dict[str, Any] = {}
         self._pid = os.getpid()
+        for shard in sorted({e["shard"] for e in self.entries.values()}):  # a damaged file fails now, by name
+            self._open(shard)
 
     # -- what it holds
     @property
@@ -483,9 +486,18 @@ class FeatureCache:
         return self.entries[key]
 
     def _tensor(self, task_id: str, test_index: int, what: str) -> torch.Tensor:
+        shard = self._entry(task_id, test_index)["shard"]
+        key = f"{entry_key(task_id, test_index)}/{what}"
+        try:
+            return self._open(shard).get_tensor(key)
+        except SafetensorError as e:
+            raise FeatureCacheError(f"{self.directory / shard}: cannot read {key} ({e}); the shard is truncated or "
+                                    "corrupted: delete the cache directory and extract again") from None
+
+    def _open(self, shard: str) -> Any:
+        """The shard's safetensors handle (memory-mapped; reading the header checks that the file is whole)."""
         from safetensors import safe_open
 
-        shard = self._entry(task_id, test_index)["shard"]
         if self._pid != os.getpid():  # forked (DataLoader worker): mmaps are per process
             self._handles, self._pid = {}, os.getpid()
         handle = self._handles.get(shard)
@@ -493,8 +505,12 @@ class FeatureCache:
             path = self.directory / shard
             if not path.is_file():
                 raise FeatureCacheError(f"{path}: shard listed in the manifest is missing; extract again")
-            handle = self._handles[shard] = safe_open(str(path), framework="pt", device="cpu")
-        return handle.get_tensor(f"{entry_key(task_id, test_index)}/{what}")
+            try:
+                handle = self._handles[shard] = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise FeatureCacheError(f"{path}: cannot read this shard ({e}); it is truncated or corrupted: "
+                                        "delete the cache directory and extract again") from None
+        return handle
 
 
 def example_roles(demos: Sequence[int], query: int, n_train: int) -> list[Role]:

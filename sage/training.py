@@ -24,9 +24,11 @@ from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into,
 from sage.config import ExperimentConfig, save_config
 from sage.device import resolve_device
 from sage.distill import ensure_teacher_cache, feature_statistics, teacher_targets
-from sage.encoding import ARCExamples, LengthBucketSampler, canvas_to_grid, collate, evaluation_examples, training_examples
+from sage.encoding import (PAD, ARCExamples, LengthBucketSampler, canvas_to_grid, collate, evaluation_examples,
+                           training_examples)
 from sage.losses import answer_cross_entropy, distillation_losses
-from sage.metrics import score_baselines, score_canvas, summarize
+from sage.metrics import GridScore, score_baselines, score_canvas, summarize
+from sage.recovery import FaultInjection, MicroBatch, TrainingError, all_finite, free_memory
 from sage.runlog import RunLog, plot_training_curves, read_metrics
 from sage_student_model import SageStudent, build_model, parameter_breakdown
 
@@ -90,6 +92,10 @@ class TrainState:
     best_loss: float = math.inf
     best_epoch: int = 0
     epoch_sums: dict[str, float] = field(default_factory=dict)  # running train sums of this epoch
+    train_micro_batch: int = 0  # examples per forward pass after out-of-memory halvings (0: the batch size)
+    val_micro_batch: int = 0
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, in all
+    nonfinite_in_row: int = 0
 
 
 class Autocast:
@@ -122,8 +128,11 @@ def train(
     resume: bool = False,
     stop_after_steps: int | None = None,
     echo: bool = True,
+    faults: FaultInjection | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) the run described by `cfg`; returns the final summary record."""
+    """Train (or resume) the run described by `cfg`; returns the final summary record. `faults`
+    simulates out-of-memory errors and NaN losses (tests; see sage/recovery.py)."""
+    faults = faults or FaultInjection()
     run_name = cfg.run.name
     ckpt_dir = Path(cfg.run.checkpoint_dir) / run_name
     log_dir = Path(cfg.run.log_dir) / run_name
@@ -143,8 +152,8 @@ def train(
             diff = {k: (saved_model.get(k), v) for k, v in asdict(cfg.model).items() if saved_model.get(k) != v}
             raise CheckpointError(f"{checkpoint.path}: model config differs from the checkpoint's: {diff}")
 
+    splits = load_splits(cfg)  # bad data fails here, before the run leaves anything on disk
     log = RunLog(log_dir, echo=echo)
-    splits = load_splits(cfg)
     train_tasks, val_tasks = splits.train, splits.val
     if splits.shared:
         log.info(f"left out of validation, being training tasks too: "
@@ -210,12 +219,14 @@ def train(
     log.info("validation baselines (exact match): "
              + ", ".join(f"{k} {v['exact_match']:.3f}" for k, v in baselines.items()))
     autocast = Autocast(device)
+    train_micro = MicroBatch("training", cfg.train.batch_size, state.train_micro_batch, log.info)
+    val_micro = MicroBatch("validation", cfg.val.batch_size, state.val_micro_batch, log.info)
     if state.step == 0:
         start_record = dict(step=0, run=run_name, device=str(device), parameters=n_params,
                             train_tasks=len(train_tasks), val_tasks=len(val_tasks), baselines=baselines,
                             teacher=cfg.teacher.preset if cfg.uses_teacher else None)
         if distilling:  # the reference point: how close an untrained head is to the teacher
-            untrained = validate(model, val_loader, device, autocast, m.grid_size)
+            untrained = validate(model, val_loader, device, autocast, m.grid_size, val_micro, faults)
             start_record["val_feature_cosine"] = untrained["feature_cosine"]
             log.info(f"untrained distillation head: validation feature cosine {untrained['feature_cosine']:.4f}")
         log.metrics("start", **start_record)
@@ -224,6 +235,7 @@ def train(
     stopped_early = False
 
     def save(name: str, val_metrics: dict[str, Any] | None) -> None:
+        state.train_micro_batch, state.val_micro_batch = train_micro.size, val_micro.size
         training_state = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
         if device.type == "cuda":
             training_state["cuda_rng"] = torch.cuda.get_rng_state(device)
@@ -252,34 +264,38 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 batch = to_device(batch, device)
-                with autocast():
-                    out = model(batch)
-                    losses, distill_slots = compute_losses(out, batch, model, cfg)
-                loss = losses["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
+                result = train_step(model, optimizer, batch, cfg, autocast, train_micro, faults, state.step + 1)
                 state.step += 1
                 state.batch_in_epoch += 1
-
-                scores = score_batch(out.logits.detach(), batch["target"], m.grid_size)
-                sums = state.epoch_sums
-                n = len(scores)
-                values = {k: v.item() for k, v in losses.items()}
+                if result is None:  # non-finite loss or gradient: no update from this batch
+                    state.skipped_steps += 1
+                    state.nonfinite_in_row += 1
+                    log.info(f"step {state.step}: non-finite loss or gradient, step skipped "
+                             f"({state.nonfinite_in_row} in a row, {state.skipped_steps} in all)")
+                    log.metrics("skipped", step=state.step, epoch=epoch + 1, in_a_row=state.nonfinite_in_row)
+                    if state.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
+                        save("last", None)  # the weights are still the last finite ones
+                        raise TrainingError(
+                            f"{state.nonfinite_in_row} steps in a row had a non-finite loss or gradient (up to step "
+                            f"{state.step}, train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}): training "
+                            f"diverged. Lower train.lr or raise train.warmup_steps; the weights before it are in "
+                            f"{ckpt_dir / 'last'} (continue with --resume)")
+                    continue
+                state.nonfinite_in_row = 0
+                sums, values, n = state.epoch_sums, result.values, len(result.scores)
                 for k, v in values.items():  # feature terms: means over the slots that had a target
-                    weight = distill_slots if k.startswith("distill_") else n
+                    weight = result.distill_slots if k.startswith("distill_") else n
                     sums[k] = sums.get(k, 0.0) + v * weight
-                sums["distill_slots"] = sums.get("distill_slots", 0.0) + distill_slots
-                sums["exact"] = sums.get("exact", 0.0) + sum(s.exact for s in scores)
+                sums["distill_slots"] = sums.get("distill_slots", 0.0) + result.distill_slots
+                sums["exact"] = sums.get("exact", 0.0) + sum(s.exact for s in result.scores)
                 sums["examples"] = sums.get("examples", 0.0) + n
+                loss = values["loss"]
                 if state.step % cfg.train.log_every == 0:
                     terms = "".join(f" | {k} {v:.4f}" for k, v in values.items() if k != "loss")
                     log.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {state.step}/{total_steps} | "
-                             f"loss {loss.item():.4f}{terms} | grad_norm {grad_norm.item():.3f} | lr {lr:.2e}")
-                    log.metrics("train", step=state.step, epoch=epoch + 1, **values,
-                                grad_norm=grad_norm.item(), lr=lr)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+                             f"loss {loss:.4f}{terms} | grad_norm {result.grad_norm:.3f} | lr {lr:.2e}")
+                    log.metrics("train", step=state.step, epoch=epoch + 1, **values, grad_norm=result.grad_norm, lr=lr)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
                 if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
                     save("last", None)
                 if stop_after_steps is not None and state.step >= stop_after_steps:
@@ -304,7 +320,7 @@ def train(
             if state.epoch % cfg.val.every_epochs == 0 or state.epoch == cfg.train.epochs:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # release training activations before validation
-                val_metrics = validate(model, val_loader, device, autocast, m.grid_size)
+                val_metrics = validate(model, val_loader, device, autocast, m.grid_size, val_micro, faults)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 record.update({f"val_{k}": v for k, v in val_metrics.items()})
@@ -313,6 +329,9 @@ def train(
                 val_metrics["exact_match"] > state.best_exact
                 or (val_metrics["exact_match"] == state.best_exact and val_metrics["loss"] < state.best_loss)
             )
+            if improved and not (math.isfinite(val_metrics["loss"]) and all_finite(model.state_dict().values())):
+                log.info(f"epoch {state.epoch}: non-finite validation loss or weights; not saved as best")
+                improved = False
             if improved:
                 state.best_exact, state.best_loss = val_metrics["exact_match"], val_metrics["loss"]
                 state.best_epoch = state.epoch
@@ -338,48 +357,127 @@ def train(
     return summary
 
 
-def compute_losses(out: Any, batch: dict[str, torch.Tensor], model: SageStudent,
-                   cfg: ExperimentConfig) -> tuple[dict[str, torch.Tensor], int]:
+def compute_losses(out: Any, batch: dict[str, torch.Tensor], model: SageStudent, cfg: ExperimentConfig,
+                   task_share: float = 1.0, slot_share: float = 1.0) -> tuple[dict[str, torch.Tensor], int]:
     """The training objective and its terms (loss = task CE [+ weight * feature loss]), and the
-    number of grid slots that had a teacher target (0: the feature terms are left out)."""
+    number of grid slots that had a teacher target (0: the feature terms are left out). When `batch`
+    is a piece of the optimiser's batch, the shares (its target cells and teacher slots over the
+    whole batch's) weight the two mean-reduced terms in "loss" so that the pieces' gradients add up
+    to the whole batch's; the terms themselves stay this piece's means."""
     task = answer_cross_entropy(out.logits, batch["target"])
     if cfg.distill.weight == 0 or out.grid_features is None:
-        return {"loss": task}, 0
+        return {"loss": task * task_share}, 0
     mse, cosine, slots = distillation_losses(out.grid_features, model.standardise(batch["teacher_features"]),
                                              batch["teacher_mask"] & out.grid_mask)
     if slots == 0:  # every example of the batch was augmented: nothing to distil
-        return {"loss": task, "task_loss": task}, 0
+        return {"loss": task * task_share, "task_loss": task}, 0
     d = cfg.distill
     feature = d.cosine_weight * (1.0 - cosine) + d.mse_weight * mse
-    return {"loss": task + d.weight * feature, "task_loss": task, "distill_mse": mse, "distill_cosine": cosine}, slots
+    loss = task * task_share + d.weight * feature * slot_share
+    return {"loss": loss, "task_loss": task, "distill_mse": mse, "distill_cosine": cosine}, slots
+
+
+@dataclass
+class StepResult:
+    values: dict[str, float]  # loss and its terms, means over the whole batch
+    grad_norm: float
+    scores: list[GridScore]
+    distill_slots: int
+
+
+def train_step(model: SageStudent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               cfg: ExperimentConfig, autocast: Autocast, micro: MicroBatch, faults: FaultInjection,
+               step: int) -> StepResult | None:
+    """One optimiser step on `batch`, pushed through the model `micro.size` examples at a time
+    (gradients accumulated). Out of memory halves `micro.size` and retries the batch. Returns None,
+    without updating anything, when the loss or the gradients are not finite."""
+    while True:
+        try:
+            return _accumulate_and_step(model, optimizer, batch, cfg, autocast, micro, faults)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            free_memory(batch["target"].device)
+            micro.halve(f"step {step}")
+
+
+def _accumulate_and_step(model: SageStudent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                         cfg: ExperimentConfig, autocast: Autocast, micro: MicroBatch,
+                         faults: FaultInjection) -> StepResult | None:
+    optimizer.zero_grad(set_to_none=True)
+    pieces = micro.pieces(batch)
+    cells = (batch["target"] != PAD).sum().item()
+    teacher_slots = batch["teacher_mask"].sum().item() if "teacher_mask" in batch else 0
+    totals: dict[str, torch.Tensor] = {}
+    scores: list[GridScore] = []
+    distill_slots = 0
+    for piece in pieces:
+        make_nan = faults.forward_pass("train")
+        task_share = 1.0 if len(pieces) == 1 else (piece["target"] != PAD).sum().item() / cells
+        piece_slots = piece["teacher_mask"].sum().item() if teacher_slots else 0
+        slot_share = 1.0 if len(pieces) == 1 or not teacher_slots else piece_slots / teacher_slots
+        with autocast():
+            out = model(piece)
+            losses, slots = compute_losses(out, piece, model, cfg, task_share, slot_share)
+        loss = losses["loss"] * math.nan if make_nan else losses["loss"]
+        loss.backward()
+        distill_slots += slots
+        for k, v in losses.items():  # the batch's means: each piece's mean weighted by its share
+            if k == "loss":
+                totals[k] = totals.get(k, 0.0) + loss.detach()  # already weighted
+            else:
+                totals[k] = totals.get(k, 0.0) + v.detach() * (slot_share if k.startswith("distill_") else task_share)
+        scores += score_batch(out.logits.detach(), piece["target"], cfg.model.grid_size)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    values = {k: v.item() for k, v in totals.items()}
+    if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm.item())):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    return StepResult(values, grad_norm.item(), scores, distill_slots)
 
 
 @torch.inference_mode()
 def validate(
-    model: SageStudent, loader: torch.utils.data.DataLoader, device: torch.device, autocast: Autocast, grid_size: int
+    model: SageStudent, loader: torch.utils.data.DataLoader, device: torch.device, autocast: Autocast,
+    grid_size: int, micro: MicroBatch | None = None, faults: FaultInjection | None = None,
 ) -> dict[str, float]:
     """Task loss and exact match / output size / pixel accuracy (target cells only) on held-out
-    tasks; with teacher features, also the distillation head's cosine to them (feature fidelity)."""
+    tasks; with teacher features, also the distillation head's cosine to them (feature fidelity).
+    Out of memory halves `micro.size` and retries the batch (metrics are sums: unchanged)."""
     model.eval()
-    loss_sum, count, scores = 0.0, 0, []
-    cosine_sum, slots = 0.0, 0.0
+    faults = faults or FaultInjection()
+    micro = micro or MicroBatch("validation", loader.batch_sampler.batch_size, None,
+                                lambda message: print(message, file=sys.stderr))
+
+    def measure(piece: dict[str, torch.Tensor]) -> tuple[float, int, list[GridScore], float, int]:
+        faults.forward_pass("val")
+        with autocast():
+            out = model(piece)
+        # Sums over target cells, like the training loss's mean, so that piece sizes do not matter.
+        n_cells = (piece["target"] != PAD).sum().item()
+        loss = answer_cross_entropy(out.logits, piece["target"]).item() * n_cells
+        cosine, count = 0.0, 0
+        if out.grid_features is not None and "teacher_features" in piece:
+            _, mean_cosine, count = distillation_losses(
+                out.grid_features, model.standardise(piece["teacher_features"]), piece["teacher_mask"] & out.grid_mask)
+            cosine = mean_cosine.item() * count
+        return loss, n_cells, score_batch(out.logits, piece["target"], grid_size), cosine, count
+
+    loss_sum, cells, scores, cosine_sum, slots = 0.0, 0, [], 0.0, 0
     for batch in loader:
         batch = to_device(batch, device)
-        with autocast():
-            out = model(batch)
-            loss = answer_cross_entropy(out.logits, batch["target"])
-        n = batch["target"].shape[0]
-        loss_sum += loss.item() * n
-        count += n
-        scores += score_batch(out.logits, batch["target"], grid_size)
-        if out.grid_features is not None and "teacher_features" in batch:
-            mask = batch["teacher_mask"] & out.grid_mask
-            _, cosine, count = distillation_losses(out.grid_features, model.standardise(batch["teacher_features"]),
-                                                   mask)
-            cosine_sum += cosine.item() * count
-            slots += count
+        while True:  # a batch counts only once all its pieces went through
+            try:
+                results = [measure(piece) for piece in micro.pieces(batch)]
+                break
+            except torch.OutOfMemoryError:
+                free_memory(device)
+                micro.halve("a validation batch")
+        for loss, n_cells, piece_scores, cosine, count in results:
+            loss_sum, cells, scores = loss_sum + loss, cells + n_cells, scores + piece_scores
+            cosine_sum, slots = cosine_sum + cosine, slots + count
     model.train()
-    metrics = {"loss": loss_sum / max(count, 1), **summarize(scores)}
+    metrics = {"loss": loss_sum / max(cells, 1), **summarize(scores)}
     if slots:
         metrics["feature_cosine"] = cosine_sum / slots
     return metrics
