@@ -3,6 +3,7 @@
     python extract_groot_features.py --config configs/X.yaml            # extract or resume
     python extract_groot_features.py --config configs/X.yaml --shard 0/4  # part 1 of 4 (one per GPU)
     python extract_groot_features.py --config configs/X.yaml --merge      # after all parts finished
+    torchrun --nproc_per_node=4 extract_groot_features.py --config configs/X.yaml  # one part per GPU, merged
     python extract_groot_features.py --describe groot-n1.5                # architecture + parameters
 
 Without --config the defaults apply: the tiny random-weight teacher on ARC-AGI-1 training (CPU).
@@ -11,6 +12,8 @@ Without --config the defaults apply: the tiny random-weight teacher on ARC-AGI-1
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 
 
@@ -65,16 +68,32 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise ConfigError(f"--limit must be >= 1, got {args.limit}")
         cfg = load_config(args.config, args.set)
+        import torch
+
+        from sage.distributed import init_distributed, shutdown_distributed
         from sage.teacher.extract import merge, run_extraction
 
         if args.merge:
             status = merge(cfg, args.limit)
             return _report_status(status["directory"], status)
         part, parts = args.shard
-        result = run_extraction(cfg, part, parts, args.limit, progress=not args.no_progress)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:  # under torchrun: this process is part RANK of WORLD, on its own GPU
+            if parts != 1:
+                raise ConfigError("--shard and torchrun both split the work: use one of them")
+            part, parts = int(os.environ["RANK"]), world
+            if cfg.run.device in ("auto", "cuda") and torch.cuda.is_available():
+                cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device=f"cuda:{os.environ['LOCAL_RANK']}"))
+        result = run_extraction(cfg, part, parts, args.limit, progress=not args.no_progress and part == 0)
         if result.computed:
+            print(f"part {part} of {parts}: " if parts > 1 else "", end="")
             print(f"computed {result.computed} prompts ({result.images} images) in {result.seconds:.1f} s: "
                   f"{result.prompts_per_second:.2f} prompts/s, {result.images / result.seconds:.1f} images/s")
+        if world > 1:  # wait for every part, then one process checks the whole cache and says so
+            ctx = init_distributed("cpu")  # gloo: only for this barrier
+            ctx.barrier()
+            shutdown_distributed(ctx)
+            return _report_status(result.directory, merge(cfg, args.limit)) if part == 0 else 0
         return _report_status(result.directory, result.status)
     except (ConfigError, TeacherError, FeatureCacheError, ARCDataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -99,3 +99,22 @@ def plot_training_curves(metrics_path: str | Path, png_path: str | Path, title: 
     plt.close(fig)
     tmp.replace(png_path)
     return png_path
+
+
+class SilentLog(RunLog):
+    """The log of a data-parallel rank other than 0: rank 0 writes for everyone."""
+
+    def __init__(self) -> None:  # noqa: D107 - opens nothing
+        self.echo = False
+
+    def info(self, message: str) -> None:
+        pass
+
+    def metrics(self, event: str, **values: Any) -> None:
+        pass
+
+    def truncate_metrics_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -8,6 +8,7 @@ batches an uninterrupted one would have.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -23,13 +24,15 @@ from sage.arc import Task, assert_task_disjoint, drop_shared_tasks, load_dataset
 from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into, save_checkpoint
 from sage.config import ExperimentConfig, save_config
 from sage.device import resolve_device
+from sage.distributed import (DistributedContext, RankBatchSampler, examples_of_rank, init_distributed,
+                              shutdown_distributed)
 from sage.distill import ensure_teacher_cache, feature_statistics, teacher_targets
 from sage.encoding import (PAD, ARCExamples, LengthBucketSampler, canvas_to_grid, collate, evaluation_examples,
                            training_examples)
 from sage.losses import answer_cross_entropy, distillation_losses
 from sage.metrics import GridScore, score_baselines, score_canvas, summarize
 from sage.recovery import FaultInjection, MicroBatch, TrainingError, all_finite, free_memory
-from sage.runlog import RunLog, plot_training_curves, read_metrics
+from sage.runlog import RunLog, SilentLog, plot_training_curves, read_metrics
 from sage_student_model import SageStudent, build_model, parameter_breakdown
 
 
@@ -131,8 +134,20 @@ def train(
     faults: FaultInjection | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) the run described by `cfg`; returns the final summary record. `faults`
-    simulates out-of-memory errors and NaN losses (tests; see sage/recovery.py)."""
-    faults = faults or FaultInjection()
+    simulates out-of-memory errors and NaN losses (tests; see sage/recovery.py). Under torchrun,
+    trains data-parallel (sage/distributed.py)."""
+    device = resolve_device(cfg.run.device)
+    ctx = init_distributed(device.type)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+    try:
+        return _train(cfg, device, ctx, resume, stop_after_steps, echo, faults or FaultInjection())
+    finally:
+        shutdown_distributed(ctx)
+
+
+def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, resume: bool,
+           stop_after_steps: int | None, echo: bool, faults: FaultInjection) -> dict[str, Any]:
     run_name = cfg.run.name
     ckpt_dir = Path(cfg.run.checkpoint_dir) / run_name
     log_dir = Path(cfg.run.log_dir) / run_name
@@ -141,7 +156,6 @@ def train(
             f"{ckpt_dir}: run '{run_name}' already has checkpoints. Continue it with --resume, "
             f"or start a new run with --set run.name=NEW_NAME (or delete {ckpt_dir} and {log_dir})"
         )
-    device = resolve_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)
 
     # Resume first: a bad checkpoint should fail before minutes of data loading.
@@ -153,7 +167,7 @@ def train(
             raise CheckpointError(f"{checkpoint.path}: model config differs from the checkpoint's: {diff}")
 
     splits = load_splits(cfg)  # bad data fails here, before the run leaves anything on disk
-    log = RunLog(log_dir, echo=echo)
+    log = RunLog(log_dir, echo=echo) if ctx.is_main else SilentLog()
     train_tasks, val_tasks = splits.train, splits.val
     if splits.shared:
         log.info(f"left out of validation, being training tasks too: "
@@ -165,24 +179,28 @@ def train(
         log.info(f"teacher: {t.preset} ({'weights from ' + t.checkpoint_dir if t.checkpoint_dir else 'random weights'}), "
                  f"view {t.view}; " + (f"distillation weight {cfg.distill.weight}" if m.kind == "student"
                                      else f"probe input: {m.probe_input}"))
-        train_cache = ensure_teacher_cache(cfg, cfg.data.train, splits.train_dataset, log.info)
-        val_cache = train_cache if cfg.data.val == "holdout" else ensure_teacher_cache(
-            cfg, cfg.data.val, splits.val_dataset, log.info)
+        with ctx.main_first():  # one process extracts a missing cache, the others then read it
+            train_cache = ensure_teacher_cache(cfg, cfg.data.train, splits.train_dataset, log.info)
+            val_cache = train_cache if cfg.data.val == "holdout" else ensure_teacher_cache(
+                cfg, cfg.data.val, splits.val_dataset, log.info)
         train_teacher, val_teacher = teacher_targets(train_cache, m), teacher_targets(val_cache, m)
     train_set = ARCExamples(
         train_tasks, training_examples(train_tasks, cfg.data.use_test_pairs), m.grid_size, m.max_demos,
         cfg.data.max_context_tokens, augment=cfg.data.augment, seed=cfg.run.seed,
         augment_probability=cfg.data.augment_probability, teacher=train_teacher,
     )
-    val_set = ARCExamples(val_tasks, evaluation_examples(val_tasks), m.grid_size, m.max_demos,
-                          cfg.data.max_context_tokens, teacher=val_teacher)
-    train_sampler = LengthBucketSampler(train_set.lengths, cfg.train.batch_size, shuffle=True, seed=cfg.run.seed)
+    val_set = ARCExamples(val_tasks, examples_of_rank(evaluation_examples(val_tasks), ctx), m.grid_size,
+                          m.max_demos, cfg.data.max_context_tokens, teacher=val_teacher)
+    global_batch = cfg.train.batch_size * ctx.world
+    train_sampler = LengthBucketSampler(train_set.lengths, global_batch, shuffle=True, seed=cfg.run.seed)
+    if ctx.enabled:
+        train_sampler = RankBatchSampler(train_sampler, ctx)
     val_sampler = LengthBucketSampler(val_set.lengths, cfg.val.batch_size, shuffle=False)
     loader_args = dict(collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=train_sampler, **loader_args)
     val_loader = torch.utils.data.DataLoader(val_set, batch_sampler=val_sampler, **loader_args)
 
-    model = build_model(m).to(device)
+    model = build_model(m).to(device)  # `net` below: the same model, wrapped for data-parallel training
     distilling = m.kind == "student" and cfg.distill.weight > 0
     if distilling and checkpoint is None:
         mean, std = feature_statistics(train_teacher.cache, train_tasks)
@@ -204,7 +222,11 @@ def train(
         log.info(f"resumed from {checkpoint.path} at step {state.step} (epoch {state.epoch + 1}, "
                  f"batch {state.batch_in_epoch}/{steps_per_epoch})")
         del checkpoint
-    save_config(cfg, log_dir / "config.yaml")
+    net = model
+    if ctx.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if ctx.is_main:
+        save_config(cfg, log_dir / "config.yaml")
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info(f"run '{run_name}' on {device}: {m.kind} {n_params:,} parameters "
@@ -213,7 +235,9 @@ def train(
              f"augment={cfg.data.augment} p={train_set.augment_probability}); validation {len(val_tasks)} held-out tasks "
              f"({'holdout of ' + cfg.data.train if cfg.data.val == 'holdout' else cfg.data.val}, "
              f"{len(val_set)} test outputs); splits are by task")
-    log.info(f"batches: train {cfg.train.batch_size} x {steps_per_epoch} steps/epoch, val {cfg.val.batch_size}; "
+    parallel = f" per process x {ctx.world} processes = {global_batch} per step" if ctx.enabled else ""
+    log.info(f"batches: train {cfg.train.batch_size}{parallel} x {steps_per_epoch} steps/epoch, "
+             f"val {cfg.val.batch_size}{' per process' if ctx.enabled else ''}; "
              f"{cfg.train.epochs} epochs = {total_steps} steps; logs in {log_dir}, checkpoints in {ckpt_dir}")
     baselines = score_baselines(val_tasks)
     log.info("validation baselines (exact match): "
@@ -226,7 +250,7 @@ def train(
                             train_tasks=len(train_tasks), val_tasks=len(val_tasks), baselines=baselines,
                             teacher=cfg.teacher.preset if cfg.uses_teacher else None)
         if distilling:  # the reference point: how close an untrained head is to the teacher
-            untrained = validate(model, val_loader, device, autocast, m.grid_size, val_micro, faults)
+            untrained = validate(model, val_loader, device, autocast, m.grid_size, val_micro, faults, ctx)
             start_record["val_feature_cosine"] = untrained["feature_cosine"]
             log.info(f"untrained distillation head: validation feature cosine {untrained['feature_cosine']:.4f}")
         log.metrics("start", **start_record)
@@ -235,6 +259,8 @@ def train(
     stopped_early = False
 
     def save(name: str, val_metrics: dict[str, Any] | None) -> None:
+        if not ctx.is_main:  # every rank holds the same weights; one writes them
+            return
         state.train_micro_batch, state.val_micro_batch = train_micro.size, val_micro.size
         training_state = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
         if device.type == "cuda":
@@ -264,7 +290,7 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 batch = to_device(batch, device)
-                result = train_step(model, optimizer, batch, cfg, autocast, train_micro, faults, state.step + 1)
+                result = train_step(net, optimizer, batch, cfg, autocast, train_micro, faults, state.step + 1, ctx)
                 state.step += 1
                 state.batch_in_epoch += 1
                 if result is None:  # non-finite loss or gradient: no update from this batch
@@ -282,12 +308,12 @@ def train(
                             f"{ckpt_dir / 'last'} (continue with --resume)")
                     continue
                 state.nonfinite_in_row = 0
-                sums, values, n = state.epoch_sums, result.values, len(result.scores)
+                sums, values, n = state.epoch_sums, result.values, result.examples
                 for k, v in values.items():  # feature terms: means over the slots that had a target
                     weight = result.distill_slots if k.startswith("distill_") else n
                     sums[k] = sums.get(k, 0.0) + v * weight
                 sums["distill_slots"] = sums.get("distill_slots", 0.0) + result.distill_slots
-                sums["exact"] = sums.get("exact", 0.0) + sum(s.exact for s in result.scores)
+                sums["exact"] = sums.get("exact", 0.0) + result.exact
                 sums["examples"] = sums.get("examples", 0.0) + n
                 loss = values["loss"]
                 if state.step % cfg.train.log_every == 0:
@@ -320,7 +346,7 @@ def train(
             if state.epoch % cfg.val.every_epochs == 0 or state.epoch == cfg.train.epochs:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # release training activations before validation
-                val_metrics = validate(model, val_loader, device, autocast, m.grid_size, val_micro, faults)
+                val_metrics = validate(model, val_loader, device, autocast, m.grid_size, val_micro, faults, ctx)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 record.update({f"val_{k}": v for k, v in val_metrics.items()})
@@ -342,7 +368,8 @@ def train(
                 save("best", val_metrics)
             if cfg.checkpoint.every_epochs and state.epoch % cfg.checkpoint.every_epochs == 0:
                 save(f"epoch_{state.epoch}", val_metrics)
-            plot_training_curves(log.metrics_path, log_dir / "curves.png", title=run_name)
+            if ctx.is_main:
+                plot_training_curves(log.metrics_path, log_dir / "curves.png", title=run_name)
         if not stopped_early:
             log.info(f"finished: best validation exact match {state.best_exact:.4f} at epoch {state.best_epoch} "
                      f"-> {ckpt_dir / 'best'}")
@@ -365,12 +392,15 @@ def compute_losses(out: Any, batch: dict[str, torch.Tensor], model: SageStudent,
     whole batch's) weight the two mean-reduced terms in "loss" so that the pieces' gradients add up
     to the whole batch's; the terms themselves stay this piece's means."""
     task = answer_cross_entropy(out.logits, batch["target"])
+    # Without a feature term the distillation head still joins the graph, with zero gradient:
+    # data-parallel training needs every parameter to get a gradient on every rank.
+    unused = 0.0 if out.grid_features is None else out.grid_features.sum() * 0.0
     if cfg.distill.weight == 0 or out.grid_features is None:
-        return {"loss": task * task_share}, 0
+        return {"loss": task * task_share + unused}, 0
     mse, cosine, slots = distillation_losses(out.grid_features, model.standardise(batch["teacher_features"]),
                                              batch["teacher_mask"] & out.grid_mask)
     if slots == 0:  # every example of the batch was augmented: nothing to distil
-        return {"loss": task * task_share, "task_loss": task}, 0
+        return {"loss": task * task_share + unused, "task_loss": task}, 0
     d = cfg.distill
     feature = d.cosine_weight * (1.0 - cosine) + d.mse_weight * mse
     loss = task * task_share + d.weight * feature * slot_share
@@ -379,67 +409,81 @@ def compute_losses(out: Any, batch: dict[str, torch.Tensor], model: SageStudent,
 
 @dataclass
 class StepResult:
-    values: dict[str, float]  # loss and its terms, means over the whole batch
+    values: dict[str, float]  # loss and its terms, means over the whole (global) batch
     grad_norm: float
-    scores: list[GridScore]
-    distill_slots: int
+    examples: int  # in the global batch
+    exact: int  # examples whose argmax answer is exactly right (a running train metric)
+    distill_slots: int  # grid slots with a teacher target
 
 
-def train_step(model: SageStudent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                cfg: ExperimentConfig, autocast: Autocast, micro: MicroBatch, faults: FaultInjection,
-               step: int) -> StepResult | None:
-    """One optimiser step on `batch`, pushed through the model `micro.size` examples at a time
-    (gradients accumulated). Out of memory halves `micro.size` and retries the batch. Returns None,
-    without updating anything, when the loss or the gradients are not finite."""
+               step: int, ctx: DistributedContext = DistributedContext()) -> StepResult | None:
+    """One optimiser step on `batch` (this process's part of the global batch), pushed through the
+    model `micro.size` examples at a time (gradients accumulated). Out of memory halves
+    `micro.size` and retries the batch. Returns None, without updating anything, when the loss or
+    the gradients are not finite."""
+    cells = (batch["target"] != PAD).sum().item()
+    teacher_slots = batch["teacher_mask"].sum().item() if "teacher_mask" in batch else 0
+    global_cells, global_slots = ctx.sum([cells, teacher_slots])  # the normalisers of the global batch's means
     while True:
         try:
-            return _accumulate_and_step(model, optimizer, batch, cfg, autocast, micro, faults)
+            return _accumulate_and_step(model, optimizer, batch, cfg, autocast, micro, faults, ctx,
+                                        global_cells, global_slots)
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
             free_memory(batch["target"].device)
             micro.halve(f"step {step}")
 
 
-def _accumulate_and_step(model: SageStudent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                         cfg: ExperimentConfig, autocast: Autocast, micro: MicroBatch,
-                         faults: FaultInjection) -> StepResult | None:
+def _accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                         cfg: ExperimentConfig, autocast: Autocast, micro: MicroBatch, faults: FaultInjection,
+                         ctx: DistributedContext, global_cells: float, global_slots: float) -> StepResult | None:
+    core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     optimizer.zero_grad(set_to_none=True)
     pieces = micro.pieces(batch)
-    cells = (batch["target"] != PAD).sum().item()
-    teacher_slots = batch["teacher_mask"].sum().item() if "teacher_mask" in batch else 0
-    totals: dict[str, torch.Tensor] = {}
-    scores: list[GridScore] = []
-    distill_slots = 0
-    for piece in pieces:
+    whole = len(pieces) == 1 and not ctx.enabled  # shares of exactly 1: the plain, bit-reproducible path
+    distilling = cfg.distill.weight > 0 and cfg.model.kind == "student"
+    totals = dict.fromkeys(["loss"] + (["task_loss", "distill_mse", "distill_cosine"] if distilling else []), 0.0)
+    exact, distill_slots = 0, 0
+    for i, piece in enumerate(pieces):
         make_nan = faults.forward_pass("train")
-        task_share = 1.0 if len(pieces) == 1 else (piece["target"] != PAD).sum().item() / cells
-        piece_slots = piece["teacher_mask"].sum().item() if teacher_slots else 0
-        slot_share = 1.0 if len(pieces) == 1 or not teacher_slots else piece_slots / teacher_slots
-        with autocast():
-            out = model(piece)
-            losses, slots = compute_losses(out, piece, model, cfg, task_share, slot_share)
-        loss = losses["loss"] * math.nan if make_nan else losses["loss"]
-        loss.backward()
+        task_share = 1.0 if whole else (piece["target"] != PAD).sum().item() * ctx.world / global_cells
+        piece_slots = piece["teacher_mask"].sum().item() if global_slots else 0
+        slot_share = 1.0 if whole else piece_slots * ctx.world / global_slots if global_slots else 0.0
+        # DDP averages gradients over ranks when the last piece's backward runs; earlier pieces only accumulate.
+        sync = model.no_sync() if model is not core and i < len(pieces) - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                out = model(piece)
+                losses, slots = compute_losses(out, piece, core, cfg, task_share, slot_share)
+            loss = losses["loss"] * math.nan if make_nan else losses["loss"]
+            loss.backward()
         distill_slots += slots
+        totals["loss"] += loss.detach()  # already weighted by the shares
         for k, v in losses.items():  # the batch's means: each piece's mean weighted by its share
-            if k == "loss":
-                totals[k] = totals.get(k, 0.0) + loss.detach()  # already weighted
-            else:
-                totals[k] = totals.get(k, 0.0) + v.detach() * (slot_share if k.startswith("distill_") else task_share)
-        scores += score_batch(out.logits.detach(), piece["target"], cfg.model.grid_size)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-    values = {k: v.item() for k, v in totals.items()}
-    if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm.item())):
+            if k != "loss":
+                totals[k] += v.detach() * (slot_share if k.startswith("distill_") else task_share)
+        exact += sum(s.exact for s in score_batch(out.logits.detach(), piece["target"], cfg.model.grid_size))
+    grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip).item()
+    keys = list(totals)
+    reduced = ctx.sum([float(totals[k]) for k in keys] + [exact, len(batch["target"]), distill_slots])
+    values = {k: v / ctx.world for k, v in zip(keys, reduced)}
+    exact, examples, distill_slots = (int(x) for x in reduced[len(keys):])
+    if distilling and distill_slots == 0:  # no teacher target anywhere in the batch: no feature terms
+        values = {k: v for k, v in values.items() if not k.startswith("distill_")}
+    if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return None
     optimizer.step()
-    return StepResult(values, grad_norm.item(), scores, distill_slots)
+    return StepResult(values, grad_norm, examples, exact, distill_slots)
 
 
 @torch.inference_mode()
 def validate(
     model: SageStudent, loader: torch.utils.data.DataLoader, device: torch.device, autocast: Autocast,
     grid_size: int, micro: MicroBatch | None = None, faults: FaultInjection | None = None,
+    ctx: DistributedContext = DistributedContext(),
 ) -> dict[str, float]:
     """Task loss and exact match / output size / pixel accuracy (target cells only) on held-out
     tasks; with teacher features, also the distillation head's cosine to them (feature fidelity).
@@ -476,6 +520,8 @@ def validate(
         for loss, n_cells, piece_scores, cosine, count in results:
             loss_sum, cells, scores = loss_sum + loss, cells + n_cells, scores + piece_scores
             cosine_sum, slots = cosine_sum + cosine, slots + count
+    loss_sum, cells, cosine_sum, slots = ctx.sum([loss_sum, cells, cosine_sum, slots])  # over ranks' tasks
+    scores = ctx.gather(scores)
     model.train()
     metrics = {"loss": loss_sum / max(cells, 1), **summarize(scores)}
     if slots:

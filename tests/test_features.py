@@ -133,6 +133,29 @@ def test_shards_k_of_n_and_merge_equal_a_single_run(tmp_path, single_run, arc_ta
         assert_close16(sharded.pooled(task_id, int(j)), reference.pooled(task_id, int(j)))
 
 
+@pytest.mark.slow
+def test_torchrun_extraction_equals_a_single_run(tmp_path, single_run, arc_tasks):
+    """Two processes under torchrun each extract their part; rank 0 reports the merged cache."""
+    ref_cfg, _ = single_run
+    settings = [f"teacher.cache_dir={tmp_path}", "teacher.max_demos=2", "teacher.batch_size=2",
+                "teacher.shard_entries=2", "run.device=cpu"]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "extract_groot_features.py"), "--limit", str(LIMIT), "--no-progress",
+         *[a for s in settings for a in ("--set", s)]],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "part 0 of 2: computed" in result.stdout and "part 1 of 2: computed" in result.stdout
+    assert "feature cache complete" in result.stdout
+    tasks = arc_tasks[:LIMIT]
+    sharded = open_cache(make_cfg(tmp_path).teacher, "arc-agi-1/training", tasks, limit=LIMIT)
+    reference = open_cache(ref_cfg.teacher, "arc-agi-1/training", tasks, limit=LIMIT)
+    assert sorted(sharded.keys()) == sorted(reference.keys())
+    for key in reference.keys():
+        task_id, j = key.rsplit("/", 1)
+        assert_close16(sharded.pooled(task_id, int(j)), reference.pooled(task_id, int(j)))
+
+
 def test_mismatched_cache_is_refused(single_run, arc_tasks):
     cfg, result = single_run
     tasks = arc_tasks[:LIMIT]

@@ -1,0 +1,70 @@
+"""Data-parallel training under torchrun (gloo on the CPU) against the single-process run."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_training import TINY, epoch_records, tiny_config
+
+from sage.distributed import DistributedContext, RankBatchSampler
+from sage.encoding import LengthBucketSampler
+from sage.runlog import read_metrics
+from sage.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_ranks_split_each_global_batch():
+    lengths = [5, 9, 3, 7, 7, 2, 8, 4, 6, 1, 9]
+    single = LengthBucketSampler(lengths, 4, shuffle=True, seed=3)
+    ranks = [RankBatchSampler(LengthBucketSampler(lengths, 4, shuffle=True, seed=3), DistributedContext(r, 2))
+             for r in range(2)]
+    for epoch in (0, 1):
+        single.set_epoch(epoch)
+        for r in ranks:
+            r.set_epoch(epoch)
+        whole = list(single)
+        parts = [list(r) for r in ranks]
+        assert [a + b for a, b in zip(*parts)] == whole  # 11 = 4 + 4 + 3: no example lost or repeated
+    ranks[0].set_epoch(1, skip_batches=2)  # resuming mid-epoch skips whole global steps
+    assert list(ranks[0]) == parts[0][2:]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_training_matches_one_process_and_resumes(tmp_path):
+    """2 processes x batch 4 == 1 process x batch 8, with distillation (global normalisation of the
+    feature term) and a stop + --resume under torchrun in the middle. Tolerance: losses to 1e-5
+    relative, weights to 1e-5 absolute (only the order of float sums differs)."""
+    settings = ["train.epochs=2", "data.num_workers=0", "distill.weight=0.5", "model.teacher_dim=64",
+                f"teacher.cache_dir={tmp_path / 'features'}"]
+
+    def torchrun(*extra: str) -> None:
+        overrides = TINY + settings + [f"run.checkpoint_dir={tmp_path / 'checkpoints'}",
+                                       f"run.log_dir={tmp_path / 'logs'}", "run.name=ddp", "train.batch_size=4"]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   str(REPO / "train_sage.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
+                   *[a for o in overrides for a in ("--set", o)], *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun("--stop-after-steps", "7")  # rank 0 extracts the teacher cache while rank 1 waits
+    torchrun("--resume")
+    train(tiny_config(tmp_path, "single", *settings, "train.batch_size=8"), echo=False)
+
+    log = (tmp_path / "logs" / "ddp" / "train.log").read_text()
+    assert "batches: train 4 per process x 2 processes = 8 per step" in log and "resumed from" in log
+    ddp, single = epoch_records(tmp_path / "logs" / "ddp"), epoch_records(tmp_path / "logs" / "single")
+    assert len(ddp) == len(single) == 2
+    for a, b in zip(ddp, single):
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        for k in a:
+            assert a[k] == (pytest.approx(b[k], rel=1e-5, abs=1e-7) if isinstance(b[k], float) else b[k]), k
+    steps = [[r for r in read_metrics(tmp_path / "logs" / run / "metrics.jsonl") if r["event"] == "train"]
+             for run in ("ddp", "single")]
+    assert [r["distill_cosine"] for r in steps[0]] == pytest.approx([r["distill_cosine"] for r in steps[1]], rel=1e-5)
+    weights = [load_file(tmp_path / "checkpoints" / run / "last" / "model.safetensors") for run in ("ddp", "single")]
+    for k in weights[1]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=1e-5, msg=k)
