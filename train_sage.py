@@ -8,6 +8,7 @@ tail, metrics.jsonl, curves.png, the resolved config.yaml).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sage.arc import ARCDataError
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact; continue with --resume", file=sys.stderr)
         return 130
-    if not summary["stopped_early"]:
+    if not summary["stopped_early"] and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
         print(f"best validation exact match {summary['best_exact_match']:.4f} (epoch {summary['best_epoch']}); "
               f"baselines: " + ", ".join(f"{k} {v['exact_match']:.4f}" for k, v in summary["baselines"].items()))
     return 0
