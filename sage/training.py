@@ -423,13 +423,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     model `micro.size` examples at a time (gradients accumulated). Out of memory halves
     `micro.size` and retries the batch. Returns None, without updating anything, when the loss or
     the gradients are not finite."""
-    cells = (batch["target"] != PAD).sum().item()
-    teacher_slots = batch["teacher_mask"].sum().item() if "teacher_mask" in batch else 0
-    global_cells, global_slots = ctx.sum([cells, teacher_slots])  # the normalisers of the global batch's means
+    global_cells = global_slots = None
     while True:
+        # The normalisers of the global batch's means, needed only to weight pieces (each count is a
+        # device sync before the forward pass; a whole batch in one process has shares of exactly 1).
+        if global_cells is None and (micro.size < len(batch["target"]) or ctx.enabled):
+            cells = (batch["target"] != PAD).sum().item()
+            teacher_slots = batch["teacher_mask"].sum().item() if "teacher_mask" in batch else 0
+            global_cells, global_slots = ctx.sum([cells, teacher_slots])
         try:
             return _accumulate_and_step(model, optimizer, batch, cfg, autocast, micro, faults, ctx,
-                                        global_cells, global_slots)
+                                        global_cells or 0.0, global_slots or 0.0)
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
             free_memory(batch["target"].device)
@@ -449,7 +453,7 @@ def _accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimize
     for i, piece in enumerate(pieces):
         make_nan = faults.forward_pass("train")
         task_share = 1.0 if whole else (piece["target"] != PAD).sum().item() * ctx.world / global_cells
-        piece_slots = piece["teacher_mask"].sum().item() if global_slots else 0
+        piece_slots = piece["teacher_mask"].sum().item() if global_slots and not whole else 0
         slot_share = 1.0 if whole else piece_slots * ctx.world / global_slots if global_slots else 0.0
         # DDP averages gradients over ranks when the last piece's backward runs; earlier pieces only accumulate.
         sync = model.no_sync() if model is not core and i < len(pieces) - 1 else contextlib.nullcontext()
@@ -465,9 +469,13 @@ def _accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimize
             if k != "loss":
                 totals[k] += v.detach() * (slot_share if k.startswith("distill_") else task_share)
         exact += sum(s.exact for s in score_batch(out.logits.detach(), piece["target"], cfg.model.grid_size))
-    grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip).item()
+    norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
     keys = list(totals)
-    reduced = ctx.sum([float(totals[k]) for k in keys] + [exact, len(batch["target"]), distill_slots])
+    # One device-to-host transfer for the loss terms and the gradient norm, not one per number.
+    numbers = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=norm.device) for k in keys]
+                          + [norm.float()]).tolist()
+    grad_norm = numbers.pop()
+    reduced = ctx.sum(numbers + [exact, len(batch["target"]), distill_slots])
     values = {k: v / ctx.world for k, v in zip(keys, reduced)}
     exact, examples, distill_slots = (int(x) for x in reduced[len(keys):])
     if distilling and distill_slots == 0:  # no teacher target anywhere in the batch: no feature terms

@@ -1,0 +1,1 @@
+"""Performance benchmarks of the SAGE suite (run `python -m benchmarks.bench --help`)."""
