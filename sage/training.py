@@ -33,7 +33,7 @@ from sage.losses import answer_cross_entropy, distillation_losses
 from sage.metrics import GridScore, score_baselines, score_canvas, summarize
 from sage.recovery import FaultInjection, MicroBatch, TrainingError, all_finite, free_memory
 from sage.runlog import RunLog, SilentLog, plot_training_curves, read_metrics
-from sage_student_model import SageStudent, build_model, parameter_breakdown
+from sage_student_model import SageStudent, StudentConfig, build_model, parameter_breakdown
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -161,7 +161,8 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
     # Resume first: a bad checkpoint should fail before minutes of data loading.
     checkpoint = load_checkpoint(ckpt_dir / "last") if resume else None
     if checkpoint is not None:
-        saved_model = checkpoint.meta["config"]["model"]
+        # Keys added since the checkpoint was written take their defaults.
+        saved_model = {**asdict(StudentConfig()), **checkpoint.meta["config"]["model"]}
         if saved_model != asdict(cfg.model):
             diff = {k: (saved_model.get(k), v) for k, v in asdict(cfg.model).items() if saved_model.get(k) != v}
             raise CheckpointError(f"{checkpoint.path}: model config differs from the checkpoint's: {diff}")
