@@ -71,13 +71,11 @@ from sage.arc import load_dataset  # noqa: E402
 from sage.config import ExperimentConfig, from_dict, load_config  # noqa: E402
 from sage.device import resolve_device  # noqa: E402
 from sage.distill import TeacherTargets  # noqa: E402
-from sage.encoding import (  # noqa: E402
-    PAD, ARCExamples, LengthBucketSampler, collate, evaluation_examples, training_examples,
-)
+from sage.encoding import PAD, ARCExamples, LengthBucketSampler, collate  # noqa: E402
 import sage.training as training  # noqa: E402
 from sage.recovery import FaultInjection, MicroBatch  # noqa: E402
 from sage.training import (  # noqa: E402
-    Autocast, Splits, compute_losses, load_splits, make_optimizer, to_device, train_step, validate,
+    Autocast, Splits, compute_losses, load_splits, make_datasets, make_optimizer, to_device, train_step, validate,
 )
 from sage_student_model import build_model  # noqa: E402
 
@@ -154,8 +152,8 @@ class Data:
 
 
 def build_data(cfg: ExperimentConfig) -> Data:
-    """Training and validation examples built as sage.training.train builds them, with random
-    teacher targets in place of the cache when the config uses a teacher."""
+    """Training and validation examples from sage.training.make_datasets, as training builds them,
+    with random teacher targets in place of the cache when the config uses a teacher."""
     splits, m = load_splits(cfg), cfg.model
     targets, teacher = None, "none (distill.weight 0)"
     if cfg.uses_teacher:
@@ -164,13 +162,7 @@ def build_data(cfg: ExperimentConfig) -> Data:
         targets = TeacherTargets(RandomTeacherCache(m.teacher_dim, cfg.teacher.max_demos), m.num_grid_slots)
         teacher = (f"RANDOM {m.teacher_dim}-d targets of the real shape (distill.weight {cfg.distill.weight}; "
                    f"no teacher was run)")
-    train_set = ARCExamples(
-        splits.train, training_examples(splits.train, cfg.data.use_test_pairs), m.grid_size, m.max_demos,
-        cfg.data.max_context_tokens, augment=cfg.data.augment, seed=cfg.run.seed,
-        augment_probability=cfg.data.augment_probability, teacher=targets,
-    )
-    val_set = ARCExamples(splits.val, evaluation_examples(splits.val), m.grid_size, m.max_demos,
-                          cfg.data.max_context_tokens, teacher=targets)
+    train_set, val_set = make_datasets(cfg, splits, targets, targets)
     return Data(splits, train_set, val_set, teacher)
 
 

@@ -113,6 +113,11 @@ class ExperimentConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     @property
+    def distills(self) -> bool:
+        """Whether the student is trained against teacher features (a distillation term in the loss)."""
+        return self.model.kind == "student" and self.distill.weight > 0
+
+    @property
     def uses_teacher(self) -> bool:
         """Whether training reads the teacher's feature cache."""
         return self.distill.weight > 0 or self.model.kind == "probe"

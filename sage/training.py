@@ -26,7 +26,7 @@ from sage.config import ExperimentConfig, save_config
 from sage.device import resolve_device
 from sage.distributed import (DistributedContext, RankBatchSampler, examples_of_rank, init_distributed,
                               shutdown_distributed)
-from sage.distill import ensure_teacher_cache, feature_statistics, teacher_targets
+from sage.distill import TeacherTargets, ensure_teacher_cache, feature_statistics, teacher_targets
 from sage.encoding import (PAD, ARCExamples, LengthBucketSampler, canvas_to_grid, collate, evaluation_examples,
                            training_examples)
 from sage.losses import answer_cross_entropy, distillation_losses
@@ -61,6 +61,23 @@ def load_splits(cfg: ExperimentConfig) -> Splits:
         val, shared = drop_shared_tasks(train, val_dataset, "validation")
     assert_task_disjoint(train, val)
     return Splits(train, val, tasks, val_dataset, shared)
+
+
+def make_datasets(
+    cfg: ExperimentConfig, splits: Splits, train_teacher: TeacherTargets | None = None,
+    val_teacher: TeacherTargets | None = None, ctx: DistributedContext = DistributedContext(),
+) -> tuple[ARCExamples, ARCExamples]:
+    """Training examples (each pair of a training task once as the query, augmented as configured)
+    and validation examples (the held-out tasks' test outputs; under torchrun, this rank's tasks)."""
+    m, d = cfg.model, cfg.data
+    train_set = ARCExamples(
+        splits.train, training_examples(splits.train, d.use_test_pairs), m.grid_size, m.max_demos,
+        d.max_context_tokens, augment=d.augment, seed=cfg.run.seed, augment_probability=d.augment_probability,
+        teacher=train_teacher,
+    )
+    val_set = ARCExamples(splits.val, examples_of_rank(evaluation_examples(splits.val), ctx), m.grid_size,
+                          m.max_demos, d.max_context_tokens, teacher=val_teacher)
+    return train_set, val_set
 
 
 def lr_at(step: int, cfg: ExperimentConfig, total_steps: int) -> float:
@@ -185,13 +202,7 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
             val_cache = train_cache if cfg.data.val == "holdout" else ensure_teacher_cache(
                 cfg, cfg.data.val, splits.val_dataset, log.info)
         train_teacher, val_teacher = teacher_targets(train_cache, m), teacher_targets(val_cache, m)
-    train_set = ARCExamples(
-        train_tasks, training_examples(train_tasks, cfg.data.use_test_pairs), m.grid_size, m.max_demos,
-        cfg.data.max_context_tokens, augment=cfg.data.augment, seed=cfg.run.seed,
-        augment_probability=cfg.data.augment_probability, teacher=train_teacher,
-    )
-    val_set = ARCExamples(val_tasks, examples_of_rank(evaluation_examples(val_tasks), ctx), m.grid_size,
-                          m.max_demos, cfg.data.max_context_tokens, teacher=val_teacher)
+    train_set, val_set = make_datasets(cfg, splits, train_teacher, val_teacher, ctx)
     global_batch = cfg.train.batch_size * ctx.world
     train_sampler = LengthBucketSampler(train_set.lengths, global_batch, shuffle=True, seed=cfg.run.seed)
     if ctx.enabled:
@@ -202,7 +213,7 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
     val_loader = torch.utils.data.DataLoader(val_set, batch_sampler=val_sampler, **loader_args)
 
     model = build_model(m).to(device)  # `net` below: the same model, wrapped for data-parallel training
-    distilling = m.kind == "student" and cfg.distill.weight > 0
+    distilling = cfg.distills
     if distilling and checkpoint is None:
         mean, std = feature_statistics(train_teacher.cache, train_tasks)
         model.teacher_mean.copy_(mean)
@@ -448,7 +459,7 @@ def _accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimize
     optimizer.zero_grad(set_to_none=True)
     pieces = micro.pieces(batch)
     whole = len(pieces) == 1 and not ctx.enabled  # shares of exactly 1: the plain, bit-reproducible path
-    distilling = cfg.distill.weight > 0 and cfg.model.kind == "student"
+    distilling = cfg.distills
     totals = dict.fromkeys(["loss"] + (["task_loss", "distill_mse", "distill_cosine"] if distilling else []), 0.0)
     exact, distill_slots = 0, 0
     for i, piece in enumerate(pieces):
