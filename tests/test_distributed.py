@@ -2,19 +2,16 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import TINY, epoch_records, tiny_config
+from test_training import epoch_records, tiny_command, tiny_config
 
 from sage.distributed import DistributedContext, RankBatchSampler
 from sage.encoding import LengthBucketSampler
 from sage.runlog import read_metrics
 from sage.training import train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_ranks_split_each_global_batch():
@@ -42,11 +39,8 @@ def test_two_process_gloo_training_matches_one_process_and_resumes(tmp_path):
                 f"teacher.cache_dir={tmp_path / 'features'}"]
 
     def torchrun(*extra: str) -> None:
-        overrides = TINY + settings + [f"run.checkpoint_dir={tmp_path / 'checkpoints'}",
-                                       f"run.log_dir={tmp_path / 'logs'}", "run.name=ddp", "train.batch_size=4"]
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   str(REPO / "train_sage.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
-                   *[a for o in overrides for a in ("--set", o)], *extra]
+                   *tiny_command(tmp_path, "ddp", *settings, "train.batch_size=4")[1:], *extra]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
 

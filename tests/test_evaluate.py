@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_training import TINY as TRAINING_TINY
 
 from sage.arc import load_task_dir
 from sage.config import load_config
@@ -29,13 +30,10 @@ from sage.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 
-# As tests/test_training.py's TINY: fewer tasks, one epoch, distilling the tiny teacher (64-d features).
-TINY = [
-    "data.train=synthetic", "data.synthetic.num_tasks=30", "data.val_fraction=0.2",
-    "data.max_context_tokens=108", "model.grid_size=5", "model.max_demos=3", "model.d_model=32",
-    "model.encoder_layers=1", "model.decoder_layers=1", "model.teacher_dim=64", "model.distill_hidden=16",
-    "train.epochs=1", "train.batch_size=8", "train.warmup_steps=3", "train.log_every=2", "train.lr=1e-3",
-    "val.batch_size=16", "checkpoint.every_epochs=0", "run.device=cpu", "teacher.batch_size=8", "distill.weight=1.0",
+# tests/test_training.py's TINY with fewer tasks, one epoch, distilling the tiny teacher (64-d features).
+TINY = TRAINING_TINY + [
+    "data.synthetic.num_tasks=30", "model.teacher_dim=64", "train.epochs=1", "checkpoint.every_epochs=0",
+    "teacher.batch_size=8", "distill.weight=1.0",
 ]
 PROBE = ["model.kind=probe", "distill.weight=0", "data.augment=false"]
 

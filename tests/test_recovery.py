@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import TINY, epoch_records, tiny_config
+from test_training import epoch_records, tiny_command, tiny_config
 
 import train_sage
 from sage.encoding import ARCExamples, collate, training_examples
@@ -98,21 +98,13 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def cli(tmp_path, name, *extra):
-    """train_sage.py's command line for a tiny run in tmp_path."""
-    overrides = TINY + [f"run.checkpoint_dir={tmp_path / 'checkpoints'}", f"run.log_dir={tmp_path / 'logs'}",
-                        f"run.name={name}", *extra]
-    return [sys.executable, str(REPO / "train_sage.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
-            *[a for o in overrides for a in ("--set", o)]]
-
-
 @pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     settings = ["train.epochs=4", "checkpoint.every_steps=3", "data.num_workers=0"]
-    straight = subprocess.run(cli(tmp_path, "straight", *settings), capture_output=True, text=True, timeout=600)
+    straight = subprocess.run(tiny_command(tmp_path, "straight", *settings), capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr
 
-    victim = subprocess.Popen(cli(tmp_path, "killed", *settings), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    victim = subprocess.Popen(tiny_command(tmp_path, "killed", *settings), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     meta = tmp_path / "checkpoints" / "killed" / "last" / "meta.json"
     deadline = time.time() + 300
     while time.time() < deadline and victim.poll() is None:  # kill once a mid-epoch checkpoint of epoch 2 exists
@@ -129,7 +121,7 @@ def test_kill_9_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     killed_at = json.loads(meta.read_text())["train_state"]
     assert killed_at["epoch"] < 4
 
-    resumed = subprocess.run(cli(tmp_path, "killed", *settings) + ["--resume"], capture_output=True, text=True,
+    resumed = subprocess.run(tiny_command(tmp_path, "killed", *settings) + ["--resume"], capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in (tmp_path / "logs" / "killed" / "train.log").read_text()
@@ -183,7 +175,7 @@ def test_malformed_inputs_fail_cleanly_and_touch_nothing(tmp_path, capsys):
     """Each mistake gets one "error: ..." message naming what and where, exit code 2, no traceback, and
     the existing checkpoints and teacher cache are byte for byte the same afterwards."""
     distil = ["distill.weight=0.5", "model.teacher_dim=64", f"teacher.cache_dir={tmp_path / 'features'}"]
-    assert run_cli(cli(tmp_path, "good", *distil, "train.epochs=1"), capsys)[0] == 0
+    assert run_cli(tiny_command(tmp_path, "good", *distil, "train.epochs=1"), capsys)[0] == 0
     cache = next((tmp_path / "features").rglob("manifest.json")).parent
     before = fingerprint_tree(tmp_path)
 
@@ -196,20 +188,20 @@ def test_malformed_inputs_fail_cleanly_and_touch_nothing(tmp_path, capsys):
         data = tmp_path / "bad_data" / name
         write_task(data, "fine", {"train": [GOOD_PAIR], "test": [GOOD_PAIR]})
         write_task(data, name, content)
-        fails(cli(tmp_path, f"bad-{name}", f"data.train={data}"), message)
-    fails(cli(tmp_path, "typo", "train.bacth_size=4"), r"unknown key 'train.bacth_size'")
+        fails(tiny_command(tmp_path, f"bad-{name}", f"data.train={data}"), message)
+    fails(tiny_command(tmp_path, "typo", "train.bacth_size=4"), r"unknown key 'train.bacth_size'")
     bad_yaml = tmp_path / "typo.yaml"
     bad_yaml.write_text((REPO / "configs" / "smoke.yaml").read_text() + "\nvalidation:\n  batch_size: 2\n")
     fails([sys.executable, "train_sage.py", "--config", str(bad_yaml)], r"typo.yaml.*unknown key 'validation'")
     # A checkpoint from another model config, and a run name that already has checkpoints.
-    fails(cli(tmp_path, "good", *distil, "model.d_model=64") + ["--resume"], r"model config differs")
-    fails(cli(tmp_path, "good", *distil), r"already has checkpoints")
+    fails(tiny_command(tmp_path, "good", *distil, "model.d_model=64") + ["--resume"], r"model config differs")
+    fails(tiny_command(tmp_path, "good", *distil), r"already has checkpoints")
 
     # A cache made for another dataset (same name, other tasks), or by another teacher view and
     # copied to where this config looks.
-    fails(cli(tmp_path, "dataset", *distil, "data.synthetic.num_tasks=30"), r"dataset")
+    fails(tiny_command(tmp_path, "dataset", *distil, "data.synthetic.num_tasks=30"), r"dataset")
     shutil.copytree(cache, cache.parent.parent / "with_answer" / cache.name)
-    fails(cli(tmp_path, "view", *distil, "teacher.view=with_answer"), r"view.*task_context.*with_answer")
+    fails(tiny_command(tmp_path, "view", *distil, "teacher.view=with_answer"), r"view.*task_context.*with_answer")
 
     # Truncated or corrupted files: the error names the file.
     shard = next(cache.rglob("*.safetensors"))
@@ -217,10 +209,10 @@ def test_malformed_inputs_fail_cleanly_and_touch_nothing(tmp_path, capsys):
     shutil.copytree(tmp_path / "features", damaged)
     damaged_shard = damaged / shard.relative_to(tmp_path / "features")
     damaged_shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    fails(cli(tmp_path, "shard", *distil[:2], f"teacher.cache_dir={damaged}"),
+    fails(tiny_command(tmp_path, "shard", *distil[:2], f"teacher.cache_dir={damaged}"),
           re.escape(str(damaged_shard)) + r".*truncated or corrupted")
     damaged_shard.write_bytes(b"\xff" * 64)
-    fails(cli(tmp_path, "shard", *distil[:2], f"teacher.cache_dir={damaged}"), re.escape(str(damaged_shard)))
+    fails(tiny_command(tmp_path, "shard", *distil[:2], f"teacher.cache_dir={damaged}"), re.escape(str(damaged_shard)))
 
     for broken, what in (("model.safetensors", "cannot read weights"), ("training_state.pt", "cannot read training"),
                          ("meta.json", "corrupted")):
@@ -228,7 +220,7 @@ def test_malformed_inputs_fail_cleanly_and_touch_nothing(tmp_path, capsys):
         shutil.copytree(tmp_path / "checkpoints" / "good", run)
         path = run / "last" / broken
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-        fails(cli(tmp_path, f"broken-{broken}", *distil) + ["--resume"], re.escape(str(path)) + ".*" + what)
+        fails(tiny_command(tmp_path, f"broken-{broken}", *distil) + ["--resume"], re.escape(str(path)) + ".*" + what)
         shutil.rmtree(run)
     shutil.rmtree(damaged)
     shutil.rmtree(cache.parent.parent / "with_answer")

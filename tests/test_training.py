@@ -25,10 +25,20 @@ TINY = [
 ]
 
 
+def tiny_overrides(tmp_path, name, *extra):
+    """TINY for run `name`, writing checkpoints and logs under tmp_path; `extra` overrides win."""
+    return TINY + [f"run.checkpoint_dir={tmp_path / 'checkpoints'}", f"run.log_dir={tmp_path / 'logs'}",
+                   f"run.name={name}", *extra]
+
+
 def tiny_config(tmp_path, name, *extra):
-    overrides = TINY + [f"run.checkpoint_dir={tmp_path / 'checkpoints'}", f"run.log_dir={tmp_path / 'logs'}",
-                        f"run.name={name}", *extra]
-    return load_config(REPO / "configs" / "smoke.yaml", overrides)
+    return load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(tmp_path, name, *extra))
+
+
+def tiny_command(tmp_path, name, *extra):
+    """The same run as train_sage.py's command line: [python, train_sage.py, --config, ..., --set, ...]."""
+    return [sys.executable, str(REPO / "train_sage.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
+            *[a for o in tiny_overrides(tmp_path, name, *extra) for a in ("--set", o)]]
 
 
 def epoch_records(log_dir):
