@@ -131,15 +131,19 @@ def forward_flops_by_component(model: torch.nn.Module, batch: dict[str, torch.Te
 class RandomTeacherCache:
     """Stands in for sage.features.FeatureCache when the config distils: random features of the
     configured teacher's width for the grids its task_context prompt shows (the demonstrations up
-    to teacher.max_demos and that prompt's test input), so sage.distill.TeacherTargets lines them
-    up with the student's slots as in training. Only shapes and loading cost matter here."""
+    to teacher.max_demos and the query input), so sage.distill.TeacherTargets lines them up with
+    the student's slots as in training. Only shapes and loading cost matter here."""
 
-    def __init__(self, dim: int, max_demos: int, dtype: torch.dtype = torch.float16) -> None:
+    def __init__(self, dim: int, view: str, max_demos: int, dtype: torch.dtype = torch.float16) -> None:
         self.dim, self.max_demos, self.dtype = dim, max_demos, dtype
+        self.identity = {"view": view, "prompt": {"max_demos": max_demos}}
 
-    def lookup(self, task_id: str, test_index: int, roles: list) -> tuple[torch.Tensor, torch.Tensor]:
-        seen = torch.tensor([(r.part == "train" and r.index < self.max_demos)
-                             or (r.part == "test" and r.index == test_index and r.side == "input") for r in roles])
+    def missing(self, keys: Any) -> list[str]:
+        return []
+
+    def lookup(self, key: str, roles: list) -> tuple[torch.Tensor, torch.Tensor]:
+        # roles in slot order: (input, output) of each demonstration, then the query input
+        seen = torch.tensor([i < 2 * self.max_demos or i == len(roles) - 1 for i in range(len(roles))])
         return torch.randn(len(roles), self.dim).to(self.dtype) * seen[:, None], seen
 
 
@@ -159,7 +163,8 @@ def build_data(cfg: ExperimentConfig) -> Data:
     if cfg.uses_teacher:
         if m.kind == "probe" and m.probe_input == "tokens":
             raise SystemExit("error: the benchmark has no stand-in for token-reading probes (model.probe_input=tokens)")
-        targets = TeacherTargets(RandomTeacherCache(m.teacher_dim, cfg.teacher.max_demos), m.num_grid_slots)
+        stand_in = RandomTeacherCache(m.teacher_dim, cfg.teacher.view, cfg.teacher.max_demos)
+        targets = TeacherTargets(stand_in, m.num_grid_slots)
         teacher = (f"RANDOM {m.teacher_dim}-d targets of the real shape (distill.weight {cfg.distill.weight}; "
                    f"no teacher was run)")
     train_set, val_set = make_datasets(cfg, splits, targets, targets)
@@ -420,7 +425,8 @@ def cache_section(cfg: ExperimentConfig, data: Data, n_tasks: int, log: Log) -> 
     from sage.features import CacheWriter, EntryFeatures, FeatureCache, build_spec, finalize
     from sage.teacher.extract import Teacher, run_extraction
     from sage.teacher.presets import get_preset
-    from sage.teacher.prompt import instruction_for, view_examples
+    from sage.distill import prompts_for_dataset
+    from sage.teacher.prompt import instruction_for
     from sage.teacher.tokenizer import load_tokenizer
 
     tc, m = cfg.teacher, cfg.model
@@ -428,7 +434,7 @@ def cache_section(cfg: ExperimentConfig, data: Data, n_tasks: int, log: Log) -> 
     real_dim = get_preset(tc.preset).feature_dim
     value_bytes = torch.empty((), dtype=getattr(torch, tc.feature_dtype)).element_size()
     result: dict[str, Any] = {"teacher": tc.preset, "feature_dim": real_dim, "feature_dtype": tc.feature_dtype,
-                              "per": "prompt = cache entry = one test input of a task (what one example reads)"}
+                              "per": "prompt = cache entry = one student example (what one example reads)"}
     with tempfile.TemporaryDirectory(prefix="sage-bench-cache-") as tmp:
         tiny = replace(tc, preset="groot-n1.5-tiny", checkpoint_dir=None, tokenizer_dir=None, cache_dir=tmp,
                        dataset=dataset, token_features=False)
@@ -437,7 +443,8 @@ def cache_section(cfg: ExperimentConfig, data: Data, n_tasks: int, log: Log) -> 
             what = "pooled + token features" if tokens else "pooled features"
             log(f"cache: extracting the tiny teacher's {what} of the first {n_tasks} tasks of {dataset}")
             run = replace(cfg, teacher=replace(tiny, token_features=tokens))
-            ex = run_extraction(run, limit=n_tasks, progress=False, log=lambda s: None)
+            ex = run_extraction(run, prompts_for_dataset(run, dataset, tasks[:n_tasks]), limit=n_tasks, progress=False,
+                                log=lambda s: None)
             manifest = json.loads((ex.directory / "manifest.json").read_text())
             dim = manifest["spec"]["identity"]["features"]["dim"]
             entries = manifest["entries"].values()
@@ -454,7 +461,7 @@ def cache_section(cfg: ExperimentConfig, data: Data, n_tasks: int, log: Log) -> 
         # Every prompt of the dataset at the configured teacher's width: tensor bytes from the
         # prompt's grids (pooled) and tokens, plus the per-entry overhead measured above (headers,
         # manifest: independent of the width).
-        prompts = view_examples(tasks, tc.view, tc.max_demos)
+        prompts = prompts_for_dataset(cfg, dataset, tasks)
         real_tokenizer = tc.tokenizer_dir is not None and Path(tc.tokenizer_dir).expanduser().is_dir()
         tokenizer = load_tokenizer(tc.tokenizer_dir if real_tokenizer else None, allow_builtin=True)
         arch = get_preset(tc.preset)
@@ -486,7 +493,7 @@ def cache_section(cfg: ExperimentConfig, data: Data, n_tasks: int, log: Log) -> 
         directory = Path(tmp) / "real-width"
         writer = CacheWriter(directory, spec, shard_entries=tc.shard_entries)
         for p in prompts:
-            writer.add(EntryFeatures(p.task_id, p.test_index, p.roles, torch.randn(len(p.grids), real_dim)))
+            writer.add(EntryFeatures(p.key, p.task_id, p.query, p.demos, p.roles, torch.randn(len(p.grids), real_dim)))
         writer.flush()
         finalize(directory, spec, [p.key for p in prompts])
         file_bytes = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
@@ -494,7 +501,7 @@ def cache_section(cfg: ExperimentConfig, data: Data, n_tasks: int, log: Log) -> 
         examples = data.train_set
         started = time.perf_counter()
         for ref, demos in zip(examples.refs, examples.kept_demos):
-            targets.for_example(examples.tasks[ref.task_index], demos, ref.query, ref.test_index, m.max_demos)
+            targets.for_example(examples.tasks[ref.task_index], demos, ref.query, m.max_demos)
         read_s = time.perf_counter() - started
         result["real_width_pooled"] = {
             "prompts": len(prompts), "file_bytes": file_bytes, "bytes_per_prompt_mean": file_bytes / len(prompts),

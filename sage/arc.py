@@ -58,7 +58,7 @@ class Task:
         return out
 
     def fingerprint(self) -> str:
-        """Content hash of the task's inputs: finds the same task under another id or dataset."""
+        """Content hash of the task's inputs, for caches keyed on a dataset's content (sage/features.py)."""
         h = hashlib.sha1()
         for pair in self.train + self.test:
             h.update(np.asarray(pair.input.shape, dtype=np.int64).tobytes())
@@ -225,56 +225,6 @@ def split_by_task(tasks: Sequence[Task], val_fraction: float, seed: int) -> tupl
     train = [t for i, t in enumerate(tasks) if i not in val_idx]
     val = [t for i, t in enumerate(tasks) if i in val_idx]
     return train, val
-
-
-# A held-out set that shares more than this share of its tasks with training is not held out (e.g.
-# ARC-AGI-2 training holds 376 of ARC-AGI-1's 400 evaluation tasks): refused. Below it, the shared
-# tasks are a data-set quirk (ARC-AGI-1 evaluation task 070dd51e is training task 40853293 grid for
-# grid): they are left out, by name, in the log or report.
-MAX_SHARED_SHARE = 0.05
-
-
-def overlapping_tasks(train: Sequence[Task], held_out: Sequence[Task]) -> dict[str, str]:
-    """{held-out task id: training task id} for held-out tasks that are training tasks by id or by
-    content (the criteria of assert_task_disjoint)."""
-    ids = {t.id for t in train}
-    prints = {t.fingerprint(): t.id for t in train}
-    overlap = {}
-    for t in held_out:
-        if t.id in ids:
-            overlap[t.id] = t.id
-        elif t.fingerprint() in prints:
-            overlap[t.id] = prints[t.fingerprint()]
-    return overlap
-
-
-def drop_shared_tasks(train: Sequence[Task], held_out: Sequence[Task], what: str) -> tuple[list[Task], dict[str, str]]:
-    """`held_out` without the few tasks it shares with `train` (see MAX_SHARED_SHARE), and those
-    left out; refuses a set that mostly overlaps."""
-    overlap = overlapping_tasks(train, held_out)
-    if len(overlap) > MAX_SHARED_SHARE * len(held_out):
-        first = next(iter(overlap))
-        raise ARCDataError(
-            f"{len(overlap)} of the {len(held_out)} {what} tasks are training tasks (by id or identical grids, e.g. "
-            f"'{first}' = training task '{overlap[first]}'): choose a held-out set disjoint from training "
-            "(ARC-AGI-2 training contains most ARC-AGI-1 evaluation tasks)"
-        )
-    return [t for t in held_out if t.id not in overlap], overlap
-
-
-def assert_task_disjoint(train: Sequence[Task], held_out: Sequence[Task], what: str = "validation") -> None:
-    """Refuse a split where a held-out task also appears in training, by id or by content."""
-    train_ids = {t.id for t in train}
-    train_prints = {t.fingerprint(): t.id for t in train}
-    for t in held_out:
-        if t.id in train_ids:
-            raise ARCDataError(f"{what} task '{t.id}' ({t.source}) is also a training task: splits must be by task")
-        twin = train_prints.get(t.fingerprint())
-        if twin is not None:
-            raise ARCDataError(
-                f"{what} task '{t.id}' ({t.source}) has the same grids as training task '{twin}': "
-                "the sets overlap (ARC-AGI-2 training contains most ARC-AGI-1 evaluation tasks)"
-            )
 
 
 # ----------------------------------------------------------------------------- augmentations

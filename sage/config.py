@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import yaml
 
 from sage.encoding import min_context_tokens
-from sage.teacher.config import TeacherConfig, teacher_problems
+from sage.teacher.config import LEAKING_VIEWS, TeacherConfig, teacher_problems
 from sage.teacher.presets import PRESETS as TEACHER_PRESETS
 from sage_student_model import StudentConfig
 
@@ -59,7 +59,7 @@ class DataConfig:
     # Share of training examples augmented (when augment is true). The teacher saw the tasks as given,
     # so distillation targets exist only for the un-augmented rest.
     augment_probability: float = 1.0
-    max_context_tokens: int = 4096  # context cap (policy: sage/encoding.py)
+    max_context_tokens: int = 8704  # context cap (policy: sage/encoding.py); fits every ARC-AGI-1 task
     num_workers: int = 0  # DataLoader worker processes
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -153,6 +153,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Exper
     cfg = from_dict(ExperimentConfig, raw, where)
     if cfg.run.name is None:
         cfg.run.name = Path(path).stem if path is not None else "default"
+    if cfg.teacher.max_demos is None:  # the teacher sees what the student sees
+        cfg.teacher.max_demos = cfg.model.max_demos
     check(cfg, where)
     return cfg
 
@@ -258,6 +260,24 @@ def check(cfg: ExperimentConfig, where: str) -> None:
                 need(1 <= m.probe_token_side <= side,
                      f"model.probe_token_side must be 1..{side} (teacher {cfg.teacher.preset} sees each grid as "
                      f"{side}x{side} image tokens), got {m.probe_token_side}")
+    if cfg.uses_teacher:
+        tc = cfg.teacher
+        if tc.view in LEAKING_VIEWS:
+            if m.kind == "probe":
+                problems.append(f"teacher.view={tc.view} shows the teacher the answer: a probe may not read it "
+                                "(use teacher.view=task_context)")
+            else:
+                need(tc.allow_answer_view,
+                     f"teacher.view={tc.view} shows the teacher each example's answer (privileged information): "
+                     "distil from it only in an explicit experiment, with teacher.allow_answer_view=true")
+        need(tc.max_demos == m.max_demos,
+             f"teacher.max_demos ({tc.max_demos}) must equal model.max_demos ({m.max_demos}) when the student reads "
+             "teacher features: each prompt shows the demonstrations its student example shows (fewer would leave "
+             "slots without targets, more are never shown)")
+        need(not (m.kind == "student" and cfg.distill.weight > 0 and d.augment and d.augment_probability == 1.0),
+             f"distill.weight={cfg.distill.weight} with data.augment=true and data.augment_probability=1.0 distils "
+             "nothing: the teacher saw the tasks as given, so only un-augmented examples carry targets. Lower "
+             "data.augment_probability (e.g. 0.5) or set distill.weight=0")
     if cfg.uses_teacher and cfg.teacher.preset in TEACHER_PRESETS:
         width = TEACHER_PRESETS[cfg.teacher.preset].feature_dim
         need(m.teacher_dim == width,

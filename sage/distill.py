@@ -1,11 +1,16 @@
-"""Teacher features for training: make sure the cache exists, line its features up with the
-student's context slots, and compute the standardisation statistics.
+"""Teacher features for training: which prompts a run reads, making sure the cache holds them, lining
+their features up with the student's context slots, and the standardisation statistics.
+
+Every student example has its own teacher prompt, built the way evaluation builds one: the
+demonstrations the student sees, in its order (the first teacher.max_demos of them), then the query
+input, and nothing after it (sage/teacher/prompt.py). So a training example whose query is a
+demonstration never shows the teacher its own answer, and the features of the same example are the
+same in training and at evaluation.
 
 The student's context slot of demo k's input is 2k, of its output 2k + 1, of the query input
-2 * max_demos (sage/encoding.py). The cache stores one row per grid the teacher saw, by role
-(train/0/input, ...); `TeacherTargets` maps one onto the other. Grids the teacher never saw
-(a test pair's output used as a demonstration in leave-one-out training, demonstrations beyond
-teacher.max_demos) get mask False and no loss.
+2 * max_demos (sage/encoding.py). The cache stores one row per grid of the prompt, by role
+(train/0/input, ...); `TeacherTargets` maps one onto the other. Demonstrations beyond
+teacher.max_demos get mask False and no loss.
 """
 
 from __future__ import annotations
@@ -17,39 +22,79 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from sage.arc import Task
+from sage.arc import Task, split_by_task
 from sage.config import ExperimentConfig
+from sage.encoding import evaluation_examples, fit_demos, training_examples
 from sage.features import FeatureCache, FeatureCacheError, cache_path, example_roles, open_cache
 from sage.teacher.config import LEAKING_VIEWS
+from sage.teacher.prompt import TeacherExample, example_key, shown_demos, view_example
 
 if TYPE_CHECKING:
     from sage_student_model import StudentConfig
 
 
+def prompts_for_dataset(cfg: ExperimentConfig, dataset: str, tasks: Sequence[Task]) -> list[TeacherExample]:
+    """The teacher prompts that a run of `cfg` reads from `dataset`'s cache, for those of its `tasks`:
+    one per distinct student example. From data.train: every training example (leave-one-out over
+    each training task's pairs) and, with val 'holdout', the held-out tasks' test inputs; from any
+    other dataset (a validation or evaluation split): every test input. Demonstrations are those the
+    student keeps (model.max_demos, data.max_context_tokens), of which the prompt shows the first
+    teacher.max_demos."""
+    d, m, t = cfg.data, cfg.model, cfg.teacher
+    if dataset == d.train:
+        from sage.arc import load_dataset
+
+        every = load_dataset(dataset, dataclasses.asdict(d.synthetic))  # the split is over the whole dataset
+        if d.val == "holdout":
+            train, val = split_by_task(every, d.val_fraction, cfg.run.seed)
+        else:
+            train, val = every, []
+        wanted = {task.id for task in tasks}
+        train, val = [x for x in train if x.id in wanted], [x for x in val if x.id in wanted]
+        groups = [(train, training_examples(train, d.use_test_pairs)), (val, evaluation_examples(val))]
+    else:
+        groups = [(list(tasks), evaluation_examples(tasks))]
+    prompts: dict[str, TeacherExample] = {}
+    for group, refs in groups:
+        for ref in refs:
+            task = group[ref.task_index]
+            kept = fit_demos(task.train + task.test, ref.demos, ref.query, m.max_demos, d.max_context_tokens)
+            key = example_key(task.id, shown_demos(t.view, kept, t.max_demos), ref.query)
+            if key not in prompts:
+                prompts[key] = view_example(task, kept, ref.query, t.view, t.max_demos)
+    return list(prompts.values())
+
+
 def ensure_teacher_cache(
     cfg: ExperimentConfig, dataset: str, tasks: Sequence[Task], log: Callable[[str], None]
 ) -> FeatureCache:
-    """The configured teacher's cache for `dataset`, extracted first if it is missing or unfinished
-    (resuming where an earlier extraction stopped). A cache made by another teacher, view or dataset
-    is refused, never overwritten."""
+    """The configured teacher's cache for `dataset`, holding every prompt the run reads
+    (`prompts_for_dataset`); what is missing is extracted first (resuming where an earlier
+    extraction stopped). A cache made by another teacher, view or dataset is refused, never
+    overwritten."""
     teacher = dataclasses.replace(cfg.teacher, dataset=dataset)
     directory = cache_path(teacher, dataset)
     allow_leaking = cfg.model.kind != "probe"  # a probe that reads the answer would score nothing real
     if not allow_leaking and teacher.view in LEAKING_VIEWS:  # refuse before spending time on extraction
         raise FeatureCacheError(f"{directory}: the {teacher.view} view shows the teacher the answer; "
                                 "a probe may not read it (use teacher.view=task_context)")
+    prompts = prompts_for_dataset(cfg, dataset, tasks)
     manifest = directory / "manifest.json"
-    if not (manifest.is_file() and json.loads(manifest.read_text()).get("complete")):
+    missing = [p.key for p in prompts]
+    if manifest.is_file() and json.loads(manifest.read_text()).get("complete"):
+        missing = open_cache(teacher, dataset, tasks, allow_leaking=allow_leaking).missing(missing)
+    if missing:
         from sage.teacher.extract import run_extraction  # torch + transformers: only when needed
 
-        log(f"teacher features for {dataset} not cached yet: extracting with {teacher.preset} into {directory}")
-        result = run_extraction(dataclasses.replace(cfg, teacher=teacher), progress=True, log=log)
+        log(f"teacher features for {dataset}: {len(missing)} of the run's {len(prompts)} prompts are not cached; "
+            f"extracting with {teacher.preset} into {directory}")
+        result = run_extraction(dataclasses.replace(cfg, teacher=teacher), prompts, progress=True, log=log)
         if result.computed:
             log(f"extracted {result.computed} prompts in {result.seconds:.1f}s "
                 f"({result.prompts_per_second:.2f} prompts/s)")
     cache = open_cache(teacher, dataset, tasks, allow_leaking=allow_leaking)
     if cache.leaks_answer:
-        log(f"WARNING: teacher view '{teacher.view}' shows the teacher the test answers (privileged information); "
+        log(f"WARNING: teacher view '{teacher.view}' shows the teacher the answers (privileged information); "
             "this run's results are not a fair ARC score")
     return cache
 
@@ -61,19 +106,33 @@ class TeacherTargets:
 
     def __init__(self, cache: FeatureCache, num_slots: int, token_side: int | None = None) -> None:
         self.cache, self.num_slots, self.dim, self.token_side = cache, num_slots, cache.dim, token_side
-        self.key = "teacher_features" if token_side is None else "teacher_tokens"
+        self.field = "teacher_features" if token_side is None else "teacher_tokens"  # the batch key
         self.shape = (num_slots, cache.dim) if token_side is None else (num_slots, token_side**2, cache.dim)
 
-    def for_example(self, task: Task, demos: Sequence[int], query: int, test_index: int | None,
+    def key(self, task: Task, demos: Sequence[int], query: int) -> str:
+        """The cache key of the prompt made for this example (sage.teacher.prompt.example_key)."""
+        identity = self.cache.identity
+        return example_key(task.id, shown_demos(identity["view"], demos, identity["prompt"]["max_demos"]), query)
+
+    def require(self, keys: Sequence[str]) -> None:
+        """Refuse, naming one, if the cache lacks any of these prompts."""
+        missing = self.cache.missing(keys)
+        if missing:
+            raise FeatureCacheError(
+                f"{self.cache.directory}: {len(missing)} of the {len(set(keys))} teacher prompts this run reads are not "
+                f"cached (e.g. {missing[0]}: task/query pair/demonstrations shown); extract them with "
+                "`python extract_groot_features.py --config <this run's config>` (training does it by itself)")
+
+    def for_example(self, task: Task, demos: Sequence[int], query: int,
                     max_demos: int) -> tuple[np.ndarray, np.ndarray]:
-        """(features of `self.shape`, float32; [num_slots] bool) for the context of one example."""
+        """(features of `self.shape`, float32; [num_slots] bool) for the context of one example,
+        from the prompt made for exactly this example."""
         roles = example_roles(demos, query, len(task.train))
-        # A test-pair query reads its own prompt; a demonstration query any prompt of the task
-        # (all show every demonstration input), the first one.
+        key = self.key(task, demos, query)
         if self.token_side is None:
-            features, seen = self.cache.lookup(task.id, test_index or 0, roles)
+            features, seen = self.cache.lookup(key, roles)
         else:
-            features, seen = self.cache.lookup_tokens(task.id, test_index or 0, roles, self.token_side)
+            features, seen = self.cache.lookup_tokens(key, roles, self.token_side)
         slots = [s for k in range(len(demos)) for s in (2 * k, 2 * k + 1)] + [2 * max_demos]
         out = np.zeros(self.shape, dtype=np.float32)
         mask = np.zeros(self.num_slots, dtype=bool)
@@ -97,15 +156,11 @@ def teacher_targets(cache: FeatureCache, model: "StudentConfig") -> TeacherTarge
     return TeacherTargets(cache, model.num_grid_slots)
 
 
-def feature_statistics(cache: FeatureCache, tasks: Sequence[Task]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std of the pooled teacher features of `tasks` (the training tasks:
-    validation tasks must not shape the targets). Every distinct grid counts once."""
-    rows = []
-    for task in tasks:
-        for test_index in range(len(task.test)):
-            if cache.has(task.id, test_index):
-                rows.append(cache.pooled(task.id, test_index).float())
+def feature_statistics(cache: FeatureCache, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of the pooled teacher features of prompts `keys` (the training
+    examples': validation tasks must not shape the targets), over every row of every prompt."""
+    rows = [cache.pooled(key).float() for key in dict.fromkeys(keys)]
     if not rows:
-        raise ValueError(f"{cache.directory}: no features of the training tasks in the cache")
+        raise FeatureCacheError(f"{cache.directory}: no features of the training tasks in the cache")
     features = torch.cat(rows)
     return features.mean(0), features.std(0).clamp(min=1e-6)

@@ -181,6 +181,38 @@ def encode_example(
     return item
 
 
+@dataclass
+class DemonstrationCuts:
+    """Demonstrations dropped from examples' contexts (the context cap policy above), counted so
+    that a log or report can say how many examples answered from fewer than their task shows."""
+
+    examples: int
+    by_max_demos: int = 0  # examples that lost demonstrations to model.max_demos
+    demos_by_max_demos: int = 0  # ... and how many they lost in all
+    by_context_cap: int = 0  # examples that lost demonstrations to data.max_context_tokens
+    demos_by_context_cap: int = 0
+    left_with_one: int = 0  # examples the context cap cut down to a single demonstration
+
+    def add(self, by_max_demos: int, by_context_cap: int, kept: int) -> None:
+        self.by_max_demos += by_max_demos > 0
+        self.demos_by_max_demos += by_max_demos
+        self.by_context_cap += by_context_cap > 0
+        self.demos_by_context_cap += by_context_cap
+        self.left_with_one += by_context_cap > 0 and kept == 1
+
+    def describe(self) -> str:
+        if not (self.by_max_demos or self.by_context_cap):
+            return f"every one of the {self.examples} examples keeps all its demonstrations"
+        parts = []
+        if self.by_context_cap:
+            parts.append(f"{self.by_context_cap} of {self.examples} examples lose {self.demos_by_context_cap} "
+                         f"demonstration(s) to data.max_context_tokens ({self.left_with_one} keep only one)")
+        if self.by_max_demos:
+            parts.append(f"{self.by_max_demos} of {self.examples} examples lose {self.demos_by_max_demos} "
+                         "demonstration(s) to model.max_demos")
+        return "; ".join(parts)
+
+
 class ARCExamples(torch.utils.data.Dataset):
     """Encoded examples of a task list, optionally under a fresh random augmentation per item.
 
@@ -210,6 +242,21 @@ class ARCExamples(torch.utils.data.Dataset):
             fit_demos(self._pairs(r.task_index), r.demos, r.query, max_demos, max_context_tokens) for r in self.refs
         ]
         self.lengths = np.array([self._length(i) for i in range(len(self.refs))], dtype=np.int64)
+        if teacher is not None:
+            teacher.require(self.teacher_keys())
+
+    def demonstration_cuts(self) -> "DemonstrationCuts":
+        """How many examples lost demonstrations to model.max_demos and to data.max_context_tokens."""
+        cuts = DemonstrationCuts(examples=len(self.refs))
+        for ref, kept in zip(self.refs, self.kept_demos):
+            capped = min(len(ref.demos), self.max_demos)
+            cuts.add(by_max_demos=len(ref.demos) - capped, by_context_cap=capped - len(kept), kept=len(kept))
+        return cuts
+
+    def teacher_keys(self) -> list[str]:
+        """The teacher prompt of every example (sage.distill.TeacherTargets.key), in order."""
+        assert self.teacher is not None
+        return [self.teacher.key(self.tasks[r.task_index], self.kept_demos[i], r.query) for i, r in enumerate(self.refs)]
 
     def _pairs(self, task_index: int) -> tuple[Pair, ...]:
         task = self.tasks[task_index]
@@ -230,6 +277,13 @@ class ARCExamples(torch.utils.data.Dataset):
             return Augmentation()
         return random_augmentation(rng)
 
+    def unaugmented_in_epoch(self, epoch: int) -> int:
+        """How many items epoch `epoch` serves as given (those carry teacher targets)."""
+        current, self.epoch = self.epoch, epoch
+        count = sum(self.augmentation(i).is_identity for i in range(len(self.refs)))
+        self.epoch = current
+        return count
+
     def __len__(self) -> int:
         return len(self.refs)
 
@@ -243,10 +297,10 @@ class ARCExamples(torch.utils.data.Dataset):
         item["index"] = np.int64(i)
         if self.teacher is not None:
             if aug.is_identity:
-                item[self.teacher.key], item["teacher_mask"] = self.teacher.for_example(
-                    task, self.kept_demos[i], ref.query, ref.test_index, self.max_demos)
+                item[self.teacher.field], item["teacher_mask"] = self.teacher.for_example(
+                    task, self.kept_demos[i], ref.query, self.max_demos)
             else:  # the teacher saw the task as given, not this view of it
-                item[self.teacher.key], item["teacher_mask"] = self.teacher.empty()
+                item[self.teacher.field], item["teacher_mask"] = self.teacher.empty()
         return item
 
 

@@ -2,8 +2,9 @@
 trivial baselines, and measured against the GR00T N1.5 teacher.
 
     checkpoint -> model + the config it was trained with
-    split      -> tasks; any the checkpoint trained on (by id or by content) is left out and named,
-                  and a split made mostly of trained tasks is refused
+    split      -> tasks; any whose test outputs the checkpoint trained on (checked pair by pair,
+                  sage/overlap.py) is left out and named, a split made mostly of them is refused,
+                  and trained-on demonstrations or test inputs are named in the protocol
     per task   -> test outputs removed (the model never sees them) -> augmented views
                -> student -> decode -> undo each view's augmentation -> vote -> attempts 1 and 2
     scoring    -> sage.metrics (pure functions) for the student, the baselines and the probe alike
@@ -29,13 +30,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from sage.arc import ARCDataError, Pair, Task, assert_task_disjoint, drop_shared_tasks, load_dataset
+from sage.arc import ARCDataError, Pair, Task, load_dataset
 from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into
 from sage.config import ConfigError, ExperimentConfig, from_dict
 from sage.device import resolve_device
 from sage.distill import TeacherTargets, teacher_targets
-from sage.encoding import ARCExamples, ExampleRef, canvas_to_grid, collate
+from sage.encoding import ARCExamples, ExampleRef, canvas_to_grid, collate, evaluation_examples
 from sage.metrics import OutputScore, baseline_attempts, score_attempts, summarize_tasks
+from sage.overlap import DEMONSTRATIONS, describe, drop_trained_tasks
 from sage.training import Autocast, to_device
 from sage.voting import Candidate, attempts as top_attempts, views as make_views, vote
 from sage_student_model import build_model, parameter_breakdown
@@ -110,8 +112,9 @@ def split_tasks(cfg: ExperimentConfig, meta: dict[str, Any], split: str) -> tupl
     """The tasks of `split` that the checkpoint never trained on, and the protocol record.
 
     The tasks the checkpoint trained on are data.train minus its held-out validation tasks. A score
-    on trained tasks says nothing about generalisation: evaluated tasks among them (by id or by
-    content) are left out and named, and a split made mostly of them is refused."""
+    on answers seen in training says nothing about generalisation: evaluated tasks whose id or test
+    pair is among them (sage/overlap.py) are left out and named, and a split made mostly of them is
+    refused. Shared demonstrations or test inputs (the HRM/TRM protocol) are scored but recorded."""
     synthetic = asdict(cfg.data.synthetic)
     train_all = load_dataset(cfg.data.train, synthetic)
     held_out_ids = set(meta.get("val_task_ids") or []) if cfg.data.val == HOLDOUT else set()
@@ -128,12 +131,11 @@ def split_tasks(cfg: ExperimentConfig, meta: dict[str, Any], split: str) -> tupl
     else:
         tasks = load_dataset(split, synthetic)
     try:  # a few shared tasks (a data-set quirk) are left out and named; a mostly shared split is refused
-        tasks, overlap = drop_shared_tasks(trained, tasks, f"{split}")
-        assert_task_disjoint(trained, tasks, what="evaluation")  # the library's own guard, as in training
+        tasks, left_out, kept = drop_trained_tasks(trained, tasks, split)
     except ARCDataError as e:
         raise EvaluationError(
-            f"{e}. This checkpoint trained on {cfg.data.train} (e.g. a task is also a training task): evaluate it "
-            f"on tasks it never saw (default --split {DEFAULT_SPLIT}, or --split holdout for its held-out tasks)"
+            f"{e}. This checkpoint trained on {cfg.data.train}: evaluate it on tasks it never saw "
+            f"(default --split {DEFAULT_SPLIT}, or --split holdout for its held-out tasks)"
         ) from None
     unscorable = [f"{t.id} test {j}" for t in tasks for j, p in enumerate(t.test) if p.output is None]
     if unscorable:
@@ -147,10 +149,12 @@ def split_tasks(cfg: ExperimentConfig, meta: dict[str, Any], split: str) -> tupl
         "scored_on": "test outputs (each answered from its task's demonstration pairs)",
         "trained_on": cfg.data.train + (" minus the held-out validation tasks" if held_out_ids else ""),
         "tasks_scored": len(tasks),
-        "excluded_as_trained": [{"task": k, "training_task": v} for k, v in overlap.items()],
-        "evaluation_tasks_trained_on": 0,
-        "evaluation_demonstrations_trained_on": False,
-        "disjointness": "checked: no scored task is a training task, by id or by grid content",
+        "excluded_as_trained": [o.as_dict() for o in left_out],
+        "evaluation_tasks_trained_on": len(kept),  # scored tasks sharing demonstrations or test inputs
+        "evaluation_overlap": [o.as_dict() for o in kept],
+        "evaluation_demonstrations_trained_on": any(o.kind == DEMONSTRATIONS for o in kept),
+        "disjointness": "checked pair by pair, grids up to rotation and reflection: no scored task's id or "
+                        "test pair is in the training data",
         "split_selected_the_checkpoint": split == selected_by,
         "training_config": {"train": cfg.data.train, "val": cfg.data.val, "augment": cfg.data.augment,
                             "use_test_pairs": cfg.data.use_test_pairs},
@@ -314,7 +318,7 @@ def open_teacher_cache(
     """The teacher feature cache covering the evaluated tasks: (cache, "") or (None, why not).
     With `extract`, a missing or unfinished cache is extracted first (sage.distill.ensure_teacher_cache,
     the path training takes), with the run's teacher on the evaluation device."""
-    from sage.distill import ensure_teacher_cache
+    from sage.distill import ensure_teacher_cache, prompts_for_dataset
     from sage.features import FeatureCacheError, cache_path, open_cache
     from sage.teacher.config import TeacherError
 
@@ -336,7 +340,13 @@ def open_teacher_cache(
         if not (directory / "manifest.json").is_file():
             return None, (f"no {teacher.preset} feature cache of {dataset} at {directory}; rerun with "
                           f"--extract-features, or extract it with `{command}`")
-        return open_cache(teacher, dataset, tasks, allow_leaking=False), ""
+        cache = open_cache(teacher, dataset, tasks, allow_leaking=False)
+        missing = cache.missing(p.key for p in prompts_for_dataset(replace(cfg, teacher=teacher), dataset, tasks))
+        if missing:
+            return None, (f"the {teacher.preset} feature cache of {dataset} at {directory} lacks {len(missing)} of the "
+                          f"prompts this checkpoint's examples need (e.g. {missing[0]}); rerun with --extract-features, "
+                          f"or extract them with `{command}`")
+        return cache, ""
     except (FeatureCacheError, TeacherError) as e:
         return None, f"the {teacher.preset} feature cache at {directory} cannot be used: {e}"
 
@@ -379,7 +389,7 @@ def feature_fidelity(
         for j, test in enumerate(predictions[task.id].tests):
             if test.grid_features is None:
                 continue
-            feats, mask = targets.for_example(task, test.kept_demos, len(task.train) + j, j, m.max_demos)
+            feats, mask = targets.for_example(task, test.kept_demos, len(task.train) + j, m.max_demos)
             valid = torch.from_numpy(mask) & test.grid_mask
             for slot in torch.nonzero(valid).squeeze(1).tolist():
                 student.append(test.grid_features[slot])
@@ -487,7 +497,7 @@ def measure_speed(
     from sage.teacher.backbone import build_backbone
     from sage.teacher.extract import Teacher, resolve_dtype
     from sage.teacher.presets import get_preset
-    from sage.teacher.prompt import instruction_for, view_examples
+    from sage.teacher.prompt import instruction_for, evaluation_prompts
     from sage.teacher.tokenizer import load_tokenizer
 
     if n_tasks == 0:
@@ -527,10 +537,10 @@ def measure_speed(
     teacher = Teacher(arch, model, tokenizer, instruction_for("task_context", None), device)
     teacher_s, per_task = [], []
     try:
-        warm = view_examples([sample[0]], "test_input", tc.max_demos)[:1]
+        warm = evaluation_prompts([sample[0]], "test_input", tc.max_demos)[:1]
         teacher.features(warm)  # warm-up on a one-image prompt
         for task, s_time in zip(sample, student_s):
-            examples = view_examples([task], "task_context", tc.max_demos)
+            examples = evaluation_prompts([task], "task_context", tc.max_demos)
             _sync(device)
             t0 = time.perf_counter()
             teacher.features(examples)
@@ -649,13 +659,23 @@ def evaluate(
         tasks = tasks[: settings.limit]
     if protocol["excluded_as_trained"]:
         notes.append(f"{len(protocol['excluded_as_trained'])} task(s) of {settings.split} left out because the "
-                     "checkpoint trained on them under another id: " + ", ".join(
-                         f"{x['task']} (= training task {x['training_task']})" for x in protocol["excluded_as_trained"]))
+                     "checkpoint trained on their test outputs: " + describe(protocol["excluded_as_trained"]))
+    if protocol["evaluation_overlap"]:
+        notes.append(f"{len(protocol['evaluation_overlap'])} scored task(s) share demonstration pairs or test inputs "
+                     "with the training data (scored: their test outputs were not trained on): "
+                     + describe(protocol["evaluation_overlap"]))
     if protocol["split_selected_the_checkpoint"]:
         notes.append(f"{settings.split} is also the split that picked this checkpoint (best validation exact match): "
                      "its score is optimistic")
     batch_size = settings.batch_size or loaded.cfg.val.batch_size
     predictor = Predictor(loaded, device, settings.views, settings.seed, batch_size)
+    m, d = loaded.cfg.model, loaded.cfg.data
+    cuts = ARCExamples(tasks, evaluation_examples(tasks), m.grid_size, m.max_demos,
+                       d.max_context_tokens).demonstration_cuts()
+    protocol["demonstrations_cut"] = {**asdict(cuts), "context": cuts.describe()}
+    if cuts.by_context_cap:
+        notes.append(f"context cap (data.max_context_tokens={d.max_context_tokens}): "
+                     f"{protocol['demonstrations_cut']['context']}")
     too_big = sum(not predictor.fits(p.input) for t in tasks for p in t.test)
     if too_big:
         notes.append(f"{too_big} test inputs are larger than the student's {loaded.cfg.model.grid_size}x"

@@ -5,19 +5,23 @@ One directory per (teacher, view, dataset):
     <teacher.cache_dir>/<preset>/<view>/<dataset>[+tokens]/
         manifest.json     spec (what produced the features) + one location per entry, once complete
         shards/part-K-of-N-SEQ.safetensors
-                          tensors "<task_id>/<test_index>/pooled" [n_grids, dim] (and ".../tokens"
-                          [n_tokens, dim] when token features were asked for); the header metadata
-                          repeats the spec hash and each entry's roles, so shards describe themselves
+                          tensors "<key>/pooled" [n_grids, dim] (and "<key>/tokens" [n_tokens, dim]
+                          when token features were asked for); the header metadata repeats the spec
+                          hash and each entry's example and roles, so shards describe themselves
 
-An entry is one teacher prompt: one test input of one task (sage/teacher/prompt.py). Its pooled
-features are the mean of the teacher's output over each image's 256 <IMG_CONTEXT> tokens, one row per
-grid in prompt order; `roles` says which grid each row is (e.g. train/0/input).
+An entry is one teacher prompt, made for one student example: the demonstrations it shows the
+student, in its order, then its query input (sage/teacher/prompt.py); its key names them, e.g.
+"a85d4709/q4/d0.1.2", and the manifest records task, query and demonstrations. Its pooled features
+are the mean of the teacher's output over each image's 256 <IMG_CONTEXT> tokens, one row per grid
+in prompt order; `roles` says which grid each row is (e.g. train/0/input). A cache holds the prompts
+of every configuration it was extracted for; a reader asks for the keys it needs
+(`FeatureCache.missing`), and a missing one is extracted (sage/distill.py) or named in an error.
 
 Resumption: a shard is written to a temporary name, fsynced and renamed, so a shard either exists
 whole or not at all. On (re)start the shards are scanned and every entry already present is skipped;
 an interrupted run loses at most the shard it was filling. `--shard k/n` processes task k, k+n, ...
 into its own shard names, so n processes can share the directory; whoever finds every entry present
-(or `--merge`) writes the complete manifest. An entry present in two shards (possible only when runs
+(or `--merge`) writes the manifest, listing every entry the shards hold. An entry present in two shards (possible only when runs
 with different n overlapped) is recorded once.
 
 The spec's `identity` (teacher, weights, tokenizer, view, prompt, rendering, feature dim/dtype,
@@ -43,11 +47,15 @@ from sage.arc import Task
 from sage.teacher.config import DOWNLOAD_HELP, LEAKING_VIEWS, TOKENIZER_HELP, TeacherConfig, TeacherError
 from sage.teacher.loading import checkpoint_fingerprint, read_safetensors_header
 from sage.teacher.presets import get_preset
-from sage.teacher.prompt import Role, entry_key, instruction_for, prompt_template
+from sage.teacher.prompt import Role, instruction_for, prompt_template, role_of
 from sage.teacher.render import IMAGE_SIZE, RENDER_ID
 from sage.teacher.tokenizer import load_tokenizer
 
-FORMAT = "sage-feature-cache/1"
+FORMAT = "sage-feature-cache/2"
+# Format 1 had one prompt per test input, which showed a training example whose query is a
+# demonstration its own answer. Such caches are refused with this message.
+OLD_FORMAT_HELP = ("it was written by an older SAGE whose prompts showed training examples their own answers; "
+                   "delete the directory and extract again")
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 POOLING = "mean over each image's <IMG_CONTEXT> output tokens (final normed hidden state of the 12-layer Qwen3)"
@@ -130,7 +138,7 @@ def build_spec(teacher: TeacherConfig, dataset: str, tasks: Sequence[Task]) -> d
             "instruction": instruction,
             "max_demos": teacher.max_demos,
             "tokens_per_image": arch.tokens_per_image,
-            "one_prompt_per": "test input of a task (demonstrations + that test input)",
+            "one_prompt_per": "student example (its demonstrations in the student's order, then its query input)",
         },
         "image": {"size": IMAGE_SIZE, "render": RENDER_ID, "normalise": "(x / 255 - 0.5) / 0.5"},
         "features": {
@@ -179,17 +187,15 @@ def check_spec(directory: Path, have: dict[str, Any], want: dict[str, Any]) -> N
 class EntryFeatures:
     """The teacher's output for one prompt, ready to store."""
 
+    key: str  # sage.teacher.prompt.example_key
     task_id: str
-    test_index: int
+    query: int
+    demos: tuple[int, ...]
     roles: tuple[Role, ...]
     pooled: torch.Tensor  # [n_grids, dim]
     tokens: torch.Tensor | None = None  # [n_tokens, dim] (unpadded prompt), when token features are on
     image_starts: tuple[int, ...] = ()  # position of each image's first <IMG_CONTEXT> in the prompt
     n_tokens: int = 0
-
-    @property
-    def key(self) -> str:
-        return entry_key(self.task_id, self.test_index)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -208,13 +214,18 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise FeatureCacheError(f"{path}: corrupted ({e.msg}); delete the cache directory and extract again") from None
 
 
+def check_format(manifest: Path, record: dict[str, Any]) -> None:
+    if record.get("format") != FORMAT:
+        why = OLD_FORMAT_HELP if record.get("format") == "sage-feature-cache/1" else "delete it and extract again"
+        raise FeatureCacheError(f"{manifest}: cache format {record.get('format')!r}, expected {FORMAT!r}: {why}")
+
+
 def prepare_directory(directory: Path, spec: dict[str, Any]) -> None:
     """Create the cache directory for `spec`, or check that an existing one was made for it."""
     manifest = directory / MANIFEST
     if manifest.is_file():
         existing = _read_json(manifest)
-        if existing.get("format") != FORMAT:
-            raise FeatureCacheError(f"{manifest}: format {existing.get('format')!r}, expected {FORMAT!r}")
+        check_format(manifest, existing)
         check_spec(directory, existing["spec"], spec)
         (directory / SHARDS).mkdir(exist_ok=True)
         return
@@ -227,9 +238,17 @@ def prepare_directory(directory: Path, spec: dict[str, Any]) -> None:
 @dataclass
 class ShardEntry:
     shard: str  # path relative to the cache directory
+    task: str
+    query: int  # the example's query pair, over task.train + task.test
+    demos: list[int]  # the demonstrations the prompt shows, in order
     roles: list[str]
     n_tokens: int
     image_starts: list[int]
+
+    @classmethod
+    def from_meta(cls, shard: str, meta: dict[str, Any]) -> "ShardEntry":
+        return cls(shard, meta["task"], meta["query"], meta["demos"], meta["roles"], meta["n_tokens"],
+                   meta["image_starts"])
 
 
 def scan_shards(directory: Path, expected_hash: str) -> tuple[dict[str, ShardEntry], int]:
@@ -253,7 +272,7 @@ def scan_shards(directory: Path, expected_hash: str) -> tuple[dict[str, ShardEnt
             if e["key"] in entries:
                 duplicates += 1
                 continue
-            entries[e["key"]] = ShardEntry(f"{SHARDS}/{path.name}", e["roles"], e["n_tokens"], e["image_starts"])
+            entries[e["key"]] = ShardEntry.from_meta(f"{SHARDS}/{path.name}", e)
     return entries, duplicates
 
 
@@ -285,9 +304,7 @@ class CacheWriter:
             raise FeatureCacheError(f"{self.directory}: entry {entry.key} is already stored")
         pooled = entry.pooled.detach().to("cpu", torch.float32)
         if not torch.isfinite(pooled).all():
-            raise FeatureCacheError(
-                f"task {entry.task_id} test {entry.test_index}: the teacher produced non-finite features"
-            )
+            raise FeatureCacheError(f"task {entry.task_id}, prompt {entry.key}: the teacher produced non-finite features")
         stored = pooled.to(self.dtype)
         if not torch.isfinite(stored).all():
             raise FeatureCacheError(
@@ -303,6 +320,9 @@ class CacheWriter:
         self._meta.append(
             {
                 "key": entry.key,
+                "task": entry.task_id,
+                "query": entry.query,
+                "demos": list(entry.demos),
                 "roles": [str(r) for r in entry.roles],
                 "n_tokens": entry.n_tokens,
                 "image_starts": list(entry.image_starts),
@@ -326,7 +346,7 @@ class CacheWriter:
             os.fsync(f.fileno())
         os.replace(tmp, final)
         for m in self._meta:
-            self.done[m["key"]] = ShardEntry(f"{SHARDS}/{name}", m["roles"], m["n_tokens"], m["image_starts"])
+            self.done[m["key"]] = ShardEntry.from_meta(f"{SHARDS}/{name}", m)
         self.next_seq += 1
         self._tensors, self._meta, self._bytes = {}, [], 0
         self.shards_written.append(final)
@@ -336,14 +356,12 @@ class CacheWriter:
 def finalize(
     directory: Path, spec: dict[str, Any], expected_keys: Iterable[str], info: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Write the complete manifest if every expected entry is stored. Returns a status dict:
+    """Write the manifest (every entry the shards hold, also those of earlier extractions for other
+    configurations) if every expected entry is stored. Returns a status dict:
     {"complete", "present", "expected", "missing" (a few keys), "duplicates"}."""
     entries, duplicates = scan_shards(directory, spec_hash(spec))
-    expected = list(expected_keys)
+    expected = list(dict.fromkeys(expected_keys))
     missing = [k for k in expected if k not in entries]
-    extra = sorted(set(entries) - set(expected))
-    if extra:
-        raise FeatureCacheError(f"{directory}: shards hold entries the dataset does not have, e.g. {extra[:3]}")
     status = {"complete": not missing, "present": len(expected) - len(missing), "expected": len(expected),
               "missing": missing[:5], "duplicates": duplicates}
     if missing:
@@ -356,8 +374,8 @@ def finalize(
         "complete": True,
         "spec": {"identity": spec["identity"], "info": info},
         "spec_hash": spec_hash(spec),
-        "stats": {"entries": len(expected), "shards": len(shard_bytes), "bytes": sum(shard_bytes.values())},
-        "entries": {k: asdict(entries[k]) for k in expected},
+        "stats": {"entries": len(entries), "shards": len(shard_bytes), "bytes": sum(shard_bytes.values())},
+        "entries": {k: asdict(e) for k, e in sorted(entries.items())},
     }
     _atomic_write_text(directory / MANIFEST, json.dumps(record, indent=1))
     return status
@@ -379,8 +397,7 @@ class FeatureCache:
                 "`python extract_groot_features.py --config <your config>` first."
             )
         record = _read_json(manifest)
-        if record.get("format") != FORMAT:
-            raise FeatureCacheError(f"{manifest}: format {record.get('format')!r}, expected {FORMAT!r}")
+        check_format(manifest, record)
         self.spec: dict[str, Any] = record["spec"]
         if expected_spec is not None:
             check_spec(self.directory, self.spec, expected_spec)
@@ -420,43 +437,43 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def has(self, task_id: str, test_index: int = 0) -> bool:
-        return entry_key(task_id, test_index) in self.entries
+    def has(self, key: str) -> bool:
+        return key in self.entries
 
-    def roles(self, task_id: str, test_index: int = 0) -> tuple[Role, ...]:
-        return tuple(Role.parse(r) for r in self._entry(task_id, test_index)["roles"])
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        """The keys (sage.teacher.prompt.example_key) of `keys` that the cache does not hold."""
+        return [k for k in dict.fromkeys(keys) if k not in self.entries]
+
+    def roles(self, key: str) -> tuple[Role, ...]:
+        return tuple(Role.parse(r) for r in self._entry(key)["roles"])
 
     # -- tensors
-    def pooled(self, task_id: str, test_index: int = 0) -> torch.Tensor:
+    def pooled(self, key: str) -> torch.Tensor:
         """[n_grids, dim] in the stored dtype, one row per grid in prompt order (see `roles`)."""
-        return self._tensor(task_id, test_index, "pooled")
+        return self._tensor(key, "pooled")
 
-    def lookup(self, task_id: str, test_index: int, roles: Sequence[Role]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of the grids `roles` (e.g. a student example's grids in slot order) from the prompt
-        of (task_id, test_index): ([len(roles), dim], bool mask of the roles the prompt showed). Rows
-        of grids the teacher did not see (beyond teacher.max_demos, or the answer) are zero, mask False."""
-        return self._select(task_id, test_index, roles, self.pooled(task_id, test_index))
+    def lookup(self, key: str, roles: Sequence[Role]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of the grids `roles` (e.g. a student example's grids in slot order) from prompt
+        `key`: ([len(roles), dim], bool mask of the roles the prompt showed). Rows of grids the
+        teacher did not see (beyond teacher.max_demos) are zero, mask False."""
+        return self._select(key, roles, self.pooled(key))
 
-    def lookup_tokens(
-        self, task_id: str, test_index: int, roles: Sequence[Role], side: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup_tokens(self, key: str, roles: Sequence[Role], side: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Like `lookup`, with each grid's image tokens average-pooled over the image's patch grid to
         side x side: ([len(roles), side * side, dim] float32, mask). Needs token_features."""
-        images = self.image_tokens(task_id, test_index)  # [n_grids, patches, dim]
+        images = self.image_tokens(key)  # [n_grids, patches, dim]
         n, patches, dim = images.shape
         grid = math.isqrt(patches)
         if grid * grid != patches or not 1 <= side <= grid:
             raise FeatureCacheError(f"{self.directory}: cannot pool {patches} image tokens to {side}x{side}")
         pooled = F.adaptive_avg_pool2d(images.float().reshape(n, grid, grid, dim).permute(0, 3, 1, 2), side)
         pooled = pooled.flatten(2).transpose(1, 2)  # [n_grids, side*side, dim], row-major patches
-        return self._select(task_id, test_index, roles, pooled)
+        return self._select(key, roles, pooled)
 
-    def _select(
-        self, task_id: str, test_index: int, roles: Sequence[Role], per_grid: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _select(self, key: str, roles: Sequence[Role], per_grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of `per_grid` (one per grid of the prompt) in the order of `roles`; zero and mask
         False for grids the prompt did not show."""
-        row = {r: i for i, r in enumerate(self.roles(task_id, test_index))}
+        row = {r: i for i, r in enumerate(self.roles(key))}
         out = per_grid.new_zeros((len(roles), *per_grid.shape[1:]))
         mask = torch.zeros(len(roles), dtype=torch.bool)
         for i, r in enumerate(roles):
@@ -464,34 +481,36 @@ class FeatureCache:
                 out[i], mask[i] = per_grid[row[r]], True
         return out, mask
 
-    def tokens(self, task_id: str, test_index: int = 0) -> torch.Tensor:
+    def tokens(self, key: str) -> torch.Tensor:
         """[n_tokens, dim]: every output token of the (unpadded) prompt. Needs token_features."""
         if not self.has_tokens:
             raise FeatureCacheError(
                 f"{self.directory}: token features were not extracted; extract with teacher.token_features=true"
             )
-        return self._tensor(task_id, test_index, "tokens")
+        return self._tensor(key, "tokens")
 
-    def image_tokens(self, task_id: str, test_index: int = 0) -> torch.Tensor:
+    def image_tokens(self, key: str) -> torch.Tensor:
         """[n_grids, tokens_per_image, dim]: the output tokens at each image's <IMG_CONTEXT> positions."""
-        tokens = self.tokens(task_id, test_index)
+        tokens = self.tokens(key)
         per_image = int(self.identity["prompt"]["tokens_per_image"])
-        starts = self._entry(task_id, test_index)["image_starts"]
+        starts = self._entry(key)["image_starts"]
         return torch.stack([tokens[s : s + per_image] for s in starts])
 
-    def _entry(self, task_id: str, test_index: int) -> dict[str, Any]:
-        key = entry_key(task_id, test_index)
+    def _entry(self, key: str) -> dict[str, Any]:
         if key not in self.entries:
-            raise KeyError(f"{self.directory}: no features for task '{task_id}' test input {test_index}")
+            raise FeatureCacheError(
+                f"{self.directory}: no teacher features for prompt {key} (task/query pair/demonstrations); the cache "
+                "was extracted for another configuration: run `python extract_groot_features.py --config <your config>`"
+            )
         return self.entries[key]
 
-    def _tensor(self, task_id: str, test_index: int, what: str) -> torch.Tensor:
-        shard = self._entry(task_id, test_index)["shard"]
-        key = f"{entry_key(task_id, test_index)}/{what}"
+    def _tensor(self, key: str, what: str) -> torch.Tensor:
+        shard = self._entry(key)["shard"]
+        name = f"{key}/{what}"
         try:
-            return self._open(shard).get_tensor(key)
+            return self._open(shard).get_tensor(name)
         except SafetensorError as e:
-            raise FeatureCacheError(f"{self.directory / shard}: cannot read {key} ({e}); the shard is truncated or "
+            raise FeatureCacheError(f"{self.directory / shard}: cannot read {name} ({e}); the shard is truncated or "
                                     "corrupted: delete the cache directory and extract again") from None
 
     def _open(self, shard: str) -> Any:
@@ -515,14 +534,9 @@ class FeatureCache:
 
 def example_roles(demos: Sequence[int], query: int, n_train: int) -> list[Role]:
     """Roles of a student example's context grids in slot order (demo k input, demo k output, ...,
-    query input), from sage.encoding's indices over task.train + task.test. Every prompt of a task
-    shows all its demonstrations, so a training query that is a demonstration pair can read its
-    input's features from the task's prompt for test input 0."""
-
-    def role(i: int, side: str) -> Role:
-        return Role("train", i, side) if i < n_train else Role("test", i - n_train, side)
-
-    return [r for d in demos for r in (role(d, "input"), role(d, "output"))] + [role(query, "input")]
+    query input), from sage.encoding's indices over task.train + task.test."""
+    sides = [role_of(d, side, n_train) for d in demos for side in ("input", "output")]
+    return sides + [role_of(query, "input", n_train)]
 
 
 def open_cache(

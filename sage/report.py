@@ -25,6 +25,7 @@ import numpy as np
 
 from sage.evaluation import EvaluationError, EvaluationResult
 from sage.metrics import task_score
+from sage.overlap import describe
 from sage.pictures import draw_task
 from sage.runlog import plot_training_curves
 
@@ -124,9 +125,14 @@ def markdown(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[
         "",
         f"- checkpoint: `{record['checkpoint']}`",
         f"- split: **{p['split']}**, scored on its {p['scored_on']}",
-        f"- trained on: {p['trained_on']}; evaluation tasks trained on: {p['evaluation_tasks_trained_on']}; "
-        f"evaluation demonstrations trained on: {'yes' if p['evaluation_demonstrations_trained_on'] else 'no'} "
+        f"- trained on: {p['trained_on']}"
+        + ("; **trained on the evaluation tasks' demonstrations** (the HRM/TRM protocol, not SAGE's default)"
+           if p["evaluation_demonstrations_trained_on"] else "")
+        + f"; evaluation tasks trained on: {p['evaluation_tasks_trained_on']}"
+        + (f" ({describe(p['evaluation_overlap'])})" if p["evaluation_overlap"] else "")
+        + f"; evaluation demonstrations trained on: {'yes' if p['evaluation_demonstrations_trained_on'] else 'no'} "
         f"({p['disjointness']})",
+        f"- context: {p['demonstrations_cut']['context']}",
         f"- attempts: voting over {s['views']} augmented views per test input (view 0 as given, the others dihedral "
         f"transforms + colour permutations, seed {s['seed']})",
         f"- scoring: {record['scoring']}",

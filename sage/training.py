@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sage.arc import Task, assert_task_disjoint, drop_shared_tasks, load_dataset, split_by_task
+from sage.arc import Task, load_dataset, split_by_task
 from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into, save_checkpoint
 from sage.config import ExperimentConfig, save_config
 from sage.device import resolve_device
@@ -31,6 +31,7 @@ from sage.encoding import (PAD, ARCExamples, LengthBucketSampler, canvas_to_grid
                            training_examples)
 from sage.losses import answer_cross_entropy, distillation_losses
 from sage.metrics import GridScore, score_baselines, score_canvas, summarize
+from sage.overlap import TaskOverlap, describe, drop_trained_tasks
 from sage.recovery import FaultInjection, MicroBatch, TrainingError, all_finite, free_memory
 from sage.runlog import RunLog, SilentLog, plot_training_curves, read_metrics
 from sage_student_model import SageStudent, StudentConfig, build_model, parameter_breakdown
@@ -45,22 +46,24 @@ class Splits:
     val: list[Task]  # held-out tasks, disjoint from train
     train_dataset: list[Task]  # every task of data.train (the teacher cache covers them all)
     val_dataset: list[Task]  # every task of the validation dataset (== train_dataset for 'holdout')
-    shared: dict[str, str]  # validation tasks left out because they are training tasks (id -> training id)
+    shared: dict[str, str]  # validation tasks left out, their test outputs being trained on (id -> training ids)
+    overlap: list[TaskOverlap]  # validation tasks kept that share demonstrations or test inputs with training
 
 
 def load_splits(cfg: ExperimentConfig) -> Splits:
-    """Train and validation tasks, disjoint by task. 'holdout' keeps whole training tasks aside."""
+    """Train and validation tasks, disjoint by task. 'holdout' keeps whole training tasks aside; a
+    validation dataset is checked pair by pair against training (sage/overlap.py)."""
     synthetic = asdict(cfg.data.synthetic)
     tasks = load_dataset(cfg.data.train, synthetic)
     if cfg.data.val == "holdout":
         train, val = split_by_task(tasks, cfg.data.val_fraction, cfg.run.seed)
         val_dataset = tasks
-        shared: dict[str, str] = {}
     else:
-        train, val_dataset = tasks, load_dataset(cfg.data.val, synthetic)
-        val, shared = drop_shared_tasks(train, val_dataset, "validation")
-    assert_task_disjoint(train, val)
-    return Splits(train, val, tasks, val_dataset, shared)
+        train, val = tasks, load_dataset(cfg.data.val, synthetic)
+        val_dataset = val
+    # Held-out tasks whose test pairs training holds (another id, reordered, rotated) are no test.
+    val, left_out, kept = drop_trained_tasks(train, val, "validation")
+    return Splits(train, val, tasks, val_dataset, {o.task: ", ".join(o.training_tasks) for o in left_out}, kept)
 
 
 def make_datasets(
@@ -188,8 +191,11 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
     log = RunLog(log_dir, echo=echo) if ctx.is_main else SilentLog()
     train_tasks, val_tasks = splits.train, splits.val
     if splits.shared:
-        log.info(f"left out of validation, being training tasks too: "
+        log.info(f"left out of validation, their test pairs being training pairs: "
                  + ", ".join(f"{k} (= {v})" for k, v in splits.shared.items()))
+    if splits.overlap:
+        log.info(f"validation tasks that share demonstrations or test inputs with training (kept): "
+                 + describe(splits.overlap))
     m = cfg.model
     train_teacher = val_teacher = None
     if cfg.uses_teacher:
@@ -215,7 +221,7 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
     model = build_model(m).to(device)  # `net` below: the same model, wrapped for data-parallel training
     distilling = cfg.distills
     if distilling and checkpoint is None:
-        mean, std = feature_statistics(train_teacher.cache, train_tasks)
+        mean, std = feature_statistics(train_teacher.cache, train_set.teacher_keys())
         model.teacher_mean.copy_(mean)
         model.teacher_std.copy_(std)
     optimizer = make_optimizer(model, cfg)
@@ -247,6 +253,12 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
              f"augment={cfg.data.augment} p={train_set.augment_probability}); validation {len(val_tasks)} held-out tasks "
              f"({'holdout of ' + cfg.data.train if cfg.data.val == 'holdout' else cfg.data.val}, "
              f"{len(val_set)} test outputs); splits are by task")
+    log.info(f"demonstrations: training: {train_set.demonstration_cuts().describe()}; "
+             f"validation: {val_set.demonstration_cuts().describe()}")
+    if train_teacher is not None:
+        with_targets = train_set.unaugmented_in_epoch(0)
+        log.info(f"teacher targets: {with_targets} of {len(train_set)} training examples in epoch 1 (the un-augmented "
+                 f"ones, data.augment_probability={train_set.augment_probability}); every validation example")
     parallel = f" per process x {ctx.world} processes = {global_batch} per step" if ctx.enabled else ""
     log.info(f"batches: train {cfg.train.batch_size}{parallel} x {steps_per_epoch} steps/epoch, "
              f"val {cfg.val.batch_size}{' per process' if ctx.enabled else ''}; "

@@ -1,16 +1,20 @@
 """Distillation from the tiny GR00T teacher, and the probe that reads teacher features."""
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from sage.arc import Pair, Task, load_dataset
 from sage.config import ConfigError, load_config
+from sage.distill import ensure_teacher_cache, teacher_targets
 from sage.features import FeatureCacheError
 from sage.losses import distillation_losses
 from sage.runlog import read_metrics
-from sage.training import train
+from sage.training import load_splits, make_datasets, train
 from sage_student_model import SageStudent
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,10 +102,6 @@ def test_probe_trains_on_teacher_features_and_refuses_leaking_views(tmp_path, ca
     epochs = records(tmp_path, "probe-tokens", "epoch")
     assert len(epochs) == 2 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     assert "probe input: tokens" in (tmp_path / "logs" / "probe-tokens" / "train.log").read_text()
-    leaking = config(tmp_path, cache_dir, "leaky", "model.kind=probe", "data.augment=false", "train.epochs=1",
-                     "teacher.view=with_answer")
-    with pytest.raises(FeatureCacheError, match="shows the teacher the answer"):
-        train(leaking, echo=False)
 
 
 def test_config_checks_for_teacher_use(tmp_path, cache_dir):
@@ -117,3 +117,73 @@ def test_config_checks_for_teacher_use(tmp_path, cache_dir):
                "teacher.token_features=true", "model.probe_token_side=17")
     with pytest.raises(ConfigError, match="model.kind must be 'student' or 'probe'"):
         config(tmp_path, cache_dir, "x", "model.kind=teacher")
+    # A probe never reads the answer view; a student distils from it only when the config says so.
+    with pytest.raises(ConfigError, match="with_answer shows the teacher the answer: a probe may not read it"):
+        config(tmp_path, cache_dir, "x", "model.kind=probe", "data.augment=false", "teacher.view=with_answer")
+    with pytest.raises(ConfigError, match="privileged information.*teacher.allow_answer_view=true"):
+        config(tmp_path, cache_dir, "x", "distill.weight=0.5", "teacher.view=with_answer")
+    assert config(tmp_path, cache_dir, "x", "distill.weight=0.5", "teacher.view=with_answer",
+                  "teacher.allow_answer_view=true").teacher.allow_answer_view
+    # Distillation with every example augmented would distil nothing (no example carries targets).
+    with pytest.raises(ConfigError, match=r"distill.weight=0.5 with data.augment=true and "
+                                          r"data.augment_probability=1.0 distils nothing"):
+        config(tmp_path, cache_dir, "x", "distill.weight=0.5", "data.augment=true", "data.augment_probability=1.0")
+    # The teacher shows the student's demonstrations: by default as many, and never a different number.
+    assert config(tmp_path, cache_dir, "x", "distill.weight=0.5").teacher.max_demos == 3
+    with pytest.raises(ConfigError, match=r"teacher.max_demos \(2\) must equal model.max_demos \(3\)"):
+        config(tmp_path, cache_dir, "x", "distill.weight=0.5", "teacher.max_demos=2")
+
+
+def write_tasks(directory: Path, tasks) -> None:
+    """ARC JSON files of `tasks` (as the official format stores them)."""
+    directory.mkdir(parents=True)
+    for task in tasks:
+        obj = {part: [{"input": p.input.tolist(), "output": p.output.tolist()} for p in pairs]
+               for part, pairs in (("train", task.train), ("test", task.test))}
+        (directory / f"{task.id}.json").write_text(json.dumps(obj))
+
+
+def training_targets(tmp_path: Path, data_dir: Path, name: str):
+    """The training set of a distillation run on `data_dir`, with its teacher targets, as training builds it."""
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [
+        f"data.train={data_dir}", "data.val_fraction=0.34", f"teacher.cache_dir={tmp_path / 'features'}",
+        "teacher.batch_size=2", "run.device=cpu", f"run.name={name}"])
+    splits = load_splits(cfg)
+    cache = ensure_teacher_cache(cfg, cfg.data.train, splits.train_dataset, lambda _: None)
+    train_set, _ = make_datasets(cfg, splits, teacher_targets(cache, cfg.model), teacher_targets(cache, cfg.model))
+    return train_set, cache
+
+
+def test_no_training_example_shows_the_teacher_its_own_answer(tmp_path):
+    """Change one demonstration's answer: every teacher feature read by the training examples that
+    ask for that answer is bit-identical (GR00T's language model is causal and the prompt ends with
+    the query input), while examples that show it as a demonstration do change."""
+    tasks = [t for t in load_dataset("arc-agi-1/training") if len(t.train) >= 3][:3]
+    write_tasks(tmp_path / "given", tasks)
+    changed = list(tasks)
+    split_train = {t.id for t in training_targets(tmp_path, tmp_path / "given", "given")[0].tasks}
+    target = next(i for i, t in enumerate(tasks) if t.id in split_train)
+    task = tasks[target]
+    answer = task.train[0].output
+    other = np.arange(answer.size, dtype=np.uint8).reshape(answer.shape) % 9 + 1  # same shape, new content
+    assert not np.array_equal(other, answer)
+    changed[target] = Task(task.id, (Pair(task.train[0].input, other),) + task.train[1:], task.test, task.source)
+    write_tasks(tmp_path / "changed", changed)
+
+    before, cache_before = training_targets(tmp_path, tmp_path / "given", "given")
+    after, cache_after = training_targets(tmp_path, tmp_path / "changed", "changed")
+    assert cache_before.directory != cache_after.directory  # two datasets, two caches, same teacher
+    asks, shows = 0, 0
+    for i, ref in enumerate(before.refs):
+        if before.tasks[ref.task_index].id != task.id:
+            continue
+        a, b = before.teacher.for_example(before.tasks[ref.task_index], before.kept_demos[i], ref.query, 2), \
+            after.teacher.for_example(after.tasks[ref.task_index], after.kept_demos[i], ref.query, 2)
+        assert a[1].any() and np.array_equal(a[1], b[1])
+        if ref.query == 0:  # this example's answer is the changed grid
+            asks += 1
+            assert np.array_equal(a[0], b[0]), "the teacher saw the example's answer"
+        elif 0 in before.kept_demos[i]:  # the changed pair is a demonstration the student sees too
+            shows += 1
+            assert not np.array_equal(a[0], b[0])
+    assert asks == 1 and shows >= 1

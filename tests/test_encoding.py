@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 
 from sage.arc import Pair, load_dataset
+from sage.config import ExperimentConfig
 from sage.encoding import (
     EOS,
     PAD,
     ARCExamples,
+    DemonstrationCuts,
     LengthBucketSampler,
     canvas_to_grid,
     collate,
@@ -73,6 +75,21 @@ def test_cap_policy_drops_trailing_demos_and_keeps_one():
     assert kept == (0,)
     kept = fit_demos(pairs, demos=(0, 1, 2, 3), query=4, max_demos=2, max_context_tokens=100_000)
     assert kept == (0, 1)
+
+
+def test_dropped_demonstrations_are_counted():
+    """ARC-AGI-1 evaluation under the old 4,096-token cap lost demonstrations silently; now they are
+    counted, and the shipped cap (8,704) fits every task with all its demonstrations."""
+    tasks = load_dataset("arc-agi-1/evaluation")
+    refs = evaluation_examples(tasks)
+    cuts = ARCExamples(tasks, refs, 30, 10, 4096).demonstration_cuts()
+    assert (cuts.examples, cuts.by_context_cap, cuts.demos_by_context_cap, cuts.left_with_one) == (419, 32, 51, 15)
+    assert cuts.by_max_demos == 0 and "32 of 419 examples lose 51 demonstration(s)" in cuts.describe()
+    assert ARCExamples(tasks, refs, 30, 10, ExperimentConfig().data.max_context_tokens).demonstration_cuts() == \
+        DemonstrationCuts(examples=419)
+    capped = ARCExamples(tasks, refs, 30, 2, 100_000).demonstration_cuts()
+    assert capped.by_context_cap == 0 and capped.demos_by_max_demos == sum(max(len(t.train) - 2, 0) * len(t.test)
+                                                                            for t in tasks)
 
 
 def test_examples_and_batches_on_real_tasks():

@@ -3,6 +3,7 @@ submission.json, the disjointness refusal, feature fidelity and the speed compar
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_overlap import naive_overlap, repackaged, write_tasks
 from test_training import TINY as TRAINING_TINY
 
 from sage.arc import load_task_dir
@@ -53,15 +55,6 @@ def independent_arc_prize_score(submission: dict, solutions: dict) -> float:
     return total / len(solutions)
 
 
-def write_tasks(tasks, directory: Path) -> Path:
-    directory.mkdir(parents=True)
-    for t in tasks:
-        obj = {part: [{"input": p.input.tolist(), "output": p.output.tolist()} for p in getattr(t, part)]
-               for part in ("train", "test")}
-        (directory / f"{t.id}.json").write_text(json.dumps(obj))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A tiny distilled student and a tiny probe (training extracts the tiny teacher's features of
@@ -77,11 +70,13 @@ def workspace(tmp_path_factory):
     two = type(two)(two.id, two.train[:3], two.train[3:] + two.test, two.source)  # 3 demos, 2 test inputs
     split = write_tasks(unseen + [two], root / "unseen")
 
-    from sage.teacher.extract import run_extraction
+    from sage.distill import prompts_for_dataset
+    from sage.teacher.extract import run_extraction, teacher_tasks
 
     extract_cfg = load_config(REPO / "configs" / "smoke.yaml", TINY + [
         f"teacher.dataset={split}", f"teacher.cache_dir={root / 'features'}"])
-    run_extraction(extract_cfg, progress=False, log=lambda _: None)
+    run_extraction(extract_cfg, prompts_for_dataset(extract_cfg, *teacher_tasks(extract_cfg)), progress=False,
+                   log=lambda _: None)
     return {"root": root, "checkpoint": root / "checkpoints" / "tiny" / "last", "split": split,
             "probe": root / "checkpoints" / "probe" / "last", "features": root / "features"}
 
@@ -118,7 +113,12 @@ def test_cli_writes_every_output_and_submission_rescores_to_the_report(workspace
     assert independent_arc_prize_score(copy, solutions) == pytest.approx(
         report["scores"]["copy_input"]["arc_prize_score"], abs=1e-12)
 
-    assert report["protocol"]["evaluation_tasks_trained_on"] == 0
+    protocol = report["protocol"]  # computed pair by pair against the checkpoint's training tasks: none shared
+    meta = json.loads((workspace["checkpoint"] / "meta.json").read_text())
+    trained = [t for t in generate_tasks(**meta["config"]["data"]["synthetic"]) if t.id not in meta["val_task_ids"]]
+    assert naive_overlap(trained, tasks) == {}
+    assert protocol["evaluation_tasks_trained_on"] == 0 and protocol["evaluation_overlap"] == []
+    assert protocol["excluded_as_trained"] == [] and "pair by pair" in protocol["disjointness"]
     assert report["scores"]["student"]["tasks"] == 9 and report["scores"]["student"]["test_outputs"] == 10
     assert set(report["scores"]) == {"student", "teacher_probe", "copy_input", "most_frequent_colour", "all_zeros"}
     fidelity = report["student_vs_teacher"]["feature_fidelity"]
@@ -141,6 +141,33 @@ def test_cli_writes_every_output_and_submission_rescores_to_the_report(workspace
     md = (out / "report.md").read_text()
     assert "| SAGE student |" in md and "baseline: copy the test input" in md and "feature fidelity" in md
     assert "GR00T features + probe head" in md
+
+
+def test_trained_on_demonstrations_of_the_split_is_named_in_the_report(workspace, tmp_path):
+    """A checkpoint whose training data held the scored tasks' demonstrations under new ids (the
+    HRM/TRM protocol), and one task's test pair: the former are scored and named, the latter left out."""
+    checkpoint = shutil.copytree(workspace["checkpoint"], tmp_path / "checkpoint")
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    unseen = generate_tasks(num_tasks=21, seed=9, transforms=["recolour", "fill_background"], max_side=5)
+    leaked = type(unseen[3])("leaked", unseen[3].test, unseen[3].train, "test pair as a demonstration")
+    training = generate_tasks(**meta["config"]["data"]["synthetic"]) + [repackaged(t, 5) for t in unseen[:2]] + [leaked]
+    meta["config"]["data"]["train"] = str(write_tasks(training, tmp_path / "train"))
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    settings = EvalSettings(split=str(write_tasks(unseen, tmp_path / "split")), views=1, speed_tasks=0)
+    result = evaluate(checkpoint, settings, progress=False, log=lambda _: None)
+    out = write_report(result, tmp_path / "report", pictures=0)
+    protocol = json.loads(out["report_json"].read_text())["protocol"]  # 1 of 21 left out: below 5%
+    assert protocol["tasks_scored"] == 20 and protocol["evaluation_demonstrations_trained_on"] is True
+    assert protocol["evaluation_tasks_trained_on"] == 2
+    assert [(x["task"], x["kind"], x["training_tasks"]) for x in protocol["evaluation_overlap"]] == [
+        (t.id, "demonstrations only", [f"trm-{t.id}"]) for t in unseen[:2]]
+    assert [(x["task"], x["kind"], x["training_tasks"]) for x in protocol["excluded_as_trained"]] == [
+        (unseen[3].id, "whole task", ["leaked"])]
+    line = next(x for x in out["report_md"].read_text().splitlines() if x.startswith("- trained on:"))
+    assert "**trained on the evaluation tasks' demonstrations**" in line and "evaluation tasks trained on: 2" in line
+    assert all(t.id in line for t in unseen[:2])
+    assert any("left out because the checkpoint trained on their test outputs" in n and unseen[3].id in n
+               for n in result.notes)
 
 
 def test_a_doctored_submission_scores_the_same_in_both_scorers():

@@ -201,7 +201,8 @@ def test_malformed_inputs_fail_cleanly_and_touch_nothing(tmp_path, capsys):
     # copied to where this config looks.
     fails(tiny_command(tmp_path, "dataset", *distil, "data.synthetic.num_tasks=30"), r"dataset")
     shutil.copytree(cache, cache.parent.parent / "with_answer" / cache.name)
-    fails(tiny_command(tmp_path, "view", *distil, "teacher.view=with_answer"), r"view.*task_context.*with_answer")
+    fails(tiny_command(tmp_path, "view", *distil, "teacher.view=with_answer", "teacher.allow_answer_view=true"),
+          r"view.*task_context.*with_answer")
 
     # Truncated or corrupted files: the error names the file.
     shard = next(cache.rglob("*.safetensors"))

@@ -22,7 +22,7 @@ from sage.teacher.config import TeacherConfig, TeacherError
 from sage.teacher.extract import Teacher, load_teacher
 from sage.teacher.loading import checkpoint_fingerprint, read_backbone_state_dict
 from sage.teacher.presets import GROOT_N15_BACKBONE_PARAMS, GROOT_N15_SIGLIP_HEAD_PARAMS, get_preset
-from sage.teacher.prompt import Role, build_prompt, view_example
+from sage.teacher.prompt import Role, build_prompt, evaluation_prompts, view_example
 from sage.teacher.render import ARC_PALETTE, BACKGROUND, IMAGE_SIZE, cell_size, render_grid, to_pixel_values
 from sage.teacher.tokenizer import IMG_CONTEXT_ID, SPECIAL_IDS, builtin_tokenizer, byte_alphabet, load_tokenizer
 
@@ -234,6 +234,106 @@ def test_checkpoint_fingerprint_sees_fine_tuning(tmp_path, tiny_weights):
     assert checkpoint_fingerprint(write_checkpoint(tmp_path / "b", tuned)) != a
 
 
+NESTED_SIGLIP = "backbone.eagle_model.vision_model.vision_model."
+FLAT_SIGLIP = "backbone.eagle_model.vision_model."
+
+
+def flat_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same checkpoint with SigLIP saved flat, as transformers 5 saves SiglipVisionModel."""
+    return {FLAT_SIGLIP + k.removeprefix(NESTED_SIGLIP) if k.startswith(NESTED_SIGLIP) else k: v
+            for k, v in tensors.items()}
+
+
+def tiny_shapes(tiny_weights: dict[str, torch.Tensor]) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in tiny_weights.items()}
+
+
+@pytest.mark.parametrize("n_files, prefix", [(2, ""), (1, "_groot_model.")])
+def test_flat_siglip_layout_loads_like_nested(tmp_path, tiny_weights, n_files, prefix):
+    nested = {**groot_layout(tiny_weights), **siglip_head_tensors(), **ACTION_HEAD}
+    flat = flat_layout(nested)
+    assert len(flat) == len(nested) and f"{FLAT_SIGLIP}embeddings.patch_embedding.weight" in flat
+    a = write_checkpoint(tmp_path / "nested", nested, n_files=n_files, prefix=prefix)
+    b = write_checkpoint(tmp_path / "flat", flat, n_files=n_files, prefix=prefix)
+    (model_a, report_a), (model_b, report_b) = build_backbone(TINY, checkpoint_dir=str(a)), build_backbone(
+        TINY, checkpoint_dir=str(b)
+    )
+    assert (report_a.siglip_layout, report_b.siglip_layout) == ("nested", "flat")
+    assert set(report_b.loaded.values()) == {prefix + k for k in flat_layout(groot_layout(tiny_weights))}
+    assert sorted(report_b.ignored["SigLIP pooling head (unused by GR00T)"]) == sorted(
+        flat_layout(siglip_head_tensors())
+    )
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert torch.equal(module_outputs(model_a), module_outputs(model_b))
+    # The feature-cache identity works on the flat layout too: stable, and it sees fine-tuning.
+    fp = checkpoint_fingerprint(b)
+    assert fp.startswith("sha256:") and checkpoint_fingerprint(b) == fp
+    tuned = dict(flat)
+    tuned[FLAT_SIGLIP + "post_layernorm.weight"] = tuned[FLAT_SIGLIP + "post_layernorm.weight"] * 1.01
+    assert checkpoint_fingerprint(write_checkpoint(tmp_path / "tuned", tuned, n_files=n_files, prefix=prefix)) != fp
+
+
+@pytest.mark.parametrize("layout", ["nested", "flat"])
+def test_missing_siglip_keys_are_named_in_the_checkpoints_layout(tmp_path, tiny_weights, layout):
+    tensors = groot_layout(tiny_weights)
+    to_layout = flat_layout if layout == "flat" else dict
+    siglip = NESTED_SIGLIP if layout == "nested" else FLAT_SIGLIP
+    one_gone = to_layout(tensors)
+    del one_gone[siglip + "post_layernorm.bias"]
+    ckpt = write_checkpoint(tmp_path / "one", one_gone)
+    with pytest.raises(TeacherError) as err:
+        read_backbone_state_dict(ckpt, tiny_shapes(tiny_weights))
+    message = str(err.value)
+    assert f"{ckpt}: 1 backbone tensor(s) missing from the checkpoint, e.g. {siglip}post_layernorm.bias." in message
+    assert f"stores SigLIP keys {layout}" in message and "huggingface-cli download" in message
+
+    no_tower = {k: v for k, v in to_layout({**tensors, **siglip_head_tensors()}).items()
+                if not k.startswith(siglip) or ".head." in k}  # only the unused pooling head is left
+    ckpt = write_checkpoint(tmp_path / "none", no_tower, n_files=1, prefix="_groot_model.")
+    n_tower = sum(k.startswith("vision_model.") for k in tiny_weights)
+    with pytest.raises(TeacherError, match=rf"{n_tower} backbone tensor\(s\) missing[\s\S]*_groot_model\.{siglip}"
+                       rf"[\s\S]*stores SigLIP keys {layout}"):
+        read_backbone_state_dict(ckpt, tiny_shapes(tiny_weights))
+    no_vision = {k: v for k, v in tensors.items() if not k.startswith(FLAT_SIGLIP)}
+    ckpt = write_checkpoint(tmp_path / "no_vision", no_vision)
+    with pytest.raises(TeacherError, match=r"no SigLIP tensors in either layout \(neither nested .* nor flat"):
+        read_backbone_state_dict(ckpt, tiny_shapes(tiny_weights))
+
+
+def test_a_mix_of_siglip_layouts_is_refused(tmp_path, tiny_weights):
+    nested = groot_layout(tiny_weights)
+    both = {**nested, **flat_layout(nested)}  # every SigLIP tensor twice, once in each layout
+    ckpt = write_checkpoint(tmp_path / "both", both, prefix="_groot_model.")
+    with pytest.raises(TeacherError, match=r"mixes both SigLIP key layouts: (\d+) key\(s\) nested .*, e\.g\. "
+                       r"_groot_model\.backbone\.eagle_model\.vision_model\.vision_model\..*and \1 flat"):
+        build_backbone(TINY, checkpoint_dir=str(ckpt))
+    # A pooling head in the other layout is a mix too, though the head itself is never read.
+    flat_head = flat_layout(siglip_head_tensors())
+    ckpt = write_checkpoint(tmp_path / "stray_head", {**nested, **flat_head})
+    with pytest.raises(TeacherError, match=rf"mixes both SigLIP key layouts: .* {len(flat_head)} flat .*e\.g\. "
+                       rf"{FLAT_SIGLIP}head\.[\s\S]*re-save it with all SigLIP keys nested"):
+        build_backbone(TINY, checkpoint_dir=str(ckpt))
+
+
+@pytest.mark.parametrize("layout", ["nested", "flat"])
+def test_missing_key_error_points_at_the_other_layout(tmp_path, tiny_weights, layout):
+    tensors = groot_layout(tiny_weights) if layout == "nested" else flat_layout(groot_layout(tiny_weights))
+    mine, other = (NESTED_SIGLIP, FLAT_SIGLIP) if layout == "nested" else (FLAT_SIGLIP, NESTED_SIGLIP)
+    moved = "embeddings.patch_embedding.weight"
+    tensors[other + moved] = tensors.pop(mine + moved)  # one tensor saved in the other layout
+    ckpt = write_checkpoint(tmp_path / "ckpt", tensors)
+    other_name = "flat" if layout == "nested" else "nested"
+    with pytest.raises(TeacherError) as err:
+        build_backbone(TINY, checkpoint_dir=str(ckpt))
+    message = str(err.value)
+    assert f"missing from the checkpoint, e.g. {mine}{moved}." in message
+    assert f"stores SigLIP keys {layout}" in message
+    assert f"1 of the missing tensor(s) are stored {other_name}" in message
+    assert f"e.g. {other}{moved} for {mine}{moved}: the checkpoint mixes both layouts; re-save it" in message
+    assert "download" not in message  # the tensor is there, in the other layout: not an incomplete download
+
+
 def test_real_preset_without_files_says_what_to_download(tmp_path):
     cfg = load_config(None, ["teacher.preset=groot-n1.5"])
     with pytest.raises(TeacherError, match="huggingface-cli download nvidia/GR00T-N1.5-3B"):
@@ -305,7 +405,7 @@ def test_prompt_layout_and_length(real_tokenizer, n_images):
 
 def test_image_features_land_exactly_on_img_context_positions(tiny_teacher, arc_tasks):
     teacher: Teacher = tiny_teacher
-    examples = [view_example(arc_tasks[0], 0, "task_context", 2), view_example(arc_tasks[1], 0, "test_input", 2)]
+    examples = [first_prompt(arc_tasks[0], "task_context", 2), first_prompt(arc_tasks[1], "test_input", 2)]
     batch = teacher.encode(examples)
     captured = {}
     hook = teacher.model.language_model.register_forward_pre_hook(
@@ -330,8 +430,8 @@ def test_image_features_land_exactly_on_img_context_positions(tiny_teacher, arc_
 
 
 def test_features_do_not_depend_on_batch_mates(tiny_teacher, arc_tasks):
-    long = view_example(arc_tasks[2], 0, "task_context", 10)
-    short = view_example(arc_tasks[3], 0, "test_input", 10)
+    long = first_prompt(arc_tasks[2], "task_context", 10)
+    short = first_prompt(arc_tasks[3], "test_input", 10)
     alone = tiny_teacher.features([short])[0]
     together = tiny_teacher.features([long, short])[1]  # short is left-padded by ~2,000 tokens here
     assert together.n_tokens == alone.n_tokens
@@ -342,7 +442,7 @@ def test_nvidia_position_convention_gives_the_same_features(tiny_teacher, arc_ta
     """We count positions from each prompt's first real token; NVIDIA uses 0..L-1 for every row
     (shifted by the padding). RoPE sees only differences, so the two must agree."""
     model = tiny_teacher.model
-    examples = [view_example(arc_tasks[2], 0, "task_context", 3), view_example(arc_tasks[3], 0, "test_input", 3)]
+    examples = [first_prompt(arc_tasks[2], "task_context", 3), first_prompt(arc_tasks[3], "test_input", 3)]
     batch = tiny_teacher.encode(examples)
     with torch.inference_mode():
         ours = model(batch.input_ids, batch.attention_mask, batch.pixel_values)
@@ -379,6 +479,11 @@ def test_render_shows_colours_and_size(shape):
     assert pixels.shape == (1, 3, 224, 224) and pixels.min() >= -1 and pixels.max() <= 1
 
 
+def first_prompt(task: Task, view: str, max_demos: int):
+    """The prompt evaluation builds for the task's first test input."""
+    return evaluation_prompts([task], view, max_demos)[0]
+
+
 def _task_with_answer(answer: np.ndarray) -> Task:
     g = np.array([[1, 2], [3, 4]], dtype=np.uint8)
     return Task("t", (Pair(g, g.T.copy()), Pair(g + 1, (g + 1).T.copy())), (Pair(g + 2, answer),), "test")
@@ -386,21 +491,30 @@ def _task_with_answer(answer: np.ndarray) -> Task:
 
 def test_views_show_the_right_grids():
     task = _task_with_answer(np.full((2, 2), 9, dtype=np.uint8))
-    ctx = view_example(task, 0, "task_context", 10)
+    ctx = first_prompt(task, "task_context", 10)
     assert [str(r) for r in ctx.roles] == [
         "train/0/input", "train/0/output", "train/1/input", "train/1/output", "test/0/input"
     ]
     assert not any((g == 9).all() for g in ctx.grids)
-    assert [str(r) for r in view_example(task, 0, "test_input", 10).roles] == ["test/0/input"]
-    assert view_example(task, 0, "with_answer", 10).roles[-1] == Role("test", 0, "output")
-    assert len(view_example(task, 0, "task_context", 1).grids) == 3  # max_demos keeps the first demos
+    assert [str(r) for r in first_prompt(task, "test_input", 10).roles] == ["test/0/input"]
+    assert first_prompt(task, "with_answer", 10).roles[-1] == Role("test", 0, "output")
+    assert len(first_prompt(task, "task_context", 1).grids) == 3  # max_demos keeps the first demos
+    # A training example (query = demonstration 0, the others as context, in the student's order):
+    # its own answer is never shown, and the prompt ends with its input.
+    loo = view_example(task, (2, 1), 0, "task_context", 10)
+    assert [str(r) for r in loo.roles] == [
+        "test/0/input", "test/0/output", "train/1/input", "train/1/output", "train/0/input"
+    ]
+    assert loo.key == "t/q0/d2.1"
+    assert [str(r) for r in view_example(task, (2, 1), 0, "with_answer", 10).roles][-2:] == [
+        "train/0/input", "train/0/output"]
 
 
 def test_teacher_never_sees_the_answer_except_in_with_answer(tiny_teacher):
     a = _task_with_answer(np.full((2, 2), 9, dtype=np.uint8))
     b = _task_with_answer(np.full((5, 3), 6, dtype=np.uint8))
     for view in ("task_context", "test_input"):
-        fa, fb = tiny_teacher.features([view_example(a, 0, view, 10), view_example(b, 0, view, 10)])
+        fa, fb = tiny_teacher.features([first_prompt(a, view, 10), first_prompt(b, view, 10)])
         assert torch.equal(fa.pooled, fb.pooled), view
-    fa, fb = tiny_teacher.features([view_example(a, 0, "with_answer", 10), view_example(b, 0, "with_answer", 10)])
+    fa, fb = tiny_teacher.features([first_prompt(a, "with_answer", 10), first_prompt(b, "with_answer", 10)])
     assert not torch.allclose(fa.pooled[-1], fb.pooled[-1])

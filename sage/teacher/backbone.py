@@ -56,23 +56,30 @@ class GrootBackbone(nn.Module):
         return torch.cat(outs)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Features [B, L, llm_hidden] of left-padded prompts. `pixel_values` holds every image of
-        the batch, prompt by prompt, in prompt order (the order of the <IMG_CONTEXT> runs)."""
+        the batch, prompt by prompt, in prompt order (the order of the <IMG_CONTEXT> runs); or pass
+        their `image_embeddings` as `image_tokens` (computed once for images the prompts share)."""
         embeds = self.language_model.embed_tokens(input_ids)
         image_slots = input_ids == self.image_token_id
         n_slots = int(image_slots.sum())
         per_image = self.arch.tokens_per_image
-        if n_slots != pixel_values.shape[0] * per_image:
+        if image_tokens is None and pixel_values is not None:
+            image_tokens = self.image_embeddings(pixel_values)
+        n_given = 0 if image_tokens is None else image_tokens.shape[0] * image_tokens.shape[1]
+        if n_slots != n_given:
             raise ValueError(
-                f"the prompts have {n_slots} <IMG_CONTEXT> tokens but {pixel_values.shape[0]} images x {per_image} "
-                f"tokens = {pixel_values.shape[0] * per_image} image tokens were given"
+                f"the prompts have {n_slots} <IMG_CONTEXT> tokens but {n_given // per_image} images x {per_image} "
+                f"tokens = {n_given} image tokens were given"
             )
         if n_slots:
-            image_tokens = self.image_embeddings(pixel_values).to(embeds.dtype)
             # masked_scatter fills the True positions in row-major order: prompt by prompt, left to right.
-            embeds = embeds.masked_scatter(image_slots.unsqueeze(-1), image_tokens)
+            embeds = embeds.masked_scatter(image_slots.unsqueeze(-1), image_tokens.to(embeds.dtype))
         # Positions count from each prompt's first real token. NVIDIA's code uses 0..L-1 for every
         # row (shifted by the left padding); RoPE only sees position differences, so the features
         # are the same up to rounding, and this way they do not depend on a prompt's batch-mates.

@@ -38,14 +38,19 @@ class TeacherConfig:
     # preset falls back to a built-in byte-level tokenizer (same special ids, see tokenizer.py).
     tokenizer_dir: str | None = None
     seed: int = 0  # random weights of a preset without a checkpoint (the tiny one)
-    view: str = "task_context"  # task_context | test_input | with_answer (leaks the answer)
+    view: str = "task_context"  # task_context | test_input | with_answer (shows the query's answer)
+    # with_answer is for privileged-information experiments only: a student distils from it only when
+    # this is true (a probe and evaluation never read it).
+    allow_answer_view: bool = False
     dataset: str | None = None  # tasks to extract; None: data.train
     cache_dir: str = "data/features"  # the cache lives in <cache_dir>/<preset>/<view>/<dataset>
-    batch_size: int = 4  # prompts (one per task test input) per forward pass
+    batch_size: int = 4  # prompts (one per student example) per forward pass
     dtype: str = "auto"  # compute dtype: auto = bfloat16 on CUDA, float32 on CPU
     feature_dtype: str = "float16"  # stored dtype of the features
     token_features: bool = False  # also store every output token's feature (~1 MiB per image at 2048-d)
-    max_demos: int = 10  # demonstration pairs shown to the teacher (the first ones; ARC tasks have <= 10)
+    # Demonstrations each prompt shows (the first of its student example's); None: model.max_demos,
+    # which it must equal when the student reads teacher features.
+    max_demos: int | None = None
     instruction: str | None = None  # text after the images; None: the view's default (sage/teacher/prompt.py)
     shard_entries: int = 256  # prompts per safetensors shard (the unit of resumption)
 
@@ -65,7 +70,7 @@ def teacher_problems(t: TeacherConfig) -> list[str]:
         problems.append(f"teacher.feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {t.feature_dtype!r}")
     if t.batch_size < 1:
         problems.append(f"teacher.batch_size must be >= 1, got {t.batch_size}")
-    if t.max_demos < 1:
+    if t.max_demos is not None and t.max_demos < 1:
         problems.append(f"teacher.max_demos must be >= 1, got {t.max_demos}")
     if t.shard_entries < 1:
         problems.append(f"teacher.shard_entries must be >= 1, got {t.shard_entries}")

@@ -1,10 +1,11 @@
 """Run the teacher over a dataset and fill the feature cache (sage/features.py).
 
-    tasks -> one prompt per (task, test input) under the view -> render grids (224x224)
-          -> tokenise the prompt -> left-pad a batch -> GrootBackbone -> per-grid mean over each
-          image's <IMG_CONTEXT> outputs (+ all tokens on request) -> safetensors shards
+    prompts (one per student example, sage/distill.py: prompts_for_dataset) -> render grids
+          (224x224) -> tokenise the prompt -> left-pad a batch -> GrootBackbone -> per-grid mean
+          over each image's <IMG_CONTEXT> outputs (+ all tokens on request) -> safetensors shards
 
-Prompts are processed shortest first (fewest images) so a batch pads little; which prompts are done
+Prompts are processed shortest first (fewest images), a task's prompts side by side, so a batch pads
+little and each distinct grid of a batch goes through the vision tower once. Which prompts are done
 is decided by the shards on disk, so any order resumes correctly.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from sage.teacher.backbone import GrootBackbone, build_backbone
 from sage.teacher.config import TeacherConfig
 from sage.teacher.loading import LoadReport
 from sage.teacher.presets import GrootArch, get_preset
-from sage.teacher.prompt import TeacherExample, build_prompt, instruction_for, view_examples
+from sage.teacher.prompt import TeacherExample, build_prompt, instruction_for
 from sage.teacher.render import render_grid, to_pixel_values
 from sage.teacher.tokenizer import IMG_CONTEXT_ID, PAD_ID, GrootTokenizer, load_tokenizer
 
@@ -86,6 +88,12 @@ class Teacher:
         return self._prompt_ids[n_images]
 
     def encode(self, examples: Sequence[TeacherExample]) -> Batch:
+        """The batch as the backbone's inputs: left-padded token ids, their mask, every image."""
+        input_ids, mask = self.encode_text(examples)
+        pixel_values = to_pixel_values([render_grid(g) for e in examples for g in e.grids])
+        return Batch(input_ids, mask, pixel_values)
+
+    def encode_text(self, examples: Sequence[TeacherExample]) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = [self.prompt_ids(len(e.grids)) for e in examples]
         length = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), length), PAD_ID, dtype=torch.long)
@@ -93,25 +101,42 @@ class Teacher:
         for b, ids in enumerate(prompts):  # left padding: every prompt ends at the last position
             input_ids[b, length - len(ids) :] = torch.tensor(ids)
             mask[b, length - len(ids) :] = 1
-        pixel_values = to_pixel_values([render_grid(g) for e in examples for g in e.grids])
-        return Batch(input_ids, mask, pixel_values)
+        return input_ids, mask
+
+    def image_embeddings(self, examples: Sequence[TeacherExample]) -> torch.Tensor:
+        """Projected vision-tower tokens of every image of the batch, prompt by prompt. A grid shown
+        in several prompts of the batch (a task's leave-one-out prompts share their grids) is
+        rendered and encoded once."""
+        index: dict[tuple, int] = {}
+        order = []
+        distinct = []
+        for g in (g for e in examples for g in e.grids):
+            key = (g.shape, g.tobytes())
+            if key not in index:
+                index[key] = len(distinct)
+                distinct.append(g)
+            order.append(index[key])
+        pixels = to_pixel_values([render_grid(g) for g in distinct]).to(self.device, self.dtype)
+        return self.model.image_embeddings(pixels)[torch.tensor(order, device=self.device)]
 
     @torch.inference_mode()
     def features(self, examples: Sequence[TeacherExample], token_features: bool = False) -> list[EntryFeatures]:
-        batch = self.encode(examples)
-        ids = batch.input_ids.to(self.device)
-        hidden = self.model(ids, batch.attention_mask.to(self.device), batch.pixel_values)
+        input_ids, attention_mask = self.encode_text(examples)
+        ids = input_ids.to(self.device)
+        hidden = self.model(ids, attention_mask.to(self.device), image_tokens=self.image_embeddings(examples))
         per_image = self.arch.tokens_per_image
         out = []
         for b, example in enumerate(examples):
-            n_pad = int((batch.attention_mask[b] == 0).sum())
+            n_pad = int((attention_mask[b] == 0).sum())
             slots = torch.nonzero(ids[b] == IMG_CONTEXT_ID).squeeze(1).view(len(example.grids), per_image)
             pooled = hidden[b, slots].float().mean(dim=1)  # [n_grids, dim], averaged in fp32
             tokens = hidden[b, n_pad:].cpu() if token_features else None
             out.append(
                 EntryFeatures(
+                    key=example.key,
                     task_id=example.task_id,
-                    test_index=example.test_index,
+                    query=example.query,
+                    demos=example.demos,
                     roles=example.roles,
                     pooled=pooled.cpu(),
                     tokens=tokens,
@@ -160,21 +185,23 @@ class ExtractionResult:
 
 def run_extraction(
     cfg: Any,
+    prompts: Sequence[TeacherExample],
     part: int = 0,
     parts: int = 1,
     limit: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> ExtractionResult:
-    """Extract (or resume) part `part` of `parts` of the config's teacher features."""
+    """Extract (or resume) part `part` of `parts` of `prompts` (sage.distill.prompts_for_dataset) into
+    the config's cache of teacher.dataset (else data.train)."""
     t = cfg.teacher
     dataset, tasks = teacher_tasks(cfg, limit)
     directory = cache_path(t, dataset, limit)
     spec = build_spec(t, dataset, tasks)
+    created = not directory.exists()
     writer = CacheWriter(directory, spec, part, parts, t.shard_entries)
-    examples = view_examples(tasks, t.view, t.max_demos)
     task_index = {task.id: i for i, task in enumerate(tasks)}
-    mine = [e for e in examples if task_index[e.task_id] % parts == part]
+    mine = [e for e in prompts if task_index[e.task_id] % parts == part]
     todo = [e for e in mine if e.key not in writer.done]
     log(
         f"feature cache {directory}: part {part + 1} of {parts} has {len(mine)} prompts, "
@@ -184,7 +211,12 @@ def run_extraction(
     seconds = 0.0
     info: dict[str, Any] = {}
     if todo:
-        teacher = load_teacher(t, cfg.run.device)
+        try:
+            teacher = load_teacher(t, cfg.run.device)
+        except BaseException:  # a checkpoint that fails to load leaves no empty cache behind
+            if created:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
         if teacher.load_report is not None:
             log(teacher.load_report.summary())
         info = {
@@ -193,7 +225,7 @@ def run_extraction(
             "torch": torch.__version__,
             "python": platform.python_version(),
         }
-        todo.sort(key=lambda e: len(e.grids))  # stable: equal sizes stay in task order
+        todo.sort(key=lambda e: len(e.grids))  # stable: a task's prompts stay together, sharing images
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), unit="prompt", disable=not progress, file=sys.stderr, mininterval=1.0)
@@ -208,11 +240,11 @@ def run_extraction(
         writer.flush()
         seconds = time.perf_counter() - start
         bar.close()
-    status = finalize(directory, spec, [e.key for e in examples], info)
+    status = finalize(directory, spec, [e.key for e in prompts], info)
     return ExtractionResult(directory, len(mine), len(mine) - len(todo), computed, seconds, images, status)
 
 
-def merge(cfg: Any, limit: int | None = None) -> dict[str, Any]:
+def merge(cfg: Any, prompts: Sequence[TeacherExample], limit: int | None = None) -> dict[str, Any]:
     """After all `--shard k/n` parts finished: check every prompt is stored and write the manifest."""
     t = cfg.teacher
     dataset, tasks = teacher_tasks(cfg, limit)
@@ -223,6 +255,5 @@ def merge(cfg: Any, limit: int | None = None) -> dict[str, Any]:
     if not (directory / "manifest.json").is_file():
         raise FeatureCacheError(f"{directory}: nothing to merge (no extraction has run for this config)")
     prepare_directory(directory, spec)  # refuses a cache made for another spec
-    examples = view_examples(tasks, t.view, t.max_demos)
-    return {"directory": directory, **finalize(directory, spec, [e.key for e in examples])}
+    return {"directory": directory, **finalize(directory, spec, [e.key for e in prompts])}
 

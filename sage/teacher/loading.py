@@ -2,18 +2,23 @@
 
 Checkpoint layout (GROOT_N15.md) -> our module (sage/teacher/backbone.py):
 
-    backbone.eagle_model.vision_model.vision_model.*   -> vision_model.*   (SiglipVisionModel)
+    backbone.eagle_model.vision_model.vision_model.*   -> vision_model.*   (SiglipVisionModel; NVIDIA's
+                                                          nested layout, saved with transformers 4)
+    backbone.eagle_model.vision_model.*                -> vision_model.*   (the same, flat: how
+                                                          transformers 5 saves SiglipVisionModel)
     backbone.eagle_model.mlp1.0.{weight,bias}          -> mlp1.*           (the Linear projector)
     backbone.eagle_model.language_model.model.*        -> language_model.* (12-layer Qwen3Model)
     backbone.eagle_model.language_model.lm_head.weight -> language_model.embed_tokens.weight,
                                                           only when embed_tokens is not stored (tied)
-    backbone.eagle_model.vision_model.vision_model.head.*   ignored (SigLIP pooling head, unused)
+    backbone.eagle_model.vision_model[.vision_model].head.*  ignored (SigLIP pooling head, unused)
     action_head.*                                           ignored, never read
     anything else under backbone.                           an error (not the architecture we rebuild)
 
-A LeRobot-saved checkpoint prefixes every key with `_groot_model.`. Shards are found through
-`model.safetensors.index.json`; a single `model.safetensors` works too. Only the files that hold
-needed tensors are opened, and only the needed tensors are read (safetensors.safe_open, mmap).
+The SigLIP layout is read off the checkpoint's key names; one checkpoint must use one layout (a
+mix is refused, naming keys of both). A LeRobot-saved checkpoint prefixes every key with
+`_groot_model.`. Shards are found through `model.safetensors.index.json`; a single
+`model.safetensors` works too. Only the files that hold needed tensors are opened, and only the
+needed tensors are read (safetensors.safe_open, mmap).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Literal, Mapping
 
 import torch
 
@@ -34,7 +39,13 @@ SINGLE_FILE = "model.safetensors"
 LEROBOT_PREFIX = "_groot_model."
 BACKBONE = "backbone."
 VISION_PREFIX = "backbone.eagle_model.vision_model."
-VISION_HEAD_PREFIX = "backbone.eagle_model.vision_model.vision_model.head."
+SiglipLayout = Literal["nested", "flat"]
+# Where each layout puts SiglipVisionModel's own keys (embeddings.*, encoder.*, post_layernorm.*, head.*).
+SIGLIP_PREFIX: dict[SiglipLayout, str] = {"nested": VISION_PREFIX + "vision_model.", "flat": VISION_PREFIX}
+SIGLIP_LAYOUT_NAME: dict[SiglipLayout, str] = {
+    "nested": "nested (NVIDIA's layout, saved with transformers 4)",
+    "flat": "flat (transformers 5 layout)",
+}
 MLP1_PREFIX = "backbone.eagle_model.mlp1.0."
 LLM_PREFIX = "backbone.eagle_model.language_model.model."
 EMBED_KEY = LLM_PREFIX + "embed_tokens.weight"
@@ -42,14 +53,21 @@ LM_HEAD_KEY = "backbone.eagle_model.language_model.lm_head.weight"
 ACTION_HEAD = "action_head."
 
 
-def checkpoint_key(module_key: str) -> str:
+def siglip_layout_of(key: str) -> SiglipLayout | None:
+    """The SigLIP layout a checkpoint key (without LeRobot prefix) is in; None outside the tower."""
+    if not key.startswith(VISION_PREFIX):
+        return None
+    return "nested" if key.startswith(SIGLIP_PREFIX["nested"]) else "flat"
+
+
+def checkpoint_key(module_key: str, layout: SiglipLayout = "nested") -> str:
     """GR00T checkpoint name (without any LeRobot prefix) of a GrootBackbone state-dict key.
 
-    transformers 4.x nests SiglipVisionModel's weights under `vision_model.`, 5.x does not; the
-    checkpoint (saved with 4.x) always has the nesting, so add it when the module lacks it."""
+    Module side: transformers 4.x nests SiglipVisionModel's weights under `vision_model.`, 5.x does
+    not. Checkpoint side: `layout` (NVIDIA's checkpoints are nested, transformers 5 saves flat)."""
     part, _, rest = module_key.partition(".")
     if part == "vision_model":
-        return VISION_PREFIX + (rest if rest.startswith("vision_model.") else "vision_model." + rest)
+        return SIGLIP_PREFIX[layout] + rest.removeprefix("vision_model.")
     if part == "mlp1":
         return MLP1_PREFIX + rest
     if part == "language_model":
@@ -65,8 +83,27 @@ class CheckpointFiles:
     prefix: str  # "" or LEROBOT_PREFIX
     files: dict[str, str]  # key without prefix -> file name
 
+    @property
+    def siglip_keys(self) -> dict[SiglipLayout, list[str]]:
+        """The checkpoint's SigLIP keys (pooling head included) by the layout they are in, sorted."""
+        out: dict[SiglipLayout, list[str]] = {"nested": [], "flat": []}
+        for key in sorted(self.files):
+            layout = siglip_layout_of(key)
+            if layout is not None:
+                out[layout].append(key)
+        return out
+
+    @property
+    def siglip_layout(self) -> SiglipLayout:
+        """The layout most SigLIP keys are in (nested, NVIDIA's, on a tie or when there are none)."""
+        return _majority(self.siglip_keys)
+
     def path(self, file_name: str) -> Path:
         return self.directory / file_name
+
+
+def _majority(keys: dict[SiglipLayout, list[str]]) -> SiglipLayout:
+    return "flat" if len(keys["flat"]) > len(keys["nested"]) else "nested"
 
 
 @dataclass
@@ -74,6 +111,7 @@ class LoadReport:
     """Strict accounting of one load: what was read from where, and what was skipped and why."""
 
     directory: str
+    siglip_layout: SiglipLayout = "nested"
     loaded: dict[str, str] = field(default_factory=dict)  # module key -> checkpoint key it came from
     ignored: dict[str, list[str]] = field(default_factory=dict)  # reason -> checkpoint keys (never read)
     files_read: list[str] = field(default_factory=list)
@@ -83,7 +121,7 @@ class LoadReport:
         skipped = ", ".join(f"{len(keys)} {reason}" for reason, keys in self.ignored.items()) or "none"
         return (
             f"loaded {len(self.loaded)} tensors from {len(self.files_read)} file(s) of {self.directory} "
-            f"(dtypes {self.dtypes}); not read: {skipped}"
+            f"(dtypes {self.dtypes}, SigLIP keys {self.siglip_layout}); not read: {skipped}"
         )
 
 
@@ -139,20 +177,36 @@ def open_checkpoint(directory: str | Path) -> CheckpointFiles:
 
 
 def plan_load(ckpt: CheckpointFiles, module_keys: Iterable[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """(module key -> checkpoint key to read, reason -> checkpoint keys not read). Raises on gaps or
-    on backbone tensors the rebuild has no place for."""
-    plan = {k: checkpoint_key(k) for k in module_keys}
+    """(module key -> checkpoint key to read, reason -> checkpoint keys not read). Raises on gaps, on a
+    mix of SigLIP layouts, or on backbone tensors the rebuild has no place for."""
+    by_layout = ckpt.siglip_keys
+    layout = _majority(by_layout)
+    other: SiglipLayout = "flat" if layout == "nested" else "nested"
+    plan = {k: checkpoint_key(k, layout) for k in module_keys}
     embed_module_key = next((m for m, c in plan.items() if c == EMBED_KEY), None)
     if embed_module_key is not None and EMBED_KEY not in ckpt.files and LM_HEAD_KEY in ckpt.files:
         plan[embed_module_key] = LM_HEAD_KEY  # tied embeddings: lm_head holds the same matrix
     missing = sorted(c for c in plan.values() if c not in ckpt.files)
     if missing:
+        hint, relocated = _siglip_hint(ckpt, missing, layout, other, by_layout)
         raise TeacherError(
             f"{ckpt.directory}: {len(missing)} backbone tensor(s) missing from the checkpoint, e.g. "
-            f"{', '.join(ckpt.prefix + m for m in missing[:3])}. The download is incomplete or this is not a "
-            f"GR00T N1.5 checkpoint (or the teacher.preset does not match it).\n{DOWNLOAD_HELP}"
+            f"{', '.join(ckpt.prefix + m for m in missing[:3])}. {hint}"
+            + ("" if relocated else "The download is incomplete or this is not a GR00T N1.5 checkpoint (or the "
+               f"teacher.preset does not match it).\n{DOWNLOAD_HELP}")
+        )
+    strays = by_layout[other]
+    if strays:
+        mine = by_layout[layout]
+        raise TeacherError(
+            f"{ckpt.directory}: the checkpoint mixes both SigLIP key layouts: {len(mine)} key(s) "
+            f"{SIGLIP_LAYOUT_NAME[layout]}, e.g. {ckpt.prefix + mine[0]}, and {len(strays)} "
+            f"{SIGLIP_LAYOUT_NAME[other]}, e.g. {ckpt.prefix + strays[0]}. One checkpoint must use one layout: "
+            f"re-save it with all SigLIP keys nested ({ckpt.prefix + SIGLIP_PREFIX['nested']}*) or all flat "
+            f"({ckpt.prefix + SIGLIP_PREFIX['flat']}embeddings.*, encoder.*, ...)."
         )
     wanted = set(plan.values())
+    head_prefix = SIGLIP_PREFIX[layout] + "head."
     ignored: dict[str, list[str]] = {}
     unexpected = []
     for key in sorted(ckpt.files):
@@ -160,7 +214,7 @@ def plan_load(ckpt: CheckpointFiles, module_keys: Iterable[str]) -> tuple[dict[s
             continue
         if key.startswith(ACTION_HEAD):
             reason = "action head"
-        elif key.startswith(VISION_HEAD_PREFIX):
+        elif key.startswith(head_prefix):
             reason = "SigLIP pooling head (unused by GR00T)"
         elif key == LM_HEAD_KEY:
             reason = "lm_head (tied to embed_tokens)"
@@ -180,6 +234,38 @@ def plan_load(ckpt: CheckpointFiles, module_keys: Iterable[str]) -> tuple[dict[s
     return plan, ignored
 
 
+def _siglip_hint(
+    ckpt: CheckpointFiles,
+    missing: list[str],
+    layout: SiglipLayout,
+    other: SiglipLayout,
+    by_layout: dict[SiglipLayout, list[str]],
+) -> tuple[str, bool]:
+    """What the SigLIP layout has to do with missing keys ('' when no SigLIP key is missing), and
+    whether the missing keys are there, in the other layout (then that is the whole diagnosis)."""
+    missing_vision = [k for k in missing if siglip_layout_of(k) is not None]
+    if not missing_vision:
+        return "", False
+    if not any(by_layout.values()):
+        return (
+            f"The checkpoint has no SigLIP tensors in either layout (neither {SIGLIP_LAYOUT_NAME['nested']}, "
+            f"{ckpt.prefix + SIGLIP_PREFIX['nested']}*, nor {SIGLIP_LAYOUT_NAME['flat']}, "
+            f"{ckpt.prefix + SIGLIP_PREFIX['flat']}embeddings.* etc.). "
+        ), False
+    relocated = [
+        (k, c) for k in missing_vision
+        if (c := SIGLIP_PREFIX[other] + k.removeprefix(SIGLIP_PREFIX[layout])) in ckpt.files
+    ]
+    hint = f"The checkpoint stores SigLIP keys {SIGLIP_LAYOUT_NAME[layout]}"
+    if relocated:
+        return (
+            f"{hint}, but {len(relocated)} of the missing tensor(s) are stored {SIGLIP_LAYOUT_NAME[other]} instead, "
+            f"e.g. {ckpt.prefix + relocated[0][1]} for {ckpt.prefix + relocated[0][0]}: the checkpoint mixes both "
+            "layouts; re-save it with all SigLIP keys in one."
+        ), True
+    return f"{hint}; none of the missing is stored {SIGLIP_LAYOUT_NAME[other]} either. ", False
+
+
 def read_backbone_state_dict(
     directory: str | Path, module_shapes: Mapping[str, torch.Size]
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
@@ -193,7 +279,7 @@ def read_backbone_state_dict(
     by_file: dict[str, list[tuple[str, str]]] = {}
     for module_key, ckpt_key in plan.items():
         by_file.setdefault(ckpt.files[ckpt_key], []).append((module_key, ckpt_key))
-    report = LoadReport(str(ckpt.directory), ignored=ignored)
+    report = LoadReport(str(ckpt.directory), siglip_layout=ckpt.siglip_layout, ignored=ignored)
     state: dict[str, torch.Tensor] = {}
     for file_name in sorted(by_file):
         path = ckpt.path(file_name)
@@ -228,7 +314,8 @@ def read_backbone_state_dict(
 def checkpoint_fingerprint(directory: str | Path) -> str:
     """A cheap content identity of a checkpoint's backbone: the safetensors headers of the files that
     hold backbone tensors plus the bytes of its 1-d tensors (norms, biases), which any fine-tuning
-    changes. Reads a few MB, not the 2.7 GB."""
+    changes. Reads a few MB, not the 2.7 GB. Key names are hashed as stored, so the same weights saved
+    in the nested and the flat SigLIP layout get different fingerprints (a cache miss, never a wrong hit)."""
     from safetensors import safe_open
 
     ckpt = open_checkpoint(directory)

@@ -9,15 +9,21 @@ Prompt (GR00T N1.5 / Eagle 2.5 chat format, images first, then the instruction; 
 With the real tokenizer that is 19 + 263 x N + tokens(instruction) tokens for N <= 9 images ("<image
 k>" is 5 tokens; from k = 10 on it is 6, Qwen splits digits).
 
-One prompt per (task, test input): the student sees the demonstrations and ONE test input per
-example, so the teacher sees exactly that too. Views (recorded in the cache):
+One prompt per student example: the demonstrations that example shows the student, in the order it
+shows them, then its query input, and nothing after it (unless the view says so). A training example
+whose query is demonstration q therefore gets a prompt without q's output: its own answer never
+reaches the teacher. Evaluation's examples (all demonstrations, then test input j) are built the
+same way. Views (recorded in the cache):
 
-    task_context  demo 0 input, demo 0 output, ..., demo K-1 output, test input   (the default)
-    test_input    test input
-    with_answer   task_context + the test output: the answer leaks into every feature;
-                  privileged-information experiments only, and the cache says so
+    task_context  demo input, demo output, ..., query input           (the default)
+    test_input    query input
+    with_answer   task_context + the query's output. GR00T's language model is causal, so only
+                  what comes after the answer in the prompt (the answer's own image and the
+                  instruction's tokens) is computed with it in view; the rows of the grids before
+                  it are those of task_context. Privileged-information experiments only: the cache
+                  says so, and training refuses it unless teacher.allow_answer_view is set.
 
-The test output is read only by `with_answer`.
+Only `with_answer` reads the query's output.
 """
 
 from __future__ import annotations
@@ -62,50 +68,72 @@ class Role(NamedTuple):
         return cls(part, int(index), side)
 
 
+def role_of(index: int, side: str, n_train: int) -> Role:
+    """The role of pair `index`, counted over task.train + task.test (sage.encoding's indices)."""
+    return Role("train", index, side) if index < n_train else Role("test", index - n_train, side)
+
+
+def example_key(task_id: str, demos: Sequence[int], query: int) -> str:
+    """The cache key of the prompt that shows pairs `demos` (in order) and then pair `query`'s
+    input, e.g. 'a85d4709/q4/d0.1.2' (indices over task.train + task.test)."""
+    return f"{task_id}/q{query}/d{'.'.join(str(d) for d in demos)}"
+
+
+def shown_demos(view: str, demos: Sequence[int], max_demos: int) -> tuple[int, ...]:
+    """The demonstrations a view's prompt shows, of a student example with demonstrations `demos`."""
+    return () if view == "test_input" else tuple(demos[:max_demos])
+
+
 @dataclass(frozen=True)
 class TeacherExample:
-    """One prompt: the grids of `task`'s test input `test_index` under a view, in prompt order."""
+    """One prompt: pairs `demos` of task `task_id` (in this order), then pair `query`'s input (and
+    its output for with_answer); `roles` and `grids` in prompt order."""
 
     task_id: str
-    test_index: int
+    demos: tuple[int, ...]
+    query: int
     roles: tuple[Role, ...]
     grids: tuple[np.ndarray, ...]
 
     @property
     def key(self) -> str:
-        return entry_key(self.task_id, self.test_index)
+        return example_key(self.task_id, self.demos, self.query)
 
 
-def entry_key(task_id: str, test_index: int) -> str:
-    return f"{task_id}/{test_index}"
-
-
-def view_example(task: Task, test_index: int, view: str, max_demos: int) -> TeacherExample:
-    """The grids the teacher sees for one test input. Only `with_answer` reads the test output."""
+def view_example(task: Task, demos: Sequence[int], query: int, view: str, max_demos: int) -> TeacherExample:
+    """The prompt for the student example that answers pair `query` of `task` from pairs `demos`
+    (indices over task.train + task.test). Only `with_answer` reads the query's output."""
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}: expected one of {', '.join(VIEWS)}")
-    test = task.test[test_index]
+    pairs, n_train = task.train + task.test, len(task.train)
+    if query in demos:
+        raise ValueError(f"task '{task.id}': pair {query} cannot be both the query and a demonstration")
+    shown = shown_demos(view, demos, max_demos)
     roles: list[Role] = []
     grids: list[np.ndarray] = []
-    if view != "test_input":
-        for k, pair in enumerate(task.train[:max_demos]):
-            roles += [Role("train", k, "input"), Role("train", k, "output")]
-            grids += [pair.input, pair.output]
-    roles.append(Role("test", test_index, "input"))
-    grids.append(test.input)
+    for d in shown:
+        roles += [role_of(d, "input", n_train), role_of(d, "output", n_train)]
+        grids += [pairs[d].input, pairs[d].output]
+    roles.append(role_of(query, "input", n_train))
+    grids.append(pairs[query].input)
     if view == "with_answer":
-        if test.output is None:
+        if pairs[query].output is None:
             raise ARCDataError(
-                f"{task.source}: task '{task.id}', test pair {test_index} has no output, so the with_answer "
-                "view cannot show it (use view task_context)"
+                f"{task.source}: task '{task.id}', {role_of(query, 'output', n_train)} is missing, so the "
+                "with_answer view cannot show it (use view task_context)"
             )
-        roles.append(Role("test", test_index, "output"))
-        grids.append(test.output)
-    return TeacherExample(task.id, test_index, tuple(roles), tuple(grids))
+        roles.append(role_of(query, "output", n_train))
+        grids.append(pairs[query].output)
+    return TeacherExample(task.id, shown, query, tuple(roles), tuple(grids))
 
 
-def view_examples(tasks: Sequence[Task], view: str, max_demos: int) -> list[TeacherExample]:
-    return [view_example(t, j, view, max_demos) for t in tasks for j in range(len(t.test))]
+def evaluation_prompts(tasks: Sequence[Task], view: str, max_demos: int) -> list[TeacherExample]:
+    """Evaluation's prompts: every test input of every task, after all its demonstrations."""
+    return [
+        view_example(t, range(len(t.train)), len(t.train) + j, view, max_demos)
+        for t in tasks
+        for j in range(len(t.test))
+    ]
 
 
 def instruction_for(view: str, instruction: str | None) -> str:

@@ -1,0 +1,151 @@
+"""Overlap between training data and a scored split, pair by pair (sage/overlap.py), on real ARC data:
+demonstrations repackaged under new ids (HRM/TRM), reordered pairs, rotated test pairs, refusals."""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sage.arc import ARCDataError, Augmentation, Pair, Task, load_dataset
+from sage.config import load_config
+from sage.evaluation import split_tasks
+from sage.overlap import DEMONSTRATIONS, TEST_INPUT, WHOLE_TASK, drop_trained_tasks, find_overlap
+from sage.training import load_splits
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL = "arc-agi-1/evaluation"
+
+
+@pytest.fixture(scope="module")
+def arc1():
+    return load_dataset("arc-agi-1/training"), load_dataset(EVAL)
+
+
+def unshared(evaluation: list[Task]) -> list[Task]:
+    """The evaluation tasks besides 070dd51e (= training task 40853293)."""
+    return [t for t in evaluation if t.id != "070dd51e"]
+
+
+def write_tasks(tasks: list[Task], directory: Path) -> Path:
+    """The tasks as a directory of ARC JSON files: what data.train or --split may name."""
+    directory.mkdir(parents=True)
+    for t in tasks:
+        obj = {part: [{"input": p.input.tolist(), "output": p.output.tolist()} for p in getattr(t, part)]
+               for part in ("train", "test")}
+        (directory / f"{t.id}.json").write_text(json.dumps(obj))
+    return directory
+
+
+def transformed(pair: Pair, dihedral: int) -> Pair:
+    aug = Augmentation(dihedral)
+    return Pair(aug.apply(pair.input), aug.apply(pair.output))
+
+
+def repackaged(task: Task, dihedral: int = 0) -> Task:
+    """HRM/TRM style: the task's demonstrations (transformed) as a training task of their own."""
+    pairs = tuple(transformed(p, dihedral) for p in task.train)
+    return Task(f"trm-{task.id}", pairs[:-1], pairs[-1:], "repackaged")
+
+
+def naive_overlap(training: list[Task], evaluated: list[Task]) -> dict[str, str]:
+    """{task: kind} by comparing arrays directly (no hashing): the cross-check of find_overlap."""
+    pairs = [p for t in training for p in t.train + t.test]
+    inputs = [p.input for p in pairs]
+
+    def seen(pair: Pair) -> bool:
+        return any(np.array_equal(transformed(pair, d).input, q.input)
+                   and np.array_equal(transformed(pair, d).output, q.output) for q in pairs for d in range(8))
+
+    def seen_input(grid: np.ndarray) -> bool:
+        return any(np.array_equal(Augmentation(d).apply(grid), g) for g in inputs for d in range(8))
+
+    ids, kinds = {t.id for t in training}, {}
+    for t in evaluated:
+        if t.id in ids or any(seen(p) for p in t.test):
+            kinds[t.id] = WHOLE_TASK
+        elif any(seen(p) for p in t.train):
+            kinds[t.id] = DEMONSTRATIONS
+        elif any(seen_input(p.input) for p in t.test):
+            kinds[t.id] = TEST_INPUT
+    return kinds
+
+
+def test_arc_agi_1_training_vs_evaluation_shares_one_task_and_is_fast(arc1):
+    train, evaluation = arc1
+    started = time.perf_counter()
+    overlap = find_overlap(train, evaluation)
+    assert time.perf_counter() - started < 3.0  # 0.3 s measured on a 2-core CPU
+    assert [(o.task, o.kinds, o.training_tasks, o.pairs) for o in overlap] == [
+        ("070dd51e", (WHOLE_TASK,), ("40853293",), ("train 0", "train 1", "test 0"))]
+    kept, left_out, shared = drop_trained_tasks(train, evaluation, "evaluation")  # the default protocol runs
+    assert len(kept) == 399 and [o.task for o in left_out] == ["070dd51e"] and shared == []
+    # The other way round, one test input is a training input with another output: named, not left out.
+    reverse = {o.task: o for o in find_overlap(evaluation, train)}
+    assert reverse["91413438"].kinds == (TEST_INPUT,) and reverse["91413438"].training_tasks == ("6ea4a07e",)
+    assert len(drop_trained_tasks(evaluation, train, "evaluation")[0]) == 399
+
+
+def test_repackaged_demonstrations_are_scored_and_stated(arc1, tmp_path):
+    """(a) TRM: evaluation demonstrations as new tasks under new ids, some rotated or transposed."""
+    train, evaluation = arc1
+    chosen = unshared(evaluation)[:20]
+    extra = [repackaged(t, dihedral=i % 8) for i, t in enumerate(chosen)]
+    overlap = find_overlap(train + extra, evaluation)
+    kept, left_out, shared = drop_trained_tasks(train + extra, evaluation, "evaluation")
+    assert [o.task for o in left_out] == ["070dd51e"] and len(kept) == 399
+    assert {o.task: o.kind for o in shared} == {t.id: DEMONSTRATIONS for t in chosen}
+    assert all(o.training_tasks == (f"trm-{o.task}",) for o in shared)
+    assert {o.task: o.kind for o in overlap} == naive_overlap(train[:20] + extra, chosen) | {"070dd51e": WHOLE_TASK}
+
+    # The same through training's splits and evaluation's protocol record.
+    directory = write_tasks(train[:20] + extra, tmp_path / "trm")
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [f"data.train={directory}", f"data.val={EVAL}"])
+    splits = load_splits(cfg)
+    assert len(splits.val) == 400 and splits.shared == {} and {o.task for o in splits.overlap} == {t.id for t in chosen}
+    tasks, protocol = split_tasks(cfg, {}, EVAL)
+    assert len(tasks) == protocol["tasks_scored"] == 400
+    assert protocol["evaluation_tasks_trained_on"] == 20 and protocol["evaluation_demonstrations_trained_on"]
+    assert {x["task"] for x in protocol["evaluation_overlap"]} == {t.id for t in chosen}
+    assert protocol["evaluation_overlap"][0]["kind"] == DEMONSTRATIONS
+
+
+def test_reordered_pairs_under_another_id_are_left_out(arc1):
+    """(b) the same task, pairs in another order (a test pair now a demonstration), another id."""
+    train, evaluation = arc1
+    task = unshared(evaluation)[5]
+    pairs = (task.train + task.test)[::-1]
+    copy = Task("copy", pairs[1:], pairs[:1], "reordered")
+    overlap = find_overlap(train + [copy], evaluation)
+    assert {o.task: (o.kind, o.training_tasks) for o in overlap}[task.id] == (WHOLE_TASK, ("copy",))
+    kept, left_out, _ = drop_trained_tasks(train + [copy], evaluation, "evaluation")
+    assert {o.task for o in left_out} == {"070dd51e", task.id} and task.id not in {t.id for t in kept}
+
+
+def test_a_rotated_test_pair_inside_another_task_is_left_out(arc1):
+    """(c) one test pair, rotated by 90 degrees, added to the demonstrations of a training task."""
+    train, evaluation = arc1
+    task, host = unshared(evaluation)[7], train[3]
+    rotated = transformed(task.test[0], 1)
+    assert not np.array_equal(rotated.input, task.test[0].input)  # 08573cc6: no rotational symmetry
+    assert not np.array_equal(rotated.output, task.test[0].output)
+    hosted = Task(host.id, host.train + (rotated,), host.test, host.source)
+    overlap = {o.task: o for o in find_overlap(train[:3] + [hosted] + train[4:], evaluation)}
+    assert overlap[task.id].kinds == (WHOLE_TASK,) and overlap[task.id].pairs == ("test 0",)
+    assert overlap[task.id].training_tasks == (host.id,)
+    # Input and output rotated differently is another pair: at most the test input is seen.
+    odd = Task(host.id, host.train + (Pair(rotated.input, task.test[0].output),), host.test, host.source)
+    assert {o.task: o.kind for o in find_overlap([odd], [task])} == {task.id: TEST_INPUT}
+
+
+def test_more_than_5_percent_trained_test_outputs_is_refused(arc1):
+    """(d) evaluation tasks hidden in training under new ids: 20 of 400 (with 070dd51e) is 5%, 21 more."""
+    train, evaluation = arc1
+    hidden = [Task(f"hidden-{t.id}", t.test, t.train, "hidden") for t in unshared(evaluation)[:20]]
+    assert len(drop_trained_tasks(train + hidden[:19], evaluation, "evaluation")[1]) == 20  # 5%: allowed
+    with pytest.raises(ARCDataError, match=r"21 of the 400 evaluation tasks .*more than 5%; e\.g\. 00576224 "
+                                           r"\(whole task: .*training hidden-00576224\)"):
+        drop_trained_tasks(train + hidden[:20], evaluation, "evaluation")
+    with pytest.raises(ARCDataError, match="376 of the 400 validation tasks .*'00576224' is also a training task"):
+        drop_trained_tasks(load_dataset("arc-agi-2/training"), evaluation, "validation")
