@@ -3,8 +3,9 @@
     context grids (demonstration pairs + test input, packed, no padding)
         -> token + row + column (from both edges) + segment embeddings
         -> context encoder (pre-LN self-attention blocks, padding masked)
-    answer canvas (grid_size x grid_size slots: the test input's canvas tokens + row + column
-                   + "answer" segment, so the decoder edits the input in place)
+    answer canvas (S x S slots, S = grid_size or each example's own side (sage/encoding.py): the
+                   test input's canvas tokens + row + column + "answer" segment, so the decoder
+                   edits the input in place)
         -> grid decoder (self-attention over the canvas, cross-attention to the context)
         -> per-cell logits over 12 tokens (PAD, EOS, 10 colours): the output grid AND its size
     per-grid mean of encoder states -> distillation head -> teacher width (2048 for GR00T N1.5)
@@ -41,7 +42,10 @@ class StudentConfig:
     decoder_layers: int = 5
     mlp_ratio: float = 4.0
     dropout: float = 0.0
-    grid_size: int = 30  # answer canvas side; ARC grids are at most 30x30
+    grid_size: int = 30  # largest answer canvas side; ARC grids are at most 30x30
+    # fixed: every answer canvas is grid_size x grid_size; batch: each example's canvas is sized from
+    # its context (never its answer) and a batch is as large as its largest (sage/encoding.py).
+    answer_canvas: str = "batch"
     max_demos: int = 10  # demonstration pairs the segment embedding can tell apart
     teacher_dim: int = 2048  # width of the teacher features the distillation head predicts
     distill_hidden: int = 1536  # hidden width of the distillation head's MLP
@@ -125,16 +129,18 @@ class DecoderBlock(nn.Module):
         self.norm2, self.cross_attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
         self.norm3, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor,
+                answer_mask: torch.Tensor | None) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.self_attn(h, h, None)  # every answer cell sees every other: sizes must agree
+        # Every cell of an example's canvas sees every other (sizes must agree), never a batch-mate's.
+        x = x + self.self_attn(h, h, answer_mask)
         x = x + self.cross_attn(self.norm2(x), context, context_mask)
         return x + self.mlp(self.norm3(x))
 
 
 @dataclass
 class StudentOutput:
-    logits: torch.Tensor  # [B, grid_size^2, 12] per answer cell
+    logits: torch.Tensor  # [B, S*S, 12] per answer cell (S: the batch's canvas side)
     grid_features: torch.Tensor | None  # [B, num_grid_slots, teacher_dim] distillation head (None: probe)
     grid_mask: torch.Tensor  # [B, num_grid_slots] which slots hold a context grid
 
@@ -165,9 +171,6 @@ class SageStudent(nn.Module):
         # standardised features. Persistent buffers, so a checkpoint carries them.
         self.register_buffer("teacher_mean", torch.zeros(cfg.teacher_dim))
         self.register_buffer("teacher_std", torch.ones(cfg.teacher_dim))
-        cells = torch.arange(cfg.grid_size * cfg.grid_size)
-        self.register_buffer("answer_rows", cells // cfg.grid_size, persistent=False)
-        self.register_buffer("answer_cols", cells % cfg.grid_size, persistent=False)
         self.apply(self._init_weights)
         # GPT-2 style: shrink the residual projections so the stream's variance stays put with depth.
         n_residual = 2 * cfg.encoder_layers + 3 * cfg.decoder_layers
@@ -198,16 +201,19 @@ class SageStudent(nn.Module):
 
     def decode(self, batch: dict[str, torch.Tensor], context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         answer_segment = self.segment_emb.weight[self.cfg.num_segments - 1]
+        side = math.isqrt(batch["query"].shape[1])  # this batch's canvas side
+        cells = torch.arange(side * side, device=batch["query"].device)  # row r / column c: the same in any canvas
         x = (
             self.token_emb(batch["query"])  # the test input's canvas
-            + self.row_emb(self.answer_rows)
-            + self.col_emb(self.answer_cols)
+            + self.row_emb(cells // side)
+            + self.col_emb(cells % side)
             + self.row_from_end_emb(batch["query_rows_from_end"])  # measured on the test input
             + self.col_from_end_emb(batch["query_cols_from_end"])
             + answer_segment
         )
+        answer_mask = batch.get("answer_mask")
         for block in self.decoder:
-            x = block(x, context, context_mask)
+            x = block(x, context, context_mask, answer_mask)
         return self.cell_head(self.decoder_norm(x))
 
     def pool_grids(self, context: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

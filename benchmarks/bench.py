@@ -264,7 +264,6 @@ def matmul_peak(device: torch.device, seconds: float = 4.0) -> dict[str, Any]:
 
 def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps: int, warmup: int,
                   log: Log) -> dict[str, Any]:
-    m = cfg.model
     model, optimizer, loader = training_setup(cfg, device, data)
     autocast = Autocast(device)
     if warmup < 1 or warmup + steps > len(loader):
@@ -294,7 +293,7 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
             if i >= warmup:
                 timed.append({
                     "examples": B, "padded_context": L, "context_tokens": int(batch["context_mask"].sum()),
-                    "answer_cells": B * m.grid_size**2, "loss_cells": int((batch["target"] != PAD).sum()),
+                    "answer_cells": B * batch["query"].shape[1], "loss_cells": int((batch["target"] != PAD).sum()),
                     "data_s": t1 - t0, "step_s": t2 - t1, "score_batch_s": scoring[0] - scored,
                 })
                 slices.append(first_example(batch))
@@ -306,11 +305,12 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
     # matmul or attention over the batch), so each timed step is counted exactly on its example 0,
     # times its batch size; the full count of the first step checks this.
     log("train: counting the FLOPs of the timed steps (FlopCounterMode)")
-    per_length: dict[int, int] = {}
+    per_shape: dict[tuple[int, int], int] = {}  # (padded context, answer cells) -> FLOPs of one example
     for row, one in zip(timed, slices):
-        if row["padded_context"] not in per_length:
-            per_length[row["padded_context"]] = forward_backward_flops(model, one, cfg, autocast)
-        row["flops"] = row["examples"] * per_length[row["padded_context"]]
+        shape = (row["padded_context"], row["answer_cells"] // row["examples"])
+        if shape not in per_shape:
+            per_shape[shape] = forward_backward_flops(model, one, cfg, autocast)
+        row["flops"] = row["examples"] * per_shape[shape]
     scaled = check_batch["tokens"].shape[0] * forward_backward_flops(model, first_example(check_batch), cfg, autocast)
     components = forward_flops_by_component(model, first_example(check_batch), autocast)
 
@@ -335,7 +335,7 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
         "forward_flops_by_component_first_step": components,
         "flop_count_check": {"full_first_step": full_batch_flops, "batch_size_x_example_0": scaled,
                              "relative_difference": abs(scaled - full_batch_flops) / max(full_batch_flops, 1)},
-        "tokens_counted": "real (unpadded) context tokens + grid_size^2 answer cells per example",
+        "tokens_counted": "real (unpadded) context tokens + the batch's answer canvas cells per example",
         "flops_counted": "FlopCounterMode, forward + loss + backward (matmuls and attention, incl. padding); "
                          "the optimiser's elementwise work is not counted",
         "per_step": timed,

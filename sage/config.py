@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from sage.encoding import min_context_tokens
+from sage.encoding import ANSWER_CANVASES, min_context_tokens
 from sage.teacher.config import LEAKING_VIEWS, TeacherConfig, teacher_problems
 from sage.teacher.presets import PRESETS as TEACHER_PRESETS
 from sage_student_model import StudentConfig
@@ -102,6 +102,12 @@ class DistillConfig:
 
 
 @dataclass
+class LoggingConfig:
+    # Also write metrics.jsonl's scalars to logs/<run>/tensorboard/ (needs the optional `pip install tensorboard`).
+    tensorboard: bool = False
+
+
+@dataclass
 class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -111,6 +117,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def distills(self) -> bool:
@@ -246,6 +253,8 @@ def check(cfg: ExperimentConfig, where: str) -> None:
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     need(0.0 <= d.augment_probability <= 1.0, f"data.augment_probability must be in [0, 1], got {d.augment_probability}")
     need(m.kind in ("student", "probe"), f"model.kind must be 'student' or 'probe', got {m.kind!r}")
+    need(m.answer_canvas in ANSWER_CANVASES,
+         f"model.answer_canvas must be one of {', '.join(ANSWER_CANVASES)}, got {m.answer_canvas!r}")
     need(cfg.distill.weight >= 0, f"distill.weight must be >= 0, got {cfg.distill.weight}")
     if m.kind == "probe":
         need(cfg.distill.weight == 0, "a probe reads teacher features, it does not distil them: set distill.weight=0")
@@ -296,7 +305,7 @@ def check(cfg: ExperimentConfig, where: str) -> None:
     need(cfg.checkpoint.every_epochs >= 0, "checkpoint.every_epochs must be >= 0")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0")
     need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
-    problems.extend(teacher_problems(cfg.teacher))
+    problems.extend(teacher_problems(cfg.teacher, list(TEACHER_PRESETS)))
     name = cfg.run.name or ""
     need(bool(name) and "/" not in name and name not in (".", ".."), f"run.name must be a plain name, got {name!r}")
     if problems:

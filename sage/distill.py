@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from sage.arc import Task, split_by_task
+from sage.arc import Task, load_dataset, split_by_task
 from sage.config import ExperimentConfig
 from sage.encoding import evaluation_examples, fit_demos, training_examples
 from sage.features import FeatureCache, FeatureCacheError, cache_path, example_roles, open_cache
@@ -42,8 +42,6 @@ def prompts_for_dataset(cfg: ExperimentConfig, dataset: str, tasks: Sequence[Tas
     teacher.max_demos."""
     d, m, t = cfg.data, cfg.model, cfg.teacher
     if dataset == d.train:
-        from sage.arc import load_dataset
-
         every = load_dataset(dataset, dataclasses.asdict(d.synthetic))  # the split is over the whole dataset
         if d.val == "holdout":
             train, val = split_by_task(every, d.val_fraction, cfg.run.seed)

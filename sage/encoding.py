@@ -3,9 +3,14 @@
 Vocabulary (12 tokens, the HRM/TRM convention): PAD=0, EOS=1, colour c -> c + 2. A grid's size is
 marked by EOS cells on the row just below it and the column just right of it (within its extent).
 
-- The ANSWER is a fixed canvas of grid_size x grid_size cells (30x30 for ARC): the student predicts
-  every cell, so it predicts the output size too. Decoding takes the largest top-left rectangle of
-  colour tokens.
+- The ANSWER is a square canvas of cells starting from the test input's: the student predicts every
+  cell, so it predicts the output size too. Decoding takes the largest top-left rectangle of colour
+  tokens. With model.answer_canvas "fixed" every canvas is grid_size x grid_size (30x30 for ARC);
+  with "batch" each example gets its own side, chosen WITHOUT its answer (`answer_side`: the
+  largest grid among its demonstration outputs and its query input, plus the EOS border and
+  CANVAS_MARGIN), a batch is as large as its largest example, and each example's answer cells
+  attend only to its own canvas (`answer_mask`), so a prediction never depends on batch-mates.
+  Most ARC outputs are 10x10 or smaller: the decoder stops spending most of its compute on padding.
 - The CONTEXT (demonstration pairs and the test input) spends no tokens on padding: each grid is
   the top-left (h+1) x (w+1) corner of its canvas (the grid plus its EOS border), with explicit
   row/column positions, and a task's grids are packed one after another. Batches pad only to the
@@ -19,21 +24,25 @@ The config requires max_context_tokens >= 3 * (grid_size + 1)^2, so every task f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
+
+import math
 
 import numpy as np
 import torch
 
 from sage.arc import Augmentation, Pair, Task, random_augmentation
 
-if TYPE_CHECKING:
-    from sage.distill import TeacherTargets
 
 PAD, EOS, COLOUR_OFFSET = 0, 1, 2
 VOCAB_SIZE = 12
 # Per-token arrays of the packed context, and per-cell arrays of the answer canvas, in a batch.
 CONTEXT_KEYS = ("tokens", "rows", "cols", "rows_from_end", "cols_from_end", "segments")
 ANSWER_KEYS = ("query", "query_rows_from_end", "query_cols_from_end", "target")
+ANSWER_CANVASES = ("fixed", "batch")
+# Cells beyond the largest grid an example shows, so that an output a little larger still fits:
+# with it the canvas holds the test output of 99% of ARC-AGI-1's test inputs (98% without).
+CANVAS_MARGIN = 1
 TEACHER_KEYS = ("teacher_features", "teacher_tokens", "teacher_mask")  # per grid slot, when training reads a teacher cache
 
 
@@ -149,6 +158,32 @@ def fit_demos(
     return tuple(kept)
 
 
+def answer_side(pairs: Sequence[Pair], demos: Sequence[int], query: int, grid_size: int,
+                fit_answer: bool = False) -> int:
+    """Side of an example's own answer canvas ("batch" canvases), from what the context shows: the
+    largest side among its demonstration outputs and its query input, plus the EOS border and
+    CANVAS_MARGIN, at most grid_size. `fit_answer` (training only) enlarges it to hold the answer
+    too, for the ~2% of examples whose output is larger than anything their context shows."""
+    largest = max([max(pairs[d].output.shape) for d in demos] + [max(pairs[query].input.shape)])
+    answer = pairs[query].output
+    if fit_answer and answer is not None:
+        largest = max(largest, max(answer.shape))
+    return min(largest + 1 + CANVAS_MARGIN, grid_size)
+
+
+def answer_canvases(values: torch.Tensor, sides: torch.Tensor, grid_size: int, fill: float = PAD) -> np.ndarray:
+    """Per-cell values [B, S*S] of a batch (argmax tokens, their log-probabilities) as
+    [B, grid_size, grid_size] canvases, `fill` outside each example's own canvas (sides [B]): what
+    decoding and scoring read."""
+    B, cells = values.shape
+    S = math.isqrt(cells)
+    predicted = values.view(B, S, S).cpu().numpy()
+    out = np.full((B, grid_size, grid_size), fill, dtype=predicted.dtype)
+    for b, side in enumerate(sides.tolist()):
+        out[b, :side, :side] = predicted[b, :side, :side]
+    return out
+
+
 def encode_example(
     pairs: Sequence[Pair], demos: Sequence[int], query_index: int, max_demos: int, grid_size: int
 ) -> dict[str, np.ndarray]:
@@ -179,6 +214,21 @@ def encode_example(
     else:
         item["target"] = grid_to_canvas(answer, grid_size).reshape(-1)
     return item
+
+
+class ExampleTargets(Protocol):
+    """Per-example teacher features (sage.distill.TeacherTargets implements it)."""
+
+    field: str  # the batch key the features go under
+
+    def key(self, task: Task, demos: Sequence[int], query: int) -> str: ...
+
+    def require(self, keys: Sequence[str]) -> None: ...
+
+    def for_example(self, task: Task, demos: Sequence[int], query: int,
+                    max_demos: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def empty(self) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass
@@ -230,8 +280,12 @@ class ARCExamples(torch.utils.data.Dataset):
         augment: bool = False,
         seed: int = 0,
         augment_probability: float = 1.0,
-        teacher: "TeacherTargets | None" = None,
+        teacher: "ExampleTargets | None" = None,
+        answer_canvas: str = "fixed",
+        fit_answer: bool = False,
     ) -> None:
+        if answer_canvas not in ANSWER_CANVASES:
+            raise ValueError(f"answer_canvas must be one of {', '.join(ANSWER_CANVASES)}, got {answer_canvas!r}")
         self.tasks, self.refs = list(tasks), list(refs)
         self.grid_size, self.max_demos, self.augment, self.seed = grid_size, max_demos, augment, seed
         self.augment_probability = augment_probability if augment else 0.0
@@ -242,6 +296,11 @@ class ARCExamples(torch.utils.data.Dataset):
             fit_demos(self._pairs(r.task_index), r.demos, r.query, max_demos, max_context_tokens) for r in self.refs
         ]
         self.lengths = np.array([self._length(i) for i in range(len(self.refs))], dtype=np.int64)
+        # Answer canvas sides; augmentations transpose grids, which leaves them unchanged.
+        self.sides = np.array([
+            grid_size if answer_canvas == "fixed" else
+            answer_side(self._pairs(r.task_index), self.kept_demos[i], r.query, grid_size, fit_answer)
+            for i, r in enumerate(self.refs)], dtype=np.int64)
         if teacher is not None:
             teacher.require(self.teacher_keys())
 
@@ -295,6 +354,7 @@ class ARCExamples(torch.utils.data.Dataset):
             task = aug.apply_task(task)
         item = encode_example(task.train + task.test, self.kept_demos[i], ref.query, self.max_demos, self.grid_size)
         item["index"] = np.int64(i)
+        item["answer_side"] = np.int64(self.sides[i])
         if self.teacher is not None:
             if aug.is_identity:
                 item[self.teacher.field], item["teacher_mask"] = self.teacher.for_example(
@@ -318,9 +378,25 @@ def collate(items: Sequence[dict[str, np.ndarray]], pad_to_multiple: int = 8) ->
     for b, it in enumerate(items):
         mask[b, : len(it["tokens"])] = True
     batch["context_mask"] = torch.from_numpy(mask)
-    for key in ANSWER_KEYS + TEACHER_KEYS:
+    for key in TEACHER_KEYS:
         if key in items[0]:
             batch[key] = torch.from_numpy(np.stack([it[key] for it in items]))
+    # The answer canvas: as large as the batch's largest example; each example's cells beyond its
+    # own side are masked (keys of the decoder's self-attention) and carry no target.
+    grid_size = math.isqrt(len(items[0]["query"]))
+    sides = np.array([int(it.get("answer_side", grid_size)) for it in items])
+    S = int(sides.max())
+    for key in ANSWER_KEYS:
+        full = np.stack([it[key] for it in items]).reshape(len(items), grid_size, grid_size)
+        batch[key] = torch.from_numpy(np.ascontiguousarray(full[:, :S, :S]).reshape(len(items), S * S))
+    rows, cols = np.divmod(np.arange(S * S), S)
+    own = (rows[None, :] < sides[:, None]) & (cols[None, :] < sides[:, None])
+    if not own.all():
+        batch["answer_mask"] = torch.from_numpy(own)
+        batch["target"][~batch["answer_mask"]] = PAD
+    if S < grid_size:  # scoring needs the whole target, also where it does not fit the canvas
+        batch["target_full"] = torch.from_numpy(np.stack([it["target"] for it in items]))
+    batch["answer_side"] = torch.from_numpy(sides)
     batch["index"] = torch.tensor([int(it["index"]) for it in items])
     return batch
 
@@ -328,15 +404,18 @@ def collate(items: Sequence[dict[str, np.ndarray]], pad_to_multiple: int = 8) ->
 class LengthBucketSampler(torch.utils.data.Sampler):
     """Batches of examples with similar context length, in a shuffled order fixed by (seed, epoch).
 
-    Examples are shuffled, cut into windows of `bucket_batches` batches, sorted by length inside a
-    window and batched; the batch order is then shuffled. Padding stays small and every epoch still
+    Examples are shuffled, cut into windows of `bucket_batches` batches, sorted by answer canvas side
+    and then length inside a window and batched; the batch order is then shuffled. Padding stays small and every epoch still
     mixes lengths. `skip_batches` lets a resumed run start mid-epoch.
     """
 
     def __init__(
-        self, lengths: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0, bucket_batches: int = 50
+        self, lengths: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0, bucket_batches: int = 50,
+        sides: np.ndarray | None = None,
     ) -> None:
         self.lengths, self.batch_size, self.shuffle = np.asarray(lengths), batch_size, shuffle
+        # Answer canvas sides: batches group examples of one side first, then of similar length.
+        self.sides = np.zeros_like(self.lengths) if sides is None else np.asarray(sides)
         self.seed, self.bucket_batches = seed, bucket_batches
         self.epoch, self.skip_batches = 0, 0
 
@@ -346,7 +425,7 @@ class LengthBucketSampler(torch.utils.data.Sampler):
     def batches(self) -> list[list[int]]:
         n = len(self.lengths)
         if not self.shuffle:  # deterministic order sorted by length: least padding for validation
-            order = np.argsort(self.lengths, kind="stable")
+            order = np.lexsort((self.lengths, self.sides))
             return [order[i : i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(n)
@@ -354,7 +433,7 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         batches = []
         for start in range(0, n, window):
             chunk = order[start : start + window]
-            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            chunk = chunk[np.lexsort((self.lengths[chunk], self.sides[chunk]))]
             batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
         return [batches[i] for i in rng.permutation(len(batches))]
 

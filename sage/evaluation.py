@@ -35,7 +35,7 @@ from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into
 from sage.config import ConfigError, ExperimentConfig, from_dict
 from sage.device import resolve_device
 from sage.distill import TeacherTargets, teacher_targets
-from sage.encoding import ARCExamples, ExampleRef, canvas_to_grid, collate, evaluation_examples
+from sage.encoding import ARCExamples, ExampleRef, answer_canvases, canvas_to_grid, collate, evaluation_examples
 from sage.metrics import OutputScore, baseline_attempts, score_attempts, summarize_tasks
 from sage.overlap import DEMONSTRATIONS, describe, drop_trained_tasks
 from sage.training import Autocast, to_device
@@ -90,9 +90,14 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     ckpt = load_checkpoint(path, with_training_state=False)
     if "config" not in ckpt.meta:
         raise CheckpointError(f"{ckpt.path}/meta.json has no 'config': not a SAGE checkpoint")
-    cfg = from_dict(ExperimentConfig, ckpt.meta["config"], f"{ckpt.path}/meta.json")
-    model = build_model(cfg.model)
+    saved = ckpt.meta["config"]
     notes = []
+    if "answer_canvas" not in saved.get("model", {}):  # trained before canvases were sized per example
+        saved = {**saved, "model": {**saved.get("model", {}), "answer_canvas": "fixed"}}
+        notes.append(f"{ckpt.path} predates model.answer_canvas: evaluated with the fixed grid_size x grid_size canvas "
+                     "it was trained with")
+    cfg = from_dict(ExperimentConfig, saved, f"{ckpt.path}/meta.json")
+    model = build_model(cfg.model)
     defaults = model.state_dict()
     missing = [k for k in STATISTICS_BUFFERS if k in defaults and k not in ckpt.weights]
     if missing:
@@ -218,16 +223,18 @@ class Predictor:
         return max(grid.shape) <= self.grid_size  # every dihedral view must fit the square canvas
 
     @torch.inference_mode()
-    def forward(self, items: list[dict[str, np.ndarray]]) -> tuple[torch.Tensor, ...]:
-        """(argmax tokens [B, S, S], their log-probabilities [B, S, S], grid features, grid mask)."""
+    def forward(self, items: list[dict[str, np.ndarray]]) -> tuple[Any, ...]:
+        """(argmax tokens [B, S, S], their log-probabilities [B, S, S], grid features, grid mask), with
+        S = model.grid_size: cells outside an example's own canvas are PAD."""
         batch = to_device(collate(items), self.device)
         with self.autocast():
             out = self.model(batch)
         logp = torch.log_softmax(out.logits.float(), dim=-1)
         best, tokens = logp.max(dim=-1)
-        s = self.grid_size
+        sides, s = batch["answer_side"], self.grid_size
         features = None if out.grid_features is None else out.grid_features.float().cpu()  # None: a probe
-        return tokens.view(-1, s, s).cpu(), best.view(-1, s, s).cpu(), features, out.grid_mask.cpu()
+        return (answer_canvases(tokens, sides, s), answer_canvases(best, sides, s, fill=-math.inf), features,
+                out.grid_mask.cpu())
 
     def encode(self, task: Task, views: Sequence) -> tuple[ARCExamples, list[tuple[int, int]]]:
         """All (view, test input) examples of a task: the dataset and (view, test index) per item."""
@@ -240,7 +247,7 @@ class Predictor:
                 refs.append(ExampleRef(v, demos, len(task.train) + j, j))
                 where.append((v, j))
         data = ARCExamples(view_tasks, refs, self.grid_size, self.max_demos, self.max_context_tokens,
-                           teacher=self.teacher)
+                           teacher=self.teacher, answer_canvas=self.loaded.cfg.model.answer_canvas)
         return data, where
 
     def predict(self, task: Task) -> TaskPrediction:
@@ -258,7 +265,7 @@ class Predictor:
                 v, j = where[i]
                 if v == 0 and grid_features is not None:
                     features[j] = (grid_features[b], grid_mask[b], data.kept_demos[i])
-                grid = canvas_to_grid(tokens[b].numpy())
+                grid = canvas_to_grid(tokens[b])
                 if grid.size == 0:  # no answer from this view; sage.voting ignores it
                     per_test[j].append((grid, -math.inf))
                     continue

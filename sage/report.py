@@ -5,7 +5,7 @@
     report.json          everything: protocol, settings, scores of every system, student vs GR00T, machine
     report.md            the same as tables
     per_task.csv         one row per task: the student's and the baselines' scores, votes, time
-    pictures/*.png       a sample of tasks: test input, target, attempt 1, attempt 2
+    pictures/*.png       a sample of tasks: demonstration pairs, then test input, target, attempt 1, attempt 2
     training_curves.png  the run's curves from its metrics.jsonl (when the log is still there)
 
 The folder is written under a temporary name and renamed into place, so it never holds a mix of
@@ -208,7 +208,8 @@ def markdown(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[
               + (": " + ", ".join(f"{r['task_id']} ({r['score']:.2f})" for r in solved[:40]) if solved else "")
               + (" ..." if len(solved) > 40 else "") + ". Every task: `per_task.csv`."]
     if pictures:
-        lines += ["", "Pictures (test input, target, attempts): " + ", ".join(f"[{Path(p).stem}]({p})" for p in pictures)]
+        lines += ["", "Pictures (demonstrations, then test input, target, attempts): "
+                  + ", ".join(f"[{Path(p).stem}]({p})" for p in pictures)]
     if curves:
         lines += ["", "## Training curves", "", f"![training curves]({curves})"]
     m = record["machine"]
@@ -256,14 +257,15 @@ def write_report(result: EvaluationResult, out_dir: str | Path, pictures: int = 
         score = task_score(result.systems["student"].scores[task_id], 2)
         name = f"pictures/{task_id}.png"
         draw_task(tmp / name, task_id, [p.input for p in task.test], [p.output for p in task.test],
-                  result.systems["student"].attempts[task_id], title=f"{task_id}: task score {score:.2f}")
+                  result.systems["student"].attempts[task_id], title=f"{task_id}: task score {score:.2f}",
+                  demos=[(p.input, p.output) for p in task.train])
         picture_files.append(name)
 
     metrics = Path(result.log_dir) / "metrics.jsonl"
     curves = "training_curves.png" if metrics.is_file() and plot_training_curves(
         metrics, tmp / "training_curves.png", title=f"{result.run} (training)") else None
     if curves is None:
-        result.notes.append(f"training curves not drawn: no epoch records in {metrics} (the run's log)")
+        result.notes.append(f"training curves not drawn: no training records in {metrics} (the run's log)")
 
     record = report_record(result)
     record["files"] = {**files, "pictures": picture_files, "training_curves": curves}

@@ -1,30 +1,45 @@
-"""Run logging: a human log you can `tail -f`, a JSONL metrics stream, and PNG training curves.
+"""Run logging: a human log you can `tail -f`, a JSONL metrics stream, PNG training curves and,
+optionally, TensorBoard.
 
     logs/<run>/train.log       one timestamped line per event, flushed as written
-    logs/<run>/metrics.jsonl   one JSON object per logged event ({"event": "train"|"epoch", ...})
-    logs/<run>/curves.png      loss and validation metrics by epoch, redrawn after each epoch
+    logs/<run>/metrics.jsonl   one JSON object per logged event ({"event": "start"|"train"|"epoch"|"skipped", ...}):
+                               the source of truth for everything below
+    logs/<run>/curves.png      training loss and its terms at every logged step, validation metrics at the
+                               steps where validation ran (redrawn after each epoch)
+    logs/<run>/tensorboard/    with logging.tensorboard: true, the same scalars for `tensorboard --logdir logs`
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from tqdm import tqdm
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+NOT_SCALARS = ("step", "time")  # the x axis and the wall time, which TensorBoard records itself
+
 
 class RunLog:
-    def __init__(self, directory: str | Path, echo: bool = True) -> None:
+    def __init__(self, directory: str | Path, echo: bool = True, tensorboard: bool = False) -> None:
         self.dir = Path(directory)
+        # Before anything is written: a missing optional package stops the run at start, not after an epoch.
+        self._writer_class = summary_writer_class() if tensorboard else None
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.dir / "train.log"
         self.metrics_path = self.dir / "metrics.jsonl"
+        self.tensorboard_dir = self.dir / "tensorboard"
         self.echo = echo
         self._log = open(self.log_path, "a", buffering=1)
         self._metrics = open(self.metrics_path, "a", buffering=1)
+        self._writer = self._open_writer()
 
     def info(self, message: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} | {message}"
@@ -35,21 +50,64 @@ class RunLog:
     def metrics(self, event: str, **values: Any) -> None:
         record = {"event": event, "time": round(time.time(), 3), **values}
         self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
+        self._to_tensorboard(record)
 
     def truncate_metrics_after(self, step: int) -> None:
         """On resume: drop records logged after the checkpoint we restart from, so the stream reads
-        as one uninterrupted run."""
+        as one uninterrupted run. TensorBoard's files are rewritten from the kept records: points
+        after the checkpoint would otherwise appear twice, and points a crash kept in the writer's
+        buffer would be missing."""
         self._metrics.close()
-        records = read_metrics(self.metrics_path)
-        kept = [json.dumps(r) for r in records if r.get("step", 0) <= step]
+        kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.metrics_path)
         self._metrics = open(self.metrics_path, "a", buffering=1)
+        if self._writer is not None:
+            self._writer.close()
+            shutil.rmtree(self.tensorboard_dir, ignore_errors=True)
+            self._writer = self._open_writer()
+            for record in kept:
+                self._to_tensorboard(record)
 
     def close(self) -> None:
         self._log.close()
         self._metrics.close()
+        if self._writer is not None:
+            self._writer.close()
+
+    def _open_writer(self) -> Any:
+        if self._writer_class is None:
+            return None
+        return self._writer_class(str(self.tensorboard_dir), flush_secs=30)
+
+    def _to_tensorboard(self, record: dict[str, Any]) -> None:
+        """Every number of the record as tag '<event>/<key>' (nested keys joined by '/') at its step."""
+        if self._writer is None:
+            return
+        for tag, value in _scalars(record, record["event"]):
+            self._writer.add_scalar(tag, value, global_step=record.get("step"), walltime=record.get("time"))
+
+
+def _scalars(values: dict[str, Any], prefix: str) -> Iterator[tuple[str, float]]:
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}/{key}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in NOT_SCALARS:
+            yield f"{prefix}/{key}", float(value)
+
+
+def summary_writer_class() -> type:
+    """torch's SummaryWriter; it needs the optional `tensorboard` package, and says so as a ConfigError
+    (exit code 2 from train_sage.py) when that is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        from sage.config import ConfigError  # here, not at the top: sage.config is heavy and needs no logs
+
+        raise ConfigError(f"logging.tensorboard is true but TensorBoard is not available ({e}): install it with "
+                          "`pip install tensorboard`, or set logging.tensorboard=false") from None
+    return SummaryWriter
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -66,37 +124,105 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def plot_training_curves(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
-    """Loss (train and val) and validation exact match / size / pixel accuracy against epoch."""
-    epochs = [r for r in read_metrics(metrics_path) if r.get("event") == "epoch"]
-    if not epochs:
+# ----------------------------------------------------------------------------- curves
+
+
+def _values(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the records that have `key` (feature terms are absent on steps without teacher targets)."""
+    pairs = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
+    return [s for s, _ in pairs], [float(v) for _, v in pairs]
+
+
+def _line(ax: Axes, steps: list[int], values: list[float], label: str, **style: Any) -> None:
+    """A per-step series; past 60 points the raw line is faded under an exponential moving average,
+    as TensorBoard does, since single steps are noisy."""
+    if not steps:
+        return
+    if len(steps) <= 60:
+        ax.plot(steps, values, label=label, marker="." if len(steps) <= 30 else None, **style)
+        return
+    raw = ax.plot(steps, values, alpha=0.25, linewidth=0.8, **style)[0]
+    smooth, ema = [], values[0]
+    for v in values:
+        ema = 0.9 * ema + 0.1 * v if math.isfinite(v) else ema
+        smooth.append(ema)
+    ax.plot(steps, smooth, label=f"{label} (smoothed)", **{"color": raw.get_color(), **style})
+
+
+def _points(ax: Axes, steps: list[int], values: list[float], label: str, **style: Any) -> None:
+    """Values measured at validation: markers joined by a line, visible even for a single epoch."""
+    if steps:
+        ax.plot(steps, values, label=label, marker="o", markersize=5, **style)
+
+
+def training_curves_figure(records: list[dict[str, Any]], title: str = "") -> Figure | None:
+    """The run's curves on one step axis: loss (training at every logged step, validation where it
+    ran), distillation (when the run distils: training terms, validation feature cosine and the
+    untrained head's at step 0) and validation accuracies. None when nothing was logged yet."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    train = [r for r in records if r.get("event") == "train"]
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    start = next((r for r in records if r.get("event") == "start"), {})
+    skipped = [r["step"] for r in records if r.get("event") == "skipped" and "step" in r]
+    if not train and not epochs:
         return None
-    import matplotlib
+    distils = any(k in r for r in train + epochs for k in ("distill_mse", "val_feature_cosine"))
+    fig = Figure(figsize=(5.2 * (3 if distils else 2), 4.2))
+    axes = fig.subplots(1, 3 if distils else 2, sharex=True)
+    ax_loss, ax_acc = axes[0], axes[-1]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    if train:
+        _line(ax_loss, *_values(train, "loss"), "train loss", color="C0")
+        _line(ax_loss, *_values(train, "task_loss"), "train task loss", color="C1")
+    else:  # train.log_every longer than the run: the epochs' means are all there is
+        _points(ax_loss, *_values(epochs, "train_loss"), "train loss (epoch mean)", color="C0")
+    _points(ax_loss, *_values(epochs, "val_loss"), "validation loss (task)", color="C3")
+    for i, step in enumerate(skipped):  # a NaN/inf step changed nothing: show where
+        ax_loss.axvline(step, color="red", linewidth=0.6, linestyle=":", label="skipped step" if i == 0 else None)
+    ax_loss.set(xlabel="step", ylabel="loss", title="loss (task: answer cross-entropy)")
 
-    x = [r["epoch"] for r in epochs]
+    if distils:
+        ax_d = axes[1]
+        _line(ax_d, *_values(train, "distill_mse"), "train distill MSE", color="C4")
+        _line(ax_d, *_values(train, "distill_cosine"), "train distill cosine", color="C2")
+        steps, values = _values(epochs, "val_feature_cosine")
+        if start.get("val_feature_cosine") is not None:  # the untrained head: the reference point
+            steps, values = [start.get("step", 0)] + steps, [float(start["val_feature_cosine"])] + values
+            ax_d.annotate("untrained head", (steps[0], values[0]), textcoords="offset points", xytext=(5, 5),
+                          fontsize=7, color="C3")
+        _points(ax_d, steps, values, "validation feature cosine", color="C3")
+        ax_d.set(xlabel="step", title="distillation (standardised teacher features)")
 
-    def series(key: str) -> list[float]:
-        return [r.get(key, math.nan) if r.get(key) is not None else math.nan for r in epochs]
+    for key, label, colour in (("val_exact_match", "exact match", "C3"), ("val_size_accuracy", "output size", "C0"),
+                               ("val_pixel_accuracy", "pixels (target cells)", "C2")):
+        _points(ax_acc, *_values(epochs, key), label, color=colour)
+    baselines = start.get("baselines") or {}
+    if baselines:
+        best = max(b.get("exact_match", 0.0) for b in baselines.values())
+        ax_acc.axhline(best, color="grey", linestyle="--", linewidth=0.8, label="best baseline exact match")
+    ax_acc.set(xlabel="step", ylabel="fraction of validation test outputs", ylim=(-0.02, 1.02), title="validation")
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot(x, series("train_loss"), marker=".", label="train")
-    ax_loss.plot(x, series("val_loss"), marker=".", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="answer cross-entropy", title="loss")
-    ax_loss.legend()
-    for key, label in (("val_exact_match", "exact match"), ("val_size_accuracy", "output size"),
-                       ("val_pixel_accuracy", "pixels (target cells)")):
-        ax_acc.plot(x, series(key), marker=".", label=label)
-    ax_acc.set(xlabel="epoch", ylabel="fraction of validation test outputs", ylim=(0, 1), title="validation")
-    ax_acc.legend()
+    last = max(r.get("step", 0) for r in train + epochs)
+    for ax in axes:
+        ax.set_xlim(left=0, right=max(last, 1) * 1.02)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
+    """Draw training_curves_figure of a metrics.jsonl to a PNG (written whole, then renamed into
+    place); None when the log has no training records yet."""
+    fig = training_curves_figure(read_metrics(metrics_path), title)
+    if fig is None:
+        return None
     png_path = Path(png_path)
     tmp = png_path.with_name(png_path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     tmp.replace(png_path)
     return png_path
 

@@ -27,8 +27,8 @@ from sage.device import resolve_device
 from sage.distributed import (DistributedContext, RankBatchSampler, examples_of_rank, init_distributed,
                               shutdown_distributed)
 from sage.distill import TeacherTargets, ensure_teacher_cache, feature_statistics, teacher_targets
-from sage.encoding import (PAD, ARCExamples, LengthBucketSampler, canvas_to_grid, collate, evaluation_examples,
-                           training_examples)
+from sage.encoding import (PAD, ARCExamples, LengthBucketSampler, answer_canvases, canvas_to_grid, collate,
+                           evaluation_examples, training_examples)
 from sage.losses import answer_cross_entropy, distillation_losses
 from sage.metrics import GridScore, score_baselines, score_canvas, summarize
 from sage.overlap import TaskOverlap, describe, drop_trained_tasks
@@ -76,10 +76,11 @@ def make_datasets(
     train_set = ARCExamples(
         splits.train, training_examples(splits.train, d.use_test_pairs), m.grid_size, m.max_demos,
         d.max_context_tokens, augment=d.augment, seed=cfg.run.seed, augment_probability=d.augment_probability,
-        teacher=train_teacher,
+        teacher=train_teacher, answer_canvas=m.answer_canvas, fit_answer=True,
     )
+    # Validation sizes each canvas as evaluation does: from the context, never from the answer.
     val_set = ARCExamples(splits.val, examples_of_rank(evaluation_examples(splits.val), ctx), m.grid_size,
-                          m.max_demos, d.max_context_tokens, teacher=val_teacher)
+                          m.max_demos, d.max_context_tokens, teacher=val_teacher, answer_canvas=m.answer_canvas)
     return train_set, val_set
 
 
@@ -136,10 +137,11 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def score_batch(logits: torch.Tensor, target: torch.Tensor, grid_size: int) -> list:
-    """Per-example GridScores of a batch: decode argmax canvases and compare with target grids."""
-    predicted = logits.argmax(-1).view(-1, grid_size, grid_size).cpu().numpy()
-    targets = target.view(-1, grid_size, grid_size).cpu().numpy()
+def score_batch(logits: torch.Tensor, batch: dict[str, torch.Tensor], grid_size: int) -> list:
+    """Per-example GridScores of a batch: decode each example's argmax canvas and compare with its
+    whole target grid (also where the target did not fit the canvas: then it cannot be right)."""
+    predicted = answer_canvases(logits.argmax(-1), batch["answer_side"], grid_size)
+    targets = batch.get("target_full", batch["target"]).view(-1, grid_size, grid_size).cpu().numpy()
     return [score_canvas(p, canvas_to_grid(t)) for p, t in zip(predicted, targets)]
 
 
@@ -181,14 +183,15 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
     # Resume first: a bad checkpoint should fail before minutes of data loading.
     checkpoint = load_checkpoint(ckpt_dir / "last") if resume else None
     if checkpoint is not None:
-        # Keys added since the checkpoint was written take their defaults.
-        saved_model = {**asdict(StudentConfig()), **checkpoint.meta["config"]["model"]}
+        # Keys added since the checkpoint was written take their defaults, but for the canvas it was
+        # trained with (the fixed one, before model.answer_canvas existed).
+        saved_model = {**asdict(StudentConfig()), "answer_canvas": "fixed", **checkpoint.meta["config"]["model"]}
         if saved_model != asdict(cfg.model):
             diff = {k: (saved_model.get(k), v) for k, v in asdict(cfg.model).items() if saved_model.get(k) != v}
             raise CheckpointError(f"{checkpoint.path}: model config differs from the checkpoint's: {diff}")
 
     splits = load_splits(cfg)  # bad data fails here, before the run leaves anything on disk
-    log = RunLog(log_dir, echo=echo) if ctx.is_main else SilentLog()
+    log = RunLog(log_dir, echo=echo, tensorboard=cfg.logging.tensorboard) if ctx.is_main else SilentLog()
     train_tasks, val_tasks = splits.train, splits.val
     if splits.shared:
         log.info(f"left out of validation, their test pairs being training pairs: "
@@ -210,10 +213,11 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
         train_teacher, val_teacher = teacher_targets(train_cache, m), teacher_targets(val_cache, m)
     train_set, val_set = make_datasets(cfg, splits, train_teacher, val_teacher, ctx)
     global_batch = cfg.train.batch_size * ctx.world
-    train_sampler = LengthBucketSampler(train_set.lengths, global_batch, shuffle=True, seed=cfg.run.seed)
+    train_sampler = LengthBucketSampler(train_set.lengths, global_batch, shuffle=True, seed=cfg.run.seed,
+                                        sides=train_set.sides)
     if ctx.enabled:
         train_sampler = RankBatchSampler(train_sampler, ctx)
-    val_sampler = LengthBucketSampler(val_set.lengths, cfg.val.batch_size, shuffle=False)
+    val_sampler = LengthBucketSampler(val_set.lengths, cfg.val.batch_size, shuffle=False, sides=val_set.sides)
     loader_args = dict(collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=train_sampler, **loader_args)
     val_loader = torch.utils.data.DataLoader(val_set, batch_sampler=val_sampler, **loader_args)
@@ -355,6 +359,8 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
             if stopped_early:
                 save("last", None)
                 log.info(f"stopped after step {state.step} as asked; continue with --resume")
+                if ctx.is_main:  # the steps so far, also when no epoch has ended
+                    plot_training_curves(log.metrics_path, log_dir / "curves.png", title=run_name)
                 break
 
             # ---- end of epoch: validate, log, checkpoint
@@ -492,7 +498,7 @@ def _accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimize
         for k, v in losses.items():  # the batch's means: each piece's mean weighted by its share
             if k != "loss":
                 totals[k] += v.detach() * (slot_share if k.startswith("distill_") else task_share)
-        exact += sum(s.exact for s in score_batch(out.logits.detach(), piece["target"], cfg.model.grid_size))
+        exact += sum(s.exact for s in score_batch(out.logits.detach(), piece, cfg.model.grid_size))
     norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
     keys = list(totals)
     # One device-to-host transfer for the loss terms and the gradient norm, not one per number.
@@ -537,7 +543,7 @@ def validate(
             _, mean_cosine, count = distillation_losses(
                 out.grid_features, model.standardise(piece["teacher_features"]), piece["teacher_mask"] & out.grid_mask)
             cosine = mean_cosine.item() * count
-        return loss, n_cells, score_batch(out.logits, piece["target"], grid_size), cosine, count
+        return loss, n_cells, score_batch(out.logits, piece, grid_size), cosine, count
 
     loss_sum, cells, scores, cosine_sum, slots = 0.0, 0, [], 0.0, 0
     for batch in loader:

@@ -1,5 +1,6 @@
 """Distillation from the tiny GR00T teacher, and the probe that reads teacher features."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,9 +14,12 @@ from sage.config import ConfigError, load_config
 from sage.distill import ensure_teacher_cache, teacher_targets
 from sage.features import FeatureCacheError
 from sage.losses import distillation_losses
+from sage.encoding import collate
+from sage.evaluation import load_model
 from sage.runlog import read_metrics
-from sage.training import load_splits, make_datasets, train
+from sage.training import Autocast, load_splits, make_datasets, train, validate
 from sage_student_model import SageStudent
+from test_training import check_best_and_epoch_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +40,11 @@ def config(tmp_path, cache_dir, name, *extra):
     return load_config(REPO / "configs" / "smoke.yaml", TINY + [
         f"run.checkpoint_dir={tmp_path / 'checkpoints'}", f"run.log_dir={tmp_path / 'logs'}", f"run.name={name}",
         f"teacher.cache_dir={cache_dir}", *extra])
+
+
+def fingerprint(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
 
 
 def records(tmp_path, name, event):
@@ -78,6 +87,8 @@ def test_distillation_learns_the_teacher_and_the_task_and_resumes(tmp_path, cach
     assert not torch.equal(weights["teacher_mean"], fresh["teacher_mean"])  # statistics saved with the model
 
     # Interrupt mid-run and resume: the same weights, distillation head and statistics included.
+    cache_files = fingerprint(cache_dir)
+    assert any(name.endswith("manifest.json") for name in cache_files)
     train(config(tmp_path, cache_dir, "again", "distill.weight=1.0", "train.epochs=6", "train.lr=3e-3"),
           stop_after_steps=7, echo=False)
     train(config(tmp_path, cache_dir, "again", "distill.weight=1.0", "train.epochs=6", "train.lr=3e-3"),
@@ -86,15 +97,18 @@ def test_distillation_learns_the_teacher_and_the_task_and_resumes(tmp_path, cach
     for key in weights:
         assert torch.equal(weights[key], resumed[key]), key
     assert "extracting" not in (tmp_path / "logs" / "again" / "train.log").read_text()  # the cache was reused
+    assert fingerprint(cache_dir) == cache_files  # ... and left byte for byte as it was
 
 
 @pytest.mark.slow
 def test_probe_trains_on_teacher_features_and_refuses_leaking_views(tmp_path, cache_dir):
-    cfg = config(tmp_path, cache_dir, "probe", "model.kind=probe", "data.augment=false", "train.epochs=2")
+    cfg = config(tmp_path, cache_dir, "probe", "model.kind=probe", "data.augment=false", "train.epochs=2",
+                 "checkpoint.every_epochs=1")
     summary = train(cfg, echo=False)
     epochs = records(tmp_path, "probe", "epoch")
     assert len(epochs) == 2 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
-    assert summary["best_exact_match"] >= 0
+    check_best_and_epoch_checkpoints(tmp_path / "checkpoints" / "probe", tmp_path / "logs" / "probe", summary)
+    check_probe_reads_its_features(cfg, tmp_path / "checkpoints" / "probe" / "last", epochs[-1], "teacher_features")
     # The probe can read the teacher's image tokens (pooled to 2x2 per grid) instead of one vector per grid.
     tokens = config(tmp_path, cache_dir, "probe-tokens", "model.kind=probe", "data.augment=false", "train.epochs=2",
                     "model.probe_input=tokens", "model.probe_token_side=2", "teacher.token_features=true")
@@ -102,6 +116,36 @@ def test_probe_trains_on_teacher_features_and_refuses_leaking_views(tmp_path, ca
     epochs = records(tmp_path, "probe-tokens", "epoch")
     assert len(epochs) == 2 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     assert "probe input: tokens" in (tmp_path / "logs" / "probe-tokens" / "train.log").read_text()
+    weights = load_file(tmp_path / "checkpoints" / "probe-tokens" / "last" / "model.safetensors")
+    assert weights["image_pos_emb.weight"].shape[0] == 4  # 2x2 tokens per grid, each with its own position
+    check_probe_reads_its_features(tokens, tmp_path / "checkpoints" / "probe-tokens" / "last", epochs[-1],
+                                   "teacher_tokens")
+
+
+def check_probe_reads_its_features(cfg, checkpoint: Path, last_epoch: dict, field: str) -> None:
+    """The probe's last checkpoint, fed the validation examples with their teacher features, scores
+    what training logged for its last epoch; with each example given another example's features
+    (or their negation) its answer logits change: the probe answers from the features."""
+    loaded = load_model(checkpoint, torch.device("cpu"))
+    splits = load_splits(cfg)
+    cache = ensure_teacher_cache(cfg, cfg.data.train, splits.train_dataset, lambda _: None)
+    targets = teacher_targets(cache, cfg.model)
+    assert targets.field == field
+    _, val_set = make_datasets(cfg, splits, targets, targets)
+    loader = torch.utils.data.DataLoader(val_set, batch_size=1, collate_fn=collate)  # no padding, no batch-mates
+    again = validate(loaded.model, loader, torch.device("cpu"), Autocast(torch.device("cpu")), cfg.model.grid_size)
+    assert again["count"] == last_epoch["val_count"] == len(val_set)
+    for k in ("exact_match", "size_accuracy", "pixel_accuracy"):
+        assert again[k] == last_epoch[f"val_{k}"], k
+    assert again["loss"] == pytest.approx(last_epoch["val_loss"], rel=1e-5)
+    batch = collate([val_set[i] for i in range(min(len(val_set), 8))])
+    assert batch[field][batch[field.replace("features", "mask").replace("tokens", "mask")]].abs().sum() > 0
+    with torch.no_grad():
+        logits = loaded.model(batch).logits
+        assert torch.equal(loaded.model(batch).logits, logits)  # deterministic: a change below is the features'
+        for altered in (batch[field].roll(1, dims=0), -batch[field]):  # (a scale would not do: the probe layer-norms)
+            changed = loaded.model({**batch, field: altered}).logits
+            assert (changed - logits).abs().max() > 1e-3, "the probe's answers ignore its teacher features"
 
 
 def test_config_checks_for_teacher_use(tmp_path, cache_dir):
@@ -180,6 +224,8 @@ def test_no_training_example_shows_the_teacher_its_own_answer(tmp_path):
         a, b = before.teacher.for_example(before.tasks[ref.task_index], before.kept_demos[i], ref.query, 2), \
             after.teacher.for_example(after.tasks[ref.task_index], after.kept_demos[i], ref.query, 2)
         assert a[1].any() and np.array_equal(a[1], b[1])
+        check_slots_hold_the_prompts_rows(before.teacher, cache_before, before.tasks[ref.task_index],
+                                          before.kept_demos[i], ref.query, a)
         if ref.query == 0:  # this example's answer is the changed grid
             asks += 1
             assert np.array_equal(a[0], b[0]), "the teacher saw the example's answer"
@@ -187,3 +233,22 @@ def test_no_training_example_shows_the_teacher_its_own_answer(tmp_path):
             shows += 1
             assert not np.array_equal(a[0], b[0])
     assert asks == 1 and shows >= 1
+
+
+def check_slots_hold_the_prompts_rows(teacher, cache, task: Task, kept: tuple, query: int, got) -> None:
+    """The student's slot of demonstration k's input is 2k, of its output 2k + 1, of the query input
+    2 * max_demos (sage/encoding.py); the prompt made for this example stores its grids' rows in
+    prompt order (demo 0 input, demo 0 output, ..., query input). Checked here by position, without
+    the roles that TeacherTargets.for_example maps through."""
+    features, mask = got
+    max_demos = (teacher.num_slots - 1) // 2
+    shown = kept[:cache.identity["prompt"]["max_demos"]]
+    rows = cache.pooled(f"{task.id}/q{query}/d{'.'.join(map(str, shown))}").float().numpy()
+    assert len(rows) == 2 * len(shown) + 1
+    expected = np.zeros_like(features)
+    for k in range(len(shown)):
+        expected[2 * k], expected[2 * k + 1] = rows[2 * k], rows[2 * k + 1]
+    expected[2 * max_demos] = rows[-1]
+    assert np.array_equal(features, expected), (task.id, query, kept)
+    seen = {2 * k + side for k in range(len(shown)) for side in (0, 1)} | {2 * max_demos}
+    assert mask.tolist() == [s in seen for s in range(teacher.num_slots)]

@@ -2,12 +2,14 @@
 
 import numpy as np
 import pytest
+import torch
 
-from sage.arc import Pair, load_dataset
+from sage.arc import Pair, Task, load_dataset
 from sage.config import ExperimentConfig
 from sage.encoding import (
     EOS,
     PAD,
+    CANVAS_MARGIN,
     ARCExamples,
     DemonstrationCuts,
     LengthBucketSampler,
@@ -138,3 +140,34 @@ def test_length_bucket_sampler_covers_everything_once_and_resumes_mid_epoch():
     assert spread < np.ptp(lengths) / 2  # bucketing keeps similar lengths together
     ordered = LengthBucketSampler(lengths, batch_size=8, shuffle=False)
     assert [i for b in ordered for i in b] == np.argsort(lengths, kind="stable").tolist()
+
+
+def test_answer_canvas_is_sized_from_the_context_never_the_answer():
+    """Validation and evaluation size an example's canvas from its demonstration outputs and query
+    input; training may enlarge it to hold the answer. A target too large for the canvas is kept
+    whole for scoring and can never be scored right."""
+    from sage.training import score_batch
+
+    g = lambda h, w, c=1: np.full((h, w), c, dtype=np.uint8)  # noqa: E731
+    small = (Pair(g(2, 2), g(3, 3)), Pair(g(2, 2), g(3, 3)))
+    task = Task("t", small, (Pair(g(2, 2), g(9, 9, 4)),), "test")  # the test output is larger than any grid shown
+    ref = evaluation_examples([task])
+    blind = ARCExamples([task], ref, 30, 10, 8704, answer_canvas="batch")
+    assert blind.sides.tolist() == [3 + 1 + CANVAS_MARGIN]  # the largest grid shown is 3x3
+    trained = ARCExamples([task], ref, 30, 10, 8704, answer_canvas="batch", fit_answer=True)
+    assert trained.sides.tolist() == [9 + 1 + CANVAS_MARGIN]
+    batch = collate([blind[0]])
+    side = blind.sides[0]
+    assert batch["target"].shape == (1, side * side) and batch["target_full"].shape == (1, 900)
+    # A prediction that reproduces the cropped target exactly is still wrong: the answer is 9x9.
+    logits = torch.nn.functional.one_hot(batch["target"], 12).float()
+    score = score_batch(logits, batch, 30)[0]
+    assert not score.exact and not score.size_correct and score.pixels_total == 81
+    # Canvases of a batch: as large as its largest example; the smaller one's extra cells carry no target.
+    other = ARCExamples([task], ref, 30, 10, 8704, answer_canvas="batch", fit_answer=True)
+    both = collate([blind[0], other[0]])
+    big = other.sides[0]
+    assert both["target"].shape == (2, big * big) and both["answer_side"].tolist() == [side, big]
+    own = both["answer_mask"][0].view(big, big)
+    assert own[:side, :side].all() and not own[side:].any() and not own[:, side:].any()
+    assert (both["target"][0][~both["answer_mask"][0]] == PAD).all()

@@ -17,15 +17,18 @@ from test_training import TINY as TRAINING_TINY
 
 from sage.arc import load_task_dir
 from sage.config import load_config
-from sage.encoding import fit_demos
+from sage.encoding import ARCExamples, collate, evaluation_examples, fit_demos
 from sage.evaluation import (
     EvalSettings,
     EvaluationError,
     evaluate,
     feature_fidelity,
     load_model,
+    load_probe,
+    score_probe,
     score_system,
 )
+from sage.features import FeatureCache
 from sage.report import write_report
 from sage.synthetic import generate_tasks
 from sage.training import train
@@ -53,6 +56,33 @@ def independent_arc_prize_score(submission: dict, solutions: dict) -> float:
                 solved += 1
         total += solved / len(targets)
     return total / len(solutions)
+
+
+def recomputed_fidelity(checkpoint: Path, tasks: list, cache_dir: str) -> dict:
+    """Feature fidelity computed here, apart from sage.evaluation: the student's distillation head on
+    each test input's context (the task as given, one example at a time) against the rows of the
+    prompt made for that example, read from the cache by position (the prompt stores demo 0 input,
+    demo 0 output, ..., the query input; the student's slots are 2k, 2k + 1 and 2 * max_demos)."""
+    loaded = load_model(checkpoint, torch.device("cpu"))
+    m, d, model = loaded.cfg.model, loaded.cfg.data, loaded.model
+    assert loaded.cfg.teacher.max_demos == m.max_demos  # every kept demonstration is in the prompt
+    cache = FeatureCache(cache_dir)
+    data = ARCExamples(tasks, evaluation_examples(tasks), m.grid_size, m.max_demos, d.max_context_tokens)
+    mean, std = model.teacher_mean.float(), model.teacher_std.float()
+    standardised, raw, query = [], [], []
+    for i, ref in enumerate(data.refs):
+        task, kept = tasks[ref.task_index], data.kept_demos[i]
+        rows = cache.pooled(f"{task.id}/q{ref.query}/d{'.'.join(map(str, kept))}").float()
+        slots = [s for k in range(len(kept)) for s in (2 * k, 2 * k + 1)] + [2 * m.max_demos]
+        with torch.no_grad():
+            out = model(collate([data[i]]))
+        assert len(rows) == len(slots) and out.grid_mask[0, slots].all()
+        predicted = out.grid_features[0, slots].float()
+        standardised += torch.nn.functional.cosine_similarity(predicted, (rows - mean) / std, dim=-1).tolist()
+        raw += torch.nn.functional.cosine_similarity(predicted * std + mean, rows, dim=-1).tolist()
+        query.append(standardised[-1])
+    return {"grids": len(standardised), "cosine_standardised": float(np.mean(standardised)),
+            "cosine_raw": float(np.mean(raw)), "test_input": float(np.mean(query))}
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +157,28 @@ def test_cli_writes_every_output_and_submission_rescores_to_the_report(workspace
     kept = [fit_demos(t.train + t.test, range(len(t.train)), len(t.train) + j, 3, 108)
             for t in tasks for j in range(len(t.test))]
     assert fidelity["grids"] == sum(2 * len(k) + 1 for k in kept)
-    assert -1.0 <= fidelity["cosine_standardised"] <= 1.0 and -1.0 <= fidelity["cosine_raw"] <= 1.0
+    again = recomputed_fidelity(workspace["checkpoint"], tasks, fidelity["cache"])
+    assert again["grids"] == fidelity["grids"]
+    for k in ("cosine_standardised", "cosine_raw"):
+        assert fidelity[k] == pytest.approx(again[k], abs=1e-5), k
+    assert fidelity["cosine_standardised_by_grid"]["test input"] == pytest.approx(again["test_input"], abs=1e-5)
     assert fidelity["reference_training_mean_raw"] is not None  # the run distilled: statistics are set
     speed = report["student_vs_teacher"]["speed"]
     assert speed["measured"] and speed["teacher"]["preset"] == "groot-n1.5-tiny"
     assert "random" in speed["teacher"]["weights"] and speed["teacher_seconds_per_task"] > 0
     probe = report["student_vs_teacher"]["probe"]
-    assert probe["tasks"] == 9 and 0.0 <= probe["arc_prize_score"] <= 1.0
+    assert probe["tasks"] == 9 and probe["test_outputs"] == 10
+    # The probe's attempts made again (same checkpoint, cache and batch size), rescored from the rules.
+    settings = EvalSettings(split=str(workspace["split"]), views=1, speed_tasks=0,
+                            feature_cache_dir=str(workspace["features"]))
+    again = score_probe(load_probe(str(workspace["probe"]), torch.device("cpu")), settings, tasks, torch.device("cpu"),
+                        meta["config"]["val"]["batch_size"])
+    probe_submission = {k: [{"attempt_1": a[0].tolist(), "attempt_2": a[1].tolist()} for a in v]
+                        for k, v in again.attempts.items()}
+    assert all(a["attempt_1"] == a["attempt_2"] for v in probe_submission.values() for a in v)  # one view
+    assert independent_arc_prize_score(probe_submission, solutions) == pytest.approx(probe["arc_prize_score"],
+                                                                                     abs=1e-12)
+    assert again.summary == probe
 
     with open(out / "per_task.csv") as f:
         rows = list(csv.DictReader(f))
@@ -258,3 +303,8 @@ def test_extract_features_fills_a_missing_cache_for_fidelity(workspace):
     assert result.fidelity["measured"], result.fidelity
     assert result.fidelity["cache"].startswith(str(fresh))
     assert any("partial evaluation: the first 2 of 9 tasks" in n for n in result.notes)
+    # The features extracted now are the workspace's (same teacher, same prompts): the same fidelity.
+    existing = result.fidelity["cache"].replace(str(fresh), str(workspace["features"]), 1)
+    again = recomputed_fidelity(workspace["checkpoint"], result.tasks, existing)
+    assert result.fidelity["grids"] == again["grids"] > 0
+    assert result.fidelity["cosine_standardised"] == pytest.approx(again["cosine_standardised"], abs=1e-5)

@@ -54,3 +54,27 @@ def test_predictions_do_not_depend_on_batch_padding():
     padded = model(collate(items))  # item 0 is now padded to the longest context of the three
     torch.testing.assert_close(padded.logits[0], alone.logits[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(padded.grid_features[0], alone.grid_features[0], atol=1e-5, rtol=1e-4)
+
+
+def test_batch_canvas_prediction_does_not_depend_on_batch_mates():
+    """With model.answer_canvas "batch" each example's answer cells attend only to its own canvas:
+    its logits are the same alone and beside a batch-mate with a larger canvas, while the batch
+    computes far fewer cells than the fixed 30x30 canvas."""
+    torch.manual_seed(0)
+    model = SageStudent(StudentConfig(d_model=32, n_heads=4, encoder_layers=1, decoder_layers=1,
+                                      teacher_dim=16, distill_hidden=16)).eval()
+    tasks = load_dataset("arc-agi-1/evaluation")[:40]
+    data = ARCExamples(tasks, evaluation_examples(tasks), 30, 10, 8704, answer_canvas="batch")
+    small, large = int(np.argmin(data.sides)), int(np.argmax(data.sides))
+    assert data.sides[small] < data.sides[large]
+    with torch.no_grad():
+        alone = model(collate([data[small]])).logits
+        paired = collate([data[small], data[large]])
+        beside = model(paired).logits
+    side = int(data.sides[small])
+    assert alone.shape[1] == side * side and beside.shape[1] == int(data.sides[large]) ** 2
+    own = beside[0].view(int(data.sides[large]), int(data.sides[large]), -1)[:side, :side].reshape(side * side, -1)
+    torch.testing.assert_close(own, alone[0], rtol=1e-4, atol=1e-5)
+    assert paired["answer_mask"][0].sum() == side * side and paired["answer_mask"][1].all()
+    fixed = ARCExamples(tasks, evaluation_examples(tasks), 30, 10, 8704, answer_canvas="fixed")
+    assert collate([fixed[small]])["query"].shape[1] == 900 and "answer_mask" not in collate([fixed[small]])

@@ -4,6 +4,7 @@ that fails cleanly without touching existing caches or checkpoints, and loading 
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -57,10 +58,36 @@ def test_pieces_add_up_to_the_whole_batch():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_out_of_memory_halves_the_phase_and_the_run_finishes(tmp_path):
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+    """One epoch of the tiny run without faults: the reference the recovered runs must match."""
+    root = tmp_path_factory.mktemp("clean")
+    summary = train(tiny_config(root, "clean", "train.epochs=1"), echo=False)
+    return {"root": root, "summary": summary, "checkpoints": root / "checkpoints" / "clean",
+            "logs": root / "logs" / "clean"}
+
+
+def adam_steps(checkpoint: Path) -> set[int]:
+    """The optimiser's step count of every parameter in a checkpoint: the updates actually applied."""
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)["optimizer"]["state"]
+    return {int(s["step"]) for s in state.values()}
+
+
+def test_out_of_memory_halves_the_phase_and_the_run_finishes(tmp_path, clean_run):
     faults = FaultInjection.parse(["oom:train:3", "oom:train:4", "oom:val:1"])
     summary = train(tiny_config(tmp_path, "oom", "train.epochs=1"), echo=False, faults=faults)
     assert not summary["stopped_early"] and summary["epochs_done"] == 1
+    # The batch went through in pieces of 4, then 2 (validation in 8s): the same run, to float rounding
+    # (measured: losses within 1e-8 relative, weights within 5e-7).
+    (oom,), (clean,) = epoch_records(tmp_path / "logs" / "oom"), epoch_records(clean_run["logs"])
+    assert oom.keys() == clean.keys() and oom["step"] == clean["step"] == summary["step"] > 3
+    for k in oom:
+        assert oom[k] == (pytest.approx(clean[k], rel=1e-5, abs=1e-7) if isinstance(clean[k], float) else clean[k]), k
+    weights = [load_file(run / "last" / "model.safetensors")
+               for run in (tmp_path / "checkpoints" / "oom", clean_run["checkpoints"])]
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[1]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=1e-5, msg=k)
     log = (tmp_path / "logs" / "oom" / "train.log").read_text()
     assert "out of memory in training at step 3: training now runs 4 examples per forward pass instead of 8 " \
            "(batch size 8 kept by accumulating gradients)" in log
@@ -85,8 +112,17 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
                     faults=FaultInjection.parse(["nan:train:2"]))
     records = read_metrics(tmp_path / "logs" / "one-nan" / "metrics.jsonl")
     assert [r["step"] for r in records if r["event"] == "skipped"] == [2]
-    assert summary["epochs_done"] == 1 and summary["best_exact_match"] >= 0
-    weights = load_file(tmp_path / "checkpoints" / "one-nan" / "best" / "model.safetensors")
+    (epoch,) = [r for r in records if r["event"] == "epoch"]
+    assert summary["epochs_done"] == 1 and summary["step"] == epoch["step"] > 2
+    # The skipped step updated nothing (one optimiser step fewer) and is not in the epoch's means.
+    best = tmp_path / "checkpoints" / "one-nan" / "best"
+    assert adam_steps(best) == {summary["step"] - 1}
+    assert all(math.isfinite(epoch[k]) for k in ("train_loss", "train_exact_match", "val_loss"))
+    meta = json.loads((best / "meta.json").read_text())
+    assert meta["train_state"]["skipped_steps"] == 1 and meta["train_state"]["nonfinite_in_row"] == 0
+    assert (summary["best_epoch"], summary["best_exact_match"]) == (1, epoch["val_exact_match"])
+    assert meta["val_metrics"] == {k[len("val_"):]: v for k, v in epoch.items() if k.startswith("val_")}
+    weights = load_file(best / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
 
     cfg = tiny_config(tmp_path, "diverged", "train.max_nonfinite_steps=3")
@@ -96,6 +132,9 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     assert not (run / "best").exists()  # nothing validated, nothing called best
     weights = load_file(run / "last" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+    assert adam_steps(run / "last") == {1}  # the weights of step 1, the last finite one
+    state = json.loads((run / "last" / "meta.json").read_text())["train_state"]
+    assert (state["step"], state["skipped_steps"], state["nonfinite_in_row"]) == (4, 3, 3)
 
 
 @pytest.mark.slow
@@ -231,8 +270,8 @@ def test_malformed_inputs_fail_cleanly_and_touch_nothing(tmp_path, capsys):
             assert before.get(key) == after.get(key), key
 
 
-def test_truncated_checkpoint_is_named_by_evaluate(tmp_path):
-    train(tiny_config(tmp_path, "eval", "train.epochs=1"), echo=False)
+def test_truncated_checkpoint_is_named_by_evaluate(tmp_path, clean_run):
+    shutil.copytree(clean_run["checkpoints"], tmp_path / "checkpoints" / "eval")
     weights = tmp_path / "checkpoints" / "eval" / "best" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     result = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(weights.parent)],

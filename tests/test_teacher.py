@@ -518,3 +518,25 @@ def test_teacher_never_sees_the_answer_except_in_with_answer(tiny_teacher):
         assert torch.equal(fa.pooled, fb.pooled), view
     fa, fb = tiny_teacher.features([first_prompt(a, "with_answer", 10), first_prompt(b, "with_answer", 10)])
     assert not torch.allclose(fa.pooled[-1], fb.pooled[-1])
+
+
+def test_a_checkpoint_that_fails_to_load_leaves_no_cache_behind(tmp_path, tiny_weights, arc_tasks):
+    """Extraction with a broken checkpoint stops with the loader's message and leaves no cache
+    directory (whose manifest would refuse the fixed checkpoint); the fixed one then extracts."""
+    from sage.distill import prompts_for_dataset
+    from sage.teacher.extract import run_extraction, teacher_tasks
+
+    tensors = groot_layout(tiny_weights)
+    broken = {k: v for k, v in tensors.items() if not k.endswith("layers.1.mlp.up_proj.weight")}
+    ckpt = write_checkpoint(tmp_path / "ckpt", broken)
+    cfg = load_config(None, [f"teacher.checkpoint_dir={ckpt}", f"teacher.cache_dir={tmp_path / 'features'}",
+                             "teacher.max_demos=2", "run.device=cpu"])
+    prompts = prompts_for_dataset(cfg, *teacher_tasks(cfg, 1))
+    with pytest.raises(TeacherError, match=r"missing[\s\S]*layers\.1\.mlp\.up_proj\.weight"):
+        run_extraction(cfg, prompts, limit=1, progress=False, log=lambda _: None)
+    assert not (tmp_path / "features").exists() or not any((tmp_path / "features").rglob("manifest.json"))
+    for f in ckpt.iterdir():
+        f.unlink()
+    write_checkpoint(ckpt, tensors)  # fixed in place: same directory, now complete
+    result = run_extraction(cfg, prompts, limit=1, progress=False, log=lambda _: None)
+    assert result.status["complete"] and result.computed == len(prompts) > 0

@@ -61,6 +61,7 @@ def test_short_run_writes_artefacts_and_resume_is_exact(tmp_path):
     meta = json.loads((run / "last" / "meta.json").read_text())
     assert meta["train_state"]["step"] == straight["step"] and meta["config"]["run"]["name"] == "straight"
     assert set(meta["val_metrics"]) >= {"loss", "exact_match", "size_accuracy", "pixel_accuracy"}
+    check_best_and_epoch_checkpoints(run, logs, straight)
 
     steps_per_epoch = straight["step"] // 2
     interrupted = train(tiny_config(tmp_path, "resumed"), stop_after_steps=steps_per_epoch // 2, echo=False)
@@ -73,6 +74,31 @@ def test_short_run_writes_artefacts_and_resume_is_exact(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert "resumed from" in (tmp_path / "logs" / "resumed" / "train.log").read_text()
+
+
+def check_best_and_epoch_checkpoints(run: Path, logs: Path, summary: dict) -> None:
+    """Each checkpoint holds what metrics.jsonl says of its epoch: epoch_N's meta the validation
+    metrics and step of epoch N; best/ the epoch with the highest validation exact match (ties: the
+    lower validation loss, then the earlier epoch), with that epoch's weights; the summary names it."""
+    records = epoch_records(logs)
+    assert [r["epoch"] for r in records] == list(range(1, len(records) + 1)) and records[-1]["step"] == summary["step"]
+    assert records == sorted(records, key=lambda r: r["step"]) and len({r["step"] for r in records}) == len(records)
+    for r in records:
+        meta = json.loads((run / f"epoch_{r['epoch']}" / "meta.json").read_text())
+        assert meta["train_state"]["step"] == r["step"] and meta["train_state"]["epoch"] == r["epoch"]
+        assert meta["val_metrics"] == {k[len("val_"):]: v for k, v in r.items() if k.startswith("val_")}, r["epoch"]
+    best = records[0]
+    for r in records[1:]:
+        if (r["val_exact_match"], -r["val_loss"]) > (best["val_exact_match"], -best["val_loss"]):
+            best = r
+    assert (summary["best_epoch"], summary["best_exact_match"]) == (best["epoch"], best["val_exact_match"])
+    meta = json.loads((run / "best" / "meta.json").read_text())
+    assert meta["train_state"]["epoch"] == meta["train_state"]["best_epoch"] == best["epoch"]
+    assert meta["train_state"]["best_exact"] == meta["val_metrics"]["exact_match"] == best["val_exact_match"]
+    assert meta["val_metrics"]["loss"] == best["val_loss"]
+    weights = load_file(run / "best" / "model.safetensors")
+    same_epoch = load_file(run / f"epoch_{best['epoch']}" / "model.safetensors")
+    assert weights.keys() == same_epoch.keys() and all(torch.equal(weights[k], same_epoch[k]) for k in weights)
 
 
 def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(tmp_path):

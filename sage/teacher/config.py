@@ -6,6 +6,7 @@ Kept free of torch/transformers imports: sage/config.py imports it on every run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 VIEWS = ("task_context", "test_input", "with_answer")
 LEAKING_VIEWS = ("with_answer",)  # the teacher saw the answer: privileged-information experiments only
@@ -55,13 +56,12 @@ class TeacherConfig:
     shard_entries: int = 256  # prompts per safetensors shard (the unit of resumption)
 
 
-def teacher_problems(t: TeacherConfig) -> list[str]:
-    """Value checks for sage.config.check (types are already checked by the schema)."""
-    from sage.teacher.presets import PRESETS
-
+def teacher_problems(t: TeacherConfig, presets: Sequence[str]) -> list[str]:
+    """Value checks for sage.config.check (types are already checked by the schema); `presets`
+    are the known preset names (sage.teacher.presets, which builds on this module)."""
     problems = []
-    if t.preset not in PRESETS:
-        problems.append(f"teacher.preset must be one of {', '.join(PRESETS)}, got {t.preset!r}")
+    if t.preset not in presets:
+        problems.append(f"teacher.preset must be one of {', '.join(presets)}, got {t.preset!r}")
     if t.view not in VIEWS:
         problems.append(f"teacher.view must be one of {', '.join(VIEWS)}, got {t.view!r}")
     if t.dtype not in DTYPES:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from sage.teacher.config import TeacherError
+
 
 @dataclass(frozen=True)
 class GrootArch:
@@ -131,7 +133,5 @@ GROOT_N15_SIGLIP_HEAD_PARAMS = 15_238_352
 
 def get_preset(name: str) -> GrootArch:
     if name not in PRESETS:
-        from sage.teacher.config import TeacherError
-
         raise TeacherError(f"unknown teacher preset '{name}': choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
