@@ -3,7 +3,7 @@
     context grids (demonstration pairs + test input, packed, no padding)
         -> token + row + column (from both edges) + segment embeddings
         -> context encoder (pre-LN self-attention blocks, padding masked)
-    answer canvas (S x S slots, S = grid_size or each example's own side (sage/encoding.py): the
+    answer canvas (grid_size^2 slots, or as many as the batch's examples need (sage/encoding.py): the
                    test input's canvas tokens + row + column + "answer" segment, so the decoder
                    edits the input in place)
         -> grid decoder (self-attention over the canvas, cross-attention to the context)
@@ -140,7 +140,7 @@ class DecoderBlock(nn.Module):
 
 @dataclass
 class StudentOutput:
-    logits: torch.Tensor  # [B, S*S, 12] per answer cell (S: the batch's canvas side)
+    logits: torch.Tensor  # [B, cells, 12] per answer cell of the batch's canvas
     grid_features: torch.Tensor | None  # [B, num_grid_slots, teacher_dim] distillation head (None: probe)
     grid_mask: torch.Tensor  # [B, num_grid_slots] which slots hold a context grid
 
@@ -201,12 +201,10 @@ class SageStudent(nn.Module):
 
     def decode(self, batch: dict[str, torch.Tensor], context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         answer_segment = self.segment_emb.weight[self.cfg.num_segments - 1]
-        side = math.isqrt(batch["query"].shape[1])  # this batch's canvas side
-        cells = torch.arange(side * side, device=batch["query"].device)  # row r / column c: the same in any canvas
         x = (
             self.token_emb(batch["query"])  # the test input's canvas
-            + self.row_emb(cells // side)
-            + self.col_emb(cells % side)
+            + self.row_emb(batch["answer_rows"])  # row r / column c: the same in any canvas
+            + self.col_emb(batch["answer_cols"])
             + self.row_from_end_emb(batch["query_rows_from_end"])  # measured on the test input
             + self.col_from_end_emb(batch["query_cols_from_end"])
             + answer_segment

@@ -3,14 +3,15 @@
 Vocabulary (12 tokens, the HRM/TRM convention): PAD=0, EOS=1, colour c -> c + 2. A grid's size is
 marked by EOS cells on the row just below it and the column just right of it (within its extent).
 
-- The ANSWER is a square canvas of cells starting from the test input's: the student predicts every
-  cell, so it predicts the output size too. Decoding takes the largest top-left rectangle of colour
+- The ANSWER is a canvas of cells starting from the test input's: the student predicts every cell,
+  so it predicts the output size too. Decoding takes the largest top-left rectangle of colour
   tokens. With model.answer_canvas "fixed" every canvas is grid_size x grid_size (30x30 for ARC);
-  with "batch" each example gets its own side, chosen WITHOUT its answer (`answer_side`: the
-  largest grid among its demonstration outputs and its query input, plus the EOS border and
-  CANVAS_MARGIN), a batch is as large as its largest example, and each example's answer cells
-  attend only to its own canvas (`answer_mask`), so a prediction never depends on batch-mates.
-  Most ARC outputs are 10x10 or smaller: the decoder stops spending most of its compute on padding.
+  with "batch" each example gets its own rows x columns, chosen WITHOUT its answer
+  (`answer_shape`: the tallest and the widest among its demonstration outputs and its query input,
+  plus the EOS border and CANVAS_MARGIN), a batch is as large as its largest example in each
+  direction, and each example's answer cells attend only to its own canvas (`answer_mask`), so a
+  prediction never depends on batch-mates. Most ARC outputs are 10x10 or smaller: the decoder
+  stops spending most of its compute on padding.
 - The CONTEXT (demonstration pairs and the test input) spends no tokens on padding: each grid is
   the top-left (h+1) x (w+1) corner of its canvas (the grid plus its EOS border), with explicit
   row/column positions, and a task's grids are packed one after another. Batches pad only to the
@@ -158,29 +159,30 @@ def fit_demos(
     return tuple(kept)
 
 
-def answer_side(pairs: Sequence[Pair], demos: Sequence[int], query: int, grid_size: int,
-                fit_answer: bool = False) -> int:
-    """Side of an example's own answer canvas ("batch" canvases), from what the context shows: the
-    largest side among its demonstration outputs and its query input, plus the EOS border and
-    CANVAS_MARGIN, at most grid_size. `fit_answer` (training only) enlarges it to hold the answer
-    too, for the ~2% of examples whose output is larger than anything their context shows."""
-    largest = max([max(pairs[d].output.shape) for d in demos] + [max(pairs[query].input.shape)])
-    answer = pairs[query].output
-    if fit_answer and answer is not None:
-        largest = max(largest, max(answer.shape))
-    return min(largest + 1 + CANVAS_MARGIN, grid_size)
+def answer_shape(pairs: Sequence[Pair], demos: Sequence[int], query: int, grid_size: int,
+                 fit_answer: bool = False) -> tuple[int, int]:
+    """(rows, columns) of an example's own answer canvas ("batch" canvases), from what the context
+    shows: the tallest and the widest among its demonstration outputs and its query input, plus the
+    EOS border and CANVAS_MARGIN, at most grid_size. `fit_answer` (training only) enlarges it to hold
+    the answer too, for the ~2% of examples whose output is larger than anything their context shows."""
+    grids = [pairs[d].output for d in demos] + [pairs[query].input]
+    if fit_answer and pairs[query].output is not None:
+        grids.append(pairs[query].output)
+    rows, cols = (max(g.shape[axis] for g in grids) for axis in (0, 1))
+    return min(rows + 1 + CANVAS_MARGIN, grid_size), min(cols + 1 + CANVAS_MARGIN, grid_size)
 
 
-def answer_canvases(values: torch.Tensor, sides: torch.Tensor, grid_size: int, fill: float = PAD) -> np.ndarray:
-    """Per-cell values [B, S*S] of a batch (argmax tokens, their log-probabilities) as
-    [B, grid_size, grid_size] canvases, `fill` outside each example's own canvas (sides [B]): what
-    decoding and scoring read."""
-    B, cells = values.shape
-    S = math.isqrt(cells)
-    predicted = values.view(B, S, S).cpu().numpy()
-    out = np.full((B, grid_size, grid_size), fill, dtype=predicted.dtype)
-    for b, side in enumerate(sides.tolist()):
-        out[b, :side, :side] = predicted[b, :side, :side]
+def answer_canvases(values: torch.Tensor, batch: dict[str, torch.Tensor], grid_size: int,
+                    fill: float = PAD) -> np.ndarray:
+    """Per-cell values [B, cells] of a batch (argmax tokens, their log-probabilities) as
+    [B, grid_size, grid_size] canvases, `fill` outside each example's own canvas: what decoding and
+    scoring read."""
+    values = values.cpu().numpy()
+    rows, cols = batch["answer_rows"].cpu().numpy(), batch["answer_cols"].cpu().numpy()
+    own = batch["answer_mask"].cpu().numpy() if "answer_mask" in batch else np.ones(values.shape, dtype=bool)
+    out = np.full((len(values), grid_size, grid_size), fill, dtype=values.dtype)
+    for b in range(len(values)):
+        out[b, rows[b][own[b]], cols[b][own[b]]] = values[b][own[b]]
     return out
 
 
@@ -296,11 +298,11 @@ class ARCExamples(torch.utils.data.Dataset):
             fit_demos(self._pairs(r.task_index), r.demos, r.query, max_demos, max_context_tokens) for r in self.refs
         ]
         self.lengths = np.array([self._length(i) for i in range(len(self.refs))], dtype=np.int64)
-        # Answer canvas sides; augmentations transpose grids, which leaves them unchanged.
-        self.sides = np.array([
-            grid_size if answer_canvas == "fixed" else
-            answer_side(self._pairs(r.task_index), self.kept_demos[i], r.query, grid_size, fit_answer)
-            for i, r in enumerate(self.refs)], dtype=np.int64)
+        # Answer canvas shapes of the tasks as given (an augmentation may transpose one).
+        self.answer_canvas, self.fit_answer = answer_canvas, fit_answer
+        self.shapes = np.array([self._answer_shape(self._pairs(r.task_index), i) for i, r in enumerate(self.refs)],
+                               dtype=np.int64).reshape(-1, 2)
+        self.sides = self.shapes.max(1)  # what the sampler groups by: the same for a transposed view
         if teacher is not None:
             teacher.require(self.teacher_keys())
 
@@ -320,6 +322,11 @@ class ARCExamples(torch.utils.data.Dataset):
     def _pairs(self, task_index: int) -> tuple[Pair, ...]:
         task = self.tasks[task_index]
         return task.train + task.test
+
+    def _answer_shape(self, pairs: Sequence[Pair], i: int) -> tuple[int, int]:
+        if self.answer_canvas == "fixed":
+            return self.grid_size, self.grid_size
+        return answer_shape(pairs, self.kept_demos[i], self.refs[i].query, self.grid_size, self.fit_answer)
 
     def _length(self, i: int) -> int:
         pairs, ref = self._pairs(self.refs[i].task_index), self.refs[i]
@@ -354,7 +361,7 @@ class ARCExamples(torch.utils.data.Dataset):
             task = aug.apply_task(task)
         item = encode_example(task.train + task.test, self.kept_demos[i], ref.query, self.max_demos, self.grid_size)
         item["index"] = np.int64(i)
-        item["answer_side"] = np.int64(self.sides[i])
+        item["answer_shape"] = np.array(self._answer_shape(task.train + task.test, i), dtype=np.int64)
         if self.teacher is not None:
             if aug.is_identity:
                 item[self.teacher.field], item["teacher_mask"] = self.teacher.for_example(
@@ -381,22 +388,24 @@ def collate(items: Sequence[dict[str, np.ndarray]], pad_to_multiple: int = 8) ->
     for key in TEACHER_KEYS:
         if key in items[0]:
             batch[key] = torch.from_numpy(np.stack([it[key] for it in items]))
-    # The answer canvas: as large as the batch's largest example; each example's cells beyond its
-    # own side are masked (keys of the decoder's self-attention) and carry no target.
+    # The answer canvas: as large as the batch's largest example in each direction; each example's
+    # cells beyond its own shape are masked (keys of the decoder's self-attention) and carry no target.
     grid_size = math.isqrt(len(items[0]["query"]))
-    sides = np.array([int(it.get("answer_side", grid_size)) for it in items])
-    S = int(sides.max())
+    B = len(items)
+    shapes = np.stack([it.get("answer_shape", np.array([grid_size, grid_size])) for it in items])
+    R, C = (int(x) for x in shapes.max(0))
     for key in ANSWER_KEYS:
-        full = np.stack([it[key] for it in items]).reshape(len(items), grid_size, grid_size)
-        batch[key] = torch.from_numpy(np.ascontiguousarray(full[:, :S, :S]).reshape(len(items), S * S))
-    rows, cols = np.divmod(np.arange(S * S), S)
-    own = (rows[None, :] < sides[:, None]) & (cols[None, :] < sides[:, None])
+        full = np.stack([it[key] for it in items]).reshape(B, grid_size, grid_size)
+        batch[key] = torch.from_numpy(np.ascontiguousarray(full[:, :R, :C]).reshape(B, R * C))
+    rows, cols = np.divmod(np.arange(R * C), C)
+    batch["answer_rows"] = torch.from_numpy(np.broadcast_to(rows, (B, R * C)).copy())
+    batch["answer_cols"] = torch.from_numpy(np.broadcast_to(cols, (B, R * C)).copy())
+    own = (rows[None, :] < shapes[:, :1]) & (cols[None, :] < shapes[:, 1:])
     if not own.all():
         batch["answer_mask"] = torch.from_numpy(own)
         batch["target"][~batch["answer_mask"]] = PAD
-    if S < grid_size:  # scoring needs the whole target, also where it does not fit the canvas
+    if (R, C) != (grid_size, grid_size):  # scoring needs the whole target, also where it does not fit
         batch["target_full"] = torch.from_numpy(np.stack([it["target"] for it in items]))
-    batch["answer_side"] = torch.from_numpy(sides)
     batch["index"] = torch.tensor([int(it["index"]) for it in items])
     return batch
 

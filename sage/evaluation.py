@@ -231,9 +231,9 @@ class Predictor:
             out = self.model(batch)
         logp = torch.log_softmax(out.logits.float(), dim=-1)
         best, tokens = logp.max(dim=-1)
-        sides, s = batch["answer_side"], self.grid_size
+        s = self.grid_size
         features = None if out.grid_features is None else out.grid_features.float().cpu()  # None: a probe
-        return (answer_canvases(tokens, sides, s), answer_canvases(best, sides, s, fill=-math.inf), features,
+        return (answer_canvases(tokens, batch, s), answer_canvases(best, batch, s, fill=-math.inf), features,
                 out.grid_mask.cpu())
 
     def encode(self, task: Task, views: Sequence) -> tuple[ARCExamples, list[tuple[int, int]]]:

@@ -140,7 +140,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 def score_batch(logits: torch.Tensor, batch: dict[str, torch.Tensor], grid_size: int) -> list:
     """Per-example GridScores of a batch: decode each example's argmax canvas and compare with its
     whole target grid (also where the target did not fit the canvas: then it cannot be right)."""
-    predicted = answer_canvases(logits.argmax(-1), batch["answer_side"], grid_size)
+    predicted = answer_canvases(logits.argmax(-1), batch, grid_size)
     targets = batch.get("target_full", batch["target"]).view(-1, grid_size, grid_size).cpu().numpy()
     return [score_canvas(p, canvas_to_grid(t)) for p, t in zip(predicted, targets)]
 

@@ -114,6 +114,10 @@ def test_augmentations_invert_exactly_and_apply_to_the_whole_task():
         aug = Augmentation(d, random_augmentation(rng).colours)
         out = aug.apply(grid)
         assert np.array_equal(aug.invert(out), grid)
+        # grid above is square and symmetric under transposition, so it alone would miss a transform
+        # that invert leaves out: a 2x3 grid with no symmetry does not.
+        no_symmetry = np.arange(1, 7, dtype=np.uint8).reshape(2, 3)
+        assert np.array_equal(aug.invert(aug.apply(no_symmetry)), no_symmetry), d
         assert out.shape in (grid.shape, grid.shape[::-1])
         asymmetric = Augmentation(d).apply(np.arange(6, dtype=np.uint8).reshape(2, 3))
         seen.add((asymmetric.shape, asymmetric.tobytes()))

@@ -188,21 +188,25 @@ def write_tasks(directory: Path, tasks) -> None:
 
 
 def training_targets(tmp_path: Path, data_dir: Path, name: str):
-    """The training set of a distillation run on `data_dir`, with its teacher targets, as training builds it."""
+    """The training and validation sets of a distillation run on `data_dir`, with their teacher targets, as
+    training builds them, and the teacher cache."""
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [
         f"data.train={data_dir}", "data.val_fraction=0.34", f"teacher.cache_dir={tmp_path / 'features'}",
         "teacher.batch_size=2", "run.device=cpu", f"run.name={name}"])
     splits = load_splits(cfg)
     cache = ensure_teacher_cache(cfg, cfg.data.train, splits.train_dataset, lambda _: None)
-    train_set, _ = make_datasets(cfg, splits, teacher_targets(cache, cfg.model), teacher_targets(cache, cfg.model))
-    return train_set, cache
+    train_set, val_set = make_datasets(cfg, splits, teacher_targets(cache, cfg.model), teacher_targets(cache, cfg.model))
+    return train_set, val_set, cache
 
 
 def test_no_training_example_shows_the_teacher_its_own_answer(tmp_path):
     """Change one demonstration's answer: every teacher feature read by the training examples that
     ask for that answer is bit-identical (GR00T's language model is causal and the prompt ends with
-    the query input), while examples that show it as a demonstration do change."""
+    the query input), while examples that show it as a demonstration do change. Every example's
+    targets are its prompt's rows, slot by slot, also with fewer demonstrations than model.max_demos."""
     tasks = [t for t in load_dataset("arc-agi-1/training") if len(t.train) >= 3][:3]
+    short = Task("short", tasks[0].train[:1], tasks[0].test[:1], "one demonstration")  # examples with 1 demo of 2
+    tasks.append(short)
     write_tasks(tmp_path / "given", tasks)
     changed = list(tasks)
     split_train = {t.id for t in training_targets(tmp_path, tmp_path / "given", "given")[0].tasks}
@@ -214,9 +218,17 @@ def test_no_training_example_shows_the_teacher_its_own_answer(tmp_path):
     changed[target] = Task(task.id, (Pair(task.train[0].input, other),) + task.train[1:], task.test, task.source)
     write_tasks(tmp_path / "changed", changed)
 
-    before, cache_before = training_targets(tmp_path, tmp_path / "given", "given")
-    after, cache_after = training_targets(tmp_path, tmp_path / "changed", "changed")
+    before, before_val, cache_before = training_targets(tmp_path, tmp_path / "given", "given")
+    after, _, cache_after = training_targets(tmp_path, tmp_path / "changed", "changed")
     assert cache_before.directory != cache_after.directory  # two datasets, two caches, same teacher
+    fewer = 0
+    for data in (before, before_val):
+        for i, ref in enumerate(data.refs):
+            kept = data.kept_demos[i]
+            got = data.teacher.for_example(data.tasks[ref.task_index], kept, ref.query, 2)
+            check_slots_hold_the_prompts_rows(data.teacher, cache_before, data.tasks[ref.task_index], kept, ref.query, got)
+            fewer += len(kept) < 2
+    assert fewer >= 1  # the short task's
     asks, shows = 0, 0
     for i, ref in enumerate(before.refs):
         if before.tasks[ref.task_index].id != task.id:
@@ -224,8 +236,6 @@ def test_no_training_example_shows_the_teacher_its_own_answer(tmp_path):
         a, b = before.teacher.for_example(before.tasks[ref.task_index], before.kept_demos[i], ref.query, 2), \
             after.teacher.for_example(after.tasks[ref.task_index], after.kept_demos[i], ref.query, 2)
         assert a[1].any() and np.array_equal(a[1], b[1])
-        check_slots_hold_the_prompts_rows(before.teacher, cache_before, before.tasks[ref.task_index],
-                                          before.kept_demos[i], ref.query, a)
         if ref.query == 0:  # this example's answer is the changed grid
             asks += 1
             assert np.array_equal(a[0], b[0]), "the teacher saw the example's answer"

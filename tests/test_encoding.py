@@ -149,25 +149,29 @@ def test_answer_canvas_is_sized_from_the_context_never_the_answer():
     from sage.training import score_batch
 
     g = lambda h, w, c=1: np.full((h, w), c, dtype=np.uint8)  # noqa: E731
-    small = (Pair(g(2, 2), g(3, 3)), Pair(g(2, 2), g(3, 3)))
-    task = Task("t", small, (Pair(g(2, 2), g(9, 9, 4)),), "test")  # the test output is larger than any grid shown
+    shown = (Pair(g(2, 2), g(3, 4)), Pair(g(2, 2), g(3, 4)))
+    task = Task("t", shown, (Pair(g(2, 2), g(9, 7, 4)),), "test")  # the test output is larger than any grid shown
     ref = evaluation_examples([task])
     blind = ARCExamples([task], ref, 30, 10, 8704, answer_canvas="batch")
-    assert blind.sides.tolist() == [3 + 1 + CANVAS_MARGIN]  # the largest grid shown is 3x3
+    m = 1 + CANVAS_MARGIN  # the EOS border and the margin
+    assert blind.shapes.tolist() == [[3 + m, 4 + m]]  # the tallest and the widest grid shown
     trained = ARCExamples([task], ref, 30, 10, 8704, answer_canvas="batch", fit_answer=True)
-    assert trained.sides.tolist() == [9 + 1 + CANVAS_MARGIN]
+    assert trained.shapes.tolist() == [[9 + m, 7 + m]]
     batch = collate([blind[0]])
-    side = blind.sides[0]
-    assert batch["target"].shape == (1, side * side) and batch["target_full"].shape == (1, 900)
-    # A prediction that reproduces the cropped target exactly is still wrong: the answer is 9x9.
+    assert batch["target"].shape == (1, (3 + m) * (4 + m)) and batch["target_full"].shape == (1, 900)
+    # A prediction that reproduces the cropped target exactly is still wrong: the answer is 9x7.
     logits = torch.nn.functional.one_hot(batch["target"], 12).float()
     score = score_batch(logits, batch, 30)[0]
-    assert not score.exact and not score.size_correct and score.pixels_total == 81
-    # Canvases of a batch: as large as its largest example; the smaller one's extra cells carry no target.
-    other = ARCExamples([task], ref, 30, 10, 8704, answer_canvas="batch", fit_answer=True)
-    both = collate([blind[0], other[0]])
-    big = other.sides[0]
-    assert both["target"].shape == (2, big * big) and both["answer_side"].tolist() == [side, big]
-    own = both["answer_mask"][0].view(big, big)
-    assert own[:side, :side].all() and not own[side:].any() and not own[:, side:].any()
+    assert not score.exact and not score.size_correct and score.pixels_total == 63
+    # A batch is as large as its largest example in each direction; the smaller one's extra cells
+    # carry no target and are masked.
+    both = collate([blind[0], trained[0]])
+    R, C = 9 + m, 7 + m
+    assert both["target"].shape == (2, R * C)
+    own = both["answer_mask"][0].view(R, C)
+    assert own[: 3 + m, : 4 + m].all() and own.sum() == (3 + m) * (4 + m)
     assert (both["target"][0][~both["answer_mask"][0]] == PAD).all()
+    assert both["answer_rows"][0].view(R, C)[:, 0].tolist() == list(range(R))
+    # Right answers decode right from a rectangular canvas.
+    exact = score_batch(torch.nn.functional.one_hot(both["target"], 12).float(), both, 30)
+    assert [s.exact for s in exact] == [False, True]

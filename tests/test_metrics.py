@@ -51,6 +51,10 @@ def test_attempt_two_correct_counts_for_pass_at_2_only():
     # size and pixels describe attempt 1
     assert s.size_correct and s.pixels_correct == 0
     assert task_score([s], attempts=2) == 1.0 and task_score([s], attempts=1) == 0.0
+    # attempt 1 right and attempt 2 wrong is solved too: either attempt counts, not only the last
+    s = score_attempts([TARGET.copy(), wrong], TARGET)
+    assert s.pass_at_1 and s.pass_at_2 and task_score([s], attempts=2) == 1.0
+    assert not score_attempts([wrong, wrong], TARGET).pass_at_2
 
 
 def test_two_test_outputs_with_one_solved_score_half_for_the_task():

@@ -65,16 +65,20 @@ def test_batch_canvas_prediction_does_not_depend_on_batch_mates():
                                       teacher_dim=16, distill_hidden=16)).eval()
     tasks = load_dataset("arc-agi-1/evaluation")[:40]
     data = ARCExamples(tasks, evaluation_examples(tasks), 30, 10, 8704, answer_canvas="batch")
-    small, large = int(np.argmin(data.sides)), int(np.argmax(data.sides))
-    assert data.sides[small] < data.sides[large]
+    areas = data.shapes.prod(1)
+    small = int(np.argmin(areas))
+    (r, c) = data.shapes[small]
+    larger = (areas < 900) & (data.shapes[:, 0] >= r) & (data.shapes[:, 1] >= c)
+    large = int(np.argmax(np.where(larger, areas, 0)))
+    (R, C) = data.shapes[large]
+    assert r <= R and c <= C and r * c < R * C
     with torch.no_grad():
         alone = model(collate([data[small]])).logits
         paired = collate([data[small], data[large]])
         beside = model(paired).logits
-    side = int(data.sides[small])
-    assert alone.shape[1] == side * side and beside.shape[1] == int(data.sides[large]) ** 2
-    own = beside[0].view(int(data.sides[large]), int(data.sides[large]), -1)[:side, :side].reshape(side * side, -1)
+    assert alone.shape[1] == r * c and beside.shape[1] == R * C < 900
+    own = beside[0].view(R, C, -1)[:r, :c].reshape(r * c, -1)
     torch.testing.assert_close(own, alone[0], rtol=1e-4, atol=1e-5)
-    assert paired["answer_mask"][0].sum() == side * side and paired["answer_mask"][1].all()
+    assert paired["answer_mask"][0].sum() == r * c and paired["answer_mask"][1].all()
     fixed = ARCExamples(tasks, evaluation_examples(tasks), 30, 10, 8704, answer_canvas="fixed")
     assert collate([fixed[small]])["query"].shape[1] == 900 and "answer_mask" not in collate([fixed[small]])
