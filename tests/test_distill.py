@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from sage.arc import Pair, Task, load_dataset
 from sage.config import ConfigError, load_config
 from sage.distill import ensure_teacher_cache, teacher_targets
-from sage.features import FeatureCacheError
-from sage.losses import distillation_losses
 from sage.encoding import collate
 from sage.evaluation import load_model
+from sage.features import FeatureCacheError
+from sage.losses import distillation_losses
 from sage.runlog import read_metrics
 from sage.training import Autocast, load_splits, make_datasets, train, validate
 from sage_student_model import SageStudent
@@ -139,7 +139,7 @@ def check_probe_reads_its_features(cfg, checkpoint: Path, last_epoch: dict, fiel
         assert again[k] == last_epoch[f"val_{k}"], k
     assert again["loss"] == pytest.approx(last_epoch["val_loss"], rel=1e-5)
     batch = collate([val_set[i] for i in range(min(len(val_set), 8))])
-    assert batch[field][batch[field.replace("features", "mask").replace("tokens", "mask")]].abs().sum() > 0
+    assert batch[field][batch["teacher_mask"]].abs().sum() > 0
     with torch.no_grad():
         logits = loaded.model(batch).logits
         assert torch.equal(loaded.model(batch).logits, logits)  # deterministic: a change below is the features'
@@ -195,7 +195,8 @@ def training_targets(tmp_path: Path, data_dir: Path, name: str):
         "teacher.batch_size=2", "run.device=cpu", f"run.name={name}"])
     splits = load_splits(cfg)
     cache = ensure_teacher_cache(cfg, cfg.data.train, splits.train_dataset, lambda _: None)
-    train_set, val_set = make_datasets(cfg, splits, teacher_targets(cache, cfg.model), teacher_targets(cache, cfg.model))
+    targets = teacher_targets(cache, cfg.model)
+    train_set, val_set = make_datasets(cfg, splits, targets, targets)
     return train_set, val_set, cache
 
 
@@ -225,8 +226,9 @@ def test_no_training_example_shows_the_teacher_its_own_answer(tmp_path):
     for data in (before, before_val):
         for i, ref in enumerate(data.refs):
             kept = data.kept_demos[i]
-            got = data.teacher.for_example(data.tasks[ref.task_index], kept, ref.query, 2)
-            check_slots_hold_the_prompts_rows(data.teacher, cache_before, data.tasks[ref.task_index], kept, ref.query, got)
+            task_of = data.tasks[ref.task_index]
+            got = data.teacher.for_example(task_of, kept, ref.query, 2)
+            check_slots_hold_the_prompts_rows(data.teacher, cache_before, task_of, kept, ref.query, got)
             fewer += len(kept) < 2
     assert fewer >= 1  # the short task's
     asks, shows = 0, 0
