@@ -68,6 +68,10 @@ class StudentConfig:
         return 2 * self.max_demos + 1
 
 
+# What a checkpoint written before a key existed was trained with, where that is not today's
+# default (resume and evaluation fill these in before the defaults).
+PREDATING_DEFAULTS = {"answer_canvas": "fixed"}  # canvases were 30x30 before they were sized per example
+
 PRESETS: dict[str, StudentConfig] = {
     "sage-44m": StudentConfig(),
     "sage-small": StudentConfig(d_model=128, n_heads=4, encoder_layers=2, decoder_layers=2, distill_hidden=256),

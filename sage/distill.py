@@ -57,9 +57,8 @@ def prompts_for_dataset(cfg: ExperimentConfig, dataset: str, tasks: Sequence[Tas
         for ref in refs:
             task = group[ref.task_index]
             kept = fit_demos(task.train + task.test, ref.demos, ref.query, m.max_demos, d.max_context_tokens)
-            key = example_key(task.id, shown_demos(t.view, kept, t.max_demos), ref.query)
-            if key not in prompts:
-                prompts[key] = view_example(task, kept, ref.query, t.view, t.max_demos)
+            prompt = view_example(task, kept, ref.query, t.view, t.max_demos)
+            prompts.setdefault(prompt.key, prompt)
     return list(prompts.values())
 
 

@@ -40,7 +40,7 @@ from sage.metrics import OutputScore, baseline_attempts, score_attempts, summari
 from sage.overlap import DEMONSTRATIONS, describe, drop_trained_tasks
 from sage.training import Autocast, to_device
 from sage.voting import Candidate, attempts as top_attempts, views as make_views, vote
-from sage_student_model import build_model, parameter_breakdown
+from sage_student_model import PREDATING_DEFAULTS, build_model, parameter_breakdown
 
 DEFAULT_SPLIT = "arc-agi-1/evaluation"
 HOLDOUT = "holdout"  # the checkpoint's own held-out validation tasks
@@ -92,10 +92,11 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
         raise CheckpointError(f"{ckpt.path}/meta.json has no 'config': not a SAGE checkpoint")
     saved = ckpt.meta["config"]
     notes = []
-    if "answer_canvas" not in saved.get("model", {}):  # trained before canvases were sized per example
-        saved = {**saved, "model": {**saved.get("model", {}), "answer_canvas": "fixed"}}
-        notes.append(f"{ckpt.path} predates model.answer_canvas: evaluated with the fixed grid_size x grid_size canvas "
-                     "it was trained with")
+    predated = {k: v for k, v in PREDATING_DEFAULTS.items() if k not in saved.get("model", {})}
+    if predated:  # evaluated as it was trained
+        saved = {**saved, "model": {**saved.get("model", {}), **predated}}
+        notes.append(f"{ckpt.path} predates " + ", ".join(f"model.{k}" for k in predated) + ": evaluated with "
+                     + ", ".join(f"{k}={v}" for k, v in predated.items()) + ", as it was trained")
     cfg = from_dict(ExperimentConfig, saved, f"{ckpt.path}/meta.json")
     model = build_model(cfg.model)
     defaults = model.state_dict()

@@ -21,8 +21,8 @@ Resumption: a shard is written to a temporary name, fsynced and renamed, so a sh
 whole or not at all. On (re)start the shards are scanned and every entry already present is skipped;
 an interrupted run loses at most the shard it was filling. `--shard k/n` processes task k, k+n, ...
 into its own shard names, so n processes can share the directory; whoever finds every entry present
-(or `--merge`) writes the manifest, listing every entry the shards hold. An entry present in two shards (possible only when runs
-with different n overlapped) is recorded once.
+(or `--merge`) writes the manifest, listing every entry the shards hold. An entry present in two
+shards (possible only when runs with different n overlapped) is recorded once.
 
 The spec's `identity` (teacher, weights, tokenizer, view, prompt, rendering, feature dim/dtype,
 dataset content) must equal what the config asks for, or the cache is refused.
@@ -436,9 +436,6 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    def has(self, key: str) -> bool:
-        return key in self.entries
 
     def missing(self, keys: Iterable[str]) -> list[str]:
         """The keys (sage.teacher.prompt.example_key) of `keys` that the cache does not hold."""

@@ -34,7 +34,7 @@ from sage.metrics import GridScore, score_baselines, score_canvas, summarize
 from sage.overlap import TaskOverlap, describe, drop_trained_tasks
 from sage.recovery import FaultInjection, MicroBatch, TrainingError, all_finite, free_memory
 from sage.runlog import RunLog, SilentLog, plot_training_curves, read_metrics
-from sage_student_model import SageStudent, StudentConfig, build_model, parameter_breakdown
+from sage_student_model import PREDATING_DEFAULTS, SageStudent, StudentConfig, build_model, parameter_breakdown
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -183,9 +183,8 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
     # Resume first: a bad checkpoint should fail before minutes of data loading.
     checkpoint = load_checkpoint(ckpt_dir / "last") if resume else None
     if checkpoint is not None:
-        # Keys added since the checkpoint was written take their defaults, but for the canvas it was
-        # trained with (the fixed one, before model.answer_canvas existed).
-        saved_model = {**asdict(StudentConfig()), "answer_canvas": "fixed", **checkpoint.meta["config"]["model"]}
+        # Keys added since the checkpoint was written take their defaults, or what it was trained with.
+        saved_model = {**asdict(StudentConfig()), **PREDATING_DEFAULTS, **checkpoint.meta["config"]["model"]}
         if saved_model != asdict(cfg.model):
             diff = {k: (saved_model.get(k), v) for k, v in asdict(cfg.model).items() if saved_model.get(k) != v}
             raise CheckpointError(f"{checkpoint.path}: model config differs from the checkpoint's: {diff}")

@@ -308,3 +308,17 @@ def test_extract_features_fills_a_missing_cache_for_fidelity(workspace):
     again = recomputed_fidelity(workspace["checkpoint"], result.tasks, existing)
     assert result.fidelity["grids"] == again["grids"] > 0
     assert result.fidelity["cosine_standardised"] == pytest.approx(again["cosine_standardised"], abs=1e-5)
+
+
+def test_a_checkpoint_from_before_answer_canvas_is_evaluated_with_the_fixed_canvas(workspace, tmp_path):
+    """A checkpoint whose config predates model.answer_canvas was trained on 30x30 canvases: it is
+    loaded with answer_canvas=fixed (and says so), and its predictions use 900-cell canvases."""
+    old = tmp_path / "old"
+    shutil.copytree(workspace["checkpoint"], old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["config"]["model"]["answer_canvas"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    loaded = load_model(old, torch.device("cpu"))
+    assert loaded.cfg.model.answer_canvas == "fixed"
+    assert any("predates model.answer_canvas" in n and "answer_canvas=fixed" in n for n in loaded.notes)
+    assert load_model(workspace["checkpoint"], torch.device("cpu")).cfg.model.answer_canvas == "batch"
