@@ -3,6 +3,7 @@
     python evaluate.py --checkpoint checkpoints/<run>/best                  # ARC-AGI-1 evaluation
     python evaluate.py --checkpoint checkpoints/<run>/best --split holdout  # the run's held-out tasks
     python evaluate.py --checkpoint ... --views 1 --speed-tasks 0           # fastest: no voting, no timing
+    python evaluate.py --checkpoint checkpoints/arc_cpu/best --ttt --max-grid-side 10  # + test-time training
 
 Writes reports/<run>/<checkpoint>-<split>/ (or --out): submission.json (ARC Prize format),
 report.json, report.md, per_task.csv, pictures/, training_curves.png. Scoring is the official ARC
@@ -45,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extract-features", action="store_true",
                         help="extract the split's teacher features with the run's teacher when they are not cached "
                              "(needed for feature fidelity and the probe; the tiny teacher takes a few minutes on a CPU)")
+    parser.add_argument("--ttt", action="store_true",
+                        help="also score the checkpoint after test-time training on each task's demonstrations "
+                             "(its config's ttt: section; the report shows both)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="ttt.KEY=VALUE",
+                        help="override a ttt setting of the checkpoint's config (repeatable), e.g. --set ttt.steps=100")
+    parser.add_argument("--max-grid-side", type=int, default=None, metavar="N",
+                        help="only the tasks whose every grid is at most N x N (e.g. 10 on a CPU)")
     parser.add_argument("--pictures", type=int, default=12, help="tasks drawn as PNG (default 12)")
     parser.add_argument("--out", default=None, help="output folder (default reports/<run>/<checkpoint>-<split>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -62,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         split=args.split, views=args.views, seed=args.seed, batch_size=args.batch_size, device=args.device,
         limit=args.limit, speed_tasks=args.speed_tasks, speed_teacher=args.speed_teacher,
         feature_cache_dir=args.feature_cache_dir, extract_features=args.extract_features,
-        teacher_probe=args.teacher_probe,
+        teacher_probe=args.teacher_probe, ttt=args.ttt, ttt_overrides=args.overrides,
+        max_grid_side=args.max_grid_side,
     )
     out = Path(args.out) if args.out else default_out(args.checkpoint, args.split)
     try:
@@ -77,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
     s = result.systems["student"].summary
+    tuned = result.systems.get("student_ttt")
     print(f"ARC Prize score (pass@2) {s['arc_prize_score']:.4f} on {s['tasks']} tasks of {args.split} "
-          f"({s['tasks_solved_count']} fully solved); baselines: "
+          f"({s['tasks_solved_count']} fully solved)"
+          + (f"; with test-time training {tuned.summary['arc_prize_score']:.4f} "
+             f"({tuned.summary['tasks_solved_count']} fully solved)" if tuned else "") + "; baselines: "
           + ", ".join(f"{k} {result.systems[k].summary['arc_prize_score']:.4f}"
                       for k in ("copy_input", "most_frequent_colour", "all_zeros")))
     print(f"report: {files['report_md']}")

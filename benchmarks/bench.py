@@ -178,7 +178,7 @@ def training_setup(cfg: ExperimentConfig, device: torch.device, data: Data) -> t
     sampler = LengthBucketSampler(data.train_set.lengths, cfg.train.batch_size, shuffle=True, seed=cfg.run.seed)
     loader = torch.utils.data.DataLoader(data.train_set, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    return model, make_optimizer(model, cfg), loader
+    return model, make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas), loader
 
 
 def real_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
@@ -370,7 +370,7 @@ def memory_phase(cfg_dict: dict[str, Any], phase: str, threads: int) -> dict[str
     model = build_model(cfg.model).to(device)
     autocast = Autocast(device)
     if train:
-        optimizer = make_optimizer(model, cfg)
+        optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
         for p in model.parameters():  # AdamW allocates its state on the first step; zero gradients
             p.grad = torch.zeros_like(p)  # make that step a near no-op
         optimizer.step()

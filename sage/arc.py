@@ -213,6 +213,12 @@ def _check_unique_ids(tasks: Sequence[Task], where: str) -> None:
 # ----------------------------------------------------------------------------- splits
 
 
+def tasks_up_to_side(tasks: Sequence[Task], max_side: int) -> list[Task]:
+    """The tasks whose every grid (demonstrations and tests, inputs and outputs) is at most
+    max_side x max_side: CPU-sized subsets such as the 77 ARC-AGI-1 evaluation tasks up to 10x10."""
+    return [t for t in tasks if all(max(g.shape) <= max_side for g in t.grids())]
+
+
 def split_by_task(tasks: Sequence[Task], val_fraction: float, seed: int) -> tuple[list[Task], list[Task]]:
     """Hold out whole tasks (never single examples): returns (train, val), disjoint by task."""
     if not 0.0 < val_fraction < 1.0:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import yaml
 
 from sage.encoding import ANSWER_CANVASES, min_context_tokens
+from sage.losses import LOSS_NORMALIZATIONS
 from sage.teacher.config import LEAKING_VIEWS, TeacherConfig, teacher_problems
 from sage.teacher.presets import PRESETS as TEACHER_PRESETS
 from sage_student_model import StudentConfig
@@ -60,6 +61,11 @@ class DataConfig:
     # so distillation targets exist only for the un-augmented rest.
     augment_probability: float = 1.0
     max_context_tokens: int = 8704  # context cap (policy: sage/encoding.py); fits every ARC-AGI-1 task
+    # Train only on the tasks whose every grid is at most N x N (30: all of them): a CPU-sized run.
+    max_grid_side: int = 30
+    # Augmented examples also show their demonstrations in a random order (the un-augmented ones keep
+    # the order the teacher saw): the answer must not depend on which demonstration comes first.
+    shuffle_demos: bool = False
     num_workers: int = 0  # DataLoader worker processes
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -75,7 +81,29 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     log_every: int = 20  # optimiser steps between train.log lines
+    # How the answer cross-entropy averages: "cell" (over every answer cell of the batch: a 30x30
+    # answer weighs 100 times a 3x3 one) or "example" (each example's mean over its own cells, then
+    # the mean over examples, as HRM/TRM do).
+    loss_normalization: str = "cell"
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient
+
+
+@dataclass
+class TTTConfig:
+    """Test-time training (`evaluate.py --ttt`, sage/ttt.py): per task, a copy of the model is
+    fine-tuned on examples built from that task's demonstrations only (each demonstration in turn
+    as the query, the others as its context), each under a fresh random augmentation."""
+
+    steps: int = 200  # optimiser steps per task (at most)
+    seconds: float = 0.0  # per-task time budget; stops early when spent (0: no limit)
+    batch_size: int = 8  # leave-one-out examples per step (the task's demonstrations, cycled)
+    lr: float = 3.0e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    augment_probability: float = 1.0  # share of examples under a dihedral transform + colour permutation
+    shuffle_demos: bool = True  # context demonstrations in a random order
+    seed: int = 0
 
 
 @dataclass
@@ -118,6 +146,7 @@ class ExperimentConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
 
     @property
     def distills(self) -> bool:
@@ -164,6 +193,23 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Exper
         cfg.teacher.max_demos = cfg.model.max_demos
     check(cfg, where)
     return cfg
+
+
+def with_overrides(cfg: ExperimentConfig, overrides: Sequence[str], sections: Sequence[str]) -> ExperimentConfig:
+    """A copy of `cfg` with `a.b=value` overrides applied, only to keys of `sections` (e.g. an
+    evaluation may change a checkpoint's ttt settings, never the model it was trained as)."""
+    raw = cfg.to_dict()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set ttt.steps=100")
+        path = key.strip().split(".")
+        if path[0] not in sections:
+            raise ConfigError(f"--set {item}: only {', '.join(s + '.*' for s in sections)} can be changed here")
+        _set_path(raw, path, yaml.safe_load(value), f"--set {item}")
+    out = from_dict(ExperimentConfig, raw, "--set")
+    check(out, "--set")
+    return out
 
 
 def from_dict(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
@@ -292,6 +338,16 @@ def check(cfg: ExperimentConfig, where: str) -> None:
         need(m.teacher_dim == width,
              f"model.teacher_dim ({m.teacher_dim}) must equal the width of teacher {cfg.teacher.preset}'s features "
              f"({width}): set model.teacher_dim={width}")
+    need(1 <= d.max_grid_side <= 30, f"data.max_grid_side must be 1..30, got {d.max_grid_side}")
+    need(t.loss_normalization in LOSS_NORMALIZATIONS, f"train.loss_normalization must be one of "
+         f"{', '.join(LOSS_NORMALIZATIONS)}, got {t.loss_normalization!r}")
+    tt = cfg.ttt
+    need(tt.steps >= 0 and tt.seconds >= 0, f"ttt.steps and ttt.seconds must be >= 0, got {tt.steps}, {tt.seconds}")
+    need(tt.batch_size >= 1, f"ttt.batch_size must be >= 1, got {tt.batch_size}")
+    need(tt.lr > 0 and tt.grad_clip > 0 and tt.warmup_steps >= 0 and tt.weight_decay >= 0,
+         "ttt.lr and ttt.grad_clip must be > 0, ttt.warmup_steps and ttt.weight_decay >= 0")
+    need(0.0 <= tt.augment_probability <= 1.0,
+         f"ttt.augment_probability must be in [0, 1], got {tt.augment_probability}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     need(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from sage.arc import Task, load_dataset, split_by_task
+from sage.arc import ARCDataError, Task, load_dataset, split_by_task, tasks_up_to_side
 from sage.config import ExperimentConfig
 from sage.encoding import evaluation_examples, fit_demos, training_examples
 from sage.features import FeatureCache, FeatureCacheError, cache_path, example_roles, open_cache
@@ -31,6 +31,18 @@ from sage.teacher.prompt import TeacherExample, example_key, shown_demos, view_e
 
 if TYPE_CHECKING:
     from sage_student_model import StudentConfig
+
+
+def training_dataset(cfg: ExperimentConfig) -> list[Task]:
+    """Every task of data.train a run of `cfg` may use (training and held-out validation): those
+    whose grids all fit data.max_grid_side. Training, its teacher cache and evaluation's overlap
+    check all split this same list."""
+    tasks = tasks_up_to_side(load_dataset(cfg.data.train, dataclasses.asdict(cfg.data.synthetic)),
+                             cfg.data.max_grid_side)
+    if not tasks:
+        raise ARCDataError(f"data.train {cfg.data.train!r}: no task has every grid within data.max_grid_side="
+                           f"{cfg.data.max_grid_side}; raise it")
+    return tasks
 
 
 def prompts_for_dataset(cfg: ExperimentConfig, dataset: str, tasks: Sequence[Task]) -> list[TeacherExample]:
@@ -42,7 +54,7 @@ def prompts_for_dataset(cfg: ExperimentConfig, dataset: str, tasks: Sequence[Tas
     teacher.max_demos."""
     d, m, t = cfg.data, cfg.model, cfg.teacher
     if dataset == d.train:
-        every = load_dataset(dataset, dataclasses.asdict(d.synthetic))  # the split is over the whole dataset
+        every = training_dataset(cfg)  # the split is over the whole dataset
         if d.val == "holdout":
             train, val = split_by_task(every, d.val_fraction, cfg.run.seed)
         else:

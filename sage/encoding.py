@@ -266,10 +266,11 @@ class DemonstrationCuts:
 
 
 class ARCExamples(torch.utils.data.Dataset):
-    """Encoded examples of a task list, optionally under a fresh random augmentation per item.
+    """Encoded examples of a task list, optionally under a fresh random augmentation (and a shuffled
+    demonstration order) per item.
 
-    The augmentation of item i in epoch e depends only on (seed, e, i): a resumed run sees exactly
-    the data the uninterrupted run would have seen.
+    The augmentation and order of item i in epoch e depend only on (seed, e, i): a resumed run sees
+    exactly the data the uninterrupted run would have seen.
     """
 
     def __init__(
@@ -285,6 +286,7 @@ class ARCExamples(torch.utils.data.Dataset):
         teacher: "ExampleTargets | None" = None,
         answer_canvas: str = "fixed",
         fit_answer: bool = False,
+        shuffle_demos: bool = False,
     ) -> None:
         if answer_canvas not in ANSWER_CANVASES:
             raise ValueError(f"answer_canvas must be one of {', '.join(ANSWER_CANVASES)}, got {answer_canvas!r}")
@@ -292,6 +294,8 @@ class ARCExamples(torch.utils.data.Dataset):
         self.grid_size, self.max_demos, self.augment, self.seed = grid_size, max_demos, augment, seed
         self.augment_probability = augment_probability if augment else 0.0
         self.teacher = teacher  # per-slot teacher features for un-augmented items (sage/distill.py)
+        # Demonstrations in a random order per item, except where teacher targets fix the order.
+        self.shuffle_demos = shuffle_demos
         self.epoch = 0
         # Caps depend only on grid shapes, which augmentations may transpose but never resize in area.
         self.kept_demos = [
@@ -359,7 +363,11 @@ class ARCExamples(torch.utils.data.Dataset):
         aug = self.augmentation(i)
         if not aug.is_identity:
             task = aug.apply_task(task)
-        item = encode_example(task.train + task.test, self.kept_demos[i], ref.query, self.max_demos, self.grid_size)
+        demos = self.kept_demos[i]
+        if self.shuffle_demos and (self.teacher is None or not aug.is_identity):
+            order = np.random.default_rng([self.seed, self.epoch, i, 1]).permutation(len(demos))
+            demos = tuple(demos[k] for k in order)
+        item = encode_example(task.train + task.test, demos, ref.query, self.max_demos, self.grid_size)
         item["index"] = np.int64(i)
         item["answer_shape"] = np.array(self._answer_shape(task.train + task.test, i), dtype=np.int64)
         if self.teacher is not None:

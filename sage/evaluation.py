@@ -7,11 +7,14 @@ trivial baselines, and measured against the GR00T N1.5 teacher.
                   and trained-on demonstrations or test inputs are named in the protocol
     per task   -> test outputs removed (the model never sees them) -> augmented views
                -> student -> decode -> undo each view's augmentation -> vote -> attempts 1 and 2
+               [--ttt: the same again after test-time training on the task's demonstrations
+                (sage/ttt.py), then the original weights back: "student" and "student_ttt"]
     scoring    -> sage.metrics (pure functions) for the student, the baselines and the probe alike
     GR00T      -> feature fidelity against the cached teacher features, parameters, and inference
                   time per task of student and teacher backbone on the same inputs and machine
 
-`evaluate()` returns an EvaluationResult; sage/report.py writes it out. Nothing here trains.
+`evaluate()` returns an EvaluationResult; sage/report.py writes it out. Nothing here trains the
+checkpoint: test-time training tunes a task's copy and forgets it.
 """
 
 from __future__ import annotations
@@ -30,15 +33,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from sage.arc import ARCDataError, Pair, Task, load_dataset
+from sage.arc import ARCDataError, Pair, Task, load_dataset, tasks_up_to_side
 from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into
-from sage.config import ConfigError, ExperimentConfig, from_dict
+from sage.config import ConfigError, ExperimentConfig, from_dict, with_overrides
 from sage.device import resolve_device
-from sage.distill import TeacherTargets, teacher_targets
+from sage.distill import TeacherTargets, teacher_targets, training_dataset
 from sage.encoding import ARCExamples, ExampleRef, answer_canvases, canvas_to_grid, collate, evaluation_examples
-from sage.metrics import OutputScore, baseline_attempts, score_attempts, summarize_tasks
+from sage.metrics import OutputScore, baseline_attempts, score_attempts, summarize_tasks, task_score
 from sage.overlap import DEMONSTRATIONS, describe, drop_trained_tasks
 from sage.training import Autocast, to_device
+from sage.ttt import TestTimeTrainer, TTTStats
 from sage.voting import Candidate, attempts as top_attempts, views as make_views, vote
 from sage_student_model import PREDATING_DEFAULTS, build_model, parameter_breakdown
 
@@ -65,6 +69,11 @@ class EvalSettings:
     feature_cache_dir: str | None = None  # where the teacher feature cache is; None: the config's
     extract_features: bool = False  # extract the split's teacher features when they are not cached
     teacher_probe: str | None = None  # a probe checkpoint to score beside the student
+    # Also score the checkpoint after test-time training on each task's demonstrations (sage/ttt.py),
+    # with the checkpoint's ttt settings and these `ttt.KEY=VALUE` overrides.
+    ttt: bool = False
+    ttt_overrides: list[str] = field(default_factory=list)
+    max_grid_side: int | None = None  # only the tasks whose every grid is at most N x N
 
 
 # ----------------------------------------------------------------------------- model and tasks
@@ -122,7 +131,7 @@ def split_tasks(cfg: ExperimentConfig, meta: dict[str, Any], split: str) -> tupl
     pair is among them (sage/overlap.py) are left out and named, and a split made mostly of them is
     refused. Shared demonstrations or test inputs (the HRM/TRM protocol) are scored but recorded."""
     synthetic = asdict(cfg.data.synthetic)
-    train_all = load_dataset(cfg.data.train, synthetic)
+    train_all = training_dataset(cfg)
     held_out_ids = set(meta.get("val_task_ids") or []) if cfg.data.val == HOLDOUT else set()
     trained = [t for t in train_all if t.id not in held_out_ids]
     if split == HOLDOUT:
@@ -624,6 +633,14 @@ class EvaluationResult:
     log_dir: str  # the run's logs (metrics.jsonl for the training curves)
     teacher: dict[str, Any]  # the teacher the run was configured with (reports always name it)
     notes: list[str] = field(default_factory=list)
+    # With --ttt: the tuned student's predictions and what tuning did, per task id.
+    ttt_predictions: dict[str, TaskPrediction] = field(default_factory=dict)
+    ttt_stats: dict[str, TTTStats] = field(default_factory=dict)
+
+    @property
+    def primary(self) -> str:
+        """The system the submission and the pictures show: the student, after TTT when it ran."""
+        return "student_ttt" if "student_ttt" in self.systems else "student"
 
 
 def evaluate(
@@ -642,6 +659,10 @@ def evaluate(
         raise EvaluationError(f"--limit must be >= 1, got {settings.limit}")
     if settings.speed_tasks is not None and settings.speed_tasks < 0:
         raise EvaluationError(f"--speed-tasks must be >= 0, got {settings.speed_tasks}")
+    if settings.max_grid_side is not None and not 1 <= settings.max_grid_side <= 30:
+        raise EvaluationError(f"--max-grid-side must be 1..30, got {settings.max_grid_side}")
+    if settings.ttt_overrides and not settings.ttt:
+        raise EvaluationError("--set ttt.KEY=VALUE changes test-time training: add --ttt")
     try:
         device = resolve_device(settings.device)
     except ConfigError as e:
@@ -660,7 +681,16 @@ def evaluate(
                 f"--teacher-probe {probe.path}: the probe trained on {len(trained)} of the tasks scored for the "
                 f"student (e.g. '{trained[0]}'), so the two cannot be compared on {settings.split}"
             )
+    ttt_cfg = with_overrides(loaded.cfg, settings.ttt_overrides, sections=("ttt",)) if settings.ttt else None
     notes = list(loaded.notes)
+    if settings.max_grid_side is not None:
+        before = len(tasks)
+        tasks = tasks_up_to_side(tasks, settings.max_grid_side)
+        protocol["max_grid_side"] = settings.max_grid_side
+        notes.append(f"--max-grid-side {settings.max_grid_side}: the {len(tasks)} of {before} tasks of "
+                     f"{settings.split} whose every grid is at most {settings.max_grid_side}x{settings.max_grid_side}")
+        if not tasks:
+            raise EvaluationError(f"--max-grid-side {settings.max_grid_side}: no task of {settings.split} is that small")
     if settings.limit is not None and settings.limit < len(tasks):
         notes.append(f"partial evaluation: the first {settings.limit} of {len(tasks)} tasks of {settings.split}; "
                      "not comparable with full-split figures")
@@ -690,15 +720,34 @@ def evaluate(
                      f"{loaded.cfg.model.grid_size} answer canvas: no prediction, scored as wrong")
     log(f"evaluating {loaded.path} ({loaded.parameters:,} parameters) on {len(tasks)} tasks of {settings.split}, "
         f"{settings.views} views per test input, on {device}")
+    trainer = None
+    if ttt_cfg is not None:
+        trainer = TestTimeTrainer(loaded.model, ttt_cfg, device)
+        t = ttt_cfg.ttt
+        log(f"test-time training per task: {t.steps} steps" + (f" or {t.seconds:g} s" if t.seconds else "")
+            + f", batch {t.batch_size}, lr {t.lr:g}, on the task's demonstrations only; then the original weights")
 
     predictions: dict[str, TaskPrediction] = {}
+    ttt_predictions: dict[str, TaskPrediction] = {}
+    ttt_stats: dict[str, TTTStats] = {}
     bar = tqdm(tasks, desc="tasks", unit="task", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    solved = {"plain": 0.0, "ttt": 0.0}
     for task in bar:
         predictions[task.id] = predictor.predict(task)
+        solved["plain"] += _task_score(predictions[task.id], task)
+        if trainer is not None:
+            with trainer.tuned(blind(task)) as stats:
+                ttt_predictions[task.id] = predictor.predict(task)
+            ttt_stats[task.id] = stats
+            solved["ttt"] += _task_score(ttt_predictions[task.id], task)
+            bar.set_postfix(score=f"{solved['plain']:.1f}", ttt_score=f"{solved['ttt']:.1f}", refresh=False)
     bar.close()
 
     systems = {"student": score_system("student", {k: [t.attempts for t in p.tests]
                                                    for k, p in predictions.items()}, tasks)}
+    if trainer is not None:
+        systems["student_ttt"] = score_system("student_ttt", {k: [t.attempts for t in p.tests]
+                                                              for k, p in ttt_predictions.items()}, tasks)
     if probe is not None:
         systems["teacher_probe"] = score_probe(probe, settings, tasks, device, batch_size)
     for name, attempts in baseline_attempts(tasks).items():
@@ -715,7 +764,8 @@ def evaluate(
         run=loaded.cfg.run.name or loaded.path.parent.name,
         tasks=tasks,
         protocol=protocol,
-        settings={**asdict(settings), "batch_size": batch_size, "speed_tasks": speed_tasks},
+        settings={**asdict(settings), "batch_size": batch_size, "speed_tasks": speed_tasks,
+                  "ttt_config": asdict(ttt_cfg.ttt) if ttt_cfg is not None else None},
         systems=systems,
         predictions=predictions,
         fidelity=fidelity,
@@ -727,7 +777,14 @@ def evaluate(
         teacher={"preset": loaded.cfg.teacher.preset, "view": loaded.cfg.teacher.view,
                  "weights": loaded.cfg.teacher.checkpoint_dir or f"random (seed {loaded.cfg.teacher.seed})"},
         notes=notes,
+        ttt_predictions=ttt_predictions,
+        ttt_stats=ttt_stats,
     )
+
+
+def _task_score(prediction: TaskPrediction, task: Task) -> float:
+    """The official task score of a prediction (for the progress bar; scoring proper is score_system's)."""
+    return task_score([score_attempts(t.attempts, p.output) for t, p in zip(prediction.tests, task.test)], 2)
 
 
 # ----------------------------------------------------------------------------- the probe

@@ -1,10 +1,10 @@
 """Writing an evaluation out: one folder per evaluation.
 
-    submission.json      the student's attempts in the ARC Prize format:
+    submission.json      the student's attempts (after test-time training, with --ttt) in the ARC Prize format:
                          {task_id: [{"attempt_1": grid, "attempt_2": grid}, ...]}, one dict per test input
     report.json          everything: protocol, settings, scores of every system, student vs GR00T, machine
     report.md            the same as tables
-    per_task.csv         one row per task: the student's and the baselines' scores, votes, time
+    per_task.csv         one row per task: the student's and the baselines' scores, votes, time, TTT steps
     pictures/*.png       a sample of tasks: demonstration pairs, then test input, target, attempt 1, attempt 2
     training_curves.png  the run's curves from its metrics.jsonl (when the log is still there)
 
@@ -34,6 +34,7 @@ SCORING = ("official ARC Prize: 2 attempts per test output, solved when either e
 BASELINE_NAMES = ("copy_input", "most_frequent_colour", "all_zeros")
 LABELS = {
     "student": "SAGE student",
+    "student_ttt": "SAGE student + test-time training",
     "teacher_probe": "GR00T features + probe head",
     "copy_input": "baseline: copy the test input",
     "most_frequent_colour": "baseline: most frequent colour",
@@ -41,8 +42,9 @@ LABELS = {
 }
 
 
-def submission(result: EvaluationResult, system: str = "student") -> dict[str, list[dict[str, list]]]:
-    attempts = result.systems[system].attempts
+def submission(result: EvaluationResult, system: str | None = None) -> dict[str, list[dict[str, list]]]:
+    """ARC Prize submission of `system` (default: the student, after test-time training when it ran)."""
+    attempts = result.systems[system or result.primary].attempts
     return {
         task.id: [{f"attempt_{k + 1}": np.asarray(a).tolist() for k, a in enumerate(tries)}
                   for tries in attempts[task.id]]
@@ -102,6 +104,10 @@ def per_task_rows(result: EvaluationResult) -> list[dict[str, Any]]:
             "views_with_a_grid": ";".join(str(t.views) for t in pred.tests),
             "seconds": round(pred.seconds, 4),
         }
+        stats = result.ttt_stats.get(task.id)
+        if stats is not None:
+            row.update(ttt_steps=stats.steps, ttt_seconds=round(stats.seconds, 2), ttt_examples=stats.examples,
+                       ttt_first_loss=round(stats.first_loss, 4), ttt_last_loss=round(stats.last_loss, 4))
         for name in result.systems:
             if name != "student":
                 row[f"{name}_score"] = task_score(result.systems[name].scores[task.id], 2)
@@ -137,6 +143,12 @@ def markdown(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[
         f"transforms + colour permutations, seed {s['seed']})",
         f"- scoring: {record['scoring']}",
     ]
+    if s.get("ttt_config"):
+        t = s["ttt_config"]
+        lines.append(f"- test-time training (student + TTT): per task, {t['steps']} AdamW steps"
+                     + (f" or {t['seconds']:g} s, whichever ends first" if t["seconds"] else "")
+                     + f", batch {t['batch_size']}, lr {t['lr']:g}, on leave-one-out examples of the task's "
+                     "demonstrations only (augmented), then the original weights; test outputs never seen")
     lines += [f"- **note**: {n}" for n in record["notes"]]
     lines += ["", "## Scores", "",
               "| system | ARC Prize score (pass@2) | tasks fully solved | pass@1 | output size | pixels (target cells) |",
@@ -203,10 +215,19 @@ def markdown(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[
               f"grids per test input, attempt 1 backed by {v['mean_votes_of_attempt_1']:.2f} votes; "
               f"{v['test_inputs_without_any_prediction']} test inputs got no grid at all (placeholder [[0]] submitted). "
               f"Student time per task with all views: {_time(record['student_seconds_per_task_all_views'])}."]
-    solved = [r for r in rows if r["score"] > 0]
-    lines += ["", "## Tasks", "", f"Solved (score > 0): {len(solved)} of {len(rows)} tasks"
-              + (": " + ", ".join(f"{r['task_id']} ({r['score']:.2f})" for r in solved[:40]) if solved else "")
-              + (" ..." if len(solved) > 40 else "") + ". Every task: `per_task.csv`."]
+    lines += ["", "## Tasks", ""]
+    for key, label in (("score", "student"), ("student_ttt_score", "student + test-time training")):
+        if key not in (rows[0] if rows else {}):
+            continue
+        solved = [r for r in rows if r[key] > 0]
+        lines.append(f"- {label}: solved (score > 0) {len(solved)} of {len(rows)} tasks"
+                     + (": " + ", ".join(f"{r['task_id']} ({r[key]:.2f})" for r in solved[:40]) if solved else "")
+                     + (" ..." if len(solved) > 40 else ""))
+    if rows and "ttt_steps" in rows[0]:
+        steps, secs = [r["ttt_steps"] for r in rows], [r["ttt_seconds"] for r in rows]
+        lines.append(f"- test-time training: {sum(steps) / len(steps):.0f} steps and {sum(secs) / len(secs):.1f} s "
+                     "per task on average")
+    lines += ["", "Every task: `per_task.csv`."]
     if pictures:
         lines += ["", "Pictures (demonstrations, then test input, target, attempts): "
                   + ", ".join(f"[{Path(p).stem}]({p})" for p in pictures)]
@@ -222,7 +243,7 @@ def pick_pictures(result: EvaluationResult, n: int) -> list[str]:
     """Up to n task ids: solved tasks first (up to half), the rest spread evenly over the split."""
     if n <= 0:
         return []
-    student = result.systems["student"]
+    student = result.systems[result.primary]
     solved = [t.id for t in result.tasks if task_score(student.scores[t.id], 2) > 0][: n // 2]
     rest = [t.id for t in result.tasks if t.id not in solved]
     k = min(n - len(solved), len(rest))
@@ -254,10 +275,11 @@ def write_report(result: EvaluationResult, out_dir: str | Path, pictures: int = 
     picture_files = []
     for task_id in pick_pictures(result, pictures):
         task = by_id[task_id]
-        score = task_score(result.systems["student"].scores[task_id], 2)
+        shown = result.systems[result.primary]
+        score = task_score(shown.scores[task_id], 2)
         name = f"pictures/{task_id}.png"
         draw_task(tmp / name, task_id, [p.input for p in task.test], [p.output for p in task.test],
-                  result.systems["student"].attempts[task_id], title=f"{task_id}: task score {score:.2f}",
+                  shown.attempts[task_id], title=f"{task_id}: task score {score:.2f}",
                   demos=[(p.input, p.output) for p in task.train])
         picture_files.append(name)
 

@@ -26,10 +26,10 @@ from sage.config import ExperimentConfig, save_config
 from sage.device import resolve_device
 from sage.distributed import (DistributedContext, RankBatchSampler, examples_of_rank, init_distributed,
                               shutdown_distributed)
-from sage.distill import TeacherTargets, ensure_teacher_cache, feature_statistics, teacher_targets
+from sage.distill import TeacherTargets, ensure_teacher_cache, feature_statistics, teacher_targets, training_dataset
 from sage.encoding import (PAD, ARCExamples, LengthBucketSampler, answer_canvases, canvas_to_grid, collate,
                            evaluation_examples, training_examples)
-from sage.losses import answer_cross_entropy, distillation_losses
+from sage.losses import answer_cross_entropy, distillation_losses, loss_units
 from sage.metrics import GridScore, score_baselines, score_canvas, summarize
 from sage.overlap import TaskOverlap, describe, drop_trained_tasks
 from sage.recovery import FaultInjection, MicroBatch, TrainingError, all_finite, free_memory
@@ -54,7 +54,7 @@ def load_splits(cfg: ExperimentConfig) -> Splits:
     """Train and validation tasks, disjoint by task. 'holdout' keeps whole training tasks aside; a
     validation dataset is checked pair by pair against training (sage/overlap.py)."""
     synthetic = asdict(cfg.data.synthetic)
-    tasks = load_dataset(cfg.data.train, synthetic)
+    tasks = training_dataset(cfg)
     if cfg.data.val == "holdout":
         train, val = split_by_task(tasks, cfg.data.val_fraction, cfg.run.seed)
         val_dataset = tasks
@@ -76,7 +76,7 @@ def make_datasets(
     train_set = ARCExamples(
         splits.train, training_examples(splits.train, d.use_test_pairs), m.grid_size, m.max_demos,
         d.max_context_tokens, augment=d.augment, seed=cfg.run.seed, augment_probability=d.augment_probability,
-        teacher=train_teacher, answer_canvas=m.answer_canvas, fit_answer=True,
+        teacher=train_teacher, answer_canvas=m.answer_canvas, fit_answer=True, shuffle_demos=d.shuffle_demos,
     )
     # Validation sizes each canvas as evaluation does: from the context, never from the answer.
     val_set = ARCExamples(splits.val, examples_of_rank(evaluation_examples(splits.val), ctx), m.grid_size,
@@ -94,15 +94,16 @@ def lr_at(step: int, cfg: ExperimentConfig, total_steps: int) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   betas: tuple[float, float] | list[float]) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices and embeddings only (not on biases and norm gains)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [
-        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
 
 
 @dataclass
@@ -227,7 +228,7 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
         mean, std = feature_statistics(train_teacher.cache, train_set.teacher_keys())
         model.teacher_mean.copy_(mean)
         model.teacher_std.copy_(std)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     state = TrainState()
     steps_per_epoch = len(train_sampler)
     total_steps = cfg.train.epochs * steps_per_epoch
@@ -417,10 +418,10 @@ def compute_losses(out: Any, batch: dict[str, torch.Tensor], model: SageStudent,
                    task_share: float = 1.0, slot_share: float = 1.0) -> tuple[dict[str, torch.Tensor], int]:
     """The training objective and its terms (loss = task CE [+ weight * feature loss]), and the
     number of grid slots that had a teacher target (0: the feature terms are left out). When `batch`
-    is a piece of the optimiser's batch, the shares (its target cells and teacher slots over the
-    whole batch's) weight the two mean-reduced terms in "loss" so that the pieces' gradients add up
+    is a piece of the optimiser's batch, the shares (its loss units (sage.losses.loss_units) and
+    teacher slots over the whole batch's) weight the two mean-reduced terms in "loss" so that the pieces' gradients add up
     to the whole batch's; the terms themselves stay this piece's means."""
-    task = answer_cross_entropy(out.logits, batch["target"])
+    task = answer_cross_entropy(out.logits, batch["target"], cfg.train.loss_normalization)
     # Without a feature term the distillation head still joins the graph, with zero gradient:
     # data-parallel training needs every parameter to get a gradient on every rank.
     unused = 0.0 if out.grid_features is None else out.grid_features.sum() * 0.0
@@ -452,17 +453,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     model `micro.size` examples at a time (gradients accumulated). Out of memory halves
     `micro.size` and retries the batch. Returns None, without updating anything, when the loss or
     the gradients are not finite."""
-    global_cells = global_slots = None
+    global_units = global_slots = None
     while True:
         # The normalisers of the global batch's means, needed only to weight pieces (each count is a
         # device sync before the forward pass; a whole batch in one process has shares of exactly 1).
-        if global_cells is None and (micro.size < len(batch["target"]) or ctx.enabled):
-            cells = (batch["target"] != PAD).sum().item()
+        if global_units is None and (micro.size < len(batch["target"]) or ctx.enabled):
+            units = loss_units(batch["target"], cfg.train.loss_normalization).item()
             teacher_slots = batch["teacher_mask"].sum().item() if "teacher_mask" in batch else 0
-            global_cells, global_slots = ctx.sum([cells, teacher_slots])
+            global_units, global_slots = ctx.sum([units, teacher_slots])
         try:
             return _accumulate_and_step(model, optimizer, batch, cfg, autocast, micro, faults, ctx,
-                                        global_cells or 0.0, global_slots or 0.0)
+                                        global_units or 0.0, global_slots or 0.0)
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
             free_memory(batch["target"].device)
@@ -471,7 +472,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
 
 def _accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                          cfg: ExperimentConfig, autocast: Autocast, micro: MicroBatch, faults: FaultInjection,
-                         ctx: DistributedContext, global_cells: float, global_slots: float) -> StepResult | None:
+                         ctx: DistributedContext, global_units: float, global_slots: float) -> StepResult | None:
     core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     optimizer.zero_grad(set_to_none=True)
     pieces = micro.pieces(batch)
@@ -481,7 +482,8 @@ def _accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimize
     exact, distill_slots = 0, 0
     for i, piece in enumerate(pieces):
         make_nan = faults.forward_pass("train")
-        task_share = 1.0 if whole else (piece["target"] != PAD).sum().item() * ctx.world / global_cells
+        units = 1.0 if whole else loss_units(piece["target"], cfg.train.loss_normalization).item()
+        task_share = 1.0 if whole else units * ctx.world / global_units
         piece_slots = piece["teacher_mask"].sum().item() if global_slots and not whole else 0
         slot_share = 1.0 if whole else piece_slots * ctx.world / global_slots if global_slots else 0.0
         # DDP averages gradients over ranks when the last piece's backward runs; earlier pieces only accumulate.

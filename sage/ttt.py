@@ -1,0 +1,126 @@
+"""Test-time training (TTT): before answering a task, a copy of the model is fine-tuned on that
+task's demonstrations, then the original weights come back.
+
+    task, test outputs removed (sage.evaluation.blind)
+      -> leave-one-out examples over its DEMONSTRATIONS only: each in turn is the query, the others
+         its context (`ttt_examples`)
+      -> `ttt.steps` AdamW steps (fewer when `ttt.seconds` runs out), each on `ttt.batch_size` of
+         those examples under fresh random dihedral transforms, colour permutations and
+         demonstration orders (the same encoding and canvases as training, sage/encoding.py)
+      -> the tuned model answers the test inputs with the usual augmentation voting
+      -> `TestTimeTrainer.tuned` puts the original weights back, whatever happened
+
+The ARC rules allow any use of a test task's demonstration pairs at test time; its test outputs
+are off limits, and `finetune` refuses a task that still carries one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from sage.arc import Task
+from sage.config import ExperimentConfig, TTTConfig
+from sage.encoding import ARCExamples, ExampleRef, collate
+from sage.losses import answer_cross_entropy
+from sage.training import Autocast, make_optimizer, to_device
+
+
+class TestOutputVisible(ValueError):
+    """Test-time training was handed a task whose test outputs are still there."""
+
+
+@dataclass
+class TTTStats:
+    """What fine-tuning on one task did (per_task.csv shows it)."""
+
+    steps: int  # optimiser steps taken
+    seconds: float
+    examples: int  # leave-one-out examples the task offers (0: fewer than two demonstrations, no TTT)
+    first_loss: float  # answer loss of the first step (nan without steps)
+    last_loss: float  # mean answer loss of the last min(10, steps) steps
+
+
+def ttt_examples(task: Task) -> list[ExampleRef]:
+    """Leave-one-out over the demonstrations: each demonstration once as the query, the others as
+    its context. Test pairs are never used, not even their inputs."""
+    n = len(task.train)
+    if n < 2:
+        return []
+    return [ExampleRef(0, tuple(d for d in range(n) if d != q), q, None) for q in range(n)]
+
+
+def lr_at(step: int, ttt: TTTConfig) -> float:
+    """Linear warmup, then cosine decay to zero at ttt.steps."""
+    warmup = min(ttt.warmup_steps, max(ttt.steps - 1, 0))
+    if step < warmup:
+        return ttt.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(ttt.steps - warmup, 1)
+    return 0.5 * ttt.lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: torch.device) -> TTTStats:
+    """Fine-tune `model` in place on `task`'s demonstrations as cfg.ttt says (module docstring)."""
+    if any(p.output is not None for p in task.test):
+        raise TestOutputVisible(f"task {task.id}: test-time training was given the task's test outputs; "
+                                "pass it through sage.evaluation.blind first")
+    started = time.perf_counter()
+    ttt, m = cfg.ttt, cfg.model
+    refs = ttt_examples(task)
+    if not refs or ttt.steps == 0:
+        return TTTStats(0, time.perf_counter() - started, len(refs), math.nan, math.nan)
+    # Each step's augmentations depend on (seed, task, step) only: a task tunes the same way wherever it runs.
+    seed = zlib.crc32(f"{ttt.seed}/{task.id}".encode())
+    data = ARCExamples([task], refs, m.grid_size, m.max_demos, cfg.data.max_context_tokens, augment=True,
+                       seed=seed, augment_probability=ttt.augment_probability, answer_canvas=m.answer_canvas,
+                       fit_answer=True, shuffle_demos=ttt.shuffle_demos)
+    optimizer = make_optimizer(model, ttt.lr, ttt.weight_decay, cfg.train.betas)
+    autocast = Autocast(device)
+    model.train()
+    losses: list[float] = []
+    for step in range(ttt.steps):
+        if ttt.seconds and time.perf_counter() - started >= ttt.seconds:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, ttt)
+        data.set_epoch(step)  # fresh augmentations every step
+        # The demonstrations in turn, continuing where the previous step stopped.
+        items = [data[(step * ttt.batch_size + k) % len(refs)] for k in range(ttt.batch_size)]
+        batch = to_device(collate(items), device)
+        with autocast():
+            out = model(batch)
+            loss = answer_cross_entropy(out.logits, batch["target"], cfg.train.loss_normalization)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), ttt.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    tail = losses[-10:]
+    return TTTStats(len(losses), time.perf_counter() - started, len(refs),
+                    losses[0] if losses else math.nan, sum(tail) / len(tail) if tail else math.nan)
+
+
+class TestTimeTrainer:
+    """Fine-tunes one model task after task, restoring its original weights after each."""
+
+    def __init__(self, model: torch.nn.Module, cfg: ExperimentConfig, device: torch.device) -> None:
+        self.model, self.cfg, self.device = model, cfg, device
+        self.original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @contextlib.contextmanager
+    def tuned(self, task: Task) -> Iterator[TTTStats]:
+        """`model` fine-tuned on `task` (test outputs removed) inside the block; the original after."""
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                stats = finetune(self.model, task, self.cfg, self.device)
+            yield stats
+        finally:
+            self.model.load_state_dict(self.original)
+            self.model.eval()
