@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(its config's ttt: section; the report shows both)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="ttt.KEY=VALUE",
                         help="override a ttt setting of the checkpoint's config (repeatable), e.g. --set ttt.steps=100")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="answer tasks in N processes, each with its share of the CPU threads (on a 2-core CPU, "
+                             "--workers 2 does about twice the test-time training of one process); default 1")
     parser.add_argument("--max-grid-side", type=int, default=None, metavar="N",
                         help="only the tasks whose every grid is at most N x N (e.g. 10 on a CPU)")
     parser.add_argument("--pictures", type=int, default=12, help="tasks drawn as PNG (default 12)")
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         limit=args.limit, speed_tasks=args.speed_tasks, speed_teacher=args.speed_teacher,
         feature_cache_dir=args.feature_cache_dir, extract_features=args.extract_features,
         teacher_probe=args.teacher_probe, ttt=args.ttt, ttt_overrides=args.overrides,
-        max_grid_side=args.max_grid_side,
+        max_grid_side=args.max_grid_side, workers=args.workers,
     )
     out = Path(args.out) if args.out else default_out(args.checkpoint, args.split)
     try:

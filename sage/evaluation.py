@@ -20,7 +20,6 @@ checkpoint: test-time training tunes a task's copy and forgets it.
 from __future__ import annotations
 
 import gc
-import math
 import os
 import platform
 import statistics
@@ -33,18 +32,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from sage.arc import ARCDataError, Pair, Task, load_dataset, tasks_up_to_side
-from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into
-from sage.config import ConfigError, ExperimentConfig, from_dict, with_overrides
+from sage.arc import ARCDataError, Task, load_dataset, tasks_up_to_side
+from sage.config import ConfigError, ExperimentConfig, with_overrides
 from sage.device import resolve_device
 from sage.distill import TeacherTargets, teacher_targets, training_dataset
-from sage.encoding import ARCExamples, ExampleRef, answer_canvases, canvas_to_grid, collate, evaluation_examples
+from sage.encoding import ARCExamples, evaluation_examples
 from sage.metrics import OutputScore, baseline_attempts, score_attempts, summarize_tasks, task_score
 from sage.overlap import DEMONSTRATIONS, describe, drop_trained_tasks
-from sage.training import Autocast, to_device
-from sage.ttt import TestTimeTrainer, TTTStats
-from sage.voting import Candidate, attempts as top_attempts, views as make_views, vote
-from sage_student_model import PREDATING_DEFAULTS, build_model, parameter_breakdown
+from sage.predict import LoadedModel, Predictor, TaskOutcome, TaskPrediction, blind, load_model, solve_tasks
+from sage.ttt import TTTStats
+from sage.voting import views as make_views
+from sage_student_model import parameter_breakdown
 
 DEFAULT_SPLIT = "arc-agi-1/evaluation"
 HOLDOUT = "holdout"  # the checkpoint's own held-out validation tasks
@@ -69,54 +67,12 @@ class EvalSettings:
     feature_cache_dir: str | None = None  # where the teacher feature cache is; None: the config's
     extract_features: bool = False  # extract the split's teacher features when they are not cached
     teacher_probe: str | None = None  # a probe checkpoint to score beside the student
+    workers: int = 1  # processes answering tasks in parallel (each with its share of the CPU threads)
     # Also score the checkpoint after test-time training on each task's demonstrations (sage/ttt.py),
     # with the checkpoint's ttt settings and these `ttt.KEY=VALUE` overrides.
     ttt: bool = False
     ttt_overrides: list[str] = field(default_factory=list)
     max_grid_side: int | None = None  # only the tasks whose every grid is at most N x N
-
-
-# ----------------------------------------------------------------------------- model and tasks
-
-
-# Buffers added with feature distillation; checkpoints from before it lack them. Their defaults
-# (mean 0, std 1: no standardisation) are exactly what those models were trained with.
-STATISTICS_BUFFERS = ("teacher_mean", "teacher_std")
-
-
-@dataclass
-class LoadedModel:
-    path: Path
-    cfg: ExperimentConfig  # the config the checkpoint was trained with
-    meta: dict[str, Any]
-    model: torch.nn.Module
-    parameters: int
-    notes: list[str] = field(default_factory=list)
-
-
-def load_model(path: str | Path, device: torch.device) -> LoadedModel:
-    """A checkpoint's network in eval mode, built from the config saved inside it."""
-    ckpt = load_checkpoint(path, with_training_state=False)
-    if "config" not in ckpt.meta:
-        raise CheckpointError(f"{ckpt.path}/meta.json has no 'config': not a SAGE checkpoint")
-    saved = ckpt.meta["config"]
-    notes = []
-    predated = {k: v for k, v in PREDATING_DEFAULTS.items() if k not in saved.get("model", {})}
-    if predated:  # evaluated as it was trained
-        saved = {**saved, "model": {**saved.get("model", {}), **predated}}
-        notes.append(f"{ckpt.path} predates " + ", ".join(f"model.{k}" for k in predated) + ": evaluated with "
-                     + ", ".join(f"{k}={v}" for k, v in predated.items()) + ", as it was trained")
-    cfg = from_dict(ExperimentConfig, saved, f"{ckpt.path}/meta.json")
-    model = build_model(cfg.model)
-    defaults = model.state_dict()
-    missing = [k for k in STATISTICS_BUFFERS if k in defaults and k not in ckpt.weights]
-    if missing:
-        ckpt.weights.update({k: defaults[k] for k in missing})
-        notes.append(f"{ckpt.path} predates teacher-feature statistics ({', '.join(missing)}): "
-                     "no standardisation assumed, as it was trained")
-    load_weights_into(model, ckpt)
-    model.to(device).eval()
-    return LoadedModel(ckpt.path, cfg, ckpt.meta, model, sum(p.numel() for p in model.parameters()), notes)
 
 
 def is_probe(cfg: ExperimentConfig) -> bool:
@@ -175,127 +131,6 @@ def split_tasks(cfg: ExperimentConfig, meta: dict[str, Any], split: str) -> tupl
                             "use_test_pairs": cfg.data.use_test_pairs},
     }
     return tasks, protocol
-
-
-def blind(task: Task) -> Task:
-    """The task with its test outputs removed: what a predictor may see."""
-    return replace(task, test=tuple(Pair(p.input, None) for p in task.test))
-
-
-# ----------------------------------------------------------------------------- prediction
-
-
-@dataclass
-class OutputPrediction:
-    """What the predictor made of one test input."""
-
-    candidates: list[Candidate]  # distinct grids, best first
-    attempts: list[np.ndarray]  # attempt 1 and attempt 2 (sage.voting.attempts)
-    answerable: bool  # False when the test input does not fit the model's answer canvas
-    views: int  # views that produced a non-empty grid
-    # identity view only, for feature fidelity: distillation head output per context slot
-    grid_features: torch.Tensor | None = None
-    grid_mask: torch.Tensor | None = None
-    kept_demos: tuple[int, ...] = ()
-
-
-@dataclass
-class TaskPrediction:
-    task_id: str
-    tests: list[OutputPrediction]
-    seconds: float  # encode + forward + decode + vote, all views
-
-
-class Predictor:
-    """Runs a model over the augmented views of one task at a time and votes."""
-
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        device: torch.device,
-        n_views: int,
-        seed: int,
-        batch_size: int,
-        teacher: TeacherTargets | None = None,
-    ) -> None:
-        self.loaded, self.device = loaded, device
-        self.model = loaded.model
-        m, d = loaded.cfg.model, loaded.cfg.data
-        self.grid_size, self.max_demos, self.max_context_tokens = m.grid_size, m.max_demos, d.max_context_tokens
-        self.n_views, self.seed, self.batch_size = n_views, seed, batch_size
-        # Teacher features of the task as given, for a model that reads them (the probe): one view only.
-        self.teacher = teacher
-        if teacher is not None and n_views != 1:
-            raise ValueError("a model that reads teacher features answers the task as given only (n_views=1)")
-        self.autocast = Autocast(device)
-
-    def fits(self, grid: np.ndarray) -> bool:
-        return max(grid.shape) <= self.grid_size  # every dihedral view must fit the square canvas
-
-    @torch.inference_mode()
-    def forward(self, items: list[dict[str, np.ndarray]]) -> tuple[Any, ...]:
-        """(argmax tokens [B, S, S], their log-probabilities [B, S, S], grid features, grid mask), with
-        S = model.grid_size: cells outside an example's own canvas are PAD."""
-        batch = to_device(collate(items), self.device)
-        with self.autocast():
-            out = self.model(batch)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)
-        best, tokens = logp.max(dim=-1)
-        s = self.grid_size
-        features = None if out.grid_features is None else out.grid_features.float().cpu()  # None: a probe
-        return (answer_canvases(tokens, batch, s), answer_canvases(best, batch, s, fill=-math.inf), features,
-                out.grid_mask.cpu())
-
-    def encode(self, task: Task, views: Sequence) -> tuple[ARCExamples, list[tuple[int, int]]]:
-        """All (view, test input) examples of a task: the dataset and (view, test index) per item."""
-        answerable = [j for j, p in enumerate(task.test) if self.fits(p.input)]
-        view_tasks = [aug.apply_task(task) for aug in views]
-        demos = tuple(range(len(task.train)))
-        refs, where = [], []
-        for v in range(len(view_tasks)):
-            for j in answerable:
-                refs.append(ExampleRef(v, demos, len(task.train) + j, j))
-                where.append((v, j))
-        data = ARCExamples(view_tasks, refs, self.grid_size, self.max_demos, self.max_context_tokens,
-                           teacher=self.teacher, answer_canvas=self.loaded.cfg.model.answer_canvas)
-        return data, where
-
-    def predict(self, task: Task) -> TaskPrediction:
-        started = time.perf_counter()
-        task = blind(task)
-        views = make_views(task.id, self.n_views, self.seed)
-        data, where = self.encode(task, views)
-        per_test: dict[int, list[tuple[np.ndarray, float]]] = {j: [] for j in range(len(task.test))}
-        features: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
-        for start in range(0, len(data), self.batch_size):
-            idx = list(range(start, min(start + self.batch_size, len(data))))
-            items = [data[i] for i in idx]
-            tokens, logp, grid_features, grid_mask = self.forward(items)
-            for b, i in enumerate(idx):
-                v, j = where[i]
-                if v == 0 and grid_features is not None:
-                    features[j] = (grid_features[b], grid_mask[b], data.kept_demos[i])
-                grid = canvas_to_grid(tokens[b])
-                if grid.size == 0:  # no answer from this view; sage.voting ignores it
-                    per_test[j].append((grid, -math.inf))
-                    continue
-                h, w = grid.shape
-                confidence = float(logp[b, :h, :w].mean())  # mean log-probability of the grid's cells
-                per_test[j].append((views[v].invert(grid), confidence))
-        tests = []
-        for j, pair in enumerate(task.test):
-            ranked = vote(per_test[j])
-            feats = features.get(j)
-            tests.append(OutputPrediction(
-                candidates=ranked,
-                attempts=top_attempts(ranked),
-                answerable=self.fits(pair.input),
-                views=sum(g.size > 0 for g, _ in per_test[j]),
-                grid_features=None if feats is None else feats[0],
-                grid_mask=None if feats is None else feats[1],
-                kept_demos=() if feats is None else feats[2],
-            ))
-        return TaskPrediction(task.id, tests, time.perf_counter() - started)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -661,6 +496,8 @@ def evaluate(
         raise EvaluationError(f"--speed-tasks must be >= 0, got {settings.speed_tasks}")
     if settings.max_grid_side is not None and not 1 <= settings.max_grid_side <= 30:
         raise EvaluationError(f"--max-grid-side must be 1..30, got {settings.max_grid_side}")
+    if settings.workers < 1:
+        raise EvaluationError(f"--workers must be >= 1, got {settings.workers}")
     if settings.ttt_overrides and not settings.ttt:
         raise EvaluationError("--set ttt.KEY=VALUE changes test-time training: add --ttt")
     try:
@@ -706,7 +543,6 @@ def evaluate(
         notes.append(f"{settings.split} is also the split that picked this checkpoint (best validation exact match): "
                      "its score is optimistic")
     batch_size = settings.batch_size or loaded.cfg.val.batch_size
-    predictor = Predictor(loaded, device, settings.views, settings.seed, batch_size)
     m, d = loaded.cfg.model, loaded.cfg.data
     cuts = ARCExamples(tasks, evaluation_examples(tasks), m.grid_size, m.max_demos,
                        d.max_context_tokens).demonstration_cuts()
@@ -714,38 +550,41 @@ def evaluate(
     if cuts.by_context_cap:
         notes.append(f"context cap (data.max_context_tokens={d.max_context_tokens}): "
                      f"{protocol['demonstrations_cut']['context']}")
-    too_big = sum(not predictor.fits(p.input) for t in tasks for p in t.test)
+    too_big = sum(max(p.input.shape) > m.grid_size for t in tasks for p in t.test)
     if too_big:
         notes.append(f"{too_big} test inputs are larger than the student's {loaded.cfg.model.grid_size}x"
                      f"{loaded.cfg.model.grid_size} answer canvas: no prediction, scored as wrong")
     log(f"evaluating {loaded.path} ({loaded.parameters:,} parameters) on {len(tasks)} tasks of {settings.split}, "
         f"{settings.views} views per test input, on {device}")
-    trainer = None
     if ttt_cfg is not None:
-        trainer = TestTimeTrainer(loaded.model, ttt_cfg, device)
         t = ttt_cfg.ttt
         log(f"test-time training per task: {t.steps} steps" + (f" or {t.seconds:g} s" if t.seconds else "")
             + f", batch {t.batch_size}, lr {t.lr:g}, on the task's demonstrations only; then the original weights")
+    if settings.workers > 1:
+        log(f"{settings.workers} worker processes, {max(1, torch.get_num_threads() // settings.workers)} "
+            "CPU thread(s) each")
 
-    predictions: dict[str, TaskPrediction] = {}
-    ttt_predictions: dict[str, TaskPrediction] = {}
-    ttt_stats: dict[str, TTTStats] = {}
-    bar = tqdm(tasks, desc="tasks", unit="task", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    solved = {"plain": 0.0, "ttt": 0.0}
-    for task in bar:
-        predictions[task.id] = predictor.predict(task)
-        solved["plain"] += _task_score(predictions[task.id], task)
-        if trainer is not None:
-            with trainer.tuned(blind(task)) as stats:
-                ttt_predictions[task.id] = predictor.predict(task)
-            ttt_stats[task.id] = stats
-            solved["ttt"] += _task_score(ttt_predictions[task.id], task)
-            bar.set_postfix(score=f"{solved['plain']:.1f}", ttt_score=f"{solved['ttt']:.1f}", refresh=False)
+    bar = tqdm(total=len(tasks), desc="tasks", unit="task", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    solved = {"score": 0.0, "ttt_score": 0.0}
+
+    def done(task: Task, outcome: TaskOutcome) -> None:  # the bar shows the running scores (sums of task scores)
+        solved["score"] += _task_score(outcome.plain, task)
+        if outcome.tuned is not None:
+            solved["ttt_score"] += _task_score(outcome.tuned, task)
+        bar.set_postfix({k: f"{v:.1f}" for k, v in solved.items() if k == "score" or ttt_cfg}, refresh=False)
+        bar.update()
+
+    outcomes = solve_tasks(loaded, device, tasks, settings.views, settings.seed, batch_size, ttt_cfg,
+                           settings.workers, done)
     bar.close()
+    predictions = {t.id: o.plain for t, o in zip(tasks, outcomes)}
+    ttt_predictions = {t.id: o.tuned for t, o in zip(tasks, outcomes) if o.tuned is not None}
+    ttt_stats = {t.id: o.ttt for t, o in zip(tasks, outcomes) if o.ttt is not None}
 
     systems = {"student": score_system("student", {k: [t.attempts for t in p.tests]
                                                    for k, p in predictions.items()}, tasks)}
-    if trainer is not None:
+    if ttt_cfg is not None:
         systems["student_ttt"] = score_system("student_ttt", {k: [t.attempts for t in p.tests]
                                                               for k, p in ttt_predictions.items()}, tasks)
     if probe is not None:

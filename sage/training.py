@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -194,10 +193,10 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
     log = RunLog(log_dir, echo=echo, tensorboard=cfg.logging.tensorboard) if ctx.is_main else SilentLog()
     train_tasks, val_tasks = splits.train, splits.val
     if splits.shared:
-        log.info(f"left out of validation, their test pairs being training pairs: "
+        log.info("left out of validation, their test pairs being training pairs: "
                  + ", ".join(f"{k} (= {v})" for k, v in splits.shared.items()))
     if splits.overlap:
-        log.info(f"validation tasks that share demonstrations or test inputs with training (kept): "
+        log.info("validation tasks that share demonstrations or test inputs with training (kept): "
                  + describe(splits.overlap))
     m = cfg.model
     train_teacher = val_teacher = None

@@ -35,6 +35,8 @@ from sage.training import Autocast, make_optimizer, to_device
 class TestOutputVisible(ValueError):
     """Test-time training was handed a task whose test outputs are still there."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
 
 @dataclass
 class TTTStats:
@@ -109,6 +111,8 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
 
 class TestTimeTrainer:
     """Fine-tunes one model task after task, restoring its original weights after each."""
+
+    __test__ = False  # not a pytest test class, despite the name
 
     def __init__(self, model: torch.nn.Module, cfg: ExperimentConfig, device: torch.device) -> None:
         self.model, self.cfg, self.device = model, cfg, device

@@ -14,7 +14,6 @@ from sage.config import ConfigError, load_config
 from sage.distill import ensure_teacher_cache, teacher_targets
 from sage.encoding import collate
 from sage.evaluation import load_model
-from sage.features import FeatureCacheError
 from sage.losses import distillation_losses
 from sage.runlog import read_metrics
 from sage.training import Autocast, load_splits, make_datasets, train, validate

@@ -175,3 +175,69 @@ def test_answer_canvas_is_sized_from_the_context_never_the_answer():
     # Right answers decode right from a rectangular canvas.
     exact = score_batch(torch.nn.functional.one_hot(both["target"], 12).float(), both, 30)
     assert [s.exact for s in exact] == [False, True]
+
+
+class SlotTeacher:
+    """The smallest ExampleTargets: every slot's feature is its slot number (no cache needed)."""
+
+    field = "teacher_features"
+
+    def key(self, task, demos, query):
+        return f"{task.id}/{query}"
+
+    def require(self, keys):
+        pass
+
+    def for_example(self, task, demos, query, max_demos):
+        slots = 2 * max_demos + 1
+        return np.arange(slots, dtype=np.float32)[:, None].repeat(4, 1), np.ones(slots, dtype=bool)
+
+    def empty(self):
+        return np.zeros((21, 4), dtype=np.float32), np.zeros(21, dtype=bool)
+
+
+def test_shuffled_demonstrations_keep_their_pairs_and_the_teacher_order():
+    """data.shuffle_demos: each item shows its demonstrations in an order fixed by (seed, epoch, index),
+    every pair whole; items that carry teacher targets keep the order the teacher saw."""
+    task = next(t for t in load_dataset("arc-agi-1/training")
+                if len(t.train) >= 4 and len({g.tobytes() for g in (p.input for p in t.train)}) == len(t.train))
+    refs = evaluation_examples([task])
+    n = len(task.train)
+
+    def order(item: dict) -> tuple[int, ...]:
+        shown = []
+        for k in range(n):
+            at = item["segments"] == 2 * k
+            found = [d for d in range(n) if np.array_equal(item["tokens"][at], context_grid_tokens(task.train[d].input)["tokens"])]
+            out = item["tokens"][item["segments"] == 2 * k + 1]
+            assert len(found) == 1 and np.array_equal(out, context_grid_tokens(task.train[found[0]].output)["tokens"])
+            shown.append(found[0])
+        return tuple(shown)
+
+    shuffled = ARCExamples([task], refs, 30, 10, 8704, shuffle_demos=True, seed=3)
+    orders = []
+    for epoch in range(8):
+        shuffled.set_epoch(epoch)
+        orders.append(order(shuffled[0]))
+        assert order(shuffled[0]) == orders[-1]  # deterministic
+    assert all(sorted(o) == list(range(n)) for o in orders) and len(set(orders)) > 1
+    plain = ARCExamples([task], refs, 30, 10, 8704, seed=3)
+    taught = ARCExamples([task], refs, 30, 10, 8704, shuffle_demos=True, seed=3, teacher=SlotTeacher())
+    for epoch in range(8):
+        plain.set_epoch(epoch)
+        taught.set_epoch(epoch)
+        assert order(plain[0]) == order(taught[0]) == tuple(range(n))
+
+
+def test_max_grid_side_keeps_only_small_tasks(tmp_path):
+    from sage.config import load_config
+    from sage.distill import prompts_for_dataset
+    from sage.training import load_splits
+
+    cfg = load_config(None, ["data.max_grid_side=10", f"run.checkpoint_dir={tmp_path}"])
+    splits = load_splits(cfg)
+    assert len(splits.train) + len(splits.val) + len(splits.shared) == 178  # of ARC-AGI-1 training's 400
+    assert all(max(g.shape) <= 10 for t in splits.train + splits.val for g in t.grids())
+    # The teacher's prompts are made for the same split.
+    prompts = prompts_for_dataset(cfg, cfg.data.train, splits.train_dataset)
+    assert {p.task_id for p in prompts} == {t.id for t in splits.train + splits.val}

@@ -5,7 +5,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import signal
@@ -29,9 +28,12 @@ from sage_student_model import build_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_pieces_add_up_to_the_whole_batch():
-    """Out-of-memory recovery pushes a batch through in pieces; the optimiser step must not change."""
-    cfg = tiny_config(Path("/unused"), "pieces", "distill.weight=0.5", "model.teacher_dim=64", "train.lr=1e-2")
+@pytest.mark.parametrize("normalization", ["cell", "example"])
+def test_pieces_add_up_to_the_whole_batch(normalization):
+    """Out-of-memory recovery pushes a batch through in pieces; the optimiser step must not change,
+    whichever way the answer loss is averaged."""
+    cfg = tiny_config(Path("/unused"), "pieces", "distill.weight=0.5", "model.teacher_dim=64", "train.lr=1e-2",
+                      f"train.loss_normalization={normalization}")
     tasks = load_splits(cfg).train
     data = ARCExamples(tasks, training_examples(tasks), cfg.model.grid_size, cfg.model.max_demos,
                        cfg.data.max_context_tokens)

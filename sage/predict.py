@@ -1,0 +1,268 @@
+"""A checkpoint's student answering ARC tasks: loading it, augmentation voting, and (with a ttt
+config) the same again after test-time training on each task, in one process or several.
+
+    load_model(path)          the network, built from the config saved with it, in eval mode
+    blind(task)               the task with its test outputs removed: all a predictor ever sees
+    Predictor.predict(task)   augmented views -> student -> decode -> undo each view -> vote -> 2 attempts
+    TaskSolver.solve(task)    the checkpoint's answer, then (--ttt) the answer after sage/ttt.py tuned a
+                              copy on the task's demonstrations; the original weights come back
+    solve_tasks(...)          every task, one at a time or spread over worker processes (a small model
+                              on a CPU does about twice the work as two 1-thread processes as one 2-thread)
+
+Scoring is not done here (sage/evaluation.py); nothing here reads a test output.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from sage.arc import Pair, Task
+from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into
+from sage.config import ExperimentConfig, from_dict
+from sage.distill import TeacherTargets
+from sage.encoding import ARCExamples, ExampleRef, answer_canvases, canvas_to_grid, collate
+from sage.training import Autocast, to_device
+from sage.ttt import TestTimeTrainer, TTTStats
+from sage.voting import Candidate, attempts as top_attempts, views as make_views, vote
+from sage_student_model import PREDATING_DEFAULTS, build_model
+
+
+# ----------------------------------------------------------------------------- the checkpoint
+
+
+# Buffers added with feature distillation; checkpoints from before it lack them. Their defaults
+# (mean 0, std 1: no standardisation) are exactly what those models were trained with.
+STATISTICS_BUFFERS = ("teacher_mean", "teacher_std")
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    cfg: ExperimentConfig  # the config the checkpoint was trained with
+    meta: dict[str, Any]
+    model: torch.nn.Module
+    parameters: int
+    notes: list[str] = field(default_factory=list)
+
+
+def load_model(path: str | Path, device: torch.device) -> LoadedModel:
+    """A checkpoint's network in eval mode, built from the config saved inside it."""
+    ckpt = load_checkpoint(path, with_training_state=False)
+    if "config" not in ckpt.meta:
+        raise CheckpointError(f"{ckpt.path}/meta.json has no 'config': not a SAGE checkpoint")
+    saved = ckpt.meta["config"]
+    notes = []
+    predated = {k: v for k, v in PREDATING_DEFAULTS.items() if k not in saved.get("model", {})}
+    if predated:  # evaluated as it was trained
+        saved = {**saved, "model": {**saved.get("model", {}), **predated}}
+        notes.append(f"{ckpt.path} predates " + ", ".join(f"model.{k}" for k in predated) + ": evaluated with "
+                     + ", ".join(f"{k}={v}" for k, v in predated.items()) + ", as it was trained")
+    cfg = from_dict(ExperimentConfig, saved, f"{ckpt.path}/meta.json")
+    model = build_model(cfg.model)
+    defaults = model.state_dict()
+    missing = [k for k in STATISTICS_BUFFERS if k in defaults and k not in ckpt.weights]
+    if missing:
+        ckpt.weights.update({k: defaults[k] for k in missing})
+        notes.append(f"{ckpt.path} predates teacher-feature statistics ({', '.join(missing)}): "
+                     "no standardisation assumed, as it was trained")
+    load_weights_into(model, ckpt)
+    model.to(device).eval()
+    return LoadedModel(ckpt.path, cfg, ckpt.meta, model, sum(p.numel() for p in model.parameters()), notes)
+
+
+def blind(task: Task) -> Task:
+    """The task with its test outputs removed: what a predictor may see."""
+    return replace(task, test=tuple(Pair(p.input, None) for p in task.test))
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+@dataclass
+class OutputPrediction:
+    """What the predictor made of one test input."""
+
+    candidates: list[Candidate]  # distinct grids, best first
+    attempts: list[np.ndarray]  # attempt 1 and attempt 2 (sage.voting.attempts)
+    answerable: bool  # False when the test input does not fit the model's answer canvas
+    views: int  # views that produced a non-empty grid
+    # identity view only, for feature fidelity: distillation head output per context slot
+    grid_features: torch.Tensor | None = None
+    grid_mask: torch.Tensor | None = None
+    kept_demos: tuple[int, ...] = ()
+
+
+@dataclass
+class TaskPrediction:
+    task_id: str
+    tests: list[OutputPrediction]
+    seconds: float  # encode + forward + decode + vote, all views
+
+
+class Predictor:
+    """Runs a model over the augmented views of one task at a time and votes."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: torch.device,
+        n_views: int,
+        seed: int,
+        batch_size: int,
+        teacher: TeacherTargets | None = None,
+    ) -> None:
+        self.loaded, self.device = loaded, device
+        self.model = loaded.model
+        m, d = loaded.cfg.model, loaded.cfg.data
+        self.grid_size, self.max_demos, self.max_context_tokens = m.grid_size, m.max_demos, d.max_context_tokens
+        self.n_views, self.seed, self.batch_size = n_views, seed, batch_size
+        # Teacher features of the task as given, for a model that reads them (the probe): one view only.
+        self.teacher = teacher
+        if teacher is not None and n_views != 1:
+            raise ValueError("a model that reads teacher features answers the task as given only (n_views=1)")
+        self.autocast = Autocast(device)
+
+    def fits(self, grid: np.ndarray) -> bool:
+        return max(grid.shape) <= self.grid_size  # every dihedral view must fit the square canvas
+
+    @torch.inference_mode()
+    def forward(self, items: list[dict[str, np.ndarray]]) -> tuple[Any, ...]:
+        """(argmax tokens [B, S, S], their log-probabilities [B, S, S], grid features, grid mask), with
+        S = model.grid_size: cells outside an example's own canvas are PAD."""
+        batch = to_device(collate(items), self.device)
+        with self.autocast():
+            out = self.model(batch)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)
+        best, tokens = logp.max(dim=-1)
+        s = self.grid_size
+        features = None if out.grid_features is None else out.grid_features.float().cpu()  # None: a probe
+        return (answer_canvases(tokens, batch, s), answer_canvases(best, batch, s, fill=-math.inf), features,
+                out.grid_mask.cpu())
+
+    def encode(self, task: Task, views: Sequence) -> tuple[ARCExamples, list[tuple[int, int]]]:
+        """All (view, test input) examples of a task: the dataset and (view, test index) per item."""
+        answerable = [j for j, p in enumerate(task.test) if self.fits(p.input)]
+        view_tasks = [aug.apply_task(task) for aug in views]
+        demos = tuple(range(len(task.train)))
+        refs, where = [], []
+        for v in range(len(view_tasks)):
+            for j in answerable:
+                refs.append(ExampleRef(v, demos, len(task.train) + j, j))
+                where.append((v, j))
+        data = ARCExamples(view_tasks, refs, self.grid_size, self.max_demos, self.max_context_tokens,
+                           teacher=self.teacher, answer_canvas=self.loaded.cfg.model.answer_canvas)
+        return data, where
+
+    def predict(self, task: Task) -> TaskPrediction:
+        started = time.perf_counter()
+        task = blind(task)
+        views = make_views(task.id, self.n_views, self.seed)
+        data, where = self.encode(task, views)
+        per_test: dict[int, list[tuple[np.ndarray, float]]] = {j: [] for j in range(len(task.test))}
+        features: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
+        for start in range(0, len(data), self.batch_size):
+            idx = list(range(start, min(start + self.batch_size, len(data))))
+            items = [data[i] for i in idx]
+            tokens, logp, grid_features, grid_mask = self.forward(items)
+            for b, i in enumerate(idx):
+                v, j = where[i]
+                if v == 0 and grid_features is not None:
+                    features[j] = (grid_features[b], grid_mask[b], data.kept_demos[i])
+                grid = canvas_to_grid(tokens[b])
+                if grid.size == 0:  # no answer from this view; sage.voting ignores it
+                    per_test[j].append((grid, -math.inf))
+                    continue
+                h, w = grid.shape
+                confidence = float(logp[b, :h, :w].mean())  # mean log-probability of the grid's cells
+                per_test[j].append((views[v].invert(grid), confidence))
+        tests = []
+        for j, pair in enumerate(task.test):
+            ranked = vote(per_test[j])
+            feats = features.get(j)
+            tests.append(OutputPrediction(
+                candidates=ranked,
+                attempts=top_attempts(ranked),
+                answerable=self.fits(pair.input),
+                views=sum(g.size > 0 for g, _ in per_test[j]),
+                grid_features=None if feats is None else feats[0],
+                grid_mask=None if feats is None else feats[1],
+                kept_demos=() if feats is None else feats[2],
+            ))
+        return TaskPrediction(task.id, tests, time.perf_counter() - started)
+
+
+# ----------------------------------------------------------------------------- every task
+
+
+@dataclass
+class TaskOutcome:
+    """One task answered by the checkpoint as it is and, with test-time training, after it."""
+
+    plain: TaskPrediction
+    tuned: TaskPrediction | None = None
+    ttt: TTTStats | None = None
+
+
+class TaskSolver:
+    """Answers tasks one at a time (see the module docstring)."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, n_views: int, seed: int, batch_size: int,
+                 ttt_cfg: ExperimentConfig | None = None) -> None:
+        self.predictor = Predictor(loaded, device, n_views, seed, batch_size)
+        self.trainer = None if ttt_cfg is None else TestTimeTrainer(loaded.model, ttt_cfg, device)
+
+    def solve(self, task: Task) -> TaskOutcome:
+        plain = self.predictor.predict(task)
+        if self.trainer is None:
+            return TaskOutcome(plain)
+        with self.trainer.tuned(blind(task)) as stats:
+            tuned = self.predictor.predict(task)
+        return TaskOutcome(plain, tuned, stats)
+
+
+_worker_solver: TaskSolver | None = None  # each worker process's own
+
+
+def _start_worker(checkpoint: str, device: str, n_views: int, seed: int, batch_size: int,
+                  ttt_cfg: ExperimentConfig | None, threads: int) -> None:
+    global _worker_solver
+    torch.set_num_threads(threads)
+    loaded = load_model(checkpoint, torch.device(device))
+    _worker_solver = TaskSolver(loaded, torch.device(device), n_views, seed, batch_size, ttt_cfg)
+
+
+def _solve_in_worker(item: tuple[int, Task]) -> tuple[int, TaskOutcome]:
+    assert _worker_solver is not None
+    return item[0], _worker_solver.solve(item[1])
+
+
+def solve_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task], n_views: int, seed: int,
+                batch_size: int, ttt_cfg: ExperimentConfig | None = None, workers: int = 1,
+                on_done: Callable[[Task, TaskOutcome], None] = lambda task, outcome: None) -> list[TaskOutcome]:
+    """Every task's outcome, in task order. With workers > 1, tasks are spread over that many
+    processes (each loads the checkpoint and uses its share of the CPU threads); `on_done` is called
+    as each task finishes, in whatever order they finish."""
+    outcomes: list[TaskOutcome | None] = [None] * len(tasks)
+    if workers <= 1:
+        solver = TaskSolver(loaded, device, n_views, seed, batch_size, ttt_cfg)
+        for i, task in enumerate(tasks):
+            outcomes[i] = solver.solve(task)
+            on_done(task, outcomes[i])
+        return outcomes  # type: ignore[return-value]
+    threads = max(1, torch.get_num_threads() // workers)
+    # spawn, not fork: a forked child of a process that already ran OpenMP threads can hang.
+    context = multiprocessing.get_context("spawn")
+    args = (str(loaded.path), str(device), n_views, seed, batch_size, ttt_cfg, threads)
+    with context.Pool(workers, initializer=_start_worker, initargs=args) as pool:
+        for i, outcome in pool.imap_unordered(_solve_in_worker, list(enumerate(tasks))):
+            outcomes[i] = outcome
+            on_done(tasks[i], outcome)
+    return outcomes  # type: ignore[return-value]

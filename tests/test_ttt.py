@@ -1,0 +1,163 @@
+"""Test-time training (sage/ttt.py, evaluate.py --ttt): it learns from a task's demonstrations, it
+cannot see the task's test outputs, and the checkpoint's weights come back after every task."""
+
+import csv
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_evaluate import independent_arc_prize_score
+from test_overlap import write_tasks
+from test_training import tiny_config
+
+from sage.arc import Pair, load_task_dir
+from sage.config import ConfigError, with_overrides
+from sage.evaluation import EvalSettings, evaluate
+from sage.predict import blind, load_model
+from sage.synthetic import generate_tasks
+from sage.training import train
+from sage.ttt import TestOutputVisible, TestTimeTrainer, finetune, ttt_examples
+
+REPO = Path(__file__).resolve().parents[1]
+TTT = ["ttt.steps=25", "ttt.batch_size=4", "ttt.lr=3e-3", "ttt.warmup_steps=2"]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny student trained one epoch on synthetic tasks, and a directory of 6 unseen ones (3 up to
+    4x4, 3 of 4x4 to 5x5)."""
+    root = tmp_path_factory.mktemp("ttt")
+    train(tiny_config(root, "ttt", "train.epochs=1", "checkpoint.every_epochs=0"), echo=False)
+    tasks = [t for seed, side in ((7, 4), (8, 5)) for t in generate_tasks(
+        num_tasks=3, seed=seed, transforms=["recolour", "flip_lr"], min_side=side - 1, max_side=side, demos=3)]
+    return {"root": root, "checkpoint": root / "checkpoints" / "ttt" / "best", "tasks": tasks,
+            "split": write_tasks(tasks, root / "unseen")}
+
+
+def loaded_with(checkpoint: Path, *overrides: str):
+    loaded = load_model(checkpoint, CPU)
+    return loaded, with_overrides(loaded.cfg, list(overrides), sections=("ttt",))
+
+
+def test_examples_are_leave_one_out_over_the_demonstrations_only(workspace):
+    task = workspace["tasks"][0]
+    refs = ttt_examples(task)
+    n = len(task.train)
+    assert sorted(r.query for r in refs) == list(range(n))  # every demonstration once as the query
+    for r in refs:
+        assert set(r.demos) == set(range(n)) - {r.query} and r.test_index is None
+    assert max(i for r in refs for i in (*r.demos, r.query)) < n  # test pairs (index >= n) never appear
+    one_demo = replace(task, train=task.train[:1])
+    assert ttt_examples(one_demo) == []
+
+
+def test_refuses_a_task_that_still_has_its_test_outputs(workspace):
+    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT)
+    task = workspace["tasks"][0]
+    with pytest.raises(TestOutputVisible, match=task.id):
+        finetune(loaded.model, task, cfg, CPU)
+
+
+def test_tuning_learns_the_demonstrations_and_the_original_weights_come_back(workspace):
+    # Without augmentations the loss on the demonstrations is comparable from step to step.
+    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=40", "ttt.augment_probability=0",
+                              "ttt.shuffle_demos=false")
+    model = loaded.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = TestTimeTrainer(model, cfg, CPU)
+    task = blind(workspace["tasks"][1])
+    with trainer.tuned(task) as stats:
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        assert "cell_head.weight" in changed and not model.training
+    assert stats.steps == 40 and stats.examples == len(task.train)
+    assert stats.last_loss < 0.5 * stats.first_loss, stats  # it fits the demonstrations
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    with pytest.raises(RuntimeError, match="boom"):  # restored on the way out of a failure too
+        with trainer.tuned(task):
+            raise RuntimeError("boom")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_time_budget_stops_tuning_early(workspace):
+    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=100000", "ttt.seconds=0.5")
+    stats = finetune(loaded.model, blind(workspace["tasks"][2]), cfg, CPU)
+    assert 1 <= stats.steps < 100000 and stats.seconds < 30
+
+
+def test_changing_test_outputs_changes_nothing_but_the_score(workspace):
+    """The whole --ttt path from disk: a split whose test outputs are replaced yields bit-identical
+    attempts from the tuned student, so nothing it did depended on them."""
+    tasks = workspace["tasks"]
+    altered = [replace(t, test=tuple(Pair(p.input, (p.output + 1) % 10) for p in t.test)) for t in tasks]
+    other = write_tasks(altered, workspace["root"] / "unseen-altered")
+    settings = EvalSettings(split=str(workspace["split"]), views=2, speed_tasks=0, ttt=True, ttt_overrides=TTT)
+    first = evaluate(workspace["checkpoint"], settings, progress=False, log=lambda _: None)
+    second = evaluate(workspace["checkpoint"], replace(settings, split=str(other)), progress=False, log=lambda _: None)
+    for t in tasks:
+        for a, b in zip(first.systems["student_ttt"].attempts[t.id], second.systems["student_ttt"].attempts[t.id]):
+            assert all(np.array_equal(x, y) for x, y in zip(a, b))
+        assert first.ttt_stats[t.id] == replace(second.ttt_stats[t.id], seconds=first.ttt_stats[t.id].seconds)
+
+
+def test_cli_scores_with_and_without_ttt_side_by_side(workspace):
+    out = workspace["root"] / "report-ttt"
+    args = ["--checkpoint", workspace["checkpoint"], "--split", workspace["split"], "--views", 2, "--speed-tasks", 0,
+            "--ttt", *[a for o in TTT for a in ("--set", o)], "--max-grid-side", 4, "--out", out, "--no-progress"]
+    done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "with test-time training" in done.stdout
+    small = [t for t in load_task_dir(workspace["split"]) if all(max(g.shape) <= 4 for g in t.grids())]
+    assert len(small) == 3  # --max-grid-side kept only the tasks whose every grid fits 4x4
+    report = json.loads((out / "report.json").read_text())
+    assert report["scores"]["student"]["tasks"] == report["scores"]["student_ttt"]["tasks"] == len(small)
+    assert report["settings"]["ttt_config"]["steps"] == 25 and report["protocol"]["max_grid_side"] == 4
+    rows = list(csv.DictReader(open(out / "per_task.csv")))
+    assert {r["task_id"] for r in rows} == {t.id for t in small}
+    assert all(int(r["ttt_steps"]) == 25 and float(r["ttt_seconds"]) > 0 for r in rows)
+    assert "SAGE student + test-time training" in (out / "report.md").read_text()
+    # The submission holds the tuned student's attempts: rescored from the rules, it gives its score.
+    submission = json.loads((out / "submission.json").read_text())
+    solutions = {t.id: [p.output.tolist() for p in t.test] for t in small}
+    assert independent_arc_prize_score(submission, solutions) == pytest.approx(
+        report["scores"]["student_ttt"]["arc_prize_score"], abs=1e-12)
+
+
+def test_ttt_overrides_are_checked(workspace):
+    loaded = load_model(workspace["checkpoint"], CPU)
+    with pytest.raises(ConfigError, match="only ttt"):
+        with_overrides(loaded.cfg, ["model.d_model=8"], sections=("ttt",))
+    with pytest.raises(ConfigError, match="ttt.batch_size"):
+        with_overrides(loaded.cfg, ["ttt.batch_size=0"], sections=("ttt",))
+    done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(workspace["checkpoint"]),
+                           "--set", "ttt.steps=3"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2 and "add --ttt" in done.stderr
+
+
+def test_worker_processes_give_the_same_answers(workspace):
+    """--workers 2 spreads tasks over two processes; with the same thread count per process the
+    answers and the tuning are the same as one process's, task by task and in task order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # workers get 2 // 2 = 1 thread each; the single process gets 1 below
+    settings = EvalSettings(split=str(workspace["split"]), views=2, speed_tasks=0, ttt=True, ttt_overrides=TTT,
+                            workers=2)
+    try:
+        parallel = evaluate(workspace["checkpoint"], settings, progress=False, log=lambda _: None)
+        torch.set_num_threads(1)
+        single = evaluate(workspace["checkpoint"], replace(settings, workers=1), progress=False, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert list(parallel.predictions) == [t.id for t in workspace["tasks"]]
+    for name in ("student", "student_ttt"):
+        assert parallel.systems[name].summary == single.systems[name].summary
+        for t in workspace["tasks"]:
+            for a, b in zip(parallel.systems[name].attempts[t.id], single.systems[name].attempts[t.id]):
+                assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert [s.last_loss for s in parallel.ttt_stats.values()] == [s.last_loss for s in single.ttt_stats.values()]
