@@ -85,6 +85,7 @@ class TrainConfig:
     # answer weighs 100 times a 3x3 one) or "example" (each example's mean over its own cells, then
     # the mean over examples, as HRM/TRM do).
     loss_normalization: str = "cell"
+    compile: bool = False  # run the training forward/backward through torch.compile (CUDA only)
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient
 
 

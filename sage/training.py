@@ -133,6 +133,17 @@ class Autocast:
         return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.enabled)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, inside data-parallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -244,8 +255,14 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
                  f"batch {state.batch_in_epoch}/{steps_per_epoch})")
         del checkpoint
     net = model
+    if cfg.train.compile:
+        if device.type == "cuda":
+            # dynamic: context lengths and answer canvases change from batch to batch.
+            net = torch.compile(model, dynamic=True)
+        else:
+            log.info("train.compile: skipped on the CPU, where it measured slower (README: Performance)")
     if ctx.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if ctx.is_main:
         save_config(cfg, log_dir / "config.yaml")
 
@@ -472,7 +489,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
 def _accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                          cfg: ExperimentConfig, autocast: Autocast, micro: MicroBatch, faults: FaultInjection,
                          ctx: DistributedContext, global_units: float, global_slots: float) -> StepResult | None:
-    core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    core = unwrap(model)
+    data_parallel = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     optimizer.zero_grad(set_to_none=True)
     pieces = micro.pieces(batch)
     whole = len(pieces) == 1 and not ctx.enabled  # shares of exactly 1: the plain, bit-reproducible path
@@ -486,7 +504,7 @@ def _accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimize
         piece_slots = piece["teacher_mask"].sum().item() if global_slots and not whole else 0
         slot_share = 1.0 if whole else piece_slots * ctx.world / global_slots if global_slots else 0.0
         # DDP averages gradients over ranks when the last piece's backward runs; earlier pieces only accumulate.
-        sync = model.no_sync() if model is not core and i < len(pieces) - 1 else contextlib.nullcontext()
+        sync = model.no_sync() if data_parallel and i < len(pieces) - 1 else contextlib.nullcontext()
         with sync:
             with autocast():
                 out = model(piece)
