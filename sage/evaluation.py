@@ -32,7 +32,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from sage.arc import ARCDataError, Task, load_dataset, tasks_up_to_side
+from sage.arc import ARCDataError, Task, tasks_up_to_side
+from sage.datasets import load_dataset
 from sage.config import ConfigError, ExperimentConfig, with_overrides
 from sage.device import resolve_device
 from sage.distill import TeacherTargets, teacher_targets, training_dataset
@@ -54,7 +55,7 @@ class EvaluationError(RuntimeError):
 
 @dataclass
 class EvalSettings:
-    split: str = DEFAULT_SPLIT  # a dataset name (sage.arc.load_dataset) or 'holdout'
+    split: str = DEFAULT_SPLIT  # a dataset name (sage.datasets.load_dataset) or 'holdout'
     views: int = 8  # augmented views voted over per test input (1: the task as given only)
     seed: int = 0  # colour permutations of the views
     batch_size: int | None = None  # examples per forward pass; None: the checkpoint's val.batch_size

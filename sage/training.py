@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sage.arc import Task, load_dataset, split_by_task
+from sage.arc import Task, split_by_task
+from sage.datasets import load_dataset
 from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into, save_checkpoint
 from sage.config import ExperimentConfig, save_config
 from sage.device import resolve_device

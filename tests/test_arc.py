@@ -8,11 +8,11 @@ import pytest
 from sage.arc import (
     ARCDataError,
     Augmentation,
-    load_dataset,
     load_task_dir,
     random_augmentation,
     split_by_task,
 )
+from sage.datasets import load_dataset
 
 GOOD = {"train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]}], "test": [{"input": [[0]], "output": [[5]]}]}
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sage.arc import Pair, Task, load_dataset
+from sage.arc import Pair, Task
+from sage.datasets import load_dataset
 from sage.config import ConfigError, load_config
 from sage.distill import ensure_teacher_cache, teacher_targets
 from sage.encoding import collate

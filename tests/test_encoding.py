@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from sage.arc import Pair, Task, load_dataset
+from sage.arc import Pair, Task
+from sage.datasets import load_dataset
 from sage.config import ExperimentConfig
 from sage.encoding import (
     EOS,

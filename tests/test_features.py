@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sage.arc import load_dataset
+from sage.datasets import load_dataset
 from sage.config import load_config
 from sage.features import (
     SHARDS,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sage.arc import load_dataset
+from sage.datasets import load_dataset
 from sage.encoding import ARCExamples, collate, evaluation_examples
 from sage_student_model import PRESETS, SageStudent, StudentConfig
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sage.arc import ARCDataError, Augmentation, Pair, Task, load_dataset
+from sage.arc import ARCDataError, Augmentation, Pair, Task
+from sage.datasets import load_dataset
 from sage.config import load_config
 from sage.evaluation import split_tasks
 from sage.overlap import DEMONSTRATIONS, TEST_INPUT, WHOLE_TASK, drop_trained_tasks, find_overlap

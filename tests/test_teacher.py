@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sage.arc import Pair, Task, load_dataset
+from sage.arc import Pair, Task
+from sage.datasets import load_dataset
 from sage.config import ConfigError, load_config
 from sage.teacher.backbone import GrootBackbone, build_backbone, count_parameters, random_state_dict
 from sage.teacher.config import TeacherConfig, TeacherError

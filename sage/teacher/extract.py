@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from sage.arc import Task, load_dataset
+from sage.arc import Task
+from sage.datasets import load_dataset
 from sage.device import resolve_device
 from sage.features import (
     CacheWriter,
