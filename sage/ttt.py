@@ -4,7 +4,8 @@ task's demonstrations, then the original weights come back.
     task, test outputs removed (sage.evaluation.blind)
       -> leave-one-out examples over its DEMONSTRATIONS only: each in turn is the query, the others
          its context (`ttt_examples`)
-      -> `ttt.steps` AdamW steps (fewer when `ttt.seconds` runs out), each on `ttt.batch_size` of
+      -> `ttt.steps` AdamW steps (fewer when `ttt.seconds` runs out: then the learning rate follows
+         the clock, and the steps taken depend on the machine), each on `ttt.batch_size` of
          those examples under fresh random dihedral transforms, colour permutations and
          demonstration orders (the same encoding and canvases as training, sage/encoding.py)
       -> the tuned model answers the test inputs with the usual augmentation voting
@@ -58,12 +59,16 @@ def ttt_examples(task: Task) -> list[ExampleRef]:
     return [ExampleRef(0, tuple(d for d in range(n) if d != q), q, None) for q in range(n)]
 
 
-def lr_at(step: int, ttt: TTTConfig) -> float:
-    """Linear warmup, then cosine decay to zero at ttt.steps."""
+def lr_at(step: int, seconds: float, ttt: TTTConfig) -> float:
+    """Linear warmup, then cosine decay to zero at ttt.steps or, with a time budget, at whichever of
+    ttt.steps and ttt.seconds comes first (`seconds`: time spent so far), so that a task cut short by
+    the budget still ends on a small learning rate."""
     warmup = min(ttt.warmup_steps, max(ttt.steps - 1, 0))
     if step < warmup:
         return ttt.lr * (step + 1) / warmup
     progress = (step - warmup) / max(ttt.steps - warmup, 1)
+    if ttt.seconds:
+        progress = max(progress, seconds / ttt.seconds)
     return 0.5 * ttt.lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
@@ -87,10 +92,11 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
     model.train()
     losses: list[float] = []
     for step in range(ttt.steps):
-        if ttt.seconds and time.perf_counter() - started >= ttt.seconds:
+        spent = time.perf_counter() - started
+        if ttt.seconds and spent >= ttt.seconds:
             break
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, ttt)
+            group["lr"] = lr_at(step, spent, ttt)
         data.set_epoch(step)  # fresh augmentations every step
         # The demonstrations in turn, continuing where the previous step stopped.
         items = [data[(step * ttt.batch_size + k) % len(refs)] for k in range(ttt.batch_size)]

@@ -161,3 +161,16 @@ def test_worker_processes_give_the_same_answers(workspace):
             for a, b in zip(parallel.systems[name].attempts[t.id], single.systems[name].attempts[t.id]):
                 assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert [s.last_loss for s in parallel.ttt_stats.values()] == [s.last_loss for s in single.ttt_stats.values()]
+
+
+def test_learning_rate_decays_with_whichever_budget_ends_first():
+    from sage.config import TTTConfig
+    from sage.ttt import lr_at
+
+    by_steps = TTTConfig(steps=100, seconds=0, lr=1.0, warmup_steps=10)
+    assert lr_at(0, 0.0, by_steps) == pytest.approx(0.1) and lr_at(9, 0.0, by_steps) == pytest.approx(1.0)
+    assert lr_at(55, 1e9, by_steps) == pytest.approx(0.5)  # halfway through the steps; the clock is ignored
+    assert lr_at(100, 0.0, by_steps) == pytest.approx(0.0, abs=1e-12)
+    by_clock = TTTConfig(steps=1000, seconds=60, lr=1.0, warmup_steps=10)
+    assert lr_at(20, 30.0, by_clock) == pytest.approx(0.5)  # half the time spent, 1% of the steps
+    assert lr_at(20, 60.0, by_clock) == pytest.approx(0.0, abs=1e-12)
