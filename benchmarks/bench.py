@@ -67,8 +67,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/bench.py` works as well as `python -m benchmarks.bench`
     sys.path.insert(0, str(REPO))
 
-from sage.datasets import load_dataset  # noqa: E402
 from sage.config import ExperimentConfig, from_dict, load_config  # noqa: E402
+from sage.datasets import load_dataset  # noqa: E402
 from sage.device import resolve_device  # noqa: E402
 from sage.distill import TeacherTargets  # noqa: E402
 from sage.encoding import PAD, ARCExamples, LengthBucketSampler, collate  # noqa: E402

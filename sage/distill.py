@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from sage.arc import ARCDataError, Task, split_by_task, tasks_up_to_side
-from sage.datasets import load_dataset
 from sage.config import ExperimentConfig
+from sage.datasets import load_dataset
 from sage.encoding import evaluation_examples, fit_demos, training_examples
 from sage.features import FeatureCache, FeatureCacheError, cache_path, example_roles, open_cache
 from sage.teacher.config import LEAKING_VIEWS

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from sage.arc import ARCDataError, Task, tasks_up_to_side
-from sage.datasets import load_dataset
 from sage.config import ConfigError, ExperimentConfig, with_overrides
+from sage.datasets import load_dataset
 from sage.device import resolve_device
 from sage.distill import TeacherTargets, teacher_targets, training_dataset
 from sage.encoding import ARCExamples, evaluation_examples

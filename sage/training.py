@@ -20,9 +20,9 @@ import torch
 from tqdm import tqdm
 
 from sage.arc import Task, split_by_task
-from sage.datasets import load_dataset
 from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into, save_checkpoint
 from sage.config import ExperimentConfig, save_config
+from sage.datasets import load_dataset
 from sage.device import resolve_device
 from sage.distributed import (DistributedContext, RankBatchSampler, examples_of_rank, init_distributed,
                               shutdown_distributed)

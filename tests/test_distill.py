@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from sage.arc import Pair, Task
-from sage.datasets import load_dataset
 from sage.config import ConfigError, load_config
+from sage.datasets import load_dataset
 from sage.distill import ensure_teacher_cache, teacher_targets
 from sage.encoding import collate
 from sage.evaluation import load_model

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from sage.arc import Pair, Task
-from sage.datasets import load_dataset
 from sage.config import ExperimentConfig
+from sage.datasets import load_dataset
 from sage.encoding import (
     EOS,
     PAD,

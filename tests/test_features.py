@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sage.datasets import load_dataset
 from sage.config import load_config
+from sage.datasets import load_dataset
 from sage.features import (
     SHARDS,
     CacheWriter,

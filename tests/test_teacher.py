@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from sage.arc import Pair, Task
-from sage.datasets import load_dataset
 from sage.config import ConfigError, load_config
+from sage.datasets import load_dataset
 from sage.teacher.backbone import GrootBackbone, build_backbone, count_parameters, random_state_dict
 from sage.teacher.config import TeacherConfig, TeacherError
 from sage.teacher.extract import Teacher, load_teacher
