@@ -227,6 +227,9 @@ def feature_fidelity(
     cannot be measured honestly."""
     cfg = loaded.cfg
     teacher = cfg.teacher.preset
+    if not cfg.distills:  # its head never saw a target: a cosine would measure initialisation
+        return {"measured": False, "teacher": teacher,
+                "reason": "this run did not distil (distill.weight 0): its distillation head is untrained"}
     device = next(loaded.model.parameters()).device
     cache, reason = open_teacher_cache(cfg, split, cache_dir, extract, device, log)
     if cache is None:

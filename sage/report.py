@@ -190,7 +190,8 @@ def markdown(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[
                      + (f"training-mean feature {reference:.3f}" if reference is not None else "no statistics saved")
                      + " | |")
     else:
-        lines.append(f"| feature fidelity | not measured: {fid['reason']} | | |")
+        reason = " ".join(fid["reason"].split())  # one table row, whatever the message's line breaks
+        lines.append(f"| feature fidelity | not measured: {reason} | | |")
     teacher = svt["teacher_of_the_run"]
     lines += ["", f"The run was configured with teacher {teacher['preset']} (view {teacher['view']}, weights "
               f"{teacher['weights']}); fidelity is measured against that teacher's cached features"
