@@ -285,8 +285,8 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
             batch = to_device(batch, device)
             scored = scoring[0]
             if i == 0:  # the first warm-up step is the "one real step" counted in full (its time is not used)
-                with FlopCounterMode(display=False) as counter:
-                    real_step(model, optimizer, batch, cfg, autocast)
+                with FlopCounterMode(display=False) as counter:  # counted on the plain model: compile
+                    real_step(unwrap(model), optimizer, batch, cfg, autocast)  # would not run under the counter
                 full_batch_flops, check_batch = counter.get_total_flops(), batch
             else:
                 real_step(model, optimizer, batch, cfg, autocast)

@@ -1,7 +1,7 @@
 """Test-time training (TTT): before answering a task, a copy of the model is fine-tuned on that
 task's demonstrations, then the original weights come back.
 
-    task, test outputs removed (sage.evaluation.blind)
+    task, test outputs removed (sage.predict.blind)
       -> leave-one-out examples over its DEMONSTRATIONS only: each in turn is the query, the others
          its context (`ttt_examples`)
       -> `ttt.steps` AdamW steps (fewer when `ttt.seconds` runs out: then the learning rate follows
@@ -76,7 +76,7 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
     """Fine-tune `model` in place on `task`'s demonstrations as cfg.ttt says (module docstring)."""
     if any(p.output is not None for p in task.test):
         raise TestOutputVisible(f"task {task.id}: test-time training was given the task's test outputs; "
-                                "pass it through sage.evaluation.blind first")
+                                "pass it through sage.predict.blind first")
     started = time.perf_counter()
     ttt, m = cfg.ttt, cfg.model
     refs = ttt_examples(task)
