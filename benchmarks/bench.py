@@ -366,9 +366,13 @@ def memory_phase(cfg_dict: dict[str, Any], phase: str, threads: int) -> dict[str
     data = build_data(cfg)
     train = phase == "train"
     dataset, batch_size = (data.train_set, cfg.train.batch_size) if train else (data.val_set, cfg.val.batch_size)
-    sampler = LengthBucketSampler(dataset.lengths, batch_size, shuffle=train, seed=cfg.run.seed)
-    # Largest activations: most (examples x padded context length).
-    idx = max(sampler.batches(), key=lambda b: len(b) * (-(-int(dataset.lengths[b].max()) // 8) * 8))
+    sampler = LengthBucketSampler(dataset.lengths, batch_size, shuffle=train, seed=cfg.run.seed, sides=dataset.sides)
+    # Largest activations: most examples x (padded context length + answer canvas cells).
+    def size(b: list[int]) -> int:
+        rows, cols = dataset.shapes[b].max(0)
+        return len(b) * (-(-int(dataset.lengths[b].max()) // 8) * 8 + int(rows) * int(cols))
+
+    idx = max(sampler.batches(), key=size)
     batch = to_device(collate([dataset[i] for i in idx]), device)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(device)
