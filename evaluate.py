@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="ttt.KEY=VALUE",
                         help="override a ttt setting of the checkpoint's config (repeatable), e.g. --set ttt.steps=100")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="answer tasks in N processes, each with its share of the CPU threads (on a 2-core CPU, "
-                             "--workers 2 does about twice the test-time training of one process); default 1")
+                        help="answer tasks in N processes, each with its share of the CPU threads (on a small "
+                             "CPU model, 1-thread processes use the cores better than one multi-thread one); "
+                             "default 1")
     parser.add_argument("--max-grid-side", type=int, default=None, metavar="N",
                         help="only the tasks whose every grid is at most N x N (e.g. 10 on a CPU)")
     parser.add_argument("--pictures", type=int, default=12, help="tasks drawn as PNG (default 12)")

@@ -7,7 +7,8 @@ config) the same again after test-time training on each task, in one process or 
     TaskSolver.solve(task)    the checkpoint's answer, then (--ttt) the answer after sage/ttt.py tuned a
                               copy on the task's demonstrations; the original weights come back
     solve_tasks(...)          every task, one at a time or spread over worker processes (a small model
-                              on a CPU does about twice the work as two 1-thread processes as one 2-thread)
+                              on a CPU uses the cores better as 1-thread processes than as one
+                              multi-thread process)
 
 Scoring is not done here (sage/evaluation.py); nothing here reads a test output.
 """
