@@ -84,14 +84,21 @@ def make_datasets(
     return train_set, val_set
 
 
+def warmup_cosine(step: int, peak: float, floor: float, warmup_steps: int, total_steps: int,
+                  progress_at_least: float = 0.0) -> float:
+    """Linear warmup to `peak`, then cosine decay to `floor` at `total_steps`; `progress_at_least`
+    lets another budget (test-time training's clock) move the decay on faster."""
+    warmup = min(warmup_steps, max(total_steps - 1, 0))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = max((step - warmup) / max(total_steps - warmup, 1), progress_at_least)
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def lr_at(step: int, cfg: ExperimentConfig, total_steps: int) -> float:
     """Linear warmup to train.lr, then cosine decay to train.min_lr at the last step."""
     t = cfg.train
-    warmup = min(t.warmup_steps, max(total_steps - 1, 0))
-    if step < warmup:
-        return t.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(total_steps - warmup, 1)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return warmup_cosine(step, t.lr, t.min_lr, t.warmup_steps, total_steps)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,

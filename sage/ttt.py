@@ -30,7 +30,7 @@ from sage.arc import Task
 from sage.config import ExperimentConfig, TTTConfig
 from sage.encoding import ARCExamples, ExampleRef, collate
 from sage.losses import answer_cross_entropy
-from sage.training import Autocast, make_optimizer, to_device
+from sage.training import Autocast, make_optimizer, to_device, warmup_cosine
 
 
 class TestOutputVisible(ValueError):
@@ -63,13 +63,8 @@ def lr_at(step: int, seconds: float, ttt: TTTConfig) -> float:
     """Linear warmup, then cosine decay to zero at ttt.steps or, with a time budget, at whichever of
     ttt.steps and ttt.seconds comes first (`seconds`: time spent so far), so that a task cut short by
     the budget still ends on a small learning rate."""
-    warmup = min(ttt.warmup_steps, max(ttt.steps - 1, 0))
-    if step < warmup:
-        return ttt.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(ttt.steps - warmup, 1)
-    if ttt.seconds:
-        progress = max(progress, seconds / ttt.seconds)
-    return 0.5 * ttt.lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    clock = seconds / ttt.seconds if ttt.seconds else 0.0
+    return warmup_cosine(step, ttt.lr, 0.0, ttt.warmup_steps, ttt.steps, progress_at_least=clock)
 
 
 def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: torch.device) -> TTTStats:
