@@ -21,7 +21,7 @@ import yaml
 from sage.encoding import ANSWER_CANVASES, min_context_tokens
 from sage.losses import LOSS_NORMALIZATIONS
 from sage.teacher.config import LEAKING_VIEWS, TeacherConfig, teacher_problems
-from sage.teacher.presets import PRESETS as TEACHER_PRESETS
+from sage.teacher.presets import PRESETS as TEACHER_PRESETS, TEACHER_NAMES, feature_dim
 from sage_student_model import StudentConfig
 
 
@@ -334,8 +334,8 @@ def check(cfg: ExperimentConfig, where: str) -> None:
              f"distill.weight={cfg.distill.weight} with data.augment=true and data.augment_probability=1.0 distils "
              "nothing: the teacher saw the tasks as given, so only un-augmented examples carry targets. Lower "
              "data.augment_probability (e.g. 0.5) or set distill.weight=0")
-    if cfg.uses_teacher and cfg.teacher.preset in TEACHER_PRESETS:
-        width = TEACHER_PRESETS[cfg.teacher.preset].feature_dim
+    if cfg.uses_teacher and cfg.teacher.preset in TEACHER_NAMES:
+        width = feature_dim(cfg.teacher.preset)
         need(m.teacher_dim == width,
              f"model.teacher_dim ({m.teacher_dim}) must equal the width of teacher {cfg.teacher.preset}'s features "
              f"({width}): set model.teacher_dim={width}")
@@ -362,7 +362,7 @@ def check(cfg: ExperimentConfig, where: str) -> None:
     need(cfg.checkpoint.every_epochs >= 0, "checkpoint.every_epochs must be >= 0")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0")
     need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
-    problems.extend(teacher_problems(cfg.teacher, list(TEACHER_PRESETS)))
+    problems.extend(teacher_problems(cfg.teacher, TEACHER_NAMES))
     name = cfg.run.name or ""
     need(bool(name) and "/" not in name and name not in (".", ".."), f"run.name must be a plain name, got {name!r}")
     if problems:

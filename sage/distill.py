@@ -83,7 +83,7 @@ def ensure_teacher_cache(
     extraction stopped). A cache made by another teacher, view or dataset is refused, never
     overwritten."""
     teacher = dataclasses.replace(cfg.teacher, dataset=dataset)
-    directory = cache_path(teacher, dataset)
+    directory = cache_path(teacher, dataset, tasks)
     allow_leaking = cfg.model.kind != "probe"  # a probe that reads the answer would score nothing real
     if not allow_leaking and teacher.view in LEAKING_VIEWS:  # refuse before spending time on extraction
         raise FeatureCacheError(f"{directory}: the {teacher.view} view shows the teacher the answer; "

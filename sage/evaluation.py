@@ -178,12 +178,12 @@ def open_teacher_cache(
     teacher = replace(cfg.teacher, cache_dir=cache_dir) if cache_dir else cfg.teacher
     # Held-out validation tasks are part of the training dataset's cache.
     dataset = cfg.data.train if split == HOLDOUT else split
-    directory = cache_path(teacher, dataset)
     run_config = Path(cfg.run.log_dir) / (cfg.run.name or "") / "config.yaml"
     command = (f"python extract_groot_features.py --config {run_config} --set teacher.dataset={dataset}"
                + (f" --set teacher.cache_dir={cache_dir}" if cache_dir else ""))
     try:
         tasks = load_dataset(dataset, asdict(cfg.data.synthetic))
+        directory = cache_path(teacher, dataset, tasks)
         if extract:
             run = replace(cfg.run, device=str(device) if device is not None else cfg.run.device)
             cache = ensure_teacher_cache(replace(cfg, teacher=teacher, run=run), dataset, tasks, log)

@@ -46,7 +46,7 @@ from safetensors import SafetensorError
 from sage.arc import Task
 from sage.teacher.config import DOWNLOAD_HELP, LEAKING_VIEWS, TOKENIZER_HELP, TeacherConfig, TeacherError
 from sage.teacher.loading import checkpoint_fingerprint, read_safetensors_header
-from sage.teacher.presets import get_preset
+from sage.teacher.presets import ORACLE_FEATURE_DIM, ORACLE_PRESET, get_preset, oracle_identity
 from sage.teacher.prompt import Role, instruction_for, prompt_template, role_of
 from sage.teacher.render import IMAGE_SIZE, RENDER_ID
 from sage.teacher.tokenizer import load_tokenizer
@@ -59,6 +59,7 @@ OLD_FORMAT_HELP = ("it was written by an older SAGE whose prompts showed trainin
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 POOLING = "mean over each image's <IMG_CONTEXT> output tokens (final normed hidden state of the 12-layer Qwen3)"
+ONE_PROMPT_PER = "student example (its demonstrations in the student's order, then its query input)"
 SHARD_BYTES = 512 * 2**20  # also flush a shard once its tensors reach this size (token features)
 _SHARD_RE = re.compile(r"^part-(\d+)-of-(\d+)-(\d+)\.safetensors$")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -71,18 +72,19 @@ class FeatureCacheError(RuntimeError):
 # ----------------------------------------------------------------------------- identity
 
 
-def dataset_slug(dataset: str) -> str:
-    """A directory name for a dataset: official names as is, directories by name + path hash."""
+def dataset_slug(dataset: str, tasks: Sequence[Task]) -> str:
+    """A directory name for a dataset: official names as is, directories by name + path hash,
+    generated tasks by content (other data.synthetic options, another cache)."""
     if "/" in dataset and not Path(dataset).expanduser().exists():  # arc-agi-1/training etc.
         return dataset.replace("/", "_")
     if dataset == "synthetic":
-        return dataset
+        return f"{dataset}-{dataset_identity(dataset, tasks)['fingerprint'][:8]}"
     path = Path(dataset).expanduser().resolve()
     return f"{path.name}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
 
 
-def cache_path(teacher: TeacherConfig, dataset: str, limit: int | None = None) -> Path:
-    name = dataset_slug(dataset) + (f"-first{limit}" if limit else "") + ("+tokens" if teacher.token_features else "")
+def cache_path(teacher: TeacherConfig, dataset: str, tasks: Sequence[Task], limit: int | None = None) -> Path:
+    name = dataset_slug(dataset, tasks) + (f"-first{limit}" if limit else "") + ("+tokens" if teacher.token_features else "")
     return Path(teacher.cache_dir).expanduser() / teacher.preset / teacher.view / name
 
 
@@ -105,6 +107,8 @@ def dataset_identity(dataset: str, tasks: Sequence[Task]) -> dict[str, Any]:
 def teacher_identity(teacher: TeacherConfig) -> dict[str, Any]:
     """What determines the teacher's function: architecture, weights, tokenizer. Cheap: reads the
     tokenizer and a few MB of the checkpoint, builds no model."""
+    if teacher.preset == ORACLE_PRESET:
+        return oracle_identity(teacher.seed, teacher.noise)
     arch = get_preset(teacher.preset)
     require_real_files(teacher)
     if teacher.checkpoint_dir is None:
@@ -117,7 +121,7 @@ def teacher_identity(teacher: TeacherConfig) -> dict[str, Any]:
 
 def require_real_files(teacher: TeacherConfig) -> None:
     """The real preset needs the user's checkpoint and tokenizer: say what to download and where."""
-    if get_preset(teacher.preset).has_public_weights:
+    if teacher.preset != ORACLE_PRESET and get_preset(teacher.preset).has_public_weights:
         if teacher.checkpoint_dir is None:
             raise TeacherError(f"teacher.preset {teacher.preset} needs teacher.checkpoint_dir.\n{DOWNLOAD_HELP}")
         if teacher.tokenizer_dir is None:
@@ -126,6 +130,17 @@ def require_real_files(teacher: TeacherConfig) -> None:
 
 def build_spec(teacher: TeacherConfig, dataset: str, tasks: Sequence[Task]) -> dict[str, Any]:
     """The cache's spec: `identity` must match to reuse a cache; `info` is recorded only."""
+    if teacher.preset == ORACLE_PRESET:  # no images, no text: the grids' roles and the task's rule
+        return {"identity": {
+            "format": FORMAT,
+            "teacher": teacher_identity(teacher),
+            "view": teacher.view,
+            "leaks_answer": teacher.view in LEAKING_VIEWS,
+            "prompt": {"max_demos": teacher.max_demos, "one_prompt_per": ONE_PROMPT_PER},
+            "features": {"dim": ORACLE_FEATURE_DIM, "dtype": teacher.feature_dtype,
+                         "pooling": "one rule feature per grid", "token_features": False},
+            "dataset": dataset_identity(dataset, tasks),
+        }, "info": {}}
     arch = get_preset(teacher.preset)
     instruction = instruction_for(teacher.view, teacher.instruction)
     identity = {
@@ -138,7 +153,7 @@ def build_spec(teacher: TeacherConfig, dataset: str, tasks: Sequence[Task]) -> d
             "instruction": instruction,
             "max_demos": teacher.max_demos,
             "tokens_per_image": arch.tokens_per_image,
-            "one_prompt_per": "student example (its demonstrations in the student's order, then its query input)",
+            "one_prompt_per": ONE_PROMPT_PER,
         },
         "image": {"size": IMAGE_SIZE, "render": RENDER_ID, "normalise": "(x / 255 - 0.5) / 0.5"},
         "features": {
@@ -540,7 +555,7 @@ def open_cache(
     teacher: TeacherConfig, dataset: str, tasks: Sequence[Task], limit: int | None = None, allow_leaking: bool = True
 ) -> FeatureCache:
     """The cache the config asks for, checked against it (teacher, weights, view, prompt, dataset)."""
-    directory = cache_path(teacher, dataset, limit)
+    directory = cache_path(teacher, dataset, tasks, limit)
     cache = FeatureCache(directory, expected_spec=build_spec(teacher, dataset, tasks))
     if cache.leaks_answer and not allow_leaking:
         raise FeatureCacheError(f"{directory}: the {teacher.view} view shows the teacher the answer; refused here")

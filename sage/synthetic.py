@@ -8,45 +8,86 @@ Task i depends only on (seed, i), so growing `num_tasks` never changes the earli
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
-from sage.arc import Pair, Task
+from sage.arc import Augmentation, Pair, Task
 
-Transform = Callable[[np.ndarray], np.ndarray]
-
-
-def _geometric(fn: Transform) -> Callable[[np.random.Generator], Transform]:
-    return lambda rng: fn
+NUM_COLOURS = 10
 
 
-def _colour_map(rng: np.random.Generator) -> Transform:
+@dataclass(frozen=True)
+class Rule:
+    """A synthetic task's hidden rule: output = colours[dihedral(input)].
+
+    `dihedral` is one of the 8 dihedral transforms in sage.arc.Augmentation's numbering; `colours`
+    maps each input colour (after the transform) to its output colour. Every family below is one
+    of these: flips, rotations and transpose change only the dihedral, colour swaps, recolouring and
+    filling only the colour table. The oracle teacher (sage/teacher/oracle.py) encodes this."""
+
+    dihedral: int = 0
+    colours: tuple[int, ...] = tuple(range(NUM_COLOURS))
+
+    def apply(self, grid: np.ndarray) -> np.ndarray:
+        return np.asarray(self.colours, dtype=np.uint8)[Augmentation(self.dihedral).apply(grid)]
+
+    def under(self, aug: Augmentation) -> "Rule":
+        """The rule of the same task seen through `aug` (applied to every grid): if
+        output = colours[D(input)], then aug(output) = colours'[D'(aug(input))] with
+        D' = E D E^-1 (E: aug's dihedral) and colours' = p colours p^-1 (p: aug's colour map)."""
+        spatial = Augmentation(aug.dihedral)
+        probe = np.arange(6, dtype=np.uint8).reshape(2, 3)  # no symmetry: tells all 8 transforms apart
+        moved = spatial.apply(Augmentation(self.dihedral).apply(spatial.invert(probe)))
+        (dihedral,) = [d for d in range(8) if np.array_equal(Augmentation(d).apply(probe), moved)]
+        p = aug.colours
+        inverse = np.argsort(np.asarray(p))
+        return Rule(dihedral, tuple(int(p[self.colours[int(inverse[c])]]) for c in range(NUM_COLOURS)))
+
+    def code(self) -> np.ndarray:
+        """[8 + 100] float32: one-hot of the dihedral, then the one-hot colour table (row c: colour c's output)."""
+        out = np.zeros(8 + NUM_COLOURS * NUM_COLOURS, dtype=np.float32)
+        out[self.dihedral] = 1.0
+        out[8 + np.arange(NUM_COLOURS) * NUM_COLOURS + np.asarray(self.colours)] = 1.0
+        return out
+
+
+RULE_CODE_DIM = 8 + NUM_COLOURS * NUM_COLOURS
+
+
+def _geometric(dihedral: int) -> Callable[[np.random.Generator], Rule]:
+    return lambda rng: Rule(dihedral)
+
+
+def _colour_map(rng: np.random.Generator) -> Rule:
     """Swap two colours (a task-specific pair); all other cells unchanged."""
     a, b = (rng.permutation(9) + 1)[:2]
-    table = np.arange(10, dtype=np.uint8)
-    table[a], table[b] = b, a
-    return lambda g: table[g]
+    table = list(range(NUM_COLOURS))
+    table[a], table[b] = int(b), int(a)
+    return Rule(colours=tuple(table))
 
 
-def _recolour(rng: np.random.Generator) -> Transform:
+def _recolour(rng: np.random.Generator) -> Rule:
     """Paint every non-background cell one task-specific colour."""
-    colour = np.uint8(rng.integers(1, 10))
-    return lambda g: np.where(g > 0, colour, 0).astype(np.uint8)
+    colour = int(rng.integers(1, 10))
+    return Rule(colours=(0,) + (colour,) * 9)
 
 
-def _fill_background(rng: np.random.Generator) -> Transform:
+def _fill_background(rng: np.random.Generator) -> Rule:
     """Paint every background (0) cell one task-specific colour; the rest unchanged."""
-    colour = np.uint8(rng.integers(1, 10))
-    return lambda g: np.where(g == 0, colour, g).astype(np.uint8)
+    colour = int(rng.integers(1, 10))
+    return Rule(colours=(colour,) + tuple(range(1, NUM_COLOURS)))
 
 
-TRANSFORMS: dict[str, Callable[[np.random.Generator], Transform]] = {
-    "flip_lr": _geometric(np.fliplr),
-    "flip_ud": _geometric(np.flipud),
-    "rot90": _geometric(lambda g: np.rot90(g, 1)),
-    "rot180": _geometric(lambda g: np.rot90(g, 2)),
-    "transpose": _geometric(lambda g: g.T),
+# Each family draws its task's rule (its parameters) from the task's random stream. Dihedral numbers
+# as in sage.arc.Augmentation: rotate counter-clockwise d % 4 times, then transpose if d >= 4.
+TRANSFORMS: dict[str, Callable[[np.random.Generator], Rule]] = {
+    "flip_lr": _geometric(5),
+    "flip_ud": _geometric(7),
+    "rot90": _geometric(1),
+    "rot180": _geometric(2),
+    "transpose": _geometric(4),
     "colour_swap": _colour_map,
     "recolour": _recolour,
     "fill_background": _fill_background,
@@ -61,35 +102,47 @@ def random_grid(rng: np.random.Generator, min_side: int, max_side: int) -> np.nd
     return np.where(rng.random((h, w)) < density, cells, 0).astype(np.uint8)
 
 
-def generate_task(
+def generate_task_and_rule(
     seed: int,
     index: int,
     transforms: Sequence[str] = tuple(TRANSFORMS),
     min_side: int = 3,
     max_side: int = 6,
     demos: int = 3,
-) -> Task:
+) -> tuple[Task, Rule]:
+    """Task `index` of the stream `seed`, and the hidden rule its pairs follow."""
     rng = np.random.default_rng([seed, index])
     name = transforms[int(rng.integers(len(transforms)))]
-    fn = TRANSFORMS[name](rng)
+    rule = TRANSFORMS[name](rng)
     pairs = []
     for _ in range(demos + 1):
         grid = random_grid(rng, min_side, max_side)
-        pairs.append(Pair(grid, np.ascontiguousarray(fn(grid))))
-    return Task(f"syn{seed}-{index:05d}-{name}", tuple(pairs[:-1]), tuple(pairs[-1:]), f"synthetic seed {seed}")
+        pairs.append(Pair(grid, rule.apply(grid)))
+    task = Task(f"syn{seed}-{index:05d}-{name}", tuple(pairs[:-1]), tuple(pairs[-1:]), f"synthetic seed {seed}")
+    return task, rule
 
 
-def generate_tasks(
+def generate_task(seed: int, index: int, transforms: Sequence[str] = tuple(TRANSFORMS), min_side: int = 3,
+                  max_side: int = 6, demos: int = 3) -> Task:
+    return generate_task_and_rule(seed, index, transforms, min_side, max_side, demos)[0]
+
+
+def generate_tasks_and_rules(
     num_tasks: int = 1000,
     seed: int = 0,
     transforms: Sequence[str] = tuple(TRANSFORMS),
     min_side: int = 3,
     max_side: int = 6,
     demos: int = 3,
-) -> list[Task]:
+) -> list[tuple[Task, Rule]]:
     unknown = sorted(set(transforms) - set(TRANSFORMS))
     if unknown:
         raise ValueError(f"unknown synthetic transforms {unknown}; choose from {sorted(TRANSFORMS)}")
     if not 1 <= min_side <= max_side <= 30:
         raise ValueError(f"need 1 <= min_side <= max_side <= 30, got {min_side}, {max_side}")
-    return [generate_task(seed, i, tuple(transforms), min_side, max_side, demos) for i in range(num_tasks)]
+    return [generate_task_and_rule(seed, i, tuple(transforms), min_side, max_side, demos) for i in range(num_tasks)]
+
+
+def generate_tasks(**options) -> list[Task]:
+    """The tasks of `generate_tasks_and_rules(**options)` (num_tasks, seed, transforms, min_side, max_side, demos)."""
+    return [task for task, _ in generate_tasks_and_rules(**options)]

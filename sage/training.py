@@ -34,6 +34,7 @@ from sage.metrics import GridScore, score_baselines, score_canvas, summarize
 from sage.overlap import TaskOverlap, describe, drop_trained_tasks
 from sage.recovery import FaultInjection, MicroBatch, TrainingError, all_finite, free_memory
 from sage.runlog import RunLog, SilentLog, plot_training_curves, read_metrics
+from sage.teacher.config import ORACLE_PRESET
 from sage_student_model import PREDATING_DEFAULTS, SageStudent, StudentConfig, build_model, parameter_breakdown
 
 
@@ -221,7 +222,9 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
     train_teacher = val_teacher = None
     if cfg.uses_teacher:
         t = cfg.teacher
-        log.info(f"teacher: {t.preset} ({'weights from ' + t.checkpoint_dir if t.checkpoint_dir else 'random weights'}), "
+        weights = ("the synthetic tasks' hidden rules, noise " + str(t.noise) if t.preset == ORACLE_PRESET else
+                   "weights from " + t.checkpoint_dir if t.checkpoint_dir else "random weights")
+        log.info(f"teacher: {t.preset} ({weights}), "
                  f"view {t.view}; " + (f"distillation weight {cfg.distill.weight}" if m.kind == "student"
                                      else f"probe input: {m.probe_input}"))
         with ctx.main_first():  # one process extracts a missing cache, the others then read it

@@ -185,7 +185,7 @@ def test_mismatched_cache_is_refused(single_run, arc_tasks):
         want = build_spec(other.teacher, "arc-agi-1/training", tasks)
         with pytest.raises(FeatureCacheError, match=rf"made for something else[\s\S]*{field}: cache has"):
             FeatureCache(result.directory, expected_spec=want)
-        assert cache_path(other.teacher, "arc-agi-1/training", LIMIT) == result.directory  # same place, refused
+        assert cache_path(other.teacher, "arc-agi-1/training", tasks, LIMIT) == result.directory  # same place, refused
         with pytest.raises(FeatureCacheError, match=field):  # extraction refuses to mix, too
             run_extraction(other, prompts(other), limit=LIMIT, progress=False, log=lambda _: None)
     # Same name, different content (one task changed): the dataset fingerprint differs.

@@ -12,6 +12,7 @@ VIEWS = ("task_context", "test_input", "with_answer")
 LEAKING_VIEWS = ("with_answer",)  # the teacher saw the answer: privileged-information experiments only
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FEATURE_DTYPES = ("float16", "bfloat16", "float32")
+ORACLE_PRESET = "oracle"  # sage/teacher/oracle.py: no network, features encode synthetic tasks' hidden rules
 
 DOWNLOAD_HELP = (
     "Download the weights once (several GB; only the backbone's ~2.7 GB is read) with\n"
@@ -33,12 +34,16 @@ class TeacherError(RuntimeError):
 
 @dataclass
 class TeacherConfig:
-    preset: str = "groot-n1.5-tiny"  # groot-n1.5 (real sizes) or groot-n1.5-tiny (random weights, CPU)
+    # groot-n1.5 (real sizes), groot-n1.5-tiny (random weights, CPU), or oracle (synthetic tasks' hidden
+    # rules as features, sage/teacher/oracle.py: a teacher whose knowledge is known)
+    preset: str = "groot-n1.5-tiny"
     checkpoint_dir: str | None = None  # local GR00T N1.5 checkpoint; required by groot-n1.5
     # Local directory with vocab.json, merges.txt, added_tokens.json. Required by groot-n1.5; the tiny
     # preset falls back to a built-in byte-level tokenizer (same special ids, see tokenizer.py).
     tokenizer_dir: str | None = None
-    seed: int = 0  # random weights of a preset without a checkpoint (the tiny one)
+    seed: int = 0  # random weights of a preset without a checkpoint (the tiny one); the oracle's projection
+    # Oracle only: Gaussian noise added to each grid's rule feature, in units of the signal's per-dim std.
+    noise: float = 0.0
     view: str = "task_context"  # task_context | test_input | with_answer (shows the query's answer)
     # with_answer is for privileged-information experiments only: a student distils from it only when
     # this is true (a probe and evaluation never read it).
@@ -72,6 +77,12 @@ def teacher_problems(t: TeacherConfig, presets: Sequence[str]) -> list[str]:
         problems.append(f"teacher.batch_size must be >= 1, got {t.batch_size}")
     if t.max_demos is not None and t.max_demos < 1:
         problems.append(f"teacher.max_demos must be >= 1, got {t.max_demos}")
+    if t.noise < 0:
+        problems.append(f"teacher.noise must be >= 0, got {t.noise}")
+    if t.noise > 0 and t.preset != ORACLE_PRESET:
+        problems.append(f"teacher.noise is the oracle teacher's; teacher.preset is {t.preset!r}")
+    if t.preset == ORACLE_PRESET and t.token_features:
+        problems.append("the oracle teacher has no image tokens: set teacher.token_features=false")
     if t.shard_entries < 1:
         problems.append(f"teacher.shard_entries must be >= 1, got {t.shard_entries}")
     if not t.cache_dir:

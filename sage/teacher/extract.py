@@ -36,7 +36,7 @@ from sage.features import (
 from sage.teacher.backbone import GrootBackbone, build_backbone
 from sage.teacher.config import TeacherConfig
 from sage.teacher.loading import LoadReport
-from sage.teacher.presets import GrootArch, get_preset
+from sage.teacher.presets import ORACLE_PRESET, GrootArch, get_preset
 from sage.teacher.prompt import TeacherExample, build_prompt, instruction_for
 from sage.teacher.render import render_grid, to_pixel_values
 from sage.teacher.tokenizer import IMG_CONTEXT_ID, PAD_ID, GrootTokenizer, load_tokenizer
@@ -197,7 +197,7 @@ def run_extraction(
     the config's cache of teacher.dataset (else data.train)."""
     t = cfg.teacher
     dataset, tasks = teacher_tasks(cfg, limit)
-    directory = cache_path(t, dataset, limit)
+    directory = cache_path(t, dataset, tasks, limit)
     spec = build_spec(t, dataset, tasks)
     created = not directory.exists()
     writer = CacheWriter(directory, spec, part, parts, t.shard_entries)
@@ -213,7 +213,12 @@ def run_extraction(
     info: dict[str, Any] = {}
     if todo:
         try:
-            teacher = load_teacher(t, cfg.run.device)
+            if t.preset == ORACLE_PRESET:
+                from sage.teacher.oracle import load_oracle
+
+                teacher = load_oracle(t, dataset, dataclasses.asdict(cfg.data.synthetic))
+            else:
+                teacher = load_teacher(t, cfg.run.device)
         except BaseException:  # a checkpoint that fails to load leaves no empty cache behind
             if created:
                 shutil.rmtree(directory, ignore_errors=True)
@@ -249,7 +254,7 @@ def merge(cfg: Any, prompts: Sequence[TeacherExample], limit: int | None = None)
     """After all `--shard k/n` parts finished: check every prompt is stored and write the manifest."""
     t = cfg.teacher
     dataset, tasks = teacher_tasks(cfg, limit)
-    directory = cache_path(t, dataset, limit)
+    directory = cache_path(t, dataset, tasks, limit)
     spec = build_spec(t, dataset, tasks)
     from sage.features import FeatureCacheError, prepare_directory
 

@@ -1,4 +1,5 @@
-"""Architecture presets of the GR00T N1.5 backbone (sizes only; no weights, no transformers import).
+"""Architecture presets of the GR00T N1.5 backbone (sizes only; no weights, no transformers import),
+and the names and width of the oracle teacher.
 
 `groot-n1.5` has the real sizes (GROOT_N15.md). `groot-n1.5-tiny` is the same architecture and code
 path at toy width: 2-layer SigLIP and 2-layer Qwen3, 64 wide, still 224x224 images cut into 14x14
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sage.teacher.config import TeacherError
+from sage.teacher.config import ORACLE_PRESET, TeacherError
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,26 @@ GROOT_N15_BACKBONE_PARAMS = 1_344_716_736
 GROOT_N15_SIGLIP_HEAD_PARAMS = 15_238_352
 
 
+ORACLE_FEATURE_DIM = 64
+ORACLE_ENCODING = (f"one-hot dihedral (8) + one-hot colour table (10x10) -> Gaussian projection to "
+                   f"{ORACLE_FEATURE_DIM} dims (unit variance per dim), + noise x N(0, 1) per prompt and grid")
+TEACHER_NAMES = (*PRESETS, ORACLE_PRESET)  # what teacher.preset may name
+
+
 def get_preset(name: str) -> GrootArch:
     if name not in PRESETS:
-        raise TeacherError(f"unknown teacher preset '{name}': choose one of {', '.join(PRESETS)}")
+        what = ("the oracle teacher has no GR00T architecture" if name == ORACLE_PRESET
+                else f"unknown teacher preset '{name}'")
+        raise TeacherError(f"{what}: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def feature_dim(name: str) -> int:
+    """Width of the features teacher `name` produces."""
+    return ORACLE_FEATURE_DIM if name == ORACLE_PRESET else get_preset(name).feature_dim
+
+
+def oracle_identity(seed: int, noise: float) -> dict[str, Any]:
+    """What determines the oracle's features (its cache's teacher identity)."""
+    return {"preset": ORACLE_PRESET, "encoding": ORACLE_ENCODING, "feature_dim": ORACLE_FEATURE_DIM,
+            "noise": noise, "weights": f"projection(seed={seed})", "tokenizer": None}
