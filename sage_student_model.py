@@ -54,6 +54,10 @@ class StudentConfig:
     # extracted with teacher.token_features=true).
     probe_input: str = "pooled"
     probe_token_side: int = 4
+    # A learned task token leads the context: the encoder gathers the task into it, the decoder reads
+    # it (cross-attention, and added to every answer cell), and distillation can target it with the
+    # teacher's task-level feature (distill.slots). Off: the model as before it existed.
+    task_slot: bool = False
 
     @property
     def probe_tokens_per_grid(self) -> int:
@@ -147,6 +151,7 @@ class StudentOutput:
     logits: torch.Tensor  # [B, cells, 12] per answer cell of the batch's canvas
     grid_features: torch.Tensor | None  # [B, num_grid_slots, teacher_dim] distillation head (None: probe)
     grid_mask: torch.Tensor  # [B, num_grid_slots] which slots hold a context grid
+    task_features: torch.Tensor | None = None  # [B, teacher_dim] distillation head on the task token (task_slot)
 
 
 class SageStudent(nn.Module):
@@ -168,6 +173,10 @@ class SageStudent(nn.Module):
         self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
         self.decoder_norm = nn.LayerNorm(d)
         self.cell_head = nn.Linear(d, VOCAB_SIZE)
+        if cfg.task_slot:
+            self.task_emb = nn.Parameter(torch.zeros(d))
+            # The decoder reads the task as the distillation head states it, in the teacher's units.
+            self.task_to_canvas = nn.Linear(cfg.teacher_dim, d)
         self.distill_head = nn.Sequential(
             nn.LayerNorm(d), nn.Linear(d, cfg.distill_hidden), nn.GELU(), nn.Linear(cfg.distill_hidden, cfg.teacher_dim)
         )
@@ -176,6 +185,8 @@ class SageStudent(nn.Module):
         self.register_buffer("teacher_mean", torch.zeros(cfg.teacher_dim))
         self.register_buffer("teacher_std", torch.ones(cfg.teacher_dim))
         self.apply(self._init_weights)
+        if cfg.task_slot:
+            nn.init.normal_(self.task_emb, mean=0.0, std=0.02)
         # GPT-2 style: shrink the residual projections so the stream's variance stays put with depth.
         n_residual = 2 * cfg.encoder_layers + 3 * cfg.decoder_layers
         for name, p in self.named_parameters():
@@ -190,7 +201,8 @@ class SageStudent(nn.Module):
             nn.init.zeros_(module.bias)
 
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context states [B, L, d] and their mask [B, L]."""
+        """Context states [B, L, d] and their mask [B, L]; with model.task_slot the task token's
+        state comes first ([B, 1 + L, d])."""
         x = (
             self.token_emb(batch["tokens"])
             + self.row_emb(batch["rows"])
@@ -199,11 +211,17 @@ class SageStudent(nn.Module):
             + self.col_from_end_emb(batch["cols_from_end"])
             + self.segment_emb(batch["segments"])
         )
+        mask = batch["context_mask"]
+        if self.cfg.task_slot:
+            x = torch.cat([self.task_emb.to(x.dtype).expand(len(x), 1, -1), x], dim=1)
+            mask = torch.cat([mask.new_ones(len(x), 1), mask], dim=1)
         for block in self.encoder:
-            x = block(x, batch["context_mask"])
-        return self.encoder_norm(x), batch["context_mask"]
+            x = block(x, mask)
+        return self.encoder_norm(x), mask
 
-    def decode(self, batch: dict[str, torch.Tensor], context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+    def decode(self, batch: dict[str, torch.Tensor], context: torch.Tensor, context_mask: torch.Tensor,
+               task: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-cell logits of the answer canvas; `task` [B, d] (model.task_slot) is added to every cell."""
         answer_segment = self.segment_emb.weight[self.cfg.num_segments - 1]
         x = (
             self.token_emb(batch["query"])  # the test input's canvas
@@ -213,6 +231,8 @@ class SageStudent(nn.Module):
             + self.col_from_end_emb(batch["query_cols_from_end"])
             + answer_segment
         )
+        if task is not None:  # every answer cell starts from what the task is
+            x = x + task.unsqueeze(1)
         answer_mask = batch.get("answer_mask")
         for block in self.decoder:
             x = block(x, context, context_mask, answer_mask)
@@ -233,9 +253,14 @@ class SageStudent(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StudentOutput:
         context, context_mask = self.encode(batch)
-        logits = self.decode(batch, context, context_mask)
-        pooled, grid_mask = self.pool_grids(context, batch)
-        return StudentOutput(logits, self.distill_head(pooled), grid_mask)
+        task = read = None
+        if self.cfg.task_slot:
+            task = self.distill_head(context[:, 0])  # the student's statement of the task
+            read = self.task_to_canvas(task)
+        logits = self.decode(batch, context, context_mask, read)
+        grids = context[:, 1:] if self.cfg.task_slot else context
+        pooled, grid_mask = self.pool_grids(grids, batch)
+        return StudentOutput(logits, self.distill_head(pooled), grid_mask, task)
 
 
 class SageProbe(SageStudent):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -264,3 +265,18 @@ def random_augmentation(rng: np.random.Generator, dihedral: bool = True, colours
     d = int(rng.integers(8)) if dihedral else 0
     perm = tuple([0] + (rng.permutation(9) + 1).tolist()) if colours else tuple(range(NUM_COLOURS))
     return Augmentation(d, perm)
+
+
+def fixed_view(task_id: str, k: int) -> Augmentation:
+    """Augmented view k (k >= 1) of task `task_id`: a random augmentation that depends only on the
+    task's id and k, never the identity. The teacher's features of these views are cached (teacher.
+    augmented_views), and augmented training examples draw among them to keep their distillation
+    targets. Cache keys name views by k alone (sage.teacher.prompt.example_key), so this mapping
+    must never change (tests/test_arc.py pins it)."""
+    if k < 1:
+        raise ValueError(f"augmented views are numbered from 1, got {k}")
+    rng = np.random.default_rng([0x5A6E, zlib.crc32(task_id.encode()), k])
+    while True:
+        aug = random_augmentation(rng)
+        if not aug.is_identity:
+            return aug

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import yaml
 
 from sage.encoding import ANSWER_CANVASES, min_context_tokens
-from sage.losses import LOSS_NORMALIZATIONS
+from sage.losses import DISTILL_SLOTS, LOSS_NORMALIZATIONS
 from sage.teacher.config import LEAKING_VIEWS, TeacherConfig, teacher_problems
 from sage.teacher.presets import PRESETS as TEACHER_PRESETS, TEACHER_NAMES, feature_dim
 from sage_student_model import StudentConfig
@@ -128,6 +128,9 @@ class DistillConfig:
     weight: float = 0.0  # 0: no distillation, the teacher is not used
     cosine_weight: float = 1.0
     mse_weight: float = 1.0
+    # grids: each context grid's pooled state against that grid's teacher feature; task: the task
+    # token's (model.task_slot) against the mean of the example's grid features; both.
+    slots: str = "grids"
 
 
 @dataclass
@@ -303,6 +306,11 @@ def check(cfg: ExperimentConfig, where: str) -> None:
     need(m.answer_canvas in ANSWER_CANVASES,
          f"model.answer_canvas must be one of {', '.join(ANSWER_CANVASES)}, got {m.answer_canvas!r}")
     need(cfg.distill.weight >= 0, f"distill.weight must be >= 0, got {cfg.distill.weight}")
+    need(cfg.distill.slots in DISTILL_SLOTS,
+         f"distill.slots must be one of {', '.join(DISTILL_SLOTS)}, got {cfg.distill.slots!r}")
+    need(cfg.distill.slots == "grids" or m.task_slot,
+         f"distill.slots={cfg.distill.slots} distils the task token: set model.task_slot=true")
+    need(not (m.task_slot and m.kind == "probe"), "model.task_slot is the student's: a probe reads teacher features")
     if m.kind == "probe":
         need(cfg.distill.weight == 0, "a probe reads teacher features, it does not distil them: set distill.weight=0")
         need(not (d.augment and d.augment_probability > 0),
@@ -330,10 +338,12 @@ def check(cfg: ExperimentConfig, where: str) -> None:
              f"teacher.max_demos ({tc.max_demos}) must equal model.max_demos ({m.max_demos}) when the student reads "
              "teacher features: each prompt shows the demonstrations its student example shows (fewer would leave "
              "slots without targets, more are never shown)")
-        need(not (m.kind == "student" and cfg.distill.weight > 0 and d.augment and d.augment_probability == 1.0),
+        need(not (m.kind == "student" and cfg.distill.weight > 0 and d.augment and d.augment_probability == 1.0
+                  and tc.augmented_views == 0),
              f"distill.weight={cfg.distill.weight} with data.augment=true and data.augment_probability=1.0 distils "
-             "nothing: the teacher saw the tasks as given, so only un-augmented examples carry targets. Lower "
-             "data.augment_probability (e.g. 0.5) or set distill.weight=0")
+             "nothing: the teacher saw the tasks as given, so only un-augmented examples carry targets. Cache "
+             "augmented views too (e.g. teacher.augmented_views=8), lower data.augment_probability (e.g. 0.5) "
+             "or set distill.weight=0")
     if cfg.uses_teacher and cfg.teacher.preset in TEACHER_NAMES:
         width = feature_dim(cfg.teacher.preset)
         need(m.teacher_dim == width,

@@ -46,13 +46,21 @@ def training_dataset(cfg: ExperimentConfig) -> list[Task]:
     return tasks
 
 
+def teacher_views(cfg: ExperimentConfig) -> int:
+    """How many augmented views of each training task the run reads teacher features of
+    (teacher.augmented_views, when augmented examples carry distillation targets)."""
+    d = cfg.data
+    return cfg.teacher.augmented_views if cfg.distills and d.augment and d.augment_probability > 0 else 0
+
+
 def prompts_for_dataset(cfg: ExperimentConfig, dataset: str, tasks: Sequence[Task]) -> list[TeacherExample]:
     """The teacher prompts that a run of `cfg` reads from `dataset`'s cache, for those of its `tasks`:
     one per distinct student example. From data.train: every training example (leave-one-out over
     each training task's pairs) and, with val 'holdout', the held-out tasks' test inputs; from any
     other dataset (a validation or evaluation split): every test input. Demonstrations are those the
     student keeps (model.max_demos, data.max_context_tokens), of which the prompt shows the first
-    teacher.max_demos."""
+    teacher.max_demos. Training examples also get the prompts of their task's augmented views
+    (`teacher_views`)."""
     d, m, t = cfg.data, cfg.model, cfg.teacher
     if dataset == d.train:
         every = training_dataset(cfg)  # the split is over the whole dataset
@@ -62,16 +70,18 @@ def prompts_for_dataset(cfg: ExperimentConfig, dataset: str, tasks: Sequence[Tas
             train, val = every, []
         wanted = {task.id for task in tasks}
         train, val = [x for x in train if x.id in wanted], [x for x in val if x.id in wanted]
-        groups = [(train, training_examples(train, d.use_test_pairs)), (val, evaluation_examples(val))]
+        groups = [(train, training_examples(train, d.use_test_pairs), teacher_views(cfg)),
+                  (val, evaluation_examples(val), 0)]
     else:
-        groups = [(list(tasks), evaluation_examples(tasks))]
+        groups = [(list(tasks), evaluation_examples(tasks), 0)]
     prompts: dict[str, TeacherExample] = {}
-    for group, refs in groups:
+    for group, refs, views in groups:
         for ref in refs:
             task = group[ref.task_index]
             kept = fit_demos(task.train + task.test, ref.demos, ref.query, m.max_demos, d.max_context_tokens)
-            prompt = view_example(task, kept, ref.query, t.view, t.max_demos)
-            prompts.setdefault(prompt.key, prompt)
+            for k in range(views + 1):
+                prompt = view_example(task, kept, ref.query, t.view, t.max_demos, augmented_view=k)
+                prompts.setdefault(prompt.key, prompt)
     return list(prompts.values())
 
 
@@ -119,10 +129,12 @@ class TeacherTargets:
         self.field = "teacher_features" if token_side is None else "teacher_tokens"  # the batch key
         self.shape = (num_slots, cache.dim) if token_side is None else (num_slots, token_side**2, cache.dim)
 
-    def key(self, task: Task, demos: Sequence[int], query: int) -> str:
-        """The cache key of the prompt made for this example (sage.teacher.prompt.example_key)."""
+    def key(self, task: Task, demos: Sequence[int], query: int, augmented_view: int = 0) -> str:
+        """The cache key of the prompt made for this example, of the task as given or of its augmented
+        view k (sage.teacher.prompt.example_key)."""
         identity = self.cache.identity
-        return example_key(task.id, shown_demos(identity["view"], demos, identity["prompt"]["max_demos"]), query)
+        shown = shown_demos(identity["view"], demos, identity["prompt"]["max_demos"])
+        return example_key(task.id, shown, query, augmented_view)
 
     def require(self, keys: Sequence[str]) -> None:
         """Refuse, naming one, if the cache lacks any of these prompts."""
@@ -133,12 +145,12 @@ class TeacherTargets:
                 f"cached (e.g. {missing[0]}: task/query pair/demonstrations shown); extract them with "
                 "`python extract_groot_features.py --config <this run's config>` (training does it by itself)")
 
-    def for_example(self, task: Task, demos: Sequence[int], query: int,
-                    max_demos: int) -> tuple[np.ndarray, np.ndarray]:
+    def for_example(self, task: Task, demos: Sequence[int], query: int, max_demos: int,
+                    augmented_view: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(features of `self.shape`, float32; [num_slots] bool) for the context of one example,
-        from the prompt made for exactly this example."""
+        from the prompt made for exactly this example (in augmented view k: of that view's grids)."""
         roles = example_roles(demos, query, len(task.train))
-        key = self.key(task, demos, query)
+        key = self.key(task, demos, query, augmented_view)
         if self.token_side is None:
             features, seen = self.cache.lookup(key, roles)
         else:

@@ -31,7 +31,7 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from sage.arc import Augmentation, Pair, Task, random_augmentation
+from sage.arc import Augmentation, Pair, Task, fixed_view, random_augmentation
 
 
 PAD, EOS, COLOUR_OFFSET = 0, 1, 2
@@ -223,12 +223,12 @@ class ExampleTargets(Protocol):
 
     field: str  # the batch key the features go under
 
-    def key(self, task: Task, demos: Sequence[int], query: int) -> str: ...
+    def key(self, task: Task, demos: Sequence[int], query: int, augmented_view: int = 0) -> str: ...
 
     def require(self, keys: Sequence[str]) -> None: ...
 
-    def for_example(self, task: Task, demos: Sequence[int], query: int,
-                    max_demos: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def for_example(self, task: Task, demos: Sequence[int], query: int, max_demos: int,
+                    augmented_view: int = 0) -> tuple[np.ndarray, np.ndarray]: ...
 
     def empty(self) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -287,6 +287,7 @@ class ARCExamples(torch.utils.data.Dataset):
         answer_canvas: str = "fixed",
         fit_answer: bool = False,
         shuffle_demos: bool = False,
+        teacher_views: int = 0,
     ) -> None:
         if answer_canvas not in ANSWER_CANVASES:
             raise ValueError(f"answer_canvas must be one of {', '.join(ANSWER_CANVASES)}, got {answer_canvas!r}")
@@ -294,6 +295,9 @@ class ARCExamples(torch.utils.data.Dataset):
         self.grid_size, self.max_demos, self.augment, self.seed = grid_size, max_demos, augment, seed
         self.augment_probability = augment_probability if augment else 0.0
         self.teacher = teacher  # per-slot teacher features for un-augmented items (sage/distill.py)
+        # With teacher features of K fixed augmented views per task (sage.arc.fixed_view), augmented
+        # items draw among those views and keep their targets.
+        self.teacher_views = teacher_views if teacher is not None else 0
         # Demonstrations in a random order per item, except where teacher targets fix the order.
         self.shuffle_demos = shuffle_demos
         self.epoch = 0
@@ -319,9 +323,11 @@ class ARCExamples(torch.utils.data.Dataset):
         return cuts
 
     def teacher_keys(self) -> list[str]:
-        """The teacher prompt of every example (sage.distill.TeacherTargets.key), in order."""
+        """Every teacher prompt the examples may read (sage.distill.TeacherTargets.key): each example's,
+        in order, then those of its augmented views."""
         assert self.teacher is not None
-        return [self.teacher.key(self.tasks[r.task_index], self.kept_demos[i], r.query) for i, r in enumerate(self.refs)]
+        return [self.teacher.key(self.tasks[r.task_index], self.kept_demos[i], r.query, k)
+                for k in range(self.teacher_views + 1) for i, r in enumerate(self.refs)]
 
     def _pairs(self, task_index: int) -> tuple[Pair, ...]:
         task = self.tasks[task_index]
@@ -341,16 +347,22 @@ class ARCExamples(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def augmentation(self, i: int) -> Augmentation:
+    def augmentation(self, i: int) -> tuple[Augmentation, int | None]:
+        """Item i's augmentation in this epoch, and which of the teacher's views it is: 0 the task as
+        given, k >= 1 its augmented view k (sage.arc.fixed_view), None a fresh random augmentation
+        the teacher never saw (no targets)."""
         rng = np.random.default_rng([self.seed, self.epoch, i])
         if self.augment_probability == 0.0 or rng.random() >= self.augment_probability:
-            return Augmentation()
-        return random_augmentation(rng)
+            return Augmentation(), 0
+        if self.teacher_views:
+            k = int(rng.integers(1, self.teacher_views + 1))
+            return fixed_view(self.tasks[self.refs[i].task_index].id, k), k
+        return random_augmentation(rng), None
 
-    def unaugmented_in_epoch(self, epoch: int) -> int:
-        """How many items epoch `epoch` serves as given (those carry teacher targets)."""
+    def with_teacher_view_in_epoch(self, epoch: int) -> int:
+        """How many items epoch `epoch` serves in a view the teacher saw (those carry teacher targets)."""
         current, self.epoch = self.epoch, epoch
-        count = sum(self.augmentation(i).is_identity for i in range(len(self.refs)))
+        count = sum(self.augmentation(i)[1] is not None for i in range(len(self.refs)))
         self.epoch = current
         return count
 
@@ -360,21 +372,21 @@ class ARCExamples(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         ref = self.refs[i]
         task = self.tasks[ref.task_index]
-        aug = self.augmentation(i)
+        aug, view = self.augmentation(i)
         if not aug.is_identity:
             task = aug.apply_task(task)
         demos = self.kept_demos[i]
-        if self.shuffle_demos and (self.teacher is None or not aug.is_identity):
+        if self.shuffle_demos and (self.teacher is None or view is None):
             order = np.random.default_rng([self.seed, self.epoch, i, 1]).permutation(len(demos))
             demos = tuple(demos[k] for k in order)
         item = encode_example(task.train + task.test, demos, ref.query, self.max_demos, self.grid_size)
         item["index"] = np.int64(i)
         item["answer_shape"] = np.array(self._answer_shape(task.train + task.test, i), dtype=np.int64)
         if self.teacher is not None:
-            if aug.is_identity:
+            if view is not None:
                 item[self.teacher.field], item["teacher_mask"] = self.teacher.for_example(
-                    task, self.kept_demos[i], ref.query, self.max_demos)
-            else:  # the teacher saw the task as given, not this view of it
+                    task, self.kept_demos[i], ref.query, self.max_demos, view)
+            else:  # the teacher never saw this view of the task
                 item[self.teacher.field], item["teacher_mask"] = self.teacher.empty()
         return item
 

@@ -26,10 +26,12 @@ from sage.datasets import load_dataset
 from sage.device import resolve_device
 from sage.distributed import (DistributedContext, RankBatchSampler, examples_of_rank, init_distributed,
                               shutdown_distributed)
-from sage.distill import TeacherTargets, ensure_teacher_cache, feature_statistics, teacher_targets, training_dataset
+from sage.distill import (TeacherTargets, ensure_teacher_cache, feature_statistics, teacher_targets, teacher_views,
+                          training_dataset)
 from sage.encoding import (PAD, ARCExamples, LengthBucketSampler, answer_canvases, canvas_to_grid, collate,
                            evaluation_examples, training_examples)
-from sage.losses import answer_cross_entropy, distillation_losses, loss_units
+from sage.losses import (answer_cross_entropy, distillation_losses, distillation_slot_count, distillation_slots,
+                         loss_units)
 from sage.metrics import GridScore, score_baselines, score_canvas, summarize
 from sage.overlap import TaskOverlap, describe, drop_trained_tasks
 from sage.recovery import FaultInjection, MicroBatch, TrainingError, all_finite, free_memory
@@ -78,6 +80,7 @@ def make_datasets(
         splits.train, training_examples(splits.train, d.use_test_pairs), m.grid_size, m.max_demos,
         d.max_context_tokens, augment=d.augment, seed=cfg.run.seed, augment_probability=d.augment_probability,
         teacher=train_teacher, answer_canvas=m.answer_canvas, fit_answer=True, shuffle_demos=d.shuffle_demos,
+        teacher_views=teacher_views(cfg),
     )
     # Validation sizes each canvas as evaluation does: from the context, never from the answer.
     val_set = ARCExamples(splits.val, examples_of_rank(evaluation_examples(splits.val), ctx), m.grid_size,
@@ -287,9 +290,11 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
     log.info(f"demonstrations: training: {train_set.demonstration_cuts().describe()}; "
              f"validation: {val_set.demonstration_cuts().describe()}")
     if train_teacher is not None:
-        with_targets = train_set.unaugmented_in_epoch(0)
-        log.info(f"teacher targets: {with_targets} of {len(train_set)} training examples in epoch 1 (the un-augmented "
-                 f"ones, data.augment_probability={train_set.augment_probability}); every validation example")
+        with_targets = train_set.with_teacher_view_in_epoch(0)
+        which = (f"as given or in one of the teacher's {train_set.teacher_views} augmented views per task"
+                 if train_set.teacher_views else "the un-augmented ones")
+        log.info(f"teacher targets: {with_targets} of {len(train_set)} training examples in epoch 1 ({which}, "
+                 f"data.augment_probability={train_set.augment_probability}); every validation example")
     parallel = f" per process x {ctx.world} processes = {global_batch} per step" if ctx.enabled else ""
     log.info(f"batches: train {cfg.train.batch_size}{parallel} x {steps_per_epoch} steps/epoch, "
              f"val {cfg.val.batch_size}{' per process' if ctx.enabled else ''}; "
@@ -305,7 +310,8 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
                             train_tasks=len(train_tasks), val_tasks=len(val_tasks), baselines=baselines,
                             teacher=cfg.teacher.preset if cfg.uses_teacher else None)
         if distilling:  # the reference point: how close an untrained head is to the teacher
-            untrained = validate(model, val_loader, device, autocast, m.grid_size, val_micro, faults, ctx)
+            untrained = validate(model, val_loader, device, autocast, m.grid_size, val_micro, faults, ctx,
+                                 cfg.distill.slots)
             start_record["val_feature_cosine"] = untrained["feature_cosine"]
             log.info(f"untrained distillation head: validation feature cosine {untrained['feature_cosine']:.4f}")
         log.metrics("start", **start_record)
@@ -403,7 +409,8 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
             if state.epoch % cfg.val.every_epochs == 0 or state.epoch == cfg.train.epochs:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # release training activations before validation
-                val_metrics = validate(model, val_loader, device, autocast, m.grid_size, val_micro, faults, ctx)
+                val_metrics = validate(model, val_loader, device, autocast, m.grid_size, val_micro, faults, ctx,
+                                       cfg.distill.slots)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 record.update({f"val_{k}": v for k, v in val_metrics.items()})
@@ -454,8 +461,9 @@ def compute_losses(out: Any, batch: dict[str, torch.Tensor], model: SageStudent,
     unused = 0.0 if out.grid_features is None else out.grid_features.sum() * 0.0
     if cfg.distill.weight == 0 or out.grid_features is None:
         return {"loss": task * task_share + unused}, 0
-    mse, cosine, slots = distillation_losses(out.grid_features, model.standardise(batch["teacher_features"]),
-                                             batch["teacher_mask"] & out.grid_mask)
+    mse, cosine, slots = distillation_losses(*distillation_slots(
+        out.grid_features, model.standardise(batch["teacher_features"]), batch["teacher_mask"] & out.grid_mask,
+        out.task_features, cfg.distill.slots))
     if slots == 0:  # every example of the batch was augmented: nothing to distil
         return {"loss": task * task_share + unused, "task_loss": task}, 0
     d = cfg.distill
@@ -486,7 +494,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
         # device sync before the forward pass; a whole batch in one process has shares of exactly 1).
         if global_units is None and (micro.size < len(batch["target"]) or ctx.enabled):
             units = loss_units(batch["target"], cfg.train.loss_normalization).item()
-            teacher_slots = batch["teacher_mask"].sum().item() if "teacher_mask" in batch else 0
+            teacher_slots = (distillation_slot_count(batch["teacher_mask"], cfg.distill.slots, cfg.model.task_slot).item()
+                             if "teacher_mask" in batch else 0)
             global_units, global_slots = ctx.sum([units, teacher_slots])
         try:
             return _accumulate_and_step(model, optimizer, batch, cfg, autocast, micro, faults, ctx,
@@ -512,7 +521,8 @@ def _accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimize
         make_nan = faults.forward_pass("train")
         units = 1.0 if whole else loss_units(piece["target"], cfg.train.loss_normalization).item()
         task_share = 1.0 if whole else units * ctx.world / global_units
-        piece_slots = piece["teacher_mask"].sum().item() if global_slots and not whole else 0
+        piece_slots = (distillation_slot_count(piece["teacher_mask"], cfg.distill.slots, cfg.model.task_slot).item()
+                       if global_slots and not whole else 0)
         slot_share = 1.0 if whole else piece_slots * ctx.world / global_slots if global_slots else 0.0
         # DDP averages gradients over ranks when the last piece's backward runs; earlier pieces only accumulate.
         sync = model.no_sync() if data_parallel and i < len(pieces) - 1 else contextlib.nullcontext()
@@ -550,7 +560,7 @@ def _accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimize
 def validate(
     model: SageStudent, loader: torch.utils.data.DataLoader, device: torch.device, autocast: Autocast,
     grid_size: int, micro: MicroBatch | None = None, faults: FaultInjection | None = None,
-    ctx: DistributedContext = DistributedContext(),
+    ctx: DistributedContext = DistributedContext(), distill_slots: str = "grids",
 ) -> dict[str, float]:
     """Task loss and exact match / output size / pixel accuracy (target cells only) on held-out
     tasks; with teacher features, also the distillation head's cosine to them (feature fidelity).
@@ -569,8 +579,9 @@ def validate(
         loss = answer_cross_entropy(out.logits, piece["target"]).item() * n_cells
         cosine, count = 0.0, 0
         if out.grid_features is not None and "teacher_features" in piece:
-            _, mean_cosine, count = distillation_losses(
-                out.grid_features, model.standardise(piece["teacher_features"]), piece["teacher_mask"] & out.grid_mask)
+            _, mean_cosine, count = distillation_losses(*distillation_slots(
+                out.grid_features, model.standardise(piece["teacher_features"]), piece["teacher_mask"] & out.grid_mask,
+                out.task_features, distill_slots))
             cosine = mean_cosine.item() * count
         return loss, n_cells, score_batch(out.logits, piece, grid_size), cosine, count
 

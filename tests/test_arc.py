@@ -8,6 +8,7 @@ import pytest
 from sage.arc import (
     ARCDataError,
     Augmentation,
+    fixed_view,
     load_task_dir,
     random_augmentation,
     split_by_task,
@@ -129,3 +130,14 @@ def test_augmentations_invert_exactly_and_apply_to_the_whole_task():
     assert (Augmentation(0, random_augmentation(rng).colours).apply(np.zeros((2, 2), np.uint8)) == 0).all()
     with pytest.raises(ValueError, match="keeping 0 fixed"):
         Augmentation(0, (1, 0, 2, 3, 4, 5, 6, 7, 8, 9))
+
+
+def test_fixed_views_depend_only_on_task_and_number_and_never_change():
+    # Cache keys name an augmented view by its number alone: this mapping is part of every cache's meaning.
+    assert fixed_view("007bbfb7", 1) == Augmentation(6, (0, 2, 3, 6, 5, 9, 8, 7, 1, 4))
+    assert fixed_view("007bbfb7", 2) == Augmentation(4, (0, 3, 5, 2, 7, 1, 4, 6, 8, 9))
+    views = [fixed_view(f"task{i}", k) for i in range(50) for k in range(1, 9)]
+    assert not any(v.is_identity for v in views)
+    assert len({v.dihedral for v in views}) == 8 and len(set(views)) == len(views)
+    with pytest.raises(ValueError, match="numbered from 1"):
+        fixed_view("007bbfb7", 0)

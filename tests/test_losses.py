@@ -1,4 +1,4 @@
-"""The answer loss: which cells count, and the two ways of averaging them (train.loss_normalization)."""
+"""The losses: which answer cells count, the two ways of averaging them (train.loss_normalization), and the distilled slots."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sage.encoding import PAD, grid_to_canvas
-from sage.losses import answer_cross_entropy, loss_units
+from sage.losses import answer_cross_entropy, distillation_slot_count, distillation_slots, loss_units
 
 
 def targets() -> torch.Tensor:
@@ -43,3 +43,20 @@ def test_per_example_loss_weighs_a_small_answer_like_a_large_one():
     cell = [answer_cross_entropy(x, target, "cell").item() for x in (small_wrong, large_wrong)]
     assert example[0] == pytest.approx(example[1], rel=1e-5)
     assert cell[1] / cell[0] == pytest.approx(35 / 3, rel=1e-4)
+
+
+def test_task_slot_target_is_the_mean_of_the_examples_grid_targets():
+    g = torch.Generator().manual_seed(0)
+    grid_pred, grid_target = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    task_pred = torch.randn(3, 5, generator=g)
+    mask = torch.tensor([[True, True, False, False], [False, False, False, False], [True, True, True, True]])
+    pred, target, m = distillation_slots(grid_pred, grid_target, mask, task_pred, "task")
+    assert pred.shape == target.shape == (3, 1, 5) and m.squeeze(1).tolist() == [True, False, True]
+    torch.testing.assert_close(target[0, 0], grid_target[0, :2].mean(0))
+    torch.testing.assert_close(target[2, 0], grid_target[2].mean(0))
+    pred, target, m = distillation_slots(grid_pred, grid_target, mask, task_pred, "both")
+    assert pred.shape == (3, 5, 5) and torch.equal(pred[:, 4], task_pred) and torch.equal(target[:, :4], grid_target)
+    assert int(m.sum()) == distillation_slot_count(mask, "both", task_slot=True) == 6 + 2
+    assert distillation_slot_count(mask, "task", task_slot=True) == 2
+    assert distillation_slots(grid_pred, grid_target, mask, None, "both")[0] is grid_pred  # no task token
+    assert distillation_slot_count(mask, "grids", task_slot=True) == distillation_slot_count(mask, "both", False) == 6

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from sage.datasets import load_dataset
@@ -45,15 +46,41 @@ def test_forward_shapes_and_slot_mask():
         assert out.grid_mask[b].nonzero().flatten().tolist() == sorted(slots)
 
 
-def test_predictions_do_not_depend_on_batch_padding():
+@pytest.mark.parametrize("task_slot", [False, True])
+def test_predictions_do_not_depend_on_batch_padding(task_slot):
     torch.manual_seed(0)
-    cfg = StudentConfig(d_model=32, n_heads=4, encoder_layers=2, decoder_layers=1, teacher_dim=16, distill_hidden=16)
+    cfg = StudentConfig(d_model=32, n_heads=4, encoder_layers=2, decoder_layers=1, teacher_dim=16, distill_hidden=16,
+                        task_slot=task_slot)
     model = SageStudent(cfg).eval()
     _, items = tiny_batch()
     alone = model(collate(items[:1]))
     padded = model(collate(items))  # item 0 is now padded to the longest context of the three
     torch.testing.assert_close(padded.logits[0], alone.logits[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(padded.grid_features[0], alone.grid_features[0], atol=1e-5, rtol=1e-4)
+    if task_slot:
+        torch.testing.assert_close(padded.task_features[0], alone.task_features[0], atol=1e-5, rtol=1e-4)
+
+
+def test_task_slot_is_read_by_the_decoder_and_absent_when_off():
+    cfg = StudentConfig(d_model=32, n_heads=4, encoder_layers=1, decoder_layers=1, teacher_dim=48, distill_hidden=16)
+    torch.manual_seed(0)
+    plain = SageStudent(cfg)
+    torch.manual_seed(0)
+    with_slot = SageStudent(StudentConfig(**{**cfg.__dict__, "task_slot": True})).eval()
+    # Off, the model is the one checkpoints were written with: no new weights.
+    assert set(with_slot.state_dict()) - set(plain.state_dict()) == {"task_emb", "task_to_canvas.weight",
+                                                                    "task_to_canvas.bias"}
+    _, items = tiny_batch()
+    batch = collate(items)
+    out = with_slot(batch)
+    assert out.task_features.shape == (3, 48) and plain.eval()(batch).task_features is None
+    assert out.grid_features.shape == (3, 21, 48)  # the task token is no grid slot
+    with torch.no_grad():
+        with_slot.task_emb.add_(torch.randn(32, generator=torch.Generator().manual_seed(1)))
+    moved = with_slot(batch)
+    # The answer depends on the task token (with no dependency the same arithmetic repeats bit for bit).
+    assert (moved.logits - out.logits).abs().max() > 1e-6
+    assert (moved.task_features - out.task_features).abs().max() > 1e-6
 
 
 def test_batch_canvas_prediction_does_not_depend_on_batch_mates():

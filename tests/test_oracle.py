@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sage.arc import Augmentation, random_augmentation
+from sage.arc import Augmentation, fixed_view, random_augmentation
 from sage.config import ConfigError, load_config
+from sage.datasets import load_dataset
 from sage.distill import ensure_teacher_cache, teacher_targets
 from sage.features import FeatureCacheError
 from sage.synthetic import TRANSFORMS, Rule, generate_tasks, generate_tasks_and_rules
@@ -117,3 +118,44 @@ def test_oracle_features_reach_training_through_the_cache(tmp_path):
     other_cache = ensure_teacher_cache(other, "synthetic", load_splits(other).train_dataset, lambda _: None)
     assert other_cache.directory != cache.directory
     assert generate_tasks(**{**OPTIONS, "seed": 4})[0].id.startswith("syn4-")
+
+
+def test_augmented_views_are_cached_and_give_augmented_examples_their_own_targets(tmp_path):
+    views = TINY + ["data.augment=true", "data.augment_probability=1.0", f"teacher.cache_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="distils nothing.*teacher.augmented_views"):
+        load_config(REPO / "configs" / "kd_oracle.yaml", views)
+    cfg = load_config(REPO / "configs" / "kd_oracle.yaml", views + ["teacher.augmented_views=3"])
+    splits = load_splits(cfg)
+    cache = ensure_teacher_cache(cfg, "synthetic", splits.train_dataset, lambda _: None)
+    val_ids = {t.id for t in splits.val}
+    viewed = {k.split("/")[0] for k in cache.keys() if "/a" in k}
+    assert viewed == {t.id for t in splits.train}  # views of every training task, none of validation's
+    assert {k.split("/")[1] for k in cache.keys() if "/a" in k} == {"a1", "a2", "a3"}
+    assert all("/a" not in k for k in cache.keys() if k.split("/")[0] in val_ids)
+
+    rules = {t.id: r for t, r in generate_tasks_and_rules(**OPTIONS)}
+    oracle = OracleTeacher(rules, noise=0.0, seed=cfg.teacher.seed)
+    targets = teacher_targets(cache, cfg.model)
+    train_set, _ = make_datasets(cfg, splits, targets, targets)
+    assert train_set.with_teacher_view_in_epoch(0) == len(train_set)  # every example keeps its targets
+    changed = 0
+    for i in range(0, len(train_set), 5):
+        aug, view = train_set.augmentation(i)
+        assert 1 <= view <= 3 and aug == fixed_view(train_set.tasks[train_set.refs[i].task_index].id, view)
+        task = train_set.tasks[train_set.refs[i].task_index]
+        item = train_set[i]
+        query = aug.apply_task(task).train[train_set.refs[i].query].input if train_set.refs[i].query < len(
+            task.train) else aug.apply_task(task).test[0].input
+        h, w = query.shape
+        assert np.array_equal(item["query"].reshape(6, 6)[:h, :w], query.astype(np.int64) + 2)  # the view's grids
+        slots = np.flatnonzero(item["teacher_mask"])
+        seen = oracle.rule_vector(rules[task.id].under(aug))  # the rule as this view shows it
+        assert np.allclose(item["teacher_features"][slots], seen, atol=2e-2)
+        changed += not np.allclose(seen, oracle.rule_vector(rules[task.id]), atol=2e-2)
+    assert changed > 0  # ... which is not the rule of the task as given
+
+    # Any teacher's view prompt shows the same roles, each grid through the view's augmentation.
+    arc = load_dataset("arc-agi-1/training")[5]
+    plain, second = (view_example(arc, [0, 1], 2, "task_context", 3, augmented_view=k) for k in (0, 2))
+    assert second.roles == plain.roles and second.key == plain.key.replace("/q", "/a2/q", 1)
+    assert all(np.array_equal(g, fixed_view(arc.id, 2).apply(p)) for g, p in zip(second.grids, plain.grids))

@@ -28,12 +28,14 @@ from sage_student_model import build_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("normalization", ["cell", "example"])
-def test_pieces_add_up_to_the_whole_batch(normalization):
+@pytest.mark.parametrize("normalization, slots", [("cell", "grids"), ("example", "grids"), ("cell", "task"),
+                                                 ("example", "both")])
+def test_pieces_add_up_to_the_whole_batch(normalization, slots):
     """Out-of-memory recovery pushes a batch through in pieces; the optimiser step must not change,
-    whichever way the answer loss is averaged."""
+    whichever way the answer loss is averaged and whichever slots are distilled."""
     cfg = tiny_config(Path("/unused"), "pieces", "distill.weight=0.5", "model.teacher_dim=64", "train.lr=1e-2",
-                      f"train.loss_normalization={normalization}")
+                      f"train.loss_normalization={normalization}", f"distill.slots={slots}",
+                      f"model.task_slot={'false' if slots == 'grids' else 'true'}")
     tasks = load_splits(cfg).train
     data = ARCExamples(tasks, training_examples(tasks), cfg.model.grid_size, cfg.model.max_demos,
                        cfg.data.max_context_tokens)

@@ -57,6 +57,10 @@ class TeacherConfig:
     # Demonstrations each prompt shows (the first of its student example's); None: model.max_demos,
     # which it must equal when the student reads teacher features.
     max_demos: int | None = None
+    # Also cache the features of K fixed augmented views of each training task (sage.arc.fixed_view);
+    # augmented training examples then draw their augmentation among them and keep their distillation
+    # targets (K times the extraction). 0: only the tasks as given, augmented examples have no targets.
+    augmented_views: int = 0
     instruction: str | None = None  # text after the images; None: the view's default (sage/teacher/prompt.py)
     shard_entries: int = 256  # prompts per safetensors shard (the unit of resumption)
 
@@ -83,6 +87,8 @@ def teacher_problems(t: TeacherConfig, presets: Sequence[str]) -> list[str]:
         problems.append(f"teacher.noise is the oracle teacher's; teacher.preset is {t.preset!r}")
     if t.preset == ORACLE_PRESET and t.token_features:
         problems.append("the oracle teacher has no image tokens: set teacher.token_features=false")
+    if t.augmented_views < 0:
+        problems.append(f"teacher.augmented_views must be >= 0, got {t.augmented_views}")
     if t.shard_entries < 1:
         problems.append(f"teacher.shard_entries must be >= 1, got {t.shard_entries}")
     if not t.cache_dir:

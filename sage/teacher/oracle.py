@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from sage.arc import fixed_view
 from sage.features import EntryFeatures
 from sage.synthetic import RULE_CODE_DIM, Rule, generate_tasks_and_rules
 from sage.teacher.config import TeacherConfig, TeacherError
@@ -56,6 +57,8 @@ class OracleTeacher:
             if rule is None:
                 raise TeacherError(f"oracle teacher: task '{example.task_id}' is not one of the generated synthetic "
                                    "tasks whose rules it knows (data.synthetic must describe the dataset)")
+            if example.augmented_view:  # the same task seen through the view's augmentation
+                rule = rule.under(fixed_view(example.task_id, example.augmented_view))
             for role, grid, nxt in zip(example.roles, example.grids, example.grids[1:]):
                 if role.side == "input" and not np.array_equal(rule.apply(grid), nxt):
                     raise TeacherError(f"oracle teacher: task '{example.task_id}', {role}: its output does not follow "

@@ -33,7 +33,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from sage.arc import ARCDataError, Task
+from sage.arc import ARCDataError, Task, fixed_view
 from sage.teacher.config import VIEWS
 
 SYSTEM_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -73,10 +73,12 @@ def role_of(index: int, side: str, n_train: int) -> Role:
     return Role("train", index, side) if index < n_train else Role("test", index - n_train, side)
 
 
-def example_key(task_id: str, demos: Sequence[int], query: int) -> str:
+def example_key(task_id: str, demos: Sequence[int], query: int, augmented_view: int = 0) -> str:
     """The cache key of the prompt that shows pairs `demos` (in order) and then pair `query`'s
-    input, e.g. 'a85d4709/q4/d0.1.2' (indices over task.train + task.test)."""
-    return f"{task_id}/q{query}/d{'.'.join(str(d) for d in demos)}"
+    input, e.g. 'a85d4709/q4/d0.1.2' (indices over task.train + task.test), of the task as given or
+    of its augmented view k (sage.arc.fixed_view), e.g. 'a85d4709/a3/q4/d0.1.2'."""
+    view = f"/a{augmented_view}" if augmented_view else ""
+    return f"{task_id}{view}/q{query}/d{'.'.join(str(d) for d in demos)}"
 
 
 def shown_demos(view: str, demos: Sequence[int], max_demos: int) -> tuple[int, ...]:
@@ -94,17 +96,23 @@ class TeacherExample:
     query: int
     roles: tuple[Role, ...]
     grids: tuple[np.ndarray, ...]
+    augmented_view: int = 0  # 0: the task as given; k: its augmented view k (sage.arc.fixed_view)
 
     @property
     def key(self) -> str:
-        return example_key(self.task_id, self.demos, self.query)
+        return example_key(self.task_id, self.demos, self.query, self.augmented_view)
 
 
-def view_example(task: Task, demos: Sequence[int], query: int, view: str, max_demos: int) -> TeacherExample:
+def view_example(task: Task, demos: Sequence[int], query: int, view: str, max_demos: int,
+                 augmented_view: int = 0) -> TeacherExample:
     """The prompt for the student example that answers pair `query` of `task` from pairs `demos`
-    (indices over task.train + task.test). Only `with_answer` reads the query's output."""
+    (indices over task.train + task.test), of the task as given or (augmented_view k >= 1) of its
+    augmented view k, whose roles are the same grids transformed. Only `with_answer` reads the
+    query's output."""
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}: expected one of {', '.join(VIEWS)}")
+    if augmented_view:
+        task = fixed_view(task.id, augmented_view).apply_task(task)
     pairs, n_train = task.train + task.test, len(task.train)
     if query in demos:
         raise ValueError(f"task '{task.id}': pair {query} cannot be both the query and a demonstration")
@@ -124,7 +132,7 @@ def view_example(task: Task, demos: Sequence[int], query: int, view: str, max_de
             )
         roles.append(role_of(query, "output", n_train))
         grids.append(pairs[query].output)
-    return TeacherExample(task.id, shown, query, tuple(roles), tuple(grids))
+    return TeacherExample(task.id, shown, query, tuple(roles), tuple(grids), augmented_view)
 
 
 def evaluation_prompts(tasks: Sequence[Task], view: str, max_demos: int) -> list[TeacherExample]:
