@@ -9,7 +9,8 @@ task id (flip_lr, colour_swap, ...). "rule cosine" is the cosine between what th
 distillation head says about the test input's grid (or, with model.task_slot, about the task) and
 the oracle teacher's feature of the task's rule, in the standardised units the head is trained in:
 1 means the student states the rule exactly, about 0 that it states nothing about it. It is shown
-for runs that distilled from the oracle (for the others the head was never trained).
+for runs that distilled from the oracle (for the others the head was never trained). A probe
+(model.kind: probe) reads the oracle's features: its row is what knowing the rule exactly buys.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def family_scores(checkpoint: str, batch_size: int = 64) -> dict[str, dict[str, 
     splits = load_splits(cfg)
     distilled = cfg.distills and cfg.teacher.preset == ORACLE_PRESET
     targets = None
-    if distilled:
+    if cfg.uses_teacher:  # a probe reads the features; a distilled head is compared with them
         cache = ensure_teacher_cache(cfg, cfg.data.train, splits.train_dataset, lambda _: None)
         targets = teacher_targets(cache, cfg.model)
     _, val_set = make_datasets(cfg, splits, None, targets)

@@ -230,6 +230,11 @@ def feature_fidelity(
     if not cfg.distills:  # its head never saw a target: a cosine would measure initialisation
         return {"measured": False, "teacher": teacher,
                 "reason": "this run did not distil (distill.weight 0): its distillation head is untrained"}
+    if cfg.distill.slots == "task":  # per-grid states were never trained towards the teacher
+        return {"measured": False, "teacher": teacher,
+                "reason": "this run distilled only its task token (distill.slots task): per-grid fidelity would "
+                          "measure a head never trained on grid states (training's validation reports the task "
+                          "token's cosine)"}
     device = next(loaded.model.parameters()).device
     cache, reason = open_teacher_cache(cfg, split, cache_dir, extract, device, log)
     if cache is None:

@@ -183,13 +183,13 @@ class SlotTeacher:
 
     field = "teacher_features"
 
-    def key(self, task, demos, query):
-        return f"{task.id}/{query}"
+    def key(self, task, demos, query, augmented_view=0):
+        return f"{task.id}/{augmented_view}/{query}"
 
     def require(self, keys):
         pass
 
-    def for_example(self, task, demos, query, max_demos):
+    def for_example(self, task, demos, query, max_demos, augmented_view=0):
         slots = 2 * max_demos + 1
         return np.arange(slots, dtype=np.float32)[:, None].repeat(4, 1), np.ones(slots, dtype=bool)
 

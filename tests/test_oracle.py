@@ -1,20 +1,24 @@
 """The oracle teacher: synthetic tasks' hidden rules as features, through the real cache and training path."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sage.arc import Augmentation, fixed_view, random_augmentation
 from sage.config import ConfigError, load_config
 from sage.datasets import load_dataset
 from sage.distill import ensure_teacher_cache, teacher_targets
+from sage.encoding import collate
 from sage.features import FeatureCacheError
 from sage.synthetic import TRANSFORMS, Rule, generate_tasks, generate_tasks_and_rules
 from sage.teacher.config import TeacherConfig, TeacherError
 from sage.teacher.oracle import OracleTeacher, load_oracle
 from sage.teacher.prompt import view_example
 from sage.training import load_splits, make_datasets
+from sage_student_model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = dict(num_tasks=60, seed=3, transforms=list(TRANSFORMS), min_side=2, max_side=5, demos=3)
@@ -107,6 +111,15 @@ def test_oracle_features_reach_training_through_the_cache(tmp_path):
             # Every grid the example shows, at its slot (demo k: 2k, 2k+1; query: 2 * max_demos), is the rule.
             assert list(slots) == [s for k in range(len(data.kept_demos[i])) for s in (2 * k, 2 * k + 1)] + [8]
             assert np.allclose(item["teacher_features"][slots], oracle.rule_vector(rules[task.id]), atol=2e-2)
+    # The student never reads them: scrambled features leave its answers and statements bit for bit.
+    torch.manual_seed(0)
+    student = build_model(dataclasses.replace(cfg.model, task_slot=True)).eval()
+    batch = collate([val_set[i] for i in range(8)])
+    scrambled = {**batch, "teacher_features": torch.randn_like(batch["teacher_features"]),
+                 "teacher_mask": ~batch["teacher_mask"]}
+    with torch.no_grad():
+        plain, other = student(batch), student(scrambled)
+    assert torch.equal(plain.logits, other.logits) and torch.equal(plain.task_features, other.task_features)
     # Another noise level is another teacher: its cache is refused, not mixed in.
     noisy = load_config(REPO / "configs" / "kd_oracle.yaml", TINY + [f"teacher.cache_dir={tmp_path}",
                                                                      "teacher.noise=0.5"])

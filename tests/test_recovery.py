@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 from test_training import epoch_records, tiny_command, tiny_config
 
 import train_sage
+from sage.distill import training_dataset
 from sage.encoding import ARCExamples, collate, training_examples
+from sage.features import cache_path
 from sage.recovery import FaultInjection, MicroBatch, TrainingError
 from sage.runlog import read_metrics
 from sage.training import Autocast, load_splits, train, train_step
@@ -240,8 +242,11 @@ def test_malformed_inputs_fail_cleanly_and_touch_nothing(tmp_path, capsys):
     fails(tiny_command(tmp_path, "good", *distil, "model.d_model=64") + ["--resume"], r"model config differs")
     fails(tiny_command(tmp_path, "good", *distil), r"already has checkpoints")
 
-    # A cache made for another dataset (same name, other tasks), or by another teacher view and
-    # copied to where this config looks.
+    # A cache made for other tasks (another generator setting) or by another teacher view, copied to
+    # where this config looks.
+    other = tiny_config(tmp_path, "dataset", *distil, "data.synthetic.num_tasks=30")
+    other_cache = cache_path(other.teacher, "synthetic", training_dataset(other))
+    shutil.copytree(cache, other_cache)
     fails(tiny_command(tmp_path, "dataset", *distil, "data.synthetic.num_tasks=30"), r"dataset")
     shutil.copytree(cache, cache.parent.parent / "with_answer" / cache.name)
     fails(tiny_command(tmp_path, "view", *distil, "teacher.view=with_answer", "teacher.allow_answer_view=true"),
@@ -268,6 +273,7 @@ def test_malformed_inputs_fail_cleanly_and_touch_nothing(tmp_path, capsys):
         shutil.rmtree(run)
     shutil.rmtree(damaged)
     shutil.rmtree(cache.parent.parent / "with_answer")
+    shutil.rmtree(other_cache)
     after = fingerprint_tree(tmp_path)
     for key in set(before) | set(after):
         if key.startswith(("checkpoints", "features")):
