@@ -9,10 +9,13 @@
         -> grid decoder (self-attention over the canvas, cross-attention to the context)
         -> per-cell logits over 12 tokens (PAD, EOS, 10 colours): the output grid AND its size
     per-grid mean of encoder states -> distillation head -> teacher width (2048 for GR00T N1.5)
+    (model.task_slot: a learned task token leads the context; the distillation head's reading of
+     its encoder state is the student's statement of the task, added to every answer cell)
 
 The student never reads teacher features: at inference it replaces the teacher. The distillation
-head is part of the model (trained, saved, restored) and is only used by the training loss; the
-teacher-feature statistics it is trained against are buffers of the model, saved with it.
+head is part of the model (trained, saved, restored) and serves the training loss (and, with
+model.task_slot, states the task for the decoder); the teacher-feature statistics it is trained
+against are buffers of the model, saved with it.
 
 `SageProbe` (model.kind: probe) is the comparison point, "GR00T + a trained head": the same
 encoder and decoder, but its context is the teacher's per-grid features instead of the grids.

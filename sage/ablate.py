@@ -185,9 +185,11 @@ def plot(arms: Sequence[Arm], runs: dict[str, list[dict[str, Any]]], path: Path,
         curves = [dict(map(tuple, r["curve"])) for r in runs[arm.label]]
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         values = [[c[s] for c in curves] for s in steps]
-        line, = ax.plot(steps, [statistics.fmean(v) for v in values], marker="o", label=f"{arm.label} (n={len(curves)})")
-        if len(curves) > 1:
-            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
+        means = [statistics.fmean(v) for v in values]
+        line, = ax.plot(steps, means, marker="o", label=f"{arm.label} (n={len(curves)})")
+        if len(curves) > 1:  # the spread over seeds
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
+                            alpha=0.2)
     baseline = max(max(r["baselines"].values()) for rs in runs.values() for r in rs)
     ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label=f"best baseline (up to {baseline:.3f})")
     ax.set_xlabel("optimiser step")

@@ -84,7 +84,8 @@ def dataset_slug(dataset: str, tasks: Sequence[Task]) -> str:
 
 
 def cache_path(teacher: TeacherConfig, dataset: str, tasks: Sequence[Task], limit: int | None = None) -> Path:
-    name = dataset_slug(dataset, tasks) + (f"-first{limit}" if limit else "") + ("+tokens" if teacher.token_features else "")
+    name = (dataset_slug(dataset, tasks) + (f"-first{limit}" if limit else "")
+            + ("+tokens" if teacher.token_features else ""))
     return Path(teacher.cache_dir).expanduser() / teacher.preset / teacher.view / name
 
 

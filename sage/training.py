@@ -494,8 +494,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
         # device sync before the forward pass; a whole batch in one process has shares of exactly 1).
         if global_units is None and (micro.size < len(batch["target"]) or ctx.enabled):
             units = loss_units(batch["target"], cfg.train.loss_normalization).item()
-            teacher_slots = (distillation_slot_count(batch["teacher_mask"], cfg.distill.slots, cfg.model.task_slot).item()
-                             if "teacher_mask" in batch else 0)
+            teacher_slots = (distillation_slot_count(batch["teacher_mask"], cfg.distill.slots,
+                                                     cfg.model.task_slot).item() if "teacher_mask" in batch else 0)
             global_units, global_slots = ctx.sum([units, teacher_slots])
         try:
             return _accumulate_and_step(model, optimizer, batch, cfg, autocast, micro, faults, ctx,

@@ -35,8 +35,8 @@ def test_arms_and_seeds_parse_and_bad_ones_are_refused():
 
 def test_summary_pairs_each_seed_with_the_first_arm():
     def run(seed, exact, cosine=None):
-        return {"seed": seed, "steps": 10, "last": {"exact": exact, "size": 1.0, "pixel": 0.5, "feature cosine": cosine},
-                "baselines": {"copy_input": 0.1, "all_zeros": 0.0}}
+        last = {"exact": exact, "size": 1.0, "pixel": 0.5, "feature cosine": cosine}
+        return {"seed": seed, "steps": 10, "last": last, "baselines": {"copy_input": 0.1, "all_zeros": 0.0}}
 
     arms = [Arm("a", ["distill.weight=0"]), Arm("b", ["distill.weight=1"])]
     runs = {"a": [run(0, 0.2), run(1, 0.4)], "b": [run(1, 0.7, 0.9), run(0, 0.3, 0.8)]}

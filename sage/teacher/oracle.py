@@ -76,7 +76,7 @@ class OracleTeacher:
 def load_oracle(teacher: TeacherConfig, dataset: str, synthetic_options: dict[str, Any]) -> OracleTeacher:
     """The oracle for `dataset`, which must be the generated synthetic tasks (their rules are known)."""
     if dataset != "synthetic":
-        raise TeacherError(f"teacher.preset {ORACLE_PRESET} knows the hidden rules of generated tasks only: the dataset "
-                           f"must be 'synthetic' (data.train / teacher.dataset), got {dataset!r}")
+        raise TeacherError(f"teacher.preset {ORACLE_PRESET} knows the hidden rules of generated tasks only: the "
+                           f"dataset must be 'synthetic' (data.train / teacher.dataset), got {dataset!r}")
     rules = {task.id: rule for task, rule in generate_tasks_and_rules(**synthetic_options)}
     return OracleTeacher(rules, teacher.noise, teacher.seed)
