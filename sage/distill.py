@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from sage.arc import ARCDataError, Task, split_by_task, tasks_up_to_side
+from sage.arc import Task, split_by_task
 from sage.config import ExperimentConfig
-from sage.datasets import load_dataset
+from sage.datasets import training_dataset
 from sage.encoding import evaluation_examples, fit_demos, training_examples
 from sage.features import FeatureCache, FeatureCacheError, cache_path, example_roles, open_cache
 from sage.teacher.config import LEAKING_VIEWS
@@ -32,18 +32,6 @@ from sage.teacher.prompt import TeacherExample, example_key, shown_demos, view_e
 
 if TYPE_CHECKING:
     from sage_student_model import StudentConfig
-
-
-def training_dataset(cfg: ExperimentConfig) -> list[Task]:
-    """Every task of data.train a run of `cfg` may use (training and held-out validation): those
-    whose grids all fit data.max_grid_side. Training, its teacher cache and evaluation's overlap
-    check all split this same list."""
-    tasks = tasks_up_to_side(load_dataset(cfg.data.train, dataclasses.asdict(cfg.data.synthetic)),
-                             cfg.data.max_grid_side)
-    if not tasks:
-        raise ARCDataError(f"data.train {cfg.data.train!r}: no task has every grid within data.max_grid_side="
-                           f"{cfg.data.max_grid_side}; raise it")
-    return tasks
 
 
 def teacher_views(cfg: ExperimentConfig) -> int:

@@ -22,12 +22,11 @@ from tqdm import tqdm
 from sage.arc import Task, split_by_task
 from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into, save_checkpoint
 from sage.config import ExperimentConfig, save_config
-from sage.datasets import load_dataset
+from sage.datasets import load_dataset, training_dataset
 from sage.device import resolve_device
 from sage.distributed import (DistributedContext, RankBatchSampler, examples_of_rank, init_distributed,
                               shutdown_distributed)
-from sage.distill import (TeacherTargets, ensure_teacher_cache, feature_statistics, teacher_targets, teacher_views,
-                          training_dataset)
+from sage.distill import TeacherTargets, ensure_teacher_cache, feature_statistics, teacher_targets, teacher_views
 from sage.encoding import (PAD, ARCExamples, LengthBucketSampler, answer_canvases, canvas_to_grid, collate,
                            evaluation_examples, training_examples)
 from sage.losses import (answer_cross_entropy, distillation_losses, distillation_slot_count, distillation_slots,

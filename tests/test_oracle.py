@@ -172,3 +172,15 @@ def test_augmented_views_are_cached_and_give_augmented_examples_their_own_target
     plain, second = (view_example(arc, [0, 1], 2, "task_context", 3, augmented_view=k) for k in (0, 2))
     assert second.roles == plain.roles and second.key == plain.key.replace("/q", "/a2/q", 1)
     assert all(np.array_equal(g, fixed_view(arc.id, 2).apply(p)) for g, p in zip(second.grids, plain.grids))
+
+
+def test_a_run_that_keeps_only_small_tasks_extracts_and_reads_the_same_cache(tmp_path):
+    """data.max_grid_side filters the training dataset; extraction must cover the same task list,
+    or the cache it writes is not the one training opens."""
+    cfg = load_config(REPO / "configs" / "kd_oracle.yaml", TINY + [f"teacher.cache_dir={tmp_path}",
+                                                                   "data.max_grid_side=4"])
+    splits = load_splits(cfg)
+    assert 0 < len(splits.train_dataset) < OPTIONS["num_tasks"]
+    cache = ensure_teacher_cache(cfg, "synthetic", splits.train_dataset, lambda _: None)
+    assert cache.identity["dataset"]["num_tasks"] == len(splits.train_dataset)
+    assert {e["task"] for e in cache.entries.values()} == {t.id for t in splits.train_dataset}

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from test_training import epoch_records, tiny_command, tiny_config
 
 import train_sage
-from sage.distill import training_dataset
+from sage.datasets import training_dataset
 from sage.encoding import ARCExamples, collate, training_examples
 from sage.features import cache_path
 from sage.recovery import FaultInjection, MicroBatch, TrainingError

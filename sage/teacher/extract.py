@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sage.arc import Task
-from sage.datasets import load_dataset
+from sage.datasets import load_dataset, training_dataset
 from sage.device import resolve_device
 from sage.features import (
     CacheWriter,
@@ -162,10 +162,13 @@ def load_teacher(teacher: TeacherConfig, device: str | torch.device = "auto") ->
 
 
 def teacher_tasks(cfg: Any, limit: int | None = None) -> tuple[str, list[Task]]:
-    """(dataset name, tasks) the config's teacher extracts: teacher.dataset, else data.train."""
+    """(dataset name, tasks) the config's teacher extracts: teacher.dataset, else data.train (the
+    tasks training uses of it: sage.datasets.training_dataset)."""
     dataset = cfg.teacher.dataset or cfg.data.train
-    options = dataclasses.asdict(cfg.data.synthetic) if dataset == "synthetic" else None
-    tasks = load_dataset(dataset, options)
+    if dataset == cfg.data.train:
+        tasks = training_dataset(cfg)
+    else:
+        tasks = load_dataset(dataset, dataclasses.asdict(cfg.data.synthetic) if dataset == "synthetic" else None)
     return dataset, tasks[:limit] if limit else tasks
 
 
