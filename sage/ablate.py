@@ -8,7 +8,8 @@ An arm is one or more `key=value` overrides of the config, separated by spaces (
 seed is a normal training run (sage/training.py) named `<name>-<arm>-s<seed>`, with its own
 checkpoints and logs; `run.seed` is the seed, so it sets the held-out split, the initial weights
 and the data order, which the arms of one seed share. A run that finished is reused and one that
-stopped is resumed, so rerunning the same command after a crash only trains what is missing.
+stopped is resumed, so rerunning the same command after a crash only trains what is missing; a
+run of that name trained with other settings (other --set values) is refused, never mixed in.
 
 Then it writes, under reports/ablations/<name>/:
 
@@ -81,11 +82,19 @@ def run_config(config: str, name: str, arm: Arm, seed: int, common: Sequence[str
 
 
 def finished_epochs(cfg: ExperimentConfig) -> int | None:
-    """Epochs the run's `last` checkpoint has completed (None: no checkpoint yet)."""
-    meta = Path(cfg.run.checkpoint_dir) / cfg.run.name / "last" / "meta.json"
-    if not meta.is_file():
+    """Epochs the run's `last` checkpoint has completed (None: no checkpoint yet). A run of that name
+    trained with another config (e.g. other --set values) is refused: reusing it would mix experiments."""
+    meta_path = Path(cfg.run.checkpoint_dir) / cfg.run.name / "last" / "meta.json"
+    if not meta_path.is_file():
         return None
-    return int(json.loads(meta.read_text())["train_state"]["epoch"])
+    meta = json.loads(meta_path.read_text())
+    saved, wanted = meta.get("config", {}), cfg.to_dict()
+    differ = [f"{section}.{key}" for section, values in wanted.items() for key, value in values.items()
+              if saved.get(section, {}).get(key) != value]
+    if differ:
+        raise CheckpointError(f"{meta_path.parent}: run '{cfg.run.name}' exists but was trained with other settings "
+                              f"({', '.join(differ[:4])}); give this ablation another --name, or delete that run")
+    return int(meta["train_state"]["epoch"])
 
 
 def train_or_reuse(cfg: ExperimentConfig, log: Any = print) -> str:

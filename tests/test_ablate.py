@@ -85,3 +85,7 @@ def test_ablation_trains_each_arm_and_seed_reuses_finished_runs_and_resumes_stop
     assert (out / "ablation.md").read_text() == table
     bad = subprocess.run(cmd[:5] + ["--arm", "distill.wieght=1"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown key 'distill.wieght'" in bad.stderr
+    # The same names with other settings would mix two experiments: refused, nothing trained.
+    other = subprocess.run(cmd + ["--set", "train.epochs=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "trained with other settings (train.epochs)" in other.stderr, other.stderr
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ck").rglob("model.safetensors")} == before
