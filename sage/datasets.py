@@ -42,3 +42,11 @@ def training_dataset(cfg: "ExperimentConfig") -> list[Task]:
         raise ARCDataError(f"data.train {cfg.data.train!r}: no task has every grid within data.max_grid_side="
                            f"{cfg.data.max_grid_side}; raise it")
     return tasks
+
+
+def run_tasks(cfg: "ExperimentConfig", dataset: str) -> list[Task]:
+    """Dataset `dataset`'s tasks as a run of `cfg` sees them: data.train through `training_dataset`,
+    any other dataset whole."""
+    if dataset == cfg.data.train:
+        return training_dataset(cfg)
+    return load_dataset(dataset, dataclasses.asdict(cfg.data.synthetic))

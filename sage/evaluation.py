@@ -34,7 +34,7 @@ import torch
 
 from sage.arc import ARCDataError, Task, tasks_up_to_side
 from sage.config import ConfigError, ExperimentConfig, with_overrides
-from sage.datasets import load_dataset, training_dataset
+from sage.datasets import load_dataset, run_tasks, training_dataset
 from sage.device import resolve_device
 from sage.distill import TeacherTargets, teacher_targets
 from sage.encoding import ARCExamples, evaluation_examples
@@ -182,7 +182,7 @@ def open_teacher_cache(
     command = (f"python extract_groot_features.py --config {run_config} --set teacher.dataset={dataset}"
                + (f" --set teacher.cache_dir={cache_dir}" if cache_dir else ""))
     try:
-        tasks = training_dataset(cfg) if dataset == cfg.data.train else load_dataset(dataset, asdict(cfg.data.synthetic))
+        tasks = run_tasks(cfg, dataset)
         directory = cache_path(teacher, dataset, tasks)
         if extract:
             run = replace(cfg.run, device=str(device) if device is not None else cfg.run.device)

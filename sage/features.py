@@ -131,40 +131,24 @@ def require_real_files(teacher: TeacherConfig) -> None:
 
 def build_spec(teacher: TeacherConfig, dataset: str, tasks: Sequence[Task]) -> dict[str, Any]:
     """The cache's spec: `identity` must match to reuse a cache; `info` is recorded only."""
-    if teacher.preset == ORACLE_PRESET:  # no images, no text: the grids' roles and the task's rule
-        return {"identity": {
-            "format": FORMAT,
-            "teacher": teacher_identity(teacher),
-            "view": teacher.view,
-            "leaks_answer": teacher.view in LEAKING_VIEWS,
-            "prompt": {"max_demos": teacher.max_demos, "one_prompt_per": ONE_PROMPT_PER},
-            "features": {"dim": ORACLE_FEATURE_DIM, "dtype": teacher.feature_dtype,
-                         "pooling": "one rule feature per grid", "token_features": False},
-            "dataset": dataset_identity(dataset, tasks),
-        }, "info": {}}
-    arch = get_preset(teacher.preset)
-    instruction = instruction_for(teacher.view, teacher.instruction)
-    identity = {
+    identity: dict[str, Any] = {
         "format": FORMAT,
         "teacher": teacher_identity(teacher),
         "view": teacher.view,
         "leaks_answer": teacher.view in LEAKING_VIEWS,
-        "prompt": {
-            "template": prompt_template(instruction, arch.tokens_per_image),
-            "instruction": instruction,
-            "max_demos": teacher.max_demos,
-            "tokens_per_image": arch.tokens_per_image,
-            "one_prompt_per": ONE_PROMPT_PER,
-        },
-        "image": {"size": IMAGE_SIZE, "render": RENDER_ID, "normalise": "(x / 255 - 0.5) / 0.5"},
-        "features": {
-            "dim": arch.feature_dim,
-            "dtype": teacher.feature_dtype,
-            "pooling": POOLING,
-            "token_features": teacher.token_features,
-        },
+        "prompt": {"max_demos": teacher.max_demos, "one_prompt_per": ONE_PROMPT_PER},
+        "features": {"dtype": teacher.feature_dtype},
         "dataset": dataset_identity(dataset, tasks),
     }
+    if teacher.preset == ORACLE_PRESET:  # no images, no text: the grids' roles and the task's rule
+        identity["features"].update(dim=ORACLE_FEATURE_DIM, pooling="one rule feature per grid", token_features=False)
+    else:
+        arch = get_preset(teacher.preset)
+        instruction = instruction_for(teacher.view, teacher.instruction)
+        identity["prompt"].update(template=prompt_template(instruction, arch.tokens_per_image),
+                                  instruction=instruction, tokens_per_image=arch.tokens_per_image)
+        identity["image"] = {"size": IMAGE_SIZE, "render": RENDER_ID, "normalise": "(x / 255 - 0.5) / 0.5"}
+        identity["features"].update(dim=arch.feature_dim, pooling=POOLING, token_features=teacher.token_features)
     return {"identity": identity, "info": {}}
 
 

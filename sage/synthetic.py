@@ -13,9 +13,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from sage.arc import Augmentation, Pair, Task
+from sage.arc import NUM_COLOURS, Augmentation, Pair, Task
 
-NUM_COLOURS = 10
+RULE_CODE_DIM = 8 + NUM_COLOURS * NUM_COLOURS  # one-hot dihedral transform, one-hot colour table
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,10 @@ class Rule:
 
     def code(self) -> np.ndarray:
         """[8 + 100] float32: one-hot of the dihedral, then the one-hot colour table (row c: colour c's output)."""
-        out = np.zeros(8 + NUM_COLOURS * NUM_COLOURS, dtype=np.float32)
+        out = np.zeros(RULE_CODE_DIM, dtype=np.float32)
         out[self.dihedral] = 1.0
         out[8 + np.arange(NUM_COLOURS) * NUM_COLOURS + np.asarray(self.colours)] = 1.0
         return out
-
-
-RULE_CODE_DIM = 8 + NUM_COLOURS * NUM_COLOURS
 
 
 def _geometric(dihedral: int) -> Callable[[np.random.Generator], Rule]:

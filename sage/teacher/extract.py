@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sage.arc import Task
-from sage.datasets import load_dataset, training_dataset
+from sage.datasets import run_tasks
 from sage.device import resolve_device
 from sage.features import (
     CacheWriter,
@@ -163,12 +163,9 @@ def load_teacher(teacher: TeacherConfig, device: str | torch.device = "auto") ->
 
 def teacher_tasks(cfg: Any, limit: int | None = None) -> tuple[str, list[Task]]:
     """(dataset name, tasks) the config's teacher extracts: teacher.dataset, else data.train (the
-    tasks training uses of it: sage.datasets.training_dataset)."""
+    tasks training uses of it: sage.datasets.run_tasks)."""
     dataset = cfg.teacher.dataset or cfg.data.train
-    if dataset == cfg.data.train:
-        tasks = training_dataset(cfg)
-    else:
-        tasks = load_dataset(dataset, dataclasses.asdict(cfg.data.synthetic) if dataset == "synthetic" else None)
+    tasks = run_tasks(cfg, dataset)
     return dataset, tasks[:limit] if limit else tasks
 
 

@@ -21,15 +21,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from sage.arc import fixed_view
+from sage.arc import NUM_COLOURS, fixed_view
 from sage.features import EntryFeatures
 from sage.synthetic import RULE_CODE_DIM, Rule, generate_tasks_and_rules
 from sage.teacher.config import TeacherConfig, TeacherError
 from sage.teacher.presets import ORACLE_FEATURE_DIM, ORACLE_PRESET
 from sage.teacher.prompt import TeacherExample
 
-# One 1 in the dihedral part of a rule's code and one in each of its 10 colour-table rows.
-_ONES_PER_CODE = 11
+# One 1 in the dihedral part of a rule's code and one in each of its colour-table rows.
+_ONES_PER_CODE = 1 + NUM_COLOURS
 
 
 class OracleTeacher:
