@@ -2,11 +2,13 @@
 
     context grids (demonstration pairs + test input, packed, no padding)
         -> token + row + column (from both edges) + segment embeddings
-        -> context encoder (pre-LN self-attention blocks, padding masked)
+        -> context encoder (pre-LN self-attention blocks, padding masked; with model.demo_views
+           each demonstration output cell also attends over its input's 8 dihedral views there)
     answer canvas (grid_size^2 slots, or as many as the batch's examples need (sage/encoding.py): the
                    test input's canvas tokens + row + column + "answer" segment, so the decoder
                    edits the input in place)
-        -> grid decoder (self-attention over the canvas, cross-attention to the context)
+        -> grid decoder (self-attention over the canvas, cross-attention to the context; with
+           model.answer_views each cell also attends over the test input's 8 dihedral views there)
         -> per-cell logits over 12 tokens (PAD, EOS, 10 colours): the output grid AND its size
     per-grid mean of encoder states -> distillation head -> teacher width (2048 for GR00T N1.5)
     (model.task_slot: a learned task token leads the context; the distillation head's reading of
@@ -33,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sage.encoding import VOCAB_SIZE
+from sage.encoding import VOCAB_SIZE, dihedral_pair_views, dihedral_query_views
 
 
 @dataclass
@@ -61,6 +63,14 @@ class StudentConfig:
     # it (cross-attention, and added to every answer cell), and distillation can target it with the
     # teacher's task-level feature (distill.slots). Off: the model as before it existed.
     task_slot: bool = False
+    # Dihedral views: a cell also attends, in every block, over what the grid it is made from shows
+    # at that cell under the 8 dihedral transforms (sage.encoding.dihedral_query_views and
+    # dihedral_pair_views), so that a flip, rotation or transpose is a choice per cell, not an
+    # attention pattern across grids to learn. answer_views: each answer cell over the test
+    # input's views (carrying a rule out); demo_views: each demonstration output cell over its
+    # input's (telling the rule). Off: the model as before they existed.
+    answer_views: bool = False
+    demo_views: bool = False
 
     @property
     def probe_tokens_per_grid(self) -> int:
@@ -121,15 +131,51 @@ class MLP(nn.Module):
         return self.dropout(self.down(F.gelu(self.up(x))))
 
 
+@dataclass
+class Views:
+    """What dihedral views give a block: every (view, token) pair's embedding, which pairs each
+    position's 8 view tokens are, and (encoder only) which positions have views at all."""
+    table: torch.Tensor  # [8 * VOCAB_SIZE, d]
+    ids: torch.Tensor  # [B, T, 8]
+    present: torch.Tensor | None = None  # [B, T] 1.0 where the views mean something; None: everywhere
+
+
+class ViewAttention(nn.Module):
+    """Each position attends over its own 8 view tokens (model.answer_views, model.demo_views). A
+    view token is one of 8 x 12 (view, token) pairs, so their keys and values are projected once
+    per forward, as a table, and gathered: 8 tokens per position cost a lookup, not 8 projections."""
+
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, view_table: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d]; view_table [8 * 12, d] the embedding of every (view, token) pair; view_ids
+        [B, T, 8] which pair each position's 8 view tokens are."""
+        B, T, D = x.shape
+        q = self.q(self.norm(x)).view(B, T, self.n_heads, -1)
+        k, v = self.kv(view_table)[view_ids].view(B, T, 8, 2, self.n_heads, -1).unbind(3)
+        # 8 keys per query are far too few for a fused attention kernel: two einsums.
+        weights = torch.einsum("bthe,btkhe->bthk", q, k).mul(q.shape[-1] ** -0.5).softmax(-1)
+        return self.out(torch.einsum("bthk,btkhe->bthe", weights, v).reshape(B, T, D))
+
+
 class EncoderBlock(nn.Module):
     def __init__(self, cfg: StudentConfig) -> None:
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
+        self.view_attn = ViewAttention(cfg) if cfg.demo_views else None
         self.norm2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, views: Views | None = None) -> torch.Tensor:
         h = self.norm1(x)
         x = x + self.attn(h, h, mask)
+        if views is not None:  # demonstration outputs read their input's views; other tokens have none
+            x = x + self.view_attn(x, views.table, views.ids) * views.present.unsqueeze(-1)
         return x + self.mlp(self.norm2(x))
 
 
@@ -138,14 +184,17 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.norm1, self.self_attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
         self.norm2, self.cross_attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
+        self.view_attn = ViewAttention(cfg) if cfg.answer_views else None
         self.norm3, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor,
-                answer_mask: torch.Tensor | None) -> torch.Tensor:
+                answer_mask: torch.Tensor | None, views: Views | None = None) -> torch.Tensor:
         h = self.norm1(x)
         # Every cell of an example's canvas sees every other (sizes must agree), never a batch-mate's.
         x = x + self.self_attn(h, h, answer_mask)
         x = x + self.cross_attn(self.norm2(x), context, context_mask)
+        if views is not None:  # each cell picks among what the test input's 8 views show there
+            x = x + self.view_attn(x, views.table, views.ids)
         return x + self.mlp(self.norm3(x))
 
 
@@ -176,6 +225,8 @@ class SageStudent(nn.Module):
         self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
         self.decoder_norm = nn.LayerNorm(d)
         self.cell_head = nn.Linear(d, VOCAB_SIZE)
+        if cfg.answer_views or cfg.demo_views:  # which of the 8 dihedral views a view token shows
+            self.view_emb = nn.Embedding(8, d)
         if cfg.task_slot:
             self.task_emb = nn.Parameter(torch.zeros(d))
             # The decoder reads the task as the distillation head states it, in the teacher's units.
@@ -191,7 +242,7 @@ class SageStudent(nn.Module):
         if cfg.task_slot:
             nn.init.normal_(self.task_emb, mean=0.0, std=0.02)
         # GPT-2 style: shrink the residual projections so the stream's variance stays put with depth.
-        n_residual = 2 * cfg.encoder_layers + 3 * cfg.decoder_layers
+        n_residual = (2 + cfg.demo_views) * cfg.encoder_layers + (3 + cfg.answer_views) * cfg.decoder_layers
         for name, p in self.named_parameters():
             if name.endswith(("out.weight", "down.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_residual))
@@ -215,11 +266,17 @@ class SageStudent(nn.Module):
             + self.segment_emb(batch["segments"])
         )
         mask = batch["context_mask"]
+        views = None
+        if self.cfg.demo_views:  # each demonstration output cell's input, 8 ways, at that cell
+            pair_views, present = dihedral_pair_views(batch, self.cfg.max_demos)
+            views = self.views(pair_views, present.to(x.dtype))
         if self.cfg.task_slot:
             x = torch.cat([self.task_emb.to(x.dtype).expand(len(x), 1, -1), x], dim=1)
             mask = torch.cat([mask.new_ones(len(x), 1), mask], dim=1)
+            if views is not None:  # the task token has no views
+                views = Views(views.table, F.pad(views.ids, (0, 0, 1, 0)), F.pad(views.present, (1, 0)))
         for block in self.encoder:
-            x = block(x, mask)
+            x = block(x, mask, views)
         return self.encoder_norm(x), mask
 
     def decode(self, batch: dict[str, torch.Tensor], context: torch.Tensor, context_mask: torch.Tensor,
@@ -234,12 +291,21 @@ class SageStudent(nn.Module):
             + self.col_from_end_emb(batch["query_cols_from_end"])
             + answer_segment
         )
+        views = None
+        if self.cfg.answer_views:  # what each dihedral view of the test input shows at each cell
+            views = self.views(dihedral_query_views(batch))
         if task is not None:  # every answer cell starts from what the task is
             x = x + task.unsqueeze(1)
         answer_mask = batch.get("answer_mask")
         for block in self.decoder:
-            x = block(x, context, context_mask, answer_mask)
+            x = block(x, context, context_mask, answer_mask, views)
         return self.cell_head(self.decoder_norm(x))
+
+    def views(self, tokens: torch.Tensor, present: torch.Tensor | None = None) -> Views:
+        """Views of [B, T, 8] view tokens (view d of position t shows tokens[b, t, d])."""
+        table = (self.view_emb.weight[:, None] + self.token_emb.weight[None]).reshape(-1, self.cfg.d_model)
+        offsets = torch.arange(8, device=tokens.device) * VOCAB_SIZE
+        return Views(table, tokens + offsets, present)
 
     def pool_grids(self, context: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean of the encoder states of each context grid: [B, num_grid_slots, d] and a slot mask."""
@@ -284,6 +350,8 @@ class SageProbe(SageStudent):
             self.image_pos_emb = nn.Embedding(cfg.probe_tokens_per_grid, cfg.d_model)
             nn.init.normal_(self.image_pos_emb.weight, mean=0.0, std=0.02)
         del self.distill_head  # a probe has nothing to distil
+        if cfg.demo_views:
+            raise ValueError("model.demo_views is the student's: a probe reads teacher features, not grids")
 
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         mask = batch["teacher_mask"]

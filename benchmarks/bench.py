@@ -171,12 +171,19 @@ def build_data(cfg: ExperimentConfig) -> Data:
     return Data(splits, train_set, val_set, teacher)
 
 
-def training_setup(cfg: ExperimentConfig, device: torch.device, data: Data) -> tuple[Any, Any, Any]:
-    """(model, AdamW, loader) as sage.training.train makes them (epoch 0 order, random init)."""
+def epoch_batches(cfg: ExperimentConfig, data: Data) -> list[list[int]]:
+    """Epoch 0's batches of training example indices, as sage.training.train's sampler draws them."""
+    return LengthBucketSampler(data.train_set.lengths, cfg.train.batch_size, shuffle=True, seed=cfg.run.seed,
+                               sides=data.train_set.sides).batches()
+
+
+def training_setup(cfg: ExperimentConfig, device: torch.device, data: Data,
+                   batches: list[list[int]] | None = None) -> tuple[Any, Any, Any]:
+    """(model, AdamW, loader) as sage.training.train makes them (random init); the loader serves
+    `batches` (example indices) or else epoch 0's batches."""
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(device).train()
-    sampler = LengthBucketSampler(data.train_set.lengths, cfg.train.batch_size, shuffle=True, seed=cfg.run.seed,
-                                  sides=data.train_set.sides)
+    sampler = epoch_batches(cfg, data) if batches is None else batches
     loader = torch.utils.data.DataLoader(data.train_set, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
@@ -266,8 +273,8 @@ def matmul_peak(device: torch.device, seconds: float = 4.0) -> dict[str, Any]:
 
 
 def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps: int, warmup: int,
-                  log: Log) -> dict[str, Any]:
-    model, optimizer, loader = training_setup(cfg, device, data)
+                  log: Log, batches: list[list[int]] | None = None) -> dict[str, Any]:
+    model, optimizer, loader = training_setup(cfg, device, data, batches)
     autocast = Autocast(device)
     if warmup < 1 or warmup + steps > len(loader):
         raise SystemExit(f"error: need 1 <= --warmup and --warmup + --steps <= {len(loader)} (one epoch)")

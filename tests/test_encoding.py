@@ -242,3 +242,39 @@ def test_max_grid_side_keeps_only_small_tasks(tmp_path):
     # The teacher's prompts are made for the same split.
     prompts = prompts_for_dataset(cfg, cfg.data.train, splits.train_dataset)
     assert {p.task_id for p in prompts} == {t.id for t in splits.train + splits.val}
+
+
+@pytest.mark.parametrize("answer_canvas", ["batch", "fixed"])
+def test_dihedral_views_show_each_grid_source_under_every_transform(answer_canvas):
+    """model.dihedral_views: an answer cell reads view d of its test input, a demonstration output
+    cell view d of its demonstration input, both as grid_to_canvas lays out Augmentation(d).apply
+    of that input (border included), cut to the cell's own canvas. Real tasks of several shapes,
+    square and not, in one batch."""
+    from sage.arc import Augmentation
+    from sage.encoding import dihedral_pair_views, dihedral_query_views
+
+    tasks = [t for t in load_dataset("arc-agi-1/training") if max(t.test[0].input.shape) <= 12][:12]
+    assert len({t.test[0].input.shape for t in tasks}) > 3 and any(
+        t.test[0].input.shape[0] != t.test[0].input.shape[1] for t in tasks)
+    data = ARCExamples(tasks, evaluation_examples(tasks), 30, 10, 8704, answer_canvas=answer_canvas)
+    items = [data[i] for i in range(len(data))]
+    batch = collate(items)
+    views = dihedral_query_views(batch)
+    R, C = int(batch["answer_rows"].max()) + 1, int(batch["answer_cols"].max()) + 1
+    assert views.shape == (len(items), R * C, 8)
+    assert torch.equal(views[..., 0], batch["query"])  # view 0 is the input itself
+    pair_views, is_output = dihedral_pair_views(batch, max_demos=10)
+    for b, item in enumerate(items):
+        task = tasks[data.refs[int(item["index"])].task_index]
+        for d in range(8):
+            want = grid_to_canvas(Augmentation(d).apply(task.test[0].input), 30)[:R, :C].reshape(-1)
+            assert np.array_equal(views[b, :, d].numpy(), want), (b, d)
+        segments = batch["segments"][b].numpy()
+        for k, pair in enumerate(task.train):
+            cells = np.flatnonzero(segments == 2 * k + 1)
+            assert is_output[b, cells].all() and not is_output[b, segments == 2 * k].any()
+            h, w = pair.output.shape
+            for d in range(8):
+                want = grid_to_canvas(Augmentation(d).apply(pair.input), 31)[: h + 1, : w + 1].reshape(-1)
+                assert np.array_equal(pair_views[b, cells, d].numpy(), want), (b, k, d)
+        assert not is_output[b, ~batch["context_mask"][b]].any()

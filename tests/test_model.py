@@ -46,11 +46,13 @@ def test_forward_shapes_and_slot_mask():
         assert out.grid_mask[b].nonzero().flatten().tolist() == sorted(slots)
 
 
-@pytest.mark.parametrize("task_slot", [False, True])
-def test_predictions_do_not_depend_on_batch_padding(task_slot):
+@pytest.mark.parametrize("variant", [{}, {"task_slot": True},
+                                     {"task_slot": True, "answer_views": True, "demo_views": True}])
+def test_predictions_do_not_depend_on_batch_padding(variant):
     torch.manual_seed(0)
+    task_slot = variant.get("task_slot", False)
     cfg = StudentConfig(d_model=32, n_heads=4, encoder_layers=2, decoder_layers=1, teacher_dim=16, distill_hidden=16,
-                        task_slot=task_slot)
+                        **variant)
     model = SageStudent(cfg).eval()
     _, items = tiny_batch()
     alone = model(collate(items[:1]))
@@ -109,3 +111,41 @@ def test_batch_canvas_prediction_does_not_depend_on_batch_mates():
     assert paired["answer_mask"][0].sum() == r * c and paired["answer_mask"][1].all()
     fixed = ARCExamples(tasks, evaluation_examples(tasks), 30, 10, 8704, answer_canvas="fixed")
     assert collate([fixed[small]])["query"].shape[1] == 900 and "answer_mask" not in collate([fixed[small]])
+
+
+@pytest.mark.slow
+def test_answer_views_let_the_decoder_carry_out_a_rotation():
+    """model.answer_views: each answer cell attends over the test input's 8 dihedral views. With
+    them a tiny student learns to rotate grids by 90 degrees in 300 steps, where the same student
+    without them, attending across the canvas, gets almost no grid right (measured: 1.00 vs 0.01
+    of 128 held-out grids)."""
+    from sage.encoding import training_examples
+    from sage.losses import answer_cross_entropy
+    from sage.synthetic import generate_tasks
+    from sage.training import score_batch
+
+    tasks = generate_tasks(num_tasks=320, seed=0, transforms=["rot90"], min_side=2, max_side=5, demos=1)
+    train, held_out = tasks[:256], tasks[256:]
+
+    def batches(task_list, n):
+        data = ARCExamples(task_list, training_examples(task_list), 6, 2, 200, answer_canvas="batch")
+        return [collate([data[j] for j in range(i, min(i + n, len(data)))]) for i in range(0, len(data), n)]
+
+    exact = {}
+    for views in (False, True):
+        torch.manual_seed(0)
+        model = SageStudent(StudentConfig(d_model=32, n_heads=2, encoder_layers=1, decoder_layers=1, grid_size=6,
+                                          max_demos=2, teacher_dim=16, distill_hidden=16, answer_views=views))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        train_batches = batches(train, 32)
+        for step in range(300):
+            batch = train_batches[step % len(train_batches)]
+            loss = answer_cross_entropy(model(batch).logits, batch["target"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            scores = [s for batch in batches(held_out, 64) for s in score_batch(model(batch).logits, batch, 6)]
+        exact[views] = np.mean([s.exact for s in scores])
+    assert exact[True] >= 0.8 and exact[False] <= 0.3, exact
