@@ -58,6 +58,7 @@ def test_overrides_and_run_name(tmp_path):
         ("", ["train.batch_size=0"], r"train\.batch_size must be >= 1"),
         ("", ["train.min_lr=1.0"], r"train\.min_lr <= train\.lr"),
         ("", ["run.name=a/b"], r"run\.name must be a plain name"),
+        ("", ["model.kind=probe", "distill.weight=0", "model.demo_views=true"], r"model\.demo_views is the student's"),
     ],
 )
 def test_config_errors_name_file_and_key(tmp_path, text, overrides, expected):

@@ -246,10 +246,10 @@ def test_max_grid_side_keeps_only_small_tasks(tmp_path):
 
 @pytest.mark.parametrize("answer_canvas", ["batch", "fixed"])
 def test_dihedral_views_show_each_grid_source_under_every_transform(answer_canvas):
-    """model.dihedral_views: an answer cell reads view d of its test input, a demonstration output
-    cell view d of its demonstration input, both as grid_to_canvas lays out Augmentation(d).apply
-    of that input (border included), cut to the cell's own canvas. Real tasks of several shapes,
-    square and not, in one batch."""
+    """model.answer_views / demo_views: an answer cell reads view d of its test input, a
+    demonstration output cell view d of its demonstration input, both as grid_to_canvas lays out
+    Augmentation(d).apply of that input (border included), cut to the cell's own canvas. Real
+    tasks of several shapes, square and not, in one batch."""
     from sage.arc import Augmentation
     from sage.encoding import dihedral_pair_views, dihedral_query_views
 
