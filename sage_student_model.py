@@ -341,6 +341,8 @@ class SageProbe(SageStudent):
     the grids the teacher saw."""
 
     def __init__(self, cfg: StudentConfig) -> None:
+        if cfg.demo_views:  # before building anything: the encoder's view attention would go unused
+            raise ValueError("model.demo_views is the student's: a probe reads teacher features, not grids")
         super().__init__(cfg)
         self.feature_norm = nn.LayerNorm(cfg.teacher_dim)  # teacher features are not unit-scaled
         self.feature_proj = nn.Linear(cfg.teacher_dim, cfg.d_model)
@@ -350,8 +352,6 @@ class SageProbe(SageStudent):
             self.image_pos_emb = nn.Embedding(cfg.probe_tokens_per_grid, cfg.d_model)
             nn.init.normal_(self.image_pos_emb.weight, mean=0.0, std=0.02)
         del self.distill_head  # a probe has nothing to distil
-        if cfg.demo_views:
-            raise ValueError("model.demo_views is the student's: a probe reads teacher features, not grids")
 
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         mask = batch["teacher_mask"]
