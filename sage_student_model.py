@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sage.encoding import VOCAB_SIZE, dihedral_pair_views, dihedral_query_views
+from sage.encoding import VOCAB_SIZE, dihedral_pair_views, dihedral_query_views, view_agreement
 
 
 @dataclass
@@ -71,6 +71,11 @@ class StudentConfig:
     # input's (telling the rule). Off: the model as before they existed.
     answer_views: bool = False
     demo_views: bool = False
+    # The task token starts from the demonstrations' view agreement (sage.encoding.view_agreement):
+    # for each dihedral view, the share of demonstration output cells that their input's view shows
+    # unchanged. Measured: attention does not learn to pool that from the cells in a short budget.
+    # Needs task_slot. Off: the model as before it existed.
+    view_agreement: bool = False
 
     @property
     def probe_tokens_per_grid(self) -> int:
@@ -211,6 +216,8 @@ class SageStudent(nn.Module):
         super().__init__()
         if cfg.d_model % cfg.n_heads:
             raise ValueError(f"d_model ({cfg.d_model}) must be divisible by n_heads ({cfg.n_heads})")
+        if cfg.view_agreement and not cfg.task_slot:
+            raise ValueError("model.view_agreement starts the task token from the views that agree: set task_slot=true")
         self.cfg = cfg
         d = cfg.d_model
         self.token_emb = nn.Embedding(VOCAB_SIZE, d)
@@ -231,6 +238,8 @@ class SageStudent(nn.Module):
             self.task_emb = nn.Parameter(torch.zeros(d))
             # The decoder reads the task as the distillation head states it, in the teacher's units.
             self.task_to_canvas = nn.Linear(cfg.teacher_dim, d)
+        if cfg.view_agreement:
+            self.agreement_to_task = nn.Linear(8, d)
         self.distill_head = nn.Sequential(
             nn.LayerNorm(d), nn.Linear(d, cfg.distill_hidden), nn.GELU(), nn.Linear(cfg.distill_hidden, cfg.teacher_dim)
         )
@@ -267,11 +276,15 @@ class SageStudent(nn.Module):
         )
         mask = batch["context_mask"]
         views = None
-        if self.cfg.demo_views:  # each demonstration output cell's input, 8 ways, at that cell
+        if self.cfg.demo_views or self.cfg.view_agreement:  # each demo output cell's input, 8 ways, there
             pair_views, present = dihedral_pair_views(batch, self.cfg.max_demos)
+        if self.cfg.demo_views:
             views = self.views(pair_views, present.to(x.dtype))
         if self.cfg.task_slot:
-            x = torch.cat([self.task_emb.to(x.dtype).expand(len(x), 1, -1), x], dim=1)
+            task = self.task_emb.to(x.dtype).expand(len(x), -1)
+            if self.cfg.view_agreement:
+                task = task + self.agreement_to_task(view_agreement(pair_views, batch["tokens"], present).to(x.dtype))
+            x = torch.cat([task.unsqueeze(1), x], dim=1)
             mask = torch.cat([mask.new_ones(len(x), 1), mask], dim=1)
             if views is not None:  # the task token has no views
                 views = Views(views.table, F.pad(views.ids, (0, 0, 1, 0)), F.pad(views.present, (1, 0)))
@@ -341,8 +354,9 @@ class SageProbe(SageStudent):
     the grids the teacher saw."""
 
     def __init__(self, cfg: StudentConfig) -> None:
-        if cfg.demo_views:  # before building anything: the encoder's view attention would go unused
-            raise ValueError("model.demo_views is the student's: a probe reads teacher features, not grids")
+        if cfg.demo_views or cfg.view_agreement:  # before building anything: they would go unused
+            raise ValueError("model.demo_views and model.view_agreement are the student's: a probe reads teacher "
+                             "features, not grids")
         super().__init__(cfg)
         self.feature_norm = nn.LayerNorm(cfg.teacher_dim)  # teacher features are not unit-scaled
         self.feature_proj = nn.Linear(cfg.teacher_dim, cfg.d_model)

@@ -312,6 +312,7 @@ def check(cfg: ExperimentConfig, where: str) -> None:
          f"distill.slots={cfg.distill.slots} distils the task token: set model.task_slot=true")
     need(not (m.task_slot and m.kind == "probe"), "model.task_slot is the student's: a probe reads teacher features")
     need(not (m.demo_views and m.kind == "probe"), "model.demo_views is the student's: a probe reads teacher features")
+    need(not m.view_agreement or m.task_slot, "model.view_agreement starts the task token: set model.task_slot=true")
     if m.kind == "probe":
         need(cfg.distill.weight == 0, "a probe reads teacher features, it does not distil them: set distill.weight=0")
         need(not (d.augment and d.augment_probability > 0),

@@ -240,6 +240,15 @@ def dihedral_pair_views(batch: dict[str, torch.Tensor], max_demos: int) -> tuple
     return dihedral_views(tokens, input_start, w + 1, h, w, rows, cols), is_output
 
 
+def view_agreement(pair_views: torch.Tensor, tokens: torch.Tensor, is_output: torch.Tensor) -> torch.Tensor:
+    """[B, 8]: for each dihedral view, the share of an example's demonstration output cells (and
+    borders) that their input under that view shows unchanged; 1.0 for the view a flip, rotation
+    or transpose maps the inputs by. From `dihedral_pair_views`' [B, L, 8] views and [B, L] mask of
+    demonstration outputs, and the context tokens [B, L]; 0 for an example without demonstrations."""
+    agrees = (pair_views == tokens.unsqueeze(-1)) & is_output.unsqueeze(-1)
+    return agrees.sum(1).float() / is_output.sum(1, keepdim=True).clamp(min=1)
+
+
 def encode_example(
     pairs: Sequence[Pair], demos: Sequence[int], query_index: int, max_demos: int, grid_size: int
 ) -> dict[str, np.ndarray]:

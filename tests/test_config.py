@@ -59,6 +59,7 @@ def test_overrides_and_run_name(tmp_path):
         ("", ["train.min_lr=1.0"], r"train\.min_lr <= train\.lr"),
         ("", ["run.name=a/b"], r"run\.name must be a plain name"),
         ("", ["model.kind=probe", "distill.weight=0", "model.demo_views=true"], r"model\.demo_views is the student's"),
+        ("", ["model.view_agreement=true"], r"model\.view_agreement starts the task token: set model\.task_slot=true"),
     ],
 )
 def test_config_errors_name_file_and_key(tmp_path, text, overrides, expected):

@@ -278,3 +278,28 @@ def test_dihedral_views_show_each_grid_source_under_every_transform(answer_canva
                 want = grid_to_canvas(Augmentation(d).apply(pair.input), 31)[: h + 1, : w + 1].reshape(-1)
                 assert np.array_equal(pair_views[b, cells, d].numpy(), want), (b, k, d)
         assert not is_output[b, ~batch["context_mask"][b]].any()
+
+
+def test_view_agreement_names_the_dihedral_transform_of_real_tasks():
+    """model.view_agreement: the ARC-AGI-1 training tasks whose outputs are their inputs rotated,
+    flipped or transposed agree with that view on every demonstration output cell and with no other
+    view everywhere; a colour mapping (0d3d703e) agrees with none everywhere."""
+    from sage.encoding import dihedral_pair_views, view_agreement
+
+    dihedral = {"3c9b0459": 2, "6150a2bd": 2, "67a3c6ac": 5, "68b16354": 7, "74dd1130": 4, "9dfd6313": 4,
+                "ed36ccf7": 1}
+    other = "0d3d703e"  # a colour mapping: every cell keeps its place, colours change
+    by_id = {t.id: t for t in load_dataset("arc-agi-1/training")}
+    tasks = [by_id[i] for i in [*dihedral, other]]
+    data = ARCExamples(tasks, evaluation_examples(tasks), 30, 10, 8704)
+    batch = collate([data[i] for i in range(len(data))])
+    pair_views, is_output = dihedral_pair_views(batch, max_demos=10)
+    agreement = view_agreement(pair_views, batch["tokens"], is_output)
+    assert agreement.shape == (len(tasks), 8)
+    for b in range(len(tasks)):
+        task = tasks[data.refs[int(data[b]["index"])].task_index]
+        full = {int(d) for d in torch.nonzero(agreement[b] == 1.0)}
+        if task.id == other:
+            assert not full and agreement[b].max() > 0.1  # borders and kept places agree in part
+        else:
+            assert full == {dihedral[task.id]}, (task.id, agreement[b])

@@ -47,7 +47,8 @@ def test_forward_shapes_and_slot_mask():
 
 
 @pytest.mark.parametrize("variant", [{}, {"task_slot": True},
-                                     {"task_slot": True, "answer_views": True, "demo_views": True}])
+                                     {"task_slot": True, "answer_views": True, "demo_views": True,
+                                      "view_agreement": True}])
 def test_predictions_do_not_depend_on_batch_padding(variant):
     torch.manual_seed(0)
     task_slot = variant.get("task_slot", False)
