@@ -12,7 +12,8 @@
         -> per-cell logits over 12 tokens (PAD, EOS, 10 colours): the output grid AND its size
     per-grid mean of encoder states -> distillation head -> teacher width (2048 for GR00T N1.5)
     (model.task_slot: a learned task token leads the context; the distillation head's reading of
-     its encoder state is the student's statement of the task, added to every answer cell)
+     its encoder state is the student's statement of the task, added to every answer cell;
+     model.view_agreement: the token starts from which dihedral views the demonstrations agree with)
 
 The student never reads teacher features: at inference it replaces the teacher. The distillation
 head is part of the model (trained, saved, restored) and serves the training loss (and, with
