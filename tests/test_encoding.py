@@ -292,12 +292,13 @@ def test_view_agreement_names_the_dihedral_transform_of_real_tasks():
     by_id = {t.id: t for t in load_dataset("arc-agi-1/training")}
     tasks = [by_id[i] for i in [*dihedral, other]]
     data = ARCExamples(tasks, evaluation_examples(tasks), 30, 10, 8704)
-    batch = collate([data[i] for i in range(len(data))])
+    items = [data[i] for i in range(len(data))]
+    batch = collate(items)
     pair_views, is_output = dihedral_pair_views(batch, max_demos=10)
     agreement = view_agreement(pair_views, batch["tokens"], is_output)
     assert agreement.shape == (len(tasks), 8)
-    for b in range(len(tasks)):
-        task = tasks[data.refs[int(data[b]["index"])].task_index]
+    for b, item in enumerate(items):
+        task = tasks[data.refs[int(item["index"])].task_index]
         full = {int(d) for d in torch.nonzero(agreement[b] == 1.0)}
         if task.id == other:
             assert not full and agreement[b].max() > 0.1  # in part: borders, chance matches
