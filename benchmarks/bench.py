@@ -1,6 +1,6 @@
 """SAGE performance benchmark: one run on this machine measures, for a model config,
 
-    peak     dense matmul FLOP/s (a torch.mm loop; fp32 on CPU, bf16 on CUDA): the MFU denominator,
+    peak     dense matmul FLOP/s (a torch.mm loop in bf16 under run.precision's autocast, else fp32): the MFU denominator,
              measured before and after training (the higher one is used: the machine may be shared)
     train    training throughput (context + answer tokens/s, examples/s) and MFU: FLOPs of every
              timed step counted by torch.utils.flop_counter.FlopCounterMode (forward + backward on
@@ -248,11 +248,11 @@ def sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- sections
 
 
-def matmul_peak(device: torch.device, seconds: float = 4.0) -> dict[str, Any]:
+def matmul_peak(device: torch.device, bf16: bool, seconds: float = 4.0) -> dict[str, Any]:
     """Dense matmul FLOP/s: the best of 5 trials of back-to-back torch.mm on n x n operands, in the
-    dtype training runs its matmuls in (fp32 on CPU; bf16 autocast on CUDA)."""
-    cuda = device.type == "cuda"
-    n, dtype = (8192, torch.bfloat16) if cuda else (2048, torch.float32)
+    dtype training runs its matmuls in (bf16 under autocast, run.precision; fp32 otherwise)."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if bf16 else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
     torch.mm(a, b, out=c)
@@ -275,7 +275,7 @@ def matmul_peak(device: torch.device, seconds: float = 4.0) -> dict[str, Any]:
 def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps: int, warmup: int,
                   log: Log, batches: list[list[int]] | None = None) -> dict[str, Any]:
     model, optimizer, loader = training_setup(cfg, device, data, batches)
-    autocast = Autocast(device)
+    autocast = Autocast(device, cfg.run.precision)
     if warmup < 1 or warmup + steps > len(loader):
         raise SystemExit(f"error: need 1 <= --warmup and --warmup + --steps <= {len(loader)} (one epoch)")
     log(f"train: {warmup} warm-up + {steps} timed steps, batch {cfg.train.batch_size}, "
@@ -383,7 +383,7 @@ def memory_phase(cfg_dict: dict[str, Any], phase: str, threads: int) -> dict[str
     batch = to_device(collate([dataset[i] for i in idx]), device)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(device)
-    autocast = Autocast(device)
+    autocast = Autocast(device, cfg.run.precision)
     if train:
         optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
         for p in model.parameters():  # AdamW allocates its state on the first step; zero gradients
@@ -546,7 +546,7 @@ def profile_section(cfg: ExperimentConfig, device: torch.device, data: Data, ste
     from torch.profiler import ProfilerActivity, profile
 
     model, optimizer, loader = training_setup(cfg, device, data)
-    autocast = Autocast(device)
+    autocast = Autocast(device, cfg.run.precision)
     batches = iter(loader)
     forward = model.forward
 
@@ -744,10 +744,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if "train" in sections:
         log("peak: dense matmul loop")
-        before = matmul_peak(device)
+        bf16 = Autocast(device, cfg.run.precision).enabled
+        before = matmul_peak(device, bf16)
         log(f"peak: {fmt_flops(before['flops_per_second'])}")
         s["train"] = train_section(cfg, device, data, steps, warmup, log)
-        after = matmul_peak(device)
+        after = matmul_peak(device, bf16)
         log(f"peak again after training: {fmt_flops(after['flops_per_second'])}")
         s["peak"] = max(before, after, key=lambda p: p["flops_per_second"])
         s["peak"]["before_and_after_training"] = [before["flops_per_second"], after["flops_per_second"]]

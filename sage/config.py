@@ -24,6 +24,8 @@ from sage.teacher.config import LEAKING_VIEWS, TeacherConfig, teacher_problems
 from sage.teacher.presets import PRESETS as TEACHER_PRESETS, TEACHER_NAMES, feature_dim
 from sage_student_model import StudentConfig
 
+PRECISIONS = ("auto", "bf16", "fp32")  # run.precision
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the file and key."""
@@ -34,6 +36,9 @@ class RunConfig:
     name: str | None = None  # checkpoints/<name>/ and logs/<name>/; default: the config file's stem
     seed: int = 0
     device: str = "auto"  # auto (CUDA if available), cpu, cuda, cuda:N
+    # Matmuls and attention under bf16 autocast (weights, optimiser and losses stay fp32). auto: on
+    # CUDA only; bf16: on any device (a CPU with AVX-512 BF16 or AMX runs them faster); fp32: never.
+    precision: str = "auto"
     checkpoint_dir: str = "checkpoints"
     log_dir: str = "logs"
 
@@ -290,6 +295,7 @@ def check(cfg: ExperimentConfig, where: str) -> None:
             problems.append(message)
 
     m, d, t = cfg.model, cfg.data, cfg.train
+    need(cfg.run.precision in PRECISIONS, f"run.precision must be one of {', '.join(PRECISIONS)}, got {cfg.run.precision!r}")
     need(m.d_model % m.n_heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     need(1 <= m.grid_size <= 30, f"model.grid_size must be 1..30, got {m.grid_size}")
     need(m.max_demos >= 1, f"model.max_demos must be >= 1, got {m.max_demos}")

@@ -129,7 +129,7 @@ class Predictor:
         self.teacher = teacher
         if teacher is not None and n_views != 1:
             raise ValueError("a model that reads teacher features answers the task as given only (n_views=1)")
-        self.autocast = Autocast(device)
+        self.autocast = Autocast(device, loaded.cfg.run.precision)
 
     def fits(self, grid: np.ndarray) -> bool:
         return max(grid.shape) <= self.grid_size  # every dihedral view must fit the square canvas

@@ -134,10 +134,11 @@ class TrainState:
 
 
 class Autocast:
-    """bf16 autocast on CUDA, nothing elsewhere."""
+    """bf16 autocast where run.precision asks for it: "auto" on CUDA only, "bf16" on any device,
+    "fp32" never."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.enabled = device.type == "cuda"
+    def __init__(self, device: torch.device, precision: str = "auto") -> None:
+        self.enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
         self.device_type = device.type
 
     def __call__(self):  # noqa: ANN204 - a context manager
@@ -280,7 +281,9 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
         save_config(cfg, log_dir / "config.yaml")
 
     n_params = sum(p.numel() for p in model.parameters())
-    log.info(f"run '{run_name}' on {device}: {m.kind} {n_params:,} parameters "
+    autocast = Autocast(device, cfg.run.precision)
+    precision = "bf16 autocast" if autocast.enabled else "fp32"
+    log.info(f"run '{run_name}' on {device} ({precision}): {m.kind} {n_params:,} parameters "
              f"({', '.join(f'{k} {v:,}' for k, v in parameter_breakdown(model).items())})")
     log.info(f"data: train {len(train_tasks)} tasks from {cfg.data.train} ({len(train_set)} examples, "
              f"augment={cfg.data.augment} p={train_set.augment_probability}); validation {len(val_tasks)} held-out tasks "
@@ -301,7 +304,6 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
     baselines = score_baselines(val_tasks)
     log.info("validation baselines (exact match): "
              + ", ".join(f"{k} {v['exact_match']:.3f}" for k, v in baselines.items()))
-    autocast = Autocast(device)
     train_micro = MicroBatch("training", cfg.train.batch_size, state.train_micro_batch, log.info)
     val_micro = MicroBatch("validation", cfg.val.batch_size, state.val_micro_batch, log.info)
     if state.step == 0:

@@ -83,7 +83,7 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
                        seed=seed, augment_probability=ttt.augment_probability, answer_canvas=m.answer_canvas,
                        fit_answer=True, shuffle_demos=ttt.shuffle_demos)
     optimizer = make_optimizer(model, ttt.lr, ttt.weight_decay, cfg.train.betas)
-    autocast = Autocast(device)
+    autocast = Autocast(device, cfg.run.precision)
     model.train()
     losses: list[float] = []
     for step in range(ttt.steps):

@@ -58,6 +58,7 @@ def test_overrides_and_run_name(tmp_path):
         ("", ["train.batch_size=0"], r"train\.batch_size must be >= 1"),
         ("", ["train.min_lr=1.0"], r"train\.min_lr <= train\.lr"),
         ("", ["run.name=a/b"], r"run\.name must be a plain name"),
+        ("", ["run.precision=fp16"], r"run\.precision must be one of auto, bf16, fp32, got 'fp16'"),
         ("", ["model.kind=probe", "distill.weight=0", "model.demo_views=true"], r"model\.demo_views is the student's"),
         ("", ["model.view_agreement=true"], r"model\.view_agreement starts the task token: set model\.task_slot=true"),
     ],

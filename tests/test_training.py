@@ -1,6 +1,7 @@
 """The training loop end to end on small real configs: artefacts, exact resume, CLI errors, learning."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from sage.checkpoint import CheckpointError
 from sage.config import load_config
 from sage.runlog import read_metrics
-from sage.training import lr_at, train
+from sage.training import Autocast, lr_at, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -169,3 +170,15 @@ def test_quickstart_config_trains_on_real_arc_tasks(tmp_path):
     assert "teacher: groot-n1.5-tiny (random weights)" in log and "untrained distillation head" in log
     meta = json.loads((tmp_path / "checkpoints" / "quickstart" / "last" / "meta.json").read_text())
     assert meta["train_state"]["step"] == 3 and len(meta["val_task_ids"]) == 40
+
+
+def test_bf16_precision_runs_the_matmuls_in_bf16_on_a_cpu_too(tmp_path):
+    linear = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    for precision, dtype in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        with Autocast(torch.device("cpu"), precision)():
+            assert linear(x).dtype == dtype, precision
+    train(tiny_config(tmp_path, "bf16", "run.precision=bf16", "train.epochs=1"), echo=False)
+    assert "on cpu (bf16 autocast)" in (tmp_path / "logs" / "bf16" / "train.log").read_text()
+    (epoch,) = epoch_records(tmp_path / "logs" / "bf16")
+    assert math.isfinite(epoch["train_loss"]) and math.isfinite(epoch["val_loss"])
