@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="answer tasks in N processes, each with its share of the CPU threads (on a small "
                              "CPU model, 1-thread processes use the cores better than one multi-thread one); "
                              "default 1")
+    parser.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
+                        help="autocast for prediction and test-time training (default: the checkpoint's run.precision; "
+                             "fp32 on a CPU without bf16 hardware)")
     parser.add_argument("--max-grid-side", type=int, default=None, metavar="N",
                         help="only the tasks whose every grid is at most N x N (e.g. 10 on a CPU)")
     parser.add_argument("--pictures", type=int, default=12, help="tasks drawn as PNG (default 12)")
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         limit=args.limit, speed_tasks=args.speed_tasks, speed_teacher=args.speed_teacher,
         feature_cache_dir=args.feature_cache_dir, extract_features=args.extract_features,
         teacher_probe=args.teacher_probe, ttt=args.ttt, ttt_overrides=args.overrides,
-        max_grid_side=args.max_grid_side, workers=args.workers,
+        max_grid_side=args.max_grid_side, workers=args.workers, precision=args.precision,
     )
     out = Path(args.out) if args.out else default_out(args.checkpoint, args.split)
     try:

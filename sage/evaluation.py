@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from sage.arc import ARCDataError, Task, tasks_up_to_side
-from sage.config import ConfigError, ExperimentConfig, with_overrides
+from sage.config import PRECISIONS, ConfigError, ExperimentConfig, with_overrides
 from sage.datasets import load_dataset, run_tasks, training_dataset
 from sage.device import resolve_device
 from sage.distill import TeacherTargets, teacher_targets
@@ -41,6 +41,7 @@ from sage.encoding import ARCExamples, evaluation_examples
 from sage.metrics import OutputScore, baseline_attempts, score_attempts, summarize_tasks, task_score
 from sage.overlap import DEMONSTRATIONS, describe, drop_trained_tasks
 from sage.predict import LoadedModel, Predictor, TaskOutcome, TaskPrediction, blind, load_model, solve_tasks
+from sage.training import Autocast
 from sage.ttt import TTTStats
 from sage.voting import views as make_views
 from sage_student_model import parameter_breakdown
@@ -74,6 +75,9 @@ class EvalSettings:
     ttt: bool = False
     ttt_overrides: list[str] = field(default_factory=list)
     max_grid_side: int | None = None  # only the tasks whose every grid is at most N x N
+    # Autocast for prediction and test-time training (run.precision's values); None: the checkpoint's.
+    # fp32 is the choice on a CPU without bf16 hardware, where bf16 autocast is slow.
+    precision: str | None = None
 
 
 def is_probe(cfg: ExperimentConfig) -> bool:
@@ -509,11 +513,15 @@ def evaluate(
         raise EvaluationError(f"--workers must be >= 1, got {settings.workers}")
     if settings.ttt_overrides and not settings.ttt:
         raise EvaluationError("--set ttt.KEY=VALUE changes test-time training: add --ttt")
+    if settings.precision is not None and settings.precision not in PRECISIONS:
+        raise EvaluationError(f"--precision must be one of {', '.join(PRECISIONS)}, got {settings.precision!r}")
     try:
         device = resolve_device(settings.device)
     except ConfigError as e:
         raise EvaluationError(str(e).replace("run.device", "--device")) from None
     loaded = load_model(checkpoint, device)
+    if settings.precision is not None:  # how it computes, not what it is: a setting of this evaluation
+        loaded.cfg.run.precision = settings.precision
     if is_probe(loaded.cfg):
         raise EvaluationError(f"{loaded.path} is a probe checkpoint (it reads teacher features): pass it as "
                               "--teacher-probe next to a student checkpoint")
@@ -563,8 +571,9 @@ def evaluate(
     if too_big:
         notes.append(f"{too_big} test inputs are larger than the student's {loaded.cfg.model.grid_size}x"
                      f"{loaded.cfg.model.grid_size} answer canvas: no prediction, scored as wrong")
+    precision = "bf16 autocast" if Autocast(device, loaded.cfg.run.precision).enabled else "fp32"
     log(f"evaluating {loaded.path} ({loaded.parameters:,} parameters) on {len(tasks)} tasks of {settings.split}, "
-        f"{settings.views} views per test input, on {device}")
+        f"{settings.views} views per test input, on {device} ({precision})")
     if ttt_cfg is not None:
         t = ttt_cfg.ttt
         log(f"test-time training per task: {t.steps} steps" + (f" or {t.seconds:g} s" if t.seconds else "")
@@ -612,7 +621,7 @@ def evaluate(
         run=loaded.cfg.run.name or loaded.path.parent.name,
         tasks=tasks,
         protocol=protocol,
-        settings={**asdict(settings), "batch_size": batch_size, "speed_tasks": speed_tasks,
+        settings={**asdict(settings), "batch_size": batch_size, "speed_tasks": speed_tasks, "precision": precision,
                   "ttt_config": asdict(ttt_cfg.ttt) if ttt_cfg is not None else None},
         systems=systems,
         predictions=predictions,

@@ -233,10 +233,11 @@ _worker_solver: TaskSolver | None = None  # each worker process's own
 
 
 def _start_worker(checkpoint: str, device: str, n_views: int, seed: int, batch_size: int,
-                  ttt_cfg: ExperimentConfig | None, threads: int) -> None:
+                  ttt_cfg: ExperimentConfig | None, threads: int, precision: str) -> None:
     global _worker_solver
     torch.set_num_threads(threads)
     loaded = load_model(checkpoint, torch.device(device))
+    loaded.cfg.run.precision = precision  # the parent's, which an evaluation may have changed
     _worker_solver = TaskSolver(loaded, torch.device(device), n_views, seed, batch_size, ttt_cfg)
 
 
@@ -261,7 +262,7 @@ def solve_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task]
     threads = max(1, torch.get_num_threads() // workers)
     # spawn, not fork: a forked child of a process that already ran OpenMP threads can hang.
     context = multiprocessing.get_context("spawn")
-    args = (str(loaded.path), str(device), n_views, seed, batch_size, ttt_cfg, threads)
+    args = (str(loaded.path), str(device), n_views, seed, batch_size, ttt_cfg, threads, loaded.cfg.run.precision)
     with context.Pool(workers, initializer=_start_worker, initargs=args) as pool:
         for i, outcome in pool.imap_unordered(_solve_in_worker, list(enumerate(tasks))):
             outcomes[i] = outcome

@@ -143,15 +143,18 @@ def test_ttt_overrides_are_checked(workspace):
 
 def test_worker_processes_give_the_same_answers(workspace):
     """--workers 2 spreads tasks over two processes; with the same thread count per process the
-    answers and the tuning are the same as one process's, task by task and in task order."""
+    answers and the tuning are the same as one process's, task by task and in task order. Both run
+    in bf16 (--precision), which the checkpoint was not trained in: the workers must take it too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # workers get 2 // 2 = 1 thread each; the single process gets 1 below
     settings = EvalSettings(split=str(workspace["split"]), views=2, speed_tasks=0, ttt=True, ttt_overrides=TTT,
-                            workers=2)
+                            workers=2, precision="bf16")
     try:
         parallel = evaluate(workspace["checkpoint"], settings, progress=False, log=lambda _: None)
         torch.set_num_threads(1)
         single = evaluate(workspace["checkpoint"], replace(settings, workers=1), progress=False, log=lambda _: None)
+        fp32 = evaluate(workspace["checkpoint"], replace(settings, workers=1, precision="fp32", limit=1),
+                        progress=False, log=lambda _: None)
     finally:
         torch.set_num_threads(threads)
     assert list(parallel.predictions) == [t.id for t in workspace["tasks"]]
@@ -161,6 +164,9 @@ def test_worker_processes_give_the_same_answers(workspace):
             for a, b in zip(parallel.systems[name].attempts[t.id], single.systems[name].attempts[t.id]):
                 assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert [s.last_loss for s in parallel.ttt_stats.values()] == [s.last_loss for s in single.ttt_stats.values()]
+    assert parallel.settings["precision"] == "bf16 autocast"
+    assert fp32.settings["precision"] == "fp32"  # and it computes otherwise:
+    assert fp32.ttt_stats[workspace["tasks"][0].id].last_loss != single.ttt_stats[workspace["tasks"][0].id].last_loss
 
 
 def test_learning_rate_decays_with_whichever_budget_ends_first():
