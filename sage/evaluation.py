@@ -438,7 +438,7 @@ def measure_speed(
                          "tokens per prompt than the real tokenizer; images dominate the length)",
             "dtype": str(dtype).replace("torch.", ""),
         },
-        "student_dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
+        "student_dtype": Autocast(device, loaded.cfg.run.precision).name,
         "machine": machine_description(device),
         "method": "per task: every test input answered once, un-augmented; student = encode + forward "
                   "(median of 3), teacher = render + tokenise + backbone + pooling (1 run); one warm-up each",
@@ -571,7 +571,7 @@ def evaluate(
     if too_big:
         notes.append(f"{too_big} test inputs are larger than the student's {loaded.cfg.model.grid_size}x"
                      f"{loaded.cfg.model.grid_size} answer canvas: no prediction, scored as wrong")
-    precision = "bf16 autocast" if Autocast(device, loaded.cfg.run.precision).enabled else "fp32"
+    precision = Autocast(device, loaded.cfg.run.precision).name
     log(f"evaluating {loaded.path} ({loaded.parameters:,} parameters) on {len(tasks)} tasks of {settings.split}, "
         f"{settings.views} views per test input, on {device} ({precision})")
     if ttt_cfg is not None:

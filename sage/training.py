@@ -141,6 +141,10 @@ class Autocast:
         self.enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
         self.device_type = device.type
 
+    @property
+    def name(self) -> str:  # for logs and reports
+        return "bf16 autocast" if self.enabled else "fp32"
+
     def __call__(self):  # noqa: ANN204 - a context manager
         return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.enabled)
 
@@ -282,8 +286,7 @@ def _train(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
 
     n_params = sum(p.numel() for p in model.parameters())
     autocast = Autocast(device, cfg.run.precision)
-    precision = "bf16 autocast" if autocast.enabled else "fp32"
-    log.info(f"run '{run_name}' on {device} ({precision}): {m.kind} {n_params:,} parameters "
+    log.info(f"run '{run_name}' on {device} ({autocast.name}): {m.kind} {n_params:,} parameters "
              f"({', '.join(f'{k} {v:,}' for k, v in parameter_breakdown(model).items())})")
     log.info(f"data: train {len(train_tasks)} tasks from {cfg.data.train} ({len(train_set)} examples, "
              f"augment={cfg.data.augment} p={train_set.augment_probability}); validation {len(val_tasks)} held-out tasks "
