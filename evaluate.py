@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                              "CPU model, 1-thread processes use the cores better than one multi-thread one); "
                              "default 1")
     parser.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
-                        help="autocast for prediction and test-time training (default: the checkpoint's run.precision; "
-                             "fp32 on a CPU without bf16 hardware)")
+                        help="autocast for prediction (student and probe) and test-time training (default: each "
+                             "checkpoint's run.precision; fp32 on a CPU without bf16 hardware)")
     parser.add_argument("--max-grid-side", type=int, default=None, metavar="N",
                         help="only the tasks whose every grid is at most N x N (e.g. 10 on a CPU)")
     parser.add_argument("--pictures", type=int, default=12, help="tasks drawn as PNG (default 12)")

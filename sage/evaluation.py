@@ -75,7 +75,8 @@ class EvalSettings:
     ttt: bool = False
     ttt_overrides: list[str] = field(default_factory=list)
     max_grid_side: int | None = None  # only the tasks whose every grid is at most N x N
-    # Autocast for prediction and test-time training (run.precision's values); None: the checkpoint's.
+    # Autocast for prediction (student and probe) and test-time training (run.precision's values);
+    # None: each checkpoint's own.
     # fp32 is the choice on a CPU without bf16 hardware, where bf16 autocast is slow.
     precision: str | None = None
 
@@ -520,12 +521,13 @@ def evaluate(
     except ConfigError as e:
         raise EvaluationError(str(e).replace("run.device", "--device")) from None
     loaded = load_model(checkpoint, device)
-    if settings.precision is not None:  # how it computes, not what it is: a setting of this evaluation
-        loaded.cfg.run.precision = settings.precision
     if is_probe(loaded.cfg):
         raise EvaluationError(f"{loaded.path} is a probe checkpoint (it reads teacher features): pass it as "
                               "--teacher-probe next to a student checkpoint")
     probe = load_probe(settings.teacher_probe, device) if settings.teacher_probe else None
+    if settings.precision is not None:  # how they compute, not what they are: a setting of this evaluation
+        for model in [m for m in (loaded, probe) if m is not None]:
+            model.cfg.run.precision = settings.precision
     tasks, protocol = split_tasks(loaded.cfg, loaded.meta, settings.split)
     if probe is not None:  # the probe must not have trained on the scored tasks either
         allowed = {t.id for t in split_tasks(probe.cfg, probe.meta, settings.split)[0]}

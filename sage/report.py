@@ -141,7 +141,7 @@ def markdown(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[
         f"- context: {p['demonstrations_cut']['context']}",
         f"- attempts: voting over {s['views']} augmented views per test input (view 0 as given, the others dihedral "
         f"transforms + colour permutations, seed {s['seed']})",
-        f"- compute: {s.get('precision', 'fp32')}",
+        f"- compute: {s['precision']}",
         f"- scoring: {record['scoring']}",
     ]
     if s.get("ttt_config"):
