@@ -65,13 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    from sage.arc import ARCDataError
-    from sage.checkpoint import CheckpointError
-    from sage.config import ConfigError
-    from sage.evaluation import EvalSettings, EvaluationError, evaluate
-    from sage.features import FeatureCacheError
+    from sage.errors import INPUT_ERRORS, EvaluationError
+    from sage.evaluation import EvalSettings, evaluate
     from sage.report import write_report
-    from sage.teacher.config import TeacherError
 
     settings = EvalSettings(
         split=args.split, views=args.views, seed=args.seed, batch_size=args.batch_size, device=args.device,
@@ -86,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
         result = evaluate(args.checkpoint, settings, progress=not args.no_progress)
         files = write_report(result, out, pictures=args.pictures)
-    except (EvaluationError, CheckpointError, ConfigError, ARCDataError, FeatureCacheError, TeacherError) as e:
+    except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

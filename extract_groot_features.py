@@ -56,10 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    from sage.arc import ARCDataError
-    from sage.config import ConfigError, load_config
-    from sage.features import FeatureCacheError
-    from sage.teacher.config import TeacherError
+    from sage.config import load_config
+    from sage.errors import INPUT_ERRORS, ConfigError
 
     try:
         if args.describe:
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_distributed(ctx)
             return _report_status(result.directory, merge(cfg, prompts, args.limit)) if part == 0 else 0
         return _report_status(result.directory, result.status)
-    except (ConfigError, TeacherError, FeatureCacheError, ARCDataError) as e:
+    except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -11,12 +11,9 @@ import argparse
 import os
 import sys
 
-from sage.arc import ARCDataError
-from sage.checkpoint import CheckpointError
-from sage.config import ConfigError, load_config
-from sage.features import FeatureCacheError
-from sage.recovery import FaultInjection, TrainingError
-from sage.teacher.config import TeacherError
+from sage.config import load_config
+from sage.errors import INPUT_ERRORS, TrainingError
+from sage.recovery import FaultInjection
 from sage.training import train
 
 
@@ -39,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps, faults=faults)
-    except (ConfigError, ARCDataError, CheckpointError, TeacherError, FeatureCacheError) as e:
+    except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

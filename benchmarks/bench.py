@@ -7,7 +7,7 @@
              the real model, data and loss), over wall time, over the peak; the share of step time
              spent blocked in next(loader) with data.num_workers workers
     memory   peak memory of one training step (at train.batch_size, AdamW state allocated) and of
-             one validation batch (at val.batch_size, sage.training.validate, inference mode), each
+             one validation batch (at val.batch_size, sage.validation.validate, inference mode), each
              on the epoch's largest batch, each in a fresh process: CPU RSS high-water mark (VmHWM),
              or torch.cuda.max_memory_allocated on a GPU
     cache    teacher feature cache bytes per prompt (= per example: one cache entry per task test
@@ -21,7 +21,7 @@
 
 Everything reuses the sage package: real ARC tasks and splits (sage.training.load_splits), the
 dataset, collate and LengthBucketSampler of sage.encoding, build_model, and the training loop's own
-step (sage.training.train_step) and validation (sage.training.validate).
+step (sage.step.train_step) and validation (sage.validation.validate).
 With distillation on (distill.weight > 0) the examples carry RANDOM teacher targets of the real
 shape (no teacher is run); the output says so. Student weights are random too (speed and memory
 do not depend on them). Each target is marked PASS or FAIL.
@@ -67,17 +67,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/bench.py` works as well as `python -m benchmarks.bench`
     sys.path.insert(0, str(REPO))
 
+import sage.step as sage_step  # noqa: E402
 from sage.config import ExperimentConfig, from_dict, load_config  # noqa: E402
 from sage.datasets import load_dataset  # noqa: E402
 from sage.device import resolve_device  # noqa: E402
 from sage.distill import TeacherTargets  # noqa: E402
 from sage.encoding import PAD, ARCExamples, LengthBucketSampler, collate  # noqa: E402
-import sage.training as training  # noqa: E402
+from sage.model import build_model  # noqa: E402
 from sage.recovery import FaultInjection, MicroBatch  # noqa: E402
-from sage.training import (  # noqa: E402
-    Autocast, Splits, compute_losses, load_splits, make_datasets, make_optimizer, to_device, train_step, unwrap, validate,
-)
-from sage_student_model import build_model  # noqa: E402
+from sage.step import Autocast, compute_losses, make_optimizer, to_device, train_step, unwrap  # noqa: E402
+from sage.training import Splits, load_splits, make_datasets  # noqa: E402
+from sage.validation import validate  # noqa: E402
 
 SECTIONS = ("train", "memory", "cache", "speed")  # run by default, in this order
 OPTIONAL_SECTIONS = ("profile",)
@@ -193,7 +193,7 @@ def training_setup(cfg: ExperimentConfig, device: torch.device, data: Data,
 
 def real_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
               cfg: ExperimentConfig, autocast: Autocast) -> None:
-    """One optimiser step exactly as the training loop takes it (sage.training.train_step: forward,
+    """One optimiser step exactly as the training loop takes it (sage.step.train_step: forward,
     loss, backward, clip, AdamW, and its per-step .item() calls and score_batch), whole batch at once."""
     micro = MicroBatch("training", batch["tokens"].shape[0], None, lambda message: None)
     if train_step(model, optimizer, batch, cfg, autocast, micro, FaultInjection(), 0) is None:
@@ -202,11 +202,11 @@ def real_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: d
 
 @contextmanager
 def timed_score_batch(device: torch.device) -> Iterator[list[float]]:
-    """Seconds spent in sage.training.score_batch (the per-step scoring inside train_step), also
+    """Seconds spent in sage.step.score_batch (the per-step scoring inside train_step), also
     named for the profiler. It wraps the module attribute that train_step looks up at call time.
     On CUDA it waits for the device first, so the time is the scoring's own, not the backward
     pass's that its .cpu() would otherwise wait for."""
-    original, spent = training.score_batch, [0.0]
+    original, spent = sage_step.score_batch, [0.0]
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         sync(device)
@@ -216,11 +216,11 @@ def timed_score_batch(device: torch.device) -> Iterator[list[float]]:
         spent[0] += time.perf_counter() - started
         return result
 
-    training.score_batch = wrapped
+    sage_step.score_batch = wrapped
     try:
         yield spent
     finally:
-        training.score_batch = original
+        sage_step.score_batch = original
 
 
 def forward_backward_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: ExperimentConfig,
@@ -437,10 +437,10 @@ def memory_section(cfg: ExperimentConfig, device: torch.device, log: Log) -> dic
 
 
 def cache_section(cfg: ExperimentConfig, data: Data, n_tasks: int, log: Log) -> dict[str, Any]:
+    from sage.distill import prompts_for_dataset
     from sage.features import CacheWriter, EntryFeatures, FeatureCache, build_spec, finalize
     from sage.teacher.extract import Teacher, run_extraction
     from sage.teacher.presets import get_preset
-    from sage.distill import prompts_for_dataset
     from sage.teacher.prompt import instruction_for
     from sage.teacher.tokenizer import load_tokenizer
 

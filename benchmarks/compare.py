@@ -5,7 +5,7 @@ the fixed 30x30 answer canvas against canvases sized per example (model.answer_c
     python -m benchmarks.compare --config configs/quickstart.yaml --steps 20
     python -m benchmarks.compare --config configs/quickstart.yaml --arm train.compile=false --arm train.compile=true
 
-Every arm runs benchmarks.bench's training section (sage.training.train_step on real ARC-AGI-1
+Every arm runs benchmarks.bench's training section (sage.step.train_step on real ARC-AGI-1
 training batches, random init) with the same config plus its override, on the same batches of the
 same examples: epoch 0's batches as the last arm's sampler draws them (with the default arms: grouped
 by canvas side, as training with per-example canvases draws them). So the ratio compares the arms'
@@ -28,11 +28,11 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.bench import Data, REPO, build_data, epoch_batches, train_section
+from benchmarks.bench import REPO, Data, build_data, epoch_batches, train_section
 from sage.config import ExperimentConfig, load_config
 from sage.device import resolve_device
 from sage.encoding import PAD, collate
-from sage_student_model import build_model
+from sage.model import build_model
 
 DEFAULT_ARMS = ["model.answer_canvas=fixed", "model.answer_canvas=batch"]
 

@@ -25,8 +25,9 @@ from sage.distill import ensure_teacher_cache, teacher_targets
 from sage.encoding import collate
 from sage.losses import distillation_slots
 from sage.predict import load_model
+from sage.step import score_batch
 from sage.teacher.presets import ORACLE_PRESET
-from sage.training import load_splits, make_datasets, score_batch
+from sage.training import load_splits, make_datasets
 
 
 def family_scores(checkpoint: str, batch_size: int = 64) -> dict[str, dict[str, Any]]:

@@ -32,13 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from sage.arc import ARCDataError
-from sage.checkpoint import CheckpointError
-from sage.config import ConfigError, ExperimentConfig, load_config
-from sage.features import FeatureCacheError
-from sage.recovery import TrainingError
+from sage.config import ExperimentConfig, load_config
+from sage.errors import INPUT_ERRORS, CheckpointError, ConfigError, TrainingError
 from sage.runlog import read_metrics
-from sage.teacher.config import TeacherError
 
 METRICS = {  # column -> key of the epoch record in metrics.jsonl
     "exact": "val_exact_match",
@@ -256,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         arms = [parse_arm(a) for a in args.arm]
         ablate(args.config, arms, args.seeds, args.set, args.name, args.out)
-    except (ConfigError, ARCDataError, CheckpointError, TeacherError, FeatureCacheError, TrainingError) as e:
+    except (*INPUT_ERRORS, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

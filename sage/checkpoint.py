@@ -23,11 +23,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sage.errors import CheckpointError
+
 WEIGHTS, STATE, META = "model.safetensors", "training_state.pt", "meta.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or incompatible; the message names the path."""
 
 
 @dataclass

@@ -19,16 +19,14 @@ from typing import Any, Sequence
 import yaml
 
 from sage.encoding import ANSWER_CANVASES, min_context_tokens
+from sage.errors import ConfigError
 from sage.losses import DISTILL_SLOTS, LOSS_NORMALIZATIONS
+from sage.model import StudentConfig
 from sage.teacher.config import LEAKING_VIEWS, TeacherConfig, teacher_problems
-from sage.teacher.presets import PRESETS as TEACHER_PRESETS, TEACHER_NAMES, feature_dim
-from sage_student_model import StudentConfig
+from sage.teacher.presets import PRESETS as TEACHER_PRESETS
+from sage.teacher.presets import TEACHER_NAMES, feature_dim
 
 PRECISIONS = ("auto", "bf16", "fp32")  # run.precision
-
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the file and key."""
 
 
 @dataclass

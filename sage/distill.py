@@ -26,12 +26,13 @@ from sage.arc import Task, split_by_task
 from sage.config import ExperimentConfig
 from sage.datasets import training_dataset
 from sage.encoding import evaluation_examples, fit_demos, training_examples
-from sage.features import FeatureCache, FeatureCacheError, cache_path, example_roles, open_cache
+from sage.errors import FeatureCacheError
+from sage.features import FeatureCache, cache_path, example_roles, open_cache
 from sage.teacher.config import LEAKING_VIEWS
 from sage.teacher.prompt import TeacherExample, example_key, shown_demos, view_example
 
 if TYPE_CHECKING:
-    from sage_student_model import StudentConfig
+    from sage.model import StudentConfig
 
 
 def teacher_views(cfg: ExperimentConfig) -> int:

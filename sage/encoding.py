@@ -33,7 +33,6 @@ import torch
 
 from sage.arc import Augmentation, Pair, Task, fixed_view, random_augmentation
 
-
 PAD, EOS, COLOUR_OFFSET = 0, 1, 2
 VOCAB_SIZE = 12
 # Per-token arrays of the packed context, and per-cell arrays of the answer canvas, in a batch.
@@ -184,69 +183,6 @@ def answer_canvases(values: torch.Tensor, batch: dict[str, torch.Tensor], grid_s
     for b in range(len(values)):
         out[b, rows[b][own[b]], cols[b][own[b]]] = values[b][own[b]]
     return out
-
-
-def dihedral_views(source: torch.Tensor, start: torch.Tensor, stride: torch.Tensor, h: torch.Tensor,
-                   w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """[B, N, 8] tokens: what an h x w grid under each of the 8 dihedral transforms (sage.arc's
-    Augmentation numbering) shows at positions (rows, cols) [B, N], laid out as grid_to_canvas lays
-    out a grid: colours, the EOS border, PAD beyond. The grid's tokens are read from `source` [B, S]
-    at start + r * stride + c; start, stride, h and w broadcast against rows."""
-    views = []
-    for dihedral in range(8):
-        turns = dihedral % 4  # np.rot90 (anticlockwise) that many times, then transposed if >= 4
-        rot_h, rot_w = (w, h) if turns % 2 else (h, w)
-        i, j = (cols, rows) if dihedral >= 4 else (rows, cols)  # the rotation's cell that (r, c) shows
-        out_h, out_w = (rot_w, rot_h) if dihedral >= 4 else (rot_h, rot_w)
-        if turns == 0:
-            src_r, src_c = i, j
-        elif turns == 1:
-            src_r, src_c = j, w - 1 - i
-        elif turns == 2:
-            src_r, src_c = h - 1 - i, w - 1 - j
-        else:
-            src_r, src_c = h - 1 - j, i
-        inside = (i < rot_h) & (j < rot_w)
-        index = (start + src_r.clamp(min=0) * stride + src_c.clamp(min=0)).clamp(0, source.shape[1] - 1)
-        border = ((rows == out_h) & (cols < out_w)) | ((cols == out_w) & (rows < out_h))
-        views.append(torch.where(inside, source.gather(1, index), torch.where(border, EOS, PAD)))
-    return torch.stack(views, dim=-1)
-
-
-def dihedral_query_views(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[B, cells, 8]: the test input under each dihedral transform, on the batch's answer canvas
-    (cut where the canvas ends)."""
-    width = int(batch["answer_cols"][0].max()) + 1  # canvases are row-major, one shape per batch
-    # Each example's test input is h x w: its edge distances at cell (0, 0) are h + 1 and w + 1.
-    h = (batch["query_rows_from_end"][:, :1] - 1).clamp(min=0)
-    w = (batch["query_cols_from_end"][:, :1] - 1).clamp(min=0)
-    return dihedral_views(batch["query"], torch.zeros_like(h), torch.full_like(h, width), h, w,
-                          batch["answer_rows"], batch["answer_cols"])
-
-
-def dihedral_pair_views(batch: dict[str, torch.Tensor], max_demos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, L, 8]: for every token of a demonstration output, its demonstration input under each
-    dihedral transform at that position; and [B, L] which tokens are demonstration outputs (the
-    views of other tokens are meaningless). Read from the packed context (encode_example): an
-    output grid follows its input, each (h+1) x (w+1) tokens row-major."""
-    tokens, rows, cols, segments = batch["tokens"], batch["rows"], batch["cols"], batch["segments"]
-    is_output = (segments % 2 == 1) & (segments < 2 * max_demos) & batch["context_mask"]
-    position = torch.arange(tokens.shape[1], device=tokens.device)
-    own_width = batch["cols_from_end"] + cols  # w + 1 for a grid of width w (border included)
-    own_start = position - rows * own_width - cols
-    input_end = (own_start - 1).clamp(min=0)  # the input's last token: its border corner (h, w)
-    h, w = rows.gather(1, input_end), cols.gather(1, input_end)
-    input_start = own_start - (h + 1) * (w + 1)
-    return dihedral_views(tokens, input_start, w + 1, h, w, rows, cols), is_output
-
-
-def view_agreement(pair_views: torch.Tensor, tokens: torch.Tensor, is_output: torch.Tensor) -> torch.Tensor:
-    """[B, 8]: for each dihedral view, the share of an example's demonstration output cells (and
-    borders) that their input under that view shows unchanged; 1.0 for the view a flip, rotation
-    or transpose maps the inputs by. From `dihedral_pair_views`' [B, L, 8] views and [B, L] mask of
-    demonstration outputs, and the context tokens [B, L]; 0 for an example without demonstrations."""
-    agrees = (pair_views == tokens.unsqueeze(-1)) & is_output.unsqueeze(-1)
-    return agrees.sum(1).float() / is_output.sum(1, keepdim=True).clamp(min=1)
 
 
 def encode_example(

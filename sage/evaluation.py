@@ -32,26 +32,23 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from sage.arc import ARCDataError, Task, tasks_up_to_side
-from sage.config import PRECISIONS, ConfigError, ExperimentConfig, with_overrides
+from sage.arc import Task, tasks_up_to_side
+from sage.config import PRECISIONS, ExperimentConfig, with_overrides
 from sage.datasets import load_dataset, run_tasks, training_dataset
 from sage.device import resolve_device
 from sage.distill import TeacherTargets, teacher_targets
 from sage.encoding import ARCExamples, evaluation_examples
+from sage.errors import ARCDataError, ConfigError, EvaluationError
 from sage.metrics import OutputScore, baseline_attempts, score_attempts, summarize_tasks, task_score
+from sage.model import parameter_breakdown
 from sage.overlap import DEMONSTRATIONS, describe, drop_trained_tasks
 from sage.predict import LoadedModel, Predictor, TaskOutcome, TaskPrediction, blind, load_model, solve_tasks
-from sage.training import Autocast
+from sage.step import Autocast
 from sage.ttt import TTTStats
 from sage.voting import views as make_views
-from sage_student_model import parameter_breakdown
 
 DEFAULT_SPLIT = "arc-agi-1/evaluation"
 HOLDOUT = "holdout"  # the checkpoint's own held-out validation tasks
-
-
-class EvaluationError(RuntimeError):
-    """An evaluation that cannot run as asked; the message says what, where, and what to do."""
 
 
 @dataclass
@@ -177,8 +174,8 @@ def open_teacher_cache(
     With `extract`, a missing or unfinished cache is extracted first (sage.distill.ensure_teacher_cache,
     the path training takes), with the run's teacher on the evaluation device."""
     from sage.distill import ensure_teacher_cache, prompts_for_dataset
-    from sage.features import FeatureCacheError, cache_path, open_cache
-    from sage.teacher.config import TeacherError
+    from sage.errors import FeatureCacheError, TeacherError
+    from sage.features import cache_path, open_cache
 
     teacher = replace(cfg.teacher, cache_dir=cache_dir) if cache_dir else cfg.teacher
     # Held-out validation tasks are part of the training dataset's cache.
@@ -363,7 +360,7 @@ def measure_speed(
     from sage.teacher.backbone import build_backbone
     from sage.teacher.extract import Teacher, resolve_dtype
     from sage.teacher.presets import get_preset
-    from sage.teacher.prompt import instruction_for, evaluation_prompts
+    from sage.teacher.prompt import evaluation_prompts, instruction_for
     from sage.teacher.tokenizer import load_tokenizer
 
     if n_tasks == 0:

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from sage.arc import Task
-from sage.teacher.config import DOWNLOAD_HELP, LEAKING_VIEWS, TOKENIZER_HELP, TeacherConfig, TeacherError
+from sage.errors import FeatureCacheError, TeacherError
+from sage.teacher.config import DOWNLOAD_HELP, LEAKING_VIEWS, TOKENIZER_HELP, TeacherConfig
 from sage.teacher.loading import checkpoint_fingerprint, read_safetensors_header
 from sage.teacher.presets import ORACLE_FEATURE_DIM, ORACLE_PRESET, get_preset, oracle_identity
 from sage.teacher.prompt import Role, instruction_for, prompt_template, role_of
@@ -63,10 +64,6 @@ ONE_PROMPT_PER = "student example (its demonstrations in the student's order, th
 SHARD_BYTES = 512 * 2**20  # also flush a shard once its tensors reach this size (token features)
 _SHARD_RE = re.compile(r"^part-(\d+)-of-(\d+)-(\d+)\.safetensors$")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-class FeatureCacheError(RuntimeError):
-    """A feature cache is missing, incomplete, damaged or does not match the config."""
 
 
 # ----------------------------------------------------------------------------- identity

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from sage.encoding import PAD, VOCAB_SIZE
 
-
 LOSS_NORMALIZATIONS = ("cell", "example")
 # Which student states the feature loss compares with the teacher's: each context grid's pooled
 # state with that grid's feature, the task token's (model.task_slot) with the mean of the

@@ -28,7 +28,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from sage.arc import ARCDataError, Pair, Task
+from sage.arc import Pair, Task
+from sage.errors import ARCDataError
 
 WHOLE_TASK = "whole task"
 DEMONSTRATIONS = "demonstrations only"

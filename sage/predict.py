@@ -26,15 +26,17 @@ import numpy as np
 import torch
 
 from sage.arc import Pair, Task
-from sage.checkpoint import CheckpointError, load_checkpoint, load_weights_into
+from sage.checkpoint import load_checkpoint, load_weights_into
 from sage.config import ExperimentConfig, from_dict
 from sage.distill import TeacherTargets
 from sage.encoding import ARCExamples, ExampleRef, answer_canvases, canvas_to_grid, collate
-from sage.training import Autocast, to_device
+from sage.errors import CheckpointError
+from sage.model import PREDATING_DEFAULTS, build_model
+from sage.step import Autocast, to_device
 from sage.ttt import TestTimeTrainer, TTTStats
-from sage.voting import Candidate, attempts as top_attempts, views as make_views, vote
-from sage_student_model import PREDATING_DEFAULTS, build_model
-
+from sage.voting import Candidate, vote
+from sage.voting import attempts as top_attempts
+from sage.voting import views as make_views
 
 # ----------------------------------------------------------------------------- the checkpoint
 

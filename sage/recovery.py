@@ -16,9 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (diverged, or out of memory at one example); the message says what to do."""
+from sage.errors import TrainingError
 
 
 class MicroBatch:

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from sage.evaluation import EvaluationError, EvaluationResult
+from sage.errors import EvaluationError
+from sage.evaluation import EvaluationResult
 from sage.metrics import task_score
 from sage.overlap import describe
 from sage.pictures import draw_task

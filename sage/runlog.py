@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from tqdm import tqdm
 
+from sage.errors import ConfigError
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -103,8 +105,6 @@ def summary_writer_class() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        from sage.config import ConfigError  # here, not at the top: sage.config is heavy and needs no logs
-
         raise ConfigError(f"logging.tensorboard is true but TensorBoard is not available ({e}): install it with "
                           "`pip install tensorboard`, or set logging.tensorboard=false") from None
     return SummaryWriter

@@ -29,14 +29,8 @@ import torch
 from sage.arc import Task
 from sage.config import ExperimentConfig, TTTConfig
 from sage.encoding import ARCExamples, ExampleRef, collate
-from sage.losses import answer_cross_entropy
-from sage.training import Autocast, make_optimizer, to_device, warmup_cosine
-
-
-class TestOutputVisible(ValueError):
-    """Test-time training was handed a task whose test outputs are still there."""
-
-    __test__ = False  # not a pytest test class, despite the name
+from sage.errors import TestOutputVisible
+from sage.step import Autocast, make_optimizer, set_lr, to_device, tuning_step, warmup_cosine
 
 
 @dataclass
@@ -59,7 +53,7 @@ def ttt_examples(task: Task) -> list[ExampleRef]:
     return [ExampleRef(0, tuple(d for d in range(n) if d != q), q, None) for q in range(n)]
 
 
-def lr_at(step: int, seconds: float, ttt: TTTConfig) -> float:
+def ttt_lr(step: int, seconds: float, ttt: TTTConfig) -> float:
     """Linear warmup, then cosine decay to zero at ttt.steps or, with a time budget, at whichever of
     ttt.steps and ttt.seconds comes first (`seconds`: time spent so far), so that a task cut short by
     the budget still ends on a small learning rate."""
@@ -90,19 +84,12 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
         spent = time.perf_counter() - started
         if ttt.seconds and spent >= ttt.seconds:
             break
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, spent, ttt)
+        set_lr(optimizer, ttt_lr(step, spent, ttt))
         data.set_epoch(step)  # fresh augmentations every step
         # The demonstrations in turn, continuing where the previous step stopped.
         items = [data[(step * ttt.batch_size + k) % len(refs)] for k in range(ttt.batch_size)]
         batch = to_device(collate(items), device)
-        with autocast():
-            out = model(batch)
-            loss = answer_cross_entropy(out.logits, batch["target"], cfg.train.loss_normalization)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), ttt.grad_clip)
-        optimizer.step()
+        loss = tuning_step(model, optimizer, batch, autocast, cfg.train.loss_normalization, ttt.grad_clip)
         losses.append(loss.item())
     model.eval()
     tail = losses[-10:]

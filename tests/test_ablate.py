@@ -6,12 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_oracle import TINY
 
 from sage.ablate import Arm, ablate, parse_arm, parse_seeds, summarise
-from sage.config import ConfigError
+from sage.errors import ConfigError
 from sage.runlog import read_metrics
 from sage.training import train
-from test_oracle import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "kd_oracle.yaml")

@@ -5,15 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from sage.arc import (
-    ARCDataError,
-    Augmentation,
-    fixed_view,
-    load_task_dir,
-    random_augmentation,
-    split_by_task,
-)
+from sage.arc import Augmentation, fixed_view, load_task_dir, random_augmentation, split_by_task
 from sage.datasets import load_dataset
+from sage.errors import ARCDataError
 
 GOOD = {"train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]}], "test": [{"input": [[0]], "output": [[5]]}]}
 

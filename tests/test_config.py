@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sage.config import ConfigError, load_config
+from sage.config import load_config
+from sage.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,18 +8,21 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_training import check_best_and_epoch_checkpoints
 
 from sage.arc import Pair, Task
-from sage.config import ConfigError, load_config
+from sage.config import load_config
 from sage.datasets import load_dataset
 from sage.distill import ensure_teacher_cache, teacher_targets
 from sage.encoding import collate
+from sage.errors import ConfigError
 from sage.evaluation import load_model
 from sage.losses import distillation_losses
+from sage.model import SageStudent
 from sage.runlog import read_metrics
-from sage.training import Autocast, load_splits, make_datasets, train, validate
-from sage_student_model import SageStudent
-from test_training import check_best_and_epoch_checkpoints
+from sage.step import Autocast
+from sage.training import load_splits, make_datasets, train
+from sage.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 

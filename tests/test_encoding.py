@@ -8,9 +8,9 @@ from sage.arc import Pair, Task
 from sage.config import ExperimentConfig
 from sage.datasets import load_dataset
 from sage.encoding import (
+    CANVAS_MARGIN,
     EOS,
     PAD,
-    CANVAS_MARGIN,
     ARCExamples,
     DemonstrationCuts,
     LengthBucketSampler,
@@ -147,7 +147,7 @@ def test_answer_canvas_is_sized_from_the_context_never_the_answer():
     """Validation and evaluation size an example's canvas from its demonstration outputs and query
     input; training may enlarge it to hold the answer. A target too large for the canvas is kept
     whole for scoring and can never be scored right."""
-    from sage.training import score_batch
+    from sage.step import score_batch
 
     g = lambda h, w, c=1: np.full((h, w), c, dtype=np.uint8)  # noqa: E731
     shown = (Pair(g(2, 2), g(3, 4)), Pair(g(2, 2), g(3, 4)))
@@ -251,7 +251,7 @@ def test_dihedral_views_show_each_grid_source_under_every_transform(answer_canva
     Augmentation(d).apply of that input (border included), cut to the cell's own canvas. Real
     tasks of several shapes, square and not, in one batch."""
     from sage.arc import Augmentation
-    from sage.encoding import dihedral_pair_views, dihedral_query_views
+    from sage.model import dihedral_pair_views, dihedral_query_views
 
     tasks = [t for t in load_dataset("arc-agi-1/training") if max(t.test[0].input.shape) <= 12][:12]
     assert len({t.test[0].input.shape for t in tasks}) > 3 and any(
@@ -284,7 +284,7 @@ def test_view_agreement_names_the_dihedral_transform_of_real_tasks():
     """model.view_agreement: the ARC-AGI-1 training tasks whose outputs are their inputs rotated,
     flipped or transposed agree with that view on every demonstration output cell and with no other
     view everywhere; a colour mapping (0d3d703e) agrees with none everywhere."""
-    from sage.encoding import dihedral_pair_views, view_agreement
+    from sage.model import dihedral_pair_views, view_agreement
 
     dihedral = {"3c9b0459": 2, "6150a2bd": 2, "67a3c6ac": 5, "68b16354": 7, "74dd1130": 4, "9dfd6313": 4,
                 "ed36ccf7": 1}

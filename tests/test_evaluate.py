@@ -18,16 +18,8 @@ from test_training import TINY as TRAINING_TINY
 from sage.arc import load_task_dir
 from sage.config import load_config
 from sage.encoding import ARCExamples, collate, evaluation_examples, fit_demos
-from sage.evaluation import (
-    EvalSettings,
-    EvaluationError,
-    evaluate,
-    feature_fidelity,
-    load_model,
-    load_probe,
-    score_probe,
-    score_system,
-)
+from sage.errors import EvaluationError
+from sage.evaluation import EvalSettings, evaluate, feature_fidelity, load_model, load_probe, score_probe, score_system
 from sage.features import FeatureCache
 from sage.report import write_report
 from sage.synthetic import generate_tasks

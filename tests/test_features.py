@@ -16,19 +16,19 @@ import torch
 
 from sage.config import load_config
 from sage.datasets import load_dataset
+from sage.distill import prompts_for_dataset
+from sage.errors import FeatureCacheError
 from sage.features import (
     SHARDS,
     CacheWriter,
     EntryFeatures,
     FeatureCache,
-    FeatureCacheError,
     build_spec,
     cache_path,
     example_roles,
     finalize,
     open_cache,
 )
-from sage.distill import prompts_for_dataset
 from sage.teacher.extract import load_teacher, merge, run_extraction, teacher_tasks
 from sage.teacher.prompt import Role, role_of
 

@@ -10,7 +10,7 @@ import torch
 
 from sage.datasets import load_dataset
 from sage.encoding import ARCExamples, collate, evaluation_examples
-from sage_student_model import PRESETS, SageStudent, StudentConfig
+from sage.model import PRESETS, SageStudent, StudentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,8 +122,8 @@ def test_answer_views_let_the_decoder_carry_out_a_rotation():
     of 128 held-out grids)."""
     from sage.encoding import training_examples
     from sage.losses import answer_cross_entropy
+    from sage.step import score_batch
     from sage.synthetic import generate_tasks
-    from sage.training import score_batch
 
     tasks = generate_tasks(num_tasks=320, seed=0, transforms=["rot90"], min_side=2, max_side=5, demos=1)
     train, held_out = tasks[:256], tasks[256:]

@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from sage.arc import Augmentation, fixed_view, random_augmentation
-from sage.config import ConfigError, load_config
+from sage.config import load_config
 from sage.datasets import load_dataset
 from sage.distill import ensure_teacher_cache, teacher_targets
 from sage.encoding import collate
-from sage.features import FeatureCacheError
+from sage.errors import ConfigError, FeatureCacheError, TeacherError
+from sage.model import build_model
 from sage.synthetic import TRANSFORMS, Rule, generate_tasks, generate_tasks_and_rules
-from sage.teacher.config import TeacherConfig, TeacherError
+from sage.teacher.config import TeacherConfig
 from sage.teacher.oracle import OracleTeacher, load_oracle
 from sage.teacher.prompt import view_example
 from sage.training import load_splits, make_datasets
-from sage_student_model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = dict(num_tasks=60, seed=3, transforms=list(TRANSFORMS), min_side=2, max_side=5, demos=3)

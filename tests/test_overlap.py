@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sage.arc import ARCDataError, Augmentation, Pair, Task
+from sage.arc import Augmentation, Pair, Task
 from sage.config import load_config
 from sage.datasets import load_dataset
+from sage.errors import ARCDataError
 from sage.evaluation import split_tasks
 from sage.overlap import DEMONSTRATIONS, TEST_INPUT, WHOLE_TASK, drop_trained_tasks, find_overlap
 from sage.training import load_splits

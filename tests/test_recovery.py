@@ -21,11 +21,13 @@ from test_training import epoch_records, tiny_command, tiny_config
 import train_sage
 from sage.datasets import training_dataset
 from sage.encoding import ARCExamples, collate, training_examples
+from sage.errors import TrainingError
 from sage.features import cache_path
-from sage.recovery import FaultInjection, MicroBatch, TrainingError
+from sage.model import build_model
+from sage.recovery import FaultInjection, MicroBatch
 from sage.runlog import read_metrics
-from sage.training import Autocast, load_splits, train, train_step
-from sage_student_model import build_model
+from sage.step import Autocast, train_step
+from sage.training import load_splits, train
 
 REPO = Path(__file__).resolve().parents[1]
 

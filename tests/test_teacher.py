@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import save_file
 
 from sage.arc import Pair, Task
-from sage.config import ConfigError, load_config
+from sage.config import load_config
 from sage.datasets import load_dataset
+from sage.errors import ConfigError, TeacherError
 from sage.teacher.backbone import GrootBackbone, build_backbone, count_parameters, random_state_dict
-from sage.teacher.config import TeacherConfig, TeacherError
+from sage.teacher.config import TeacherConfig
 from sage.teacher.extract import Teacher, load_teacher
 from sage.teacher.loading import checkpoint_fingerprint, read_backbone_state_dict
 from sage.teacher.presets import GROOT_N15_BACKBONE_PARAMS, GROOT_N15_SIGLIP_HEAD_PARAMS, get_preset

@@ -10,7 +10,7 @@ import pytest
 from test_training import REPO, tiny_config, tiny_overrides
 
 from sage import runlog
-from sage.config import ConfigError
+from sage.errors import ConfigError
 from sage.runlog import RunLog, read_metrics
 from sage.training import train
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sage.checkpoint import CheckpointError
 from sage.config import load_config
+from sage.errors import CheckpointError
 from sage.runlog import read_metrics
-from sage.training import Autocast, lr_at, train
+from sage.step import Autocast, training_lr
+from sage.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,7 +127,7 @@ def test_cli_reports_expected_mistakes_without_traceback(tmp_path):
 
 def test_learning_rate_warms_up_then_decays_to_the_floor(tmp_path):
     cfg = tiny_config(tmp_path, "lr", "train.warmup_steps=10", "train.lr=1e-3", "train.min_lr=1e-5")
-    lrs = [lr_at(s, cfg, 100) for s in range(100)]
+    lrs = [training_lr(s, cfg.train, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] == pytest.approx(1e-5, rel=0.05)

@@ -16,12 +16,13 @@ from test_overlap import write_tasks
 from test_training import tiny_config
 
 from sage.arc import Pair, load_task_dir
-from sage.config import ConfigError, with_overrides
+from sage.config import with_overrides
+from sage.errors import ConfigError, TestOutputVisible
 from sage.evaluation import EvalSettings, evaluate
 from sage.predict import blind, load_model
 from sage.synthetic import generate_tasks
 from sage.training import train
-from sage.ttt import TestOutputVisible, TestTimeTrainer, finetune, ttt_examples
+from sage.ttt import TestTimeTrainer, finetune, ttt_examples
 
 REPO = Path(__file__).resolve().parents[1]
 TTT = ["ttt.steps=25", "ttt.batch_size=4", "ttt.lr=3e-3", "ttt.warmup_steps=2"]
@@ -171,12 +172,12 @@ def test_worker_processes_give_the_same_answers(workspace):
 
 def test_learning_rate_decays_with_whichever_budget_ends_first():
     from sage.config import TTTConfig
-    from sage.ttt import lr_at
+    from sage.ttt import ttt_lr
 
     by_steps = TTTConfig(steps=100, seconds=0, lr=1.0, warmup_steps=10)
-    assert lr_at(0, 0.0, by_steps) == pytest.approx(0.1) and lr_at(9, 0.0, by_steps) == pytest.approx(1.0)
-    assert lr_at(55, 1e9, by_steps) == pytest.approx(0.5)  # halfway through the steps; the clock is ignored
-    assert lr_at(100, 0.0, by_steps) == pytest.approx(0.0, abs=1e-12)
+    assert ttt_lr(0, 0.0, by_steps) == pytest.approx(0.1) and ttt_lr(9, 0.0, by_steps) == pytest.approx(1.0)
+    assert ttt_lr(55, 1e9, by_steps) == pytest.approx(0.5)  # halfway through the steps; the clock is ignored
+    assert ttt_lr(100, 0.0, by_steps) == pytest.approx(0.0, abs=1e-12)
     by_clock = TTTConfig(steps=1000, seconds=60, lr=1.0, warmup_steps=10)
-    assert lr_at(20, 30.0, by_clock) == pytest.approx(0.5)  # half the time spent, 1% of the steps
-    assert lr_at(20, 60.0, by_clock) == pytest.approx(0.0, abs=1e-12)
+    assert ttt_lr(20, 30.0, by_clock) == pytest.approx(0.5)  # half the time spent, 1% of the steps
+    assert ttt_lr(20, 60.0, by_clock) == pytest.approx(0.0, abs=1e-12)

@@ -11,6 +11,7 @@
 Importing this package is cheap: torch and transformers load only when a model is built.
 """
 
-from sage.teacher.config import TeacherConfig, TeacherError
+from sage.errors import TeacherError
+from sage.teacher.config import TeacherConfig
 
 __all__ = ["TeacherConfig", "TeacherError"]

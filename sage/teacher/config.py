@@ -28,10 +28,6 @@ TOKENIZER_HELP = (
 )
 
 
-class TeacherError(RuntimeError):
-    """The teacher cannot be built: missing or wrong weights or tokenizer. The message says what to do."""
-
-
 @dataclass
 class TeacherConfig:
     # groot-n1.5 (real sizes), groot-n1.5-tiny (random weights, CPU), or oracle (synthetic tasks' hidden

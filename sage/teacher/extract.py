@@ -256,7 +256,8 @@ def merge(cfg: Any, prompts: Sequence[TeacherExample], limit: int | None = None)
     dataset, tasks = teacher_tasks(cfg, limit)
     directory = cache_path(t, dataset, tasks, limit)
     spec = build_spec(t, dataset, tasks)
-    from sage.features import FeatureCacheError, prepare_directory
+    from sage.errors import FeatureCacheError
+    from sage.features import prepare_directory
 
     if not (directory / "manifest.json").is_file():
         raise FeatureCacheError(f"{directory}: nothing to merge (no extraction has run for this config)")

@@ -32,7 +32,8 @@ from typing import Iterable, Literal, Mapping
 
 import torch
 
-from sage.teacher.config import DOWNLOAD_HELP, TeacherError
+from sage.errors import TeacherError
+from sage.teacher.config import DOWNLOAD_HELP
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from sage.arc import NUM_COLOURS, fixed_view
+from sage.errors import TeacherError
 from sage.features import EntryFeatures
 from sage.synthetic import RULE_CODE_DIM, Rule, generate_tasks_and_rules
-from sage.teacher.config import TeacherConfig, TeacherError
+from sage.teacher.config import TeacherConfig
 from sage.teacher.presets import ORACLE_FEATURE_DIM, ORACLE_PRESET
 from sage.teacher.prompt import TeacherExample
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sage.teacher.config import ORACLE_PRESET, TeacherError
+from sage.errors import TeacherError
+from sage.teacher.config import ORACLE_PRESET
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from sage.arc import ARCDataError, Task, fixed_view
+from sage.arc import Task, fixed_view
+from sage.errors import ARCDataError
 from sage.teacher.config import VIEWS
 
 SYSTEM_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"

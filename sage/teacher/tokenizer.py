@@ -22,7 +22,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from sage.teacher.config import TOKENIZER_HELP, TeacherError
+from sage.errors import TeacherError
+from sage.teacher.config import TOKENIZER_HELP
 
 # The ids the prompt uses (GROOT_N15.md, facts); both tokenizers must produce exactly these.
 SPECIAL_IDS: dict[str, int] = {

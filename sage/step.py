@@ -1,0 +1,233 @@
+"""One optimiser step, shared by training, test-time training and the benchmarks: bf16 autocast,
+AdamW, the learning-rate schedule, the loss of one batch, and the step itself.
+
+- `train_step`: the training objective (task cross-entropy + weighted feature distillation,
+  `compute_losses`) on one batch, pushed through the model in pieces when out of memory halved
+  them (gradients accumulated so the step still sees the whole batch), under torchrun with the
+  gradients averaged over processes; skipped when the loss or a gradient is not finite.
+- `tuning_step`: test-time training's step, the task cross-entropy alone on one small batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sage.config import ExperimentConfig, TrainConfig
+from sage.distributed import DistributedContext
+from sage.encoding import answer_canvases, canvas_to_grid
+from sage.losses import (
+    answer_cross_entropy,
+    distillation_losses,
+    distillation_slot_count,
+    distillation_slots,
+    loss_units,
+)
+from sage.metrics import score_canvas
+from sage.model import SageStudent
+from sage.recovery import FaultInjection, MicroBatch, free_memory
+
+# ----------------------------------------------------------------------------- precision, devices
+
+
+class Autocast:
+    """bf16 autocast where run.precision asks for it: "auto" on CUDA only, "bf16" on any device,
+    "fp32" never."""
+
+    def __init__(self, device: torch.device, precision: str = "auto") -> None:
+        self.enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        self.device_type = device.type
+
+    @property
+    def name(self) -> str:  # for logs and reports
+        return "bf16 autocast" if self.enabled else "fp32"
+
+    def __call__(self):  # noqa: ANN204 - a context manager
+        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.enabled)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, inside data-parallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def score_batch(logits: torch.Tensor, batch: dict[str, torch.Tensor], grid_size: int) -> list:
+    """Per-example GridScores of a batch: decode each example's argmax canvas and compare with its
+    whole target grid (also where the target did not fit the canvas: then it cannot be right)."""
+    predicted = answer_canvases(logits.argmax(-1), batch, grid_size)
+    targets = batch.get("target_full", batch["target"]).view(-1, grid_size, grid_size).cpu().numpy()
+    return [score_canvas(p, canvas_to_grid(t)) for p, t in zip(predicted, targets)]
+
+# ----------------------------------------------------------------------------- optimiser and schedule
+
+
+def warmup_cosine(step: int, peak: float, floor: float, warmup_steps: int, total_steps: int,
+                  progress_at_least: float = 0.0) -> float:
+    """Linear warmup to `peak`, then cosine decay to `floor` at `total_steps`; `progress_at_least`
+    lets another budget (test-time training's clock) move the decay on faster."""
+    warmup = min(warmup_steps, max(total_steps - 1, 0))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = max((step - warmup) / max(total_steps - warmup, 1), progress_at_least)
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def training_lr(step: int, train: TrainConfig, total_steps: int) -> float:
+    """Linear warmup to train.lr, then cosine decay to train.min_lr at the last step."""
+    return warmup_cosine(step, train.lr, train.min_lr, train.warmup_steps, total_steps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   betas: tuple[float, float] | list[float]) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (not on biases and norm gains)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+
+# ----------------------------------------------------------------------------- the loss and the step
+
+
+def compute_losses(out: Any, batch: dict[str, torch.Tensor], model: SageStudent, cfg: ExperimentConfig,
+                   task_share: float = 1.0, slot_share: float = 1.0) -> tuple[dict[str, torch.Tensor], int]:
+    """The training objective and its terms (loss = task CE [+ weight * feature loss]), and the
+    number of grid slots that had a teacher target (0: the feature terms are left out). When `batch`
+    is a piece of the optimiser's batch, the shares (its loss units (sage.losses.loss_units) and
+    teacher slots over the whole batch's) weight the two mean-reduced terms in "loss" so that the pieces' gradients add up
+    to the whole batch's; the terms themselves stay this piece's means."""
+    task = answer_cross_entropy(out.logits, batch["target"], cfg.train.loss_normalization)
+    # Without a feature term the distillation head still joins the graph, with zero gradient:
+    # data-parallel training needs every parameter to get a gradient on every rank.
+    unused = 0.0 if out.grid_features is None else out.grid_features.sum() * 0.0
+    if cfg.distill.weight == 0 or out.grid_features is None:
+        return {"loss": task * task_share + unused}, 0
+    mse, cosine, slots = distillation_losses(*distillation_slots(
+        out.grid_features, model.standardise(batch["teacher_features"]), batch["teacher_mask"] & out.grid_mask,
+        out.task_features, cfg.distill.slots))
+    if slots == 0:  # every example of the batch was augmented: nothing to distil
+        return {"loss": task * task_share + unused, "task_loss": task}, 0
+    d = cfg.distill
+    feature = d.cosine_weight * (1.0 - cosine) + d.mse_weight * mse
+    loss = task * task_share + d.weight * feature * slot_share
+    return {"loss": loss, "task_loss": task, "distill_mse": mse, "distill_cosine": cosine}, slots
+
+
+@dataclass
+class StepResult:
+    values: dict[str, float]  # loss and its terms, means over the whole (global) batch
+    grad_norm: float
+    examples: int  # in the global batch
+    exact: int  # examples whose argmax answer is exactly right (a running train metric)
+    distill_slots: int  # grid slots with a teacher target
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               cfg: ExperimentConfig, autocast: Autocast, micro: MicroBatch, faults: FaultInjection,
+               step: int, ctx: DistributedContext = DistributedContext()) -> StepResult | None:
+    """One optimiser step on `batch` (this process's part of the global batch), pushed through the
+    model `micro.size` examples at a time (gradients accumulated). Out of memory halves
+    `micro.size` and retries the batch. Returns None, without updating anything, when the loss or
+    the gradients are not finite."""
+    global_units = global_slots = None
+    while True:
+        # The normalisers of the global batch's means, needed only to weight pieces (each count is a
+        # device sync before the forward pass; a whole batch in one process has shares of exactly 1).
+        if global_units is None and (micro.size < len(batch["target"]) or ctx.enabled):
+            units = loss_units(batch["target"], cfg.train.loss_normalization).item()
+            teacher_slots = (distillation_slot_count(batch["teacher_mask"], cfg.distill.slots,
+                                                     cfg.model.task_slot).item() if "teacher_mask" in batch else 0)
+            global_units, global_slots = ctx.sum([units, teacher_slots])
+        try:
+            return _accumulate_and_step(model, optimizer, batch, cfg, autocast, micro, faults, ctx,
+                                        global_units or 0.0, global_slots or 0.0)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            free_memory(batch["target"].device)
+            micro.halve(f"step {step}")
+
+
+def _accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                         cfg: ExperimentConfig, autocast: Autocast, micro: MicroBatch, faults: FaultInjection,
+                         ctx: DistributedContext, global_units: float, global_slots: float) -> StepResult | None:
+    core = unwrap(model)
+    data_parallel = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    optimizer.zero_grad(set_to_none=True)
+    pieces = micro.pieces(batch)
+    whole = len(pieces) == 1 and not ctx.enabled  # shares of exactly 1: the plain, bit-reproducible path
+    distilling = cfg.distills
+    totals = dict.fromkeys(["loss"] + (["task_loss", "distill_mse", "distill_cosine"] if distilling else []), 0.0)
+    exact, distill_slots = 0, 0
+    for i, piece in enumerate(pieces):
+        make_nan = faults.forward_pass("train")
+        units = 1.0 if whole else loss_units(piece["target"], cfg.train.loss_normalization).item()
+        task_share = 1.0 if whole else units * ctx.world / global_units
+        piece_slots = (distillation_slot_count(piece["teacher_mask"], cfg.distill.slots, cfg.model.task_slot).item()
+                       if global_slots and not whole else 0)
+        slot_share = 1.0 if whole else piece_slots * ctx.world / global_slots if global_slots else 0.0
+        # DDP averages gradients over ranks when the last piece's backward runs; earlier pieces only accumulate.
+        sync = model.no_sync() if data_parallel and i < len(pieces) - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                out = model(piece)
+                losses, slots = compute_losses(out, piece, core, cfg, task_share, slot_share)
+            loss = losses["loss"] * math.nan if make_nan else losses["loss"]
+            loss.backward()
+        distill_slots += slots
+        totals["loss"] += loss.detach()  # already weighted by the shares
+        for k, v in losses.items():  # the batch's means: each piece's mean weighted by its share
+            if k != "loss":
+                totals[k] += v.detach() * (slot_share if k.startswith("distill_") else task_share)
+        exact += sum(s.exact for s in score_batch(out.logits.detach(), piece, cfg.model.grid_size))
+    norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
+    keys = list(totals)
+    # One device-to-host transfer for the loss terms and the gradient norm, not one per number.
+    numbers = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=norm.device) for k in keys]
+                          + [norm.float()]).tolist()
+    grad_norm = numbers.pop()
+    reduced = ctx.sum(numbers + [exact, len(batch["target"]), distill_slots])
+    values = {k: v / ctx.world for k, v in zip(keys, reduced)}
+    exact, examples, distill_slots = (int(x) for x in reduced[len(keys):])
+    if distilling and distill_slots == 0:  # no teacher target anywhere in the batch: no feature terms
+        values = {k: v for k, v in values.items() if not k.startswith("distill_")}
+    if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    return StepResult(values, grad_norm, examples, exact, distill_slots)
+
+
+def tuning_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                autocast: Autocast, loss_normalization: str, grad_clip: float) -> torch.Tensor:
+    """One optimiser step of test-time training on `batch`: the answer's cross-entropy alone (no
+    distillation: a task at test time has no teacher features), clipped, AdamW. Returns the loss,
+    still on the device (reading it is a host sync the caller may not need)."""
+    with autocast():
+        out = model(batch)
+        loss = answer_cross_entropy(out.logits, batch["target"], loss_normalization)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
