@@ -70,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
 
         from sage.distill import prompts_for_dataset
         from sage.distributed import init_distributed, shutdown_distributed
-        from sage.teacher.extract import merge, run_extraction, teacher_tasks
+        from sage.extraction import merge, run_extraction, teacher_tasks
 
         # The prompts a training run of this config reads (one per student example).
-        prompts = prompts_for_dataset(cfg, *teacher_tasks(cfg, args.limit))
+        prompts = prompts_for_dataset(cfg, *teacher_tasks(cfg.teacher, cfg.data, args.limit))
         if args.merge:
-            status = merge(cfg, prompts, args.limit)
+            status = merge(cfg.teacher, cfg.data, prompts, args.limit)
             return _report_status(status["directory"], status)
         part, parts = args.shard
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             part, parts = int(os.environ["RANK"]), world
             if cfg.run.device in ("auto", "cuda") and torch.cuda.is_available():
                 cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device=f"cuda:{os.environ['LOCAL_RANK']}"))
-        result = run_extraction(cfg, prompts, part, parts, args.limit, progress=not args.no_progress and part == 0)
+        result = run_extraction(cfg.teacher, cfg.data, prompts, part, parts, args.limit,
+                                progress=not args.no_progress and part == 0, device=cfg.run.device)
         if result.computed:
             print(f"part {part} of {parts}: " if parts > 1 else "", end="")
             print(f"computed {result.computed} prompts ({result.images} images) in {result.seconds:.1f} s: "
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx = init_distributed("cpu")  # gloo: only for this barrier
             ctx.barrier()
             shutdown_distributed(ctx)
-            return _report_status(result.directory, merge(cfg, prompts, args.limit)) if part == 0 else 0
+            return _report_status(result.directory, merge(cfg.teacher, cfg.data, prompts, args.limit)) if part == 0 else 0
         return _report_status(result.directory, result.status)
     except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

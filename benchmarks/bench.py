@@ -439,7 +439,8 @@ def memory_section(cfg: ExperimentConfig, device: torch.device, log: Log) -> dic
 def cache_section(cfg: ExperimentConfig, data: Data, n_tasks: int, log: Log) -> dict[str, Any]:
     from sage.distill import prompts_for_dataset
     from sage.features import CacheWriter, EntryFeatures, FeatureCache, build_spec, finalize
-    from sage.teacher.extract import Teacher, run_extraction
+    from sage.extraction import run_extraction
+    from sage.teacher.groot import Teacher
     from sage.teacher.presets import get_preset
     from sage.teacher.prompt import instruction_for
     from sage.teacher.tokenizer import load_tokenizer
@@ -458,8 +459,9 @@ def cache_section(cfg: ExperimentConfig, data: Data, n_tasks: int, log: Log) -> 
             what = "pooled + token features" if tokens else "pooled features"
             log(f"cache: extracting the tiny teacher's {what} of the first {n_tasks} tasks of {dataset}")
             run = replace(cfg, teacher=replace(tiny, token_features=tokens))
-            ex = run_extraction(run, prompts_for_dataset(run, dataset, tasks[:n_tasks]), limit=n_tasks, progress=False,
-                                log=lambda s: None)
+            prompts = prompts_for_dataset(run, dataset, tasks[:n_tasks])
+            ex = run_extraction(run.teacher, run.data, prompts, limit=n_tasks, progress=False, log=lambda s: None,
+                                device=run.run.device)
             manifest = json.loads((ex.directory / "manifest.json").read_text())
             dim = manifest["spec"]["identity"]["features"]["dim"]
             entries = manifest["entries"].values()

@@ -22,7 +22,7 @@ from sage.encoding import ANSWER_CANVASES, min_context_tokens
 from sage.errors import ConfigError
 from sage.losses import DISTILL_SLOTS, LOSS_NORMALIZATIONS
 from sage.model import StudentConfig
-from sage.teacher.config import LEAKING_VIEWS, TeacherConfig, teacher_problems
+from sage.teacher.settings import LEAKING_VIEWS, TeacherConfig, teacher_problems
 from sage.teacher.presets import PRESETS as TEACHER_PRESETS
 from sage.teacher.presets import TEACHER_NAMES, feature_dim
 

@@ -7,7 +7,7 @@
   any other string
       a directory of ARC JSON files ({"train": [{"input", "output"}...], "test": [...]})
 
-`training_dataset(cfg)` is the part of data.train a run uses (data.max_grid_side).
+`training_dataset(data)` is the part of data.train a run uses (data.max_grid_side).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sage.errors import ARCDataError
 from sage.synthetic import generate_tasks
 
 if TYPE_CHECKING:
-    from sage.config import ExperimentConfig
+    from sage.config import DataConfig
 
 
 def load_dataset(name: str, synthetic_options: dict | None = None) -> list[Task]:
@@ -32,21 +32,20 @@ def load_dataset(name: str, synthetic_options: dict | None = None) -> list[Task]
     return load_task_dir(name)
 
 
-def training_dataset(cfg: "ExperimentConfig") -> list[Task]:
-    """Every task of data.train a run of `cfg` may use (training and held-out validation): those
-    whose grids all fit data.max_grid_side. Training, its teacher cache (extraction included) and
-    evaluation's overlap check all split this same list."""
-    tasks = tasks_up_to_side(load_dataset(cfg.data.train, dataclasses.asdict(cfg.data.synthetic)),
-                             cfg.data.max_grid_side)
+def training_dataset(data: DataConfig) -> list[Task]:
+    """Every task of data.train a run may use (training and held-out validation): those whose grids
+    all fit data.max_grid_side. Training, its teacher cache (extraction included) and evaluation's
+    overlap check all split this same list."""
+    tasks = tasks_up_to_side(load_dataset(data.train, dataclasses.asdict(data.synthetic)), data.max_grid_side)
     if not tasks:
-        raise ARCDataError(f"data.train {cfg.data.train!r}: no task has every grid within data.max_grid_side="
-                           f"{cfg.data.max_grid_side}; raise it")
+        raise ARCDataError(f"data.train {data.train!r}: no task has every grid within data.max_grid_side="
+                           f"{data.max_grid_side}; raise it")
     return tasks
 
 
-def run_tasks(cfg: "ExperimentConfig", dataset: str) -> list[Task]:
-    """Dataset `dataset`'s tasks as a run of `cfg` sees them: data.train through `training_dataset`,
-    any other dataset whole."""
-    if dataset == cfg.data.train:
-        return training_dataset(cfg)
-    return load_dataset(dataset, dataclasses.asdict(cfg.data.synthetic))
+def run_tasks(data: DataConfig, dataset: str) -> list[Task]:
+    """Dataset `dataset`'s tasks as a run with these `data` settings sees them: data.train through
+    `training_dataset`, any other dataset whole."""
+    if dataset == data.train:
+        return training_dataset(data)
+    return load_dataset(dataset, dataclasses.asdict(data.synthetic))

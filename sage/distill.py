@@ -28,7 +28,7 @@ from sage.datasets import training_dataset
 from sage.encoding import evaluation_examples, fit_demos, training_examples
 from sage.errors import FeatureCacheError
 from sage.features import FeatureCache, cache_path, example_roles, open_cache
-from sage.teacher.config import LEAKING_VIEWS
+from sage.teacher.settings import LEAKING_VIEWS
 from sage.teacher.prompt import TeacherExample, example_key, shown_demos, view_example
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def prompts_for_dataset(cfg: ExperimentConfig, dataset: str, tasks: Sequence[Tas
     (`teacher_views`)."""
     d, m, t = cfg.data, cfg.model, cfg.teacher
     if dataset == d.train:
-        every = training_dataset(cfg)  # the split is over the whole dataset
+        every = training_dataset(d)  # the split is over the whole dataset
         if d.val == "holdout":
             train, val = split_by_task(every, d.val_fraction, cfg.run.seed)
         else:
@@ -93,11 +93,11 @@ def ensure_teacher_cache(
     if manifest.is_file() and json.loads(manifest.read_text()).get("complete"):
         missing = open_cache(teacher, dataset, tasks, allow_leaking=allow_leaking).missing(missing)
     if missing:
-        from sage.teacher.extract import run_extraction  # torch + transformers: only when needed
+        from sage.extraction import run_extraction  # torch + transformers: only when needed
 
         log(f"teacher features for {dataset}: {len(missing)} of the run's {len(prompts)} prompts are not cached; "
             f"extracting with {teacher.preset} into {directory}")
-        result = run_extraction(dataclasses.replace(cfg, teacher=teacher), prompts, progress=True, log=log)
+        result = run_extraction(teacher, cfg.data, prompts, progress=True, log=log, device=cfg.run.device)
         if result.computed:
             log(f"extracted {result.computed} prompts in {result.seconds:.1f}s "
                 f"({result.prompts_per_second:.2f} prompts/s)")

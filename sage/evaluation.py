@@ -90,7 +90,7 @@ def split_tasks(cfg: ExperimentConfig, meta: dict[str, Any], split: str) -> tupl
     pair is among them (sage/overlap.py) are left out and named, and a split made mostly of them is
     refused. Shared demonstrations or test inputs (the HRM/TRM protocol) are scored but recorded."""
     synthetic = asdict(cfg.data.synthetic)
-    train_all = training_dataset(cfg)
+    train_all = training_dataset(cfg.data)
     held_out_ids = set(meta.get("val_task_ids") or []) if cfg.data.val == HOLDOUT else set()
     trained = [t for t in train_all if t.id not in held_out_ids]
     if split == HOLDOUT:
@@ -184,7 +184,7 @@ def open_teacher_cache(
     command = (f"python extract_groot_features.py --config {run_config} --set teacher.dataset={dataset}"
                + (f" --set teacher.cache_dir={cache_dir}" if cache_dir else ""))
     try:
-        tasks = run_tasks(cfg, dataset)
+        tasks = run_tasks(cfg.data, dataset)
         directory = cache_path(teacher, dataset, tasks)
         if extract:
             run = replace(cfg.run, device=str(device) if device is not None else cfg.run.device)
@@ -358,7 +358,7 @@ def measure_speed(
     the student from its grids, the teacher from its task_context prompt (render + tokenise +
     backbone + pooling). One untimed warm-up each. The student is timed 3 times (median)."""
     from sage.teacher.backbone import build_backbone
-    from sage.teacher.extract import Teacher, resolve_dtype
+    from sage.teacher.groot import Teacher, resolve_dtype
     from sage.teacher.presets import get_preset
     from sage.teacher.prompt import evaluation_prompts, instruction_for
     from sage.teacher.tokenizer import load_tokenizer

@@ -44,11 +44,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from sage.arc import Task
-from sage.errors import FeatureCacheError, TeacherError
-from sage.teacher.config import DOWNLOAD_HELP, LEAKING_VIEWS, TOKENIZER_HELP, TeacherConfig
+from sage.errors import FeatureCacheError
+from sage.teacher.settings import LEAKING_VIEWS, TeacherConfig
 from sage.teacher.loading import checkpoint_fingerprint, read_safetensors_header
-from sage.teacher.presets import ORACLE_FEATURE_DIM, ORACLE_PRESET, get_preset, oracle_identity
-from sage.teacher.prompt import Role, instruction_for, prompt_template, role_of
+from sage.teacher.presets import ORACLE_FEATURE_DIM, ORACLE_PRESET, get_preset, oracle_identity, require_real_files
+from sage.teacher.prompt import EntryFeatures, Role, instruction_for, prompt_template, role_of
 from sage.teacher.render import IMAGE_SIZE, RENDER_ID
 from sage.teacher.tokenizer import load_tokenizer
 
@@ -117,15 +117,6 @@ def teacher_identity(teacher: TeacherConfig) -> dict[str, Any]:
     return {"preset": arch.name, "arch": arch.to_dict(), "weights": weights, "tokenizer": tokenizer.identity}
 
 
-def require_real_files(teacher: TeacherConfig) -> None:
-    """The real preset needs the user's checkpoint and tokenizer: say what to download and where."""
-    if teacher.preset != ORACLE_PRESET and get_preset(teacher.preset).has_public_weights:
-        if teacher.checkpoint_dir is None:
-            raise TeacherError(f"teacher.preset {teacher.preset} needs teacher.checkpoint_dir.\n{DOWNLOAD_HELP}")
-        if teacher.tokenizer_dir is None:
-            raise TeacherError(f"teacher.preset {teacher.preset} needs teacher.tokenizer_dir.\n{TOKENIZER_HELP}")
-
-
 def build_spec(teacher: TeacherConfig, dataset: str, tasks: Sequence[Task]) -> dict[str, Any]:
     """The cache's spec: `identity` must match to reuse a cache; `info` is recorded only."""
     identity: dict[str, Any] = {
@@ -178,21 +169,6 @@ def check_spec(directory: Path, have: dict[str, Any], want: dict[str, Any]) -> N
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-@dataclass
-class EntryFeatures:
-    """The teacher's output for one prompt, ready to store."""
-
-    key: str  # sage.teacher.prompt.example_key
-    task_id: str
-    query: int
-    demos: tuple[int, ...]
-    roles: tuple[Role, ...]
-    pooled: torch.Tensor  # [n_grids, dim]
-    tokens: torch.Tensor | None = None  # [n_tokens, dim] (unpadded prompt), when token features are on
-    image_starts: tuple[int, ...] = ()  # position of each image's first <IMG_CONTEXT> in the prompt
-    n_tokens: int = 0
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -43,7 +43,7 @@ from sage.overlap import TaskOverlap, describe, drop_trained_tasks
 from sage.recovery import FaultInjection, MicroBatch, all_finite
 from sage.runlog import RunLog, SilentLog, plot_training_curves, read_metrics
 from sage.step import Autocast, StepResult, make_optimizer, set_lr, to_device, train_step, training_lr
-from sage.teacher.config import ORACLE_PRESET
+from sage.teacher.settings import ORACLE_PRESET
 from sage.validation import validate
 
 # ----------------------------------------------------------------------------- data
@@ -63,7 +63,7 @@ def load_splits(cfg: ExperimentConfig) -> Splits:
     """Train and validation tasks, disjoint by task. 'holdout' keeps whole training tasks aside; a
     validation dataset is checked pair by pair against training (sage/overlap.py)."""
     synthetic = asdict(cfg.data.synthetic)
-    tasks = training_dataset(cfg)
+    tasks = training_dataset(cfg.data)
     if cfg.data.val == "holdout":
         train, val = split_by_task(tasks, cfg.data.val_fraction, cfg.run.seed)
         val_dataset = tasks

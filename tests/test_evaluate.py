@@ -93,12 +93,12 @@ def workspace(tmp_path_factory):
     split = write_tasks(unseen + [two], root / "unseen")
 
     from sage.distill import prompts_for_dataset
-    from sage.teacher.extract import run_extraction, teacher_tasks
+    from sage.extraction import run_extraction, teacher_tasks
 
     extract_cfg = load_config(REPO / "configs" / "smoke.yaml", TINY + [
         f"teacher.dataset={split}", f"teacher.cache_dir={root / 'features'}"])
-    run_extraction(extract_cfg, prompts_for_dataset(extract_cfg, *teacher_tasks(extract_cfg)), progress=False,
-                   log=lambda _: None)
+    prompts = prompts_for_dataset(extract_cfg, *teacher_tasks(extract_cfg.teacher, extract_cfg.data))
+    run_extraction(extract_cfg.teacher, extract_cfg.data, prompts, progress=False, log=lambda _: None)
     return {"root": root, "checkpoint": root / "checkpoints" / "tiny" / "last", "split": split,
             "probe": root / "checkpoints" / "probe" / "last", "features": root / "features"}
 

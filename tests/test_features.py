@@ -29,7 +29,8 @@ from sage.features import (
     finalize,
     open_cache,
 )
-from sage.teacher.extract import load_teacher, merge, run_extraction, teacher_tasks
+from sage.extraction import merge, run_extraction, teacher_tasks
+from sage.teacher.groot import load_teacher
 from sage.teacher.prompt import Role, role_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def make_cfg(cache_dir: Path, *extra: str):
 
 def prompts(cfg, limit: int = LIMIT):
     """The prompts a training run of `cfg` reads from its first `limit` tasks (one per example)."""
-    return prompts_for_dataset(cfg, *teacher_tasks(cfg, limit))
+    return prompts_for_dataset(cfg, *teacher_tasks(cfg.teacher, cfg.data, limit))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def arc_tasks():
 def single_run(tmp_path_factory, arc_tasks):
     """One uninterrupted extraction of the first LIMIT tasks, shared by the tests below."""
     cfg = make_cfg(tmp_path_factory.mktemp("single"))
-    result = run_extraction(cfg, prompts(cfg), limit=LIMIT, progress=False, log=lambda _: None)
+    result = run_extraction(cfg.teacher, cfg.data, prompts(cfg), limit=LIMIT, progress=False, log=lambda _: None)
     return cfg, result
 
 
@@ -116,7 +117,7 @@ def test_extraction_end_to_end_and_reading(single_run, arc_tasks):
     assert torch.equal(feats[6], cache.pooled(e.key)[-1]) and not feats[4:6].any()
 
     # A second run finds everything stored and computes nothing.
-    again = run_extraction(cfg, prompts(cfg), limit=LIMIT, progress=False, log=lambda _: None)
+    again = run_extraction(cfg.teacher, cfg.data, prompts(cfg), limit=LIMIT, progress=False, log=lambda _: None)
     assert again.computed == 0 and again.already_done == n_prompts and again.status["complete"]
 
 
@@ -132,14 +133,14 @@ def test_shards_k_of_n_and_merge_equal_a_single_run(tmp_path, single_run, arc_ta
     ref_cfg, _ = single_run
     cfg = make_cfg(tmp_path)
     tasks = arc_tasks[:LIMIT]
-    first = run_extraction(cfg, prompts(cfg), part=0, parts=2, limit=LIMIT, progress=False, log=lambda _: None)
+    first = run_extraction(cfg.teacher, cfg.data, prompts(cfg), part=0, parts=2, limit=LIMIT, progress=False, log=lambda _: None)
     assert not first.status["complete"]
     assert first.computed == sum(e.task_id in {t.id for t in tasks[0::2]} for e in prompts(cfg))
     with pytest.raises(FeatureCacheError, match="incomplete"):
         open_cache(cfg.teacher, "arc-agi-1/training", tasks, limit=LIMIT)
-    second = run_extraction(cfg, prompts(cfg), part=1, parts=2, limit=LIMIT, progress=False, log=lambda _: None)
+    second = run_extraction(cfg.teacher, cfg.data, prompts(cfg), part=1, parts=2, limit=LIMIT, progress=False, log=lambda _: None)
     assert second.status["complete"]  # the last part to finish writes the manifest
-    assert merge(cfg, prompts(cfg), limit=LIMIT)["complete"]
+    assert merge(cfg.teacher, cfg.data, prompts(cfg), limit=LIMIT)["complete"]
     names = sorted(p.name for p in (second.directory / SHARDS).iterdir())
     assert names[0].startswith("part-000-of-002-") and names[-1].startswith("part-001-of-002-")
 
@@ -187,7 +188,7 @@ def test_mismatched_cache_is_refused(single_run, arc_tasks):
             FeatureCache(result.directory, expected_spec=want)
         assert cache_path(other.teacher, "arc-agi-1/training", tasks, LIMIT) == result.directory  # same place, refused
         with pytest.raises(FeatureCacheError, match=field):  # extraction refuses to mix, too
-            run_extraction(other, prompts(other), limit=LIMIT, progress=False, log=lambda _: None)
+            run_extraction(other.teacher, other.data, prompts(other), limit=LIMIT, progress=False, log=lambda _: None)
     # Same name, different content (one task changed): the dataset fingerprint differs.
     changed = list(tasks)
     changed[0] = changed[1].__class__(changed[0].id, changed[1].train, changed[1].test, changed[0].source)
@@ -199,7 +200,7 @@ def test_mismatched_cache_is_refused(single_run, arc_tasks):
 
 def test_token_features_and_leaking_view(tmp_path, arc_tasks):
     cfg = make_cfg(tmp_path, "teacher.token_features=true", "teacher.view=with_answer")
-    result = run_extraction(cfg, prompts(cfg, 2), limit=2, progress=False, log=lambda _: None)
+    result = run_extraction(cfg.teacher, cfg.data, prompts(cfg, 2), limit=2, progress=False, log=lambda _: None)
     assert result.status["complete"] and result.directory.name.endswith("+tokens")
     cache = open_cache(cfg.teacher, "arc-agi-1/training", arc_tasks[:2], limit=2)
     e = prompts(cfg, 2)[0]
@@ -230,7 +231,7 @@ def test_real_tokenizer_prompt_lengths_in_the_cache(tmp_path, arc_tasks):
     if not (tokenizer_dir / "vocab.json").is_file():
         pytest.skip(f"GR00T N1.5 tokenizer data not found at {tokenizer_dir}")
     cfg = make_cfg(tmp_path, f"teacher.tokenizer_dir={tokenizer_dir}")
-    result = run_extraction(cfg, prompts(cfg, 2), limit=2, progress=False, log=lambda _: None)
+    result = run_extraction(cfg.teacher, cfg.data, prompts(cfg, 2), limit=2, progress=False, log=lambda _: None)
     manifest = json.loads((result.directory / "manifest.json").read_text())
     assert manifest["spec"]["identity"]["teacher"]["tokenizer"].startswith("sha256:")
     teacher = load_teacher(cfg.teacher, "cpu")
@@ -242,7 +243,7 @@ def test_real_tokenizer_prompt_lengths_in_the_cache(tmp_path, arc_tasks):
     # The built-in tokenizer's cache in the same place would be a different teacher: refused.
     builtin = make_cfg(tmp_path)
     with pytest.raises(FeatureCacheError, match="teacher.tokenizer: cache has"):
-        run_extraction(builtin, prompts(builtin, 2), limit=2, progress=False, log=lambda _: None)
+        run_extraction(builtin.teacher, builtin.data, prompts(builtin, 2), limit=2, progress=False, log=lambda _: None)
 
 
 # ----------------------------------------------------------------------------- writer mechanics (no model)

@@ -15,7 +15,7 @@ from sage.encoding import collate
 from sage.errors import ConfigError, FeatureCacheError, TeacherError
 from sage.model import build_model
 from sage.synthetic import TRANSFORMS, Rule, generate_tasks, generate_tasks_and_rules
-from sage.teacher.config import TeacherConfig
+from sage.teacher.settings import TeacherConfig
 from sage.teacher.oracle import OracleTeacher, load_oracle
 from sage.teacher.prompt import view_example
 from sage.training import load_splits, make_datasets

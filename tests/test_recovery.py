@@ -247,7 +247,7 @@ def test_malformed_inputs_fail_cleanly_and_touch_nothing(tmp_path, capsys):
     # A cache made for other tasks (another generator setting) or by another teacher view, copied to
     # where this config looks.
     other = tiny_config(tmp_path, "dataset", *distil, "data.synthetic.num_tasks=30")
-    other_cache = cache_path(other.teacher, "synthetic", training_dataset(other))
+    other_cache = cache_path(other.teacher, "synthetic", training_dataset(other.data))
     shutil.copytree(cache, other_cache)
     fails(tiny_command(tmp_path, "dataset", *distil, "data.synthetic.num_tasks=30"), r"dataset")
     shutil.copytree(cache, cache.parent.parent / "with_answer" / cache.name)

@@ -20,8 +20,8 @@ from sage.config import load_config
 from sage.datasets import load_dataset
 from sage.errors import ConfigError, TeacherError
 from sage.teacher.backbone import GrootBackbone, build_backbone, count_parameters, random_state_dict
-from sage.teacher.config import TeacherConfig
-from sage.teacher.extract import Teacher, load_teacher
+from sage.teacher.settings import TeacherConfig
+from sage.teacher.groot import Teacher, load_teacher
 from sage.teacher.loading import checkpoint_fingerprint, read_backbone_state_dict
 from sage.teacher.presets import GROOT_N15_BACKBONE_PARAMS, GROOT_N15_SIGLIP_HEAD_PARAMS, get_preset
 from sage.teacher.prompt import Role, build_prompt, evaluation_prompts, view_example
@@ -526,19 +526,19 @@ def test_a_checkpoint_that_fails_to_load_leaves_no_cache_behind(tmp_path, tiny_w
     """Extraction with a broken checkpoint stops with the loader's message and leaves no cache
     directory (whose manifest would refuse the fixed checkpoint); the fixed one then extracts."""
     from sage.distill import prompts_for_dataset
-    from sage.teacher.extract import run_extraction, teacher_tasks
+    from sage.extraction import run_extraction, teacher_tasks
 
     tensors = groot_layout(tiny_weights)
     broken = {k: v for k, v in tensors.items() if not k.endswith("layers.1.mlp.up_proj.weight")}
     ckpt = write_checkpoint(tmp_path / "ckpt", broken)
     cfg = load_config(None, [f"teacher.checkpoint_dir={ckpt}", f"teacher.cache_dir={tmp_path / 'features'}",
                              "teacher.max_demos=2", "run.device=cpu"])
-    prompts = prompts_for_dataset(cfg, *teacher_tasks(cfg, 1))
+    prompts = prompts_for_dataset(cfg, *teacher_tasks(cfg.teacher, cfg.data, 1))
     with pytest.raises(TeacherError, match=r"missing[\s\S]*layers\.1\.mlp\.up_proj\.weight"):
-        run_extraction(cfg, prompts, limit=1, progress=False, log=lambda _: None)
+        run_extraction(cfg.teacher, cfg.data, prompts, limit=1, progress=False, log=lambda _: None)
     assert not (tmp_path / "features").exists() or not any((tmp_path / "features").rglob("manifest.json"))
     for f in ckpt.iterdir():
         f.unlink()
     write_checkpoint(ckpt, tensors)  # fixed in place: same directory, now complete
-    result = run_extraction(cfg, prompts, limit=1, progress=False, log=lambda _: None)
+    result = run_extraction(cfg.teacher, cfg.data, prompts, limit=1, progress=False, log=lambda _: None)
     assert result.status["complete"] and result.computed == len(prompts) > 0

@@ -33,7 +33,7 @@ from typing import Iterable, Literal, Mapping
 import torch
 
 from sage.errors import TeacherError
-from sage.teacher.config import DOWNLOAD_HELP
+from sage.teacher.settings import DOWNLOAD_HELP
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

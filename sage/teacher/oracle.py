@@ -9,7 +9,7 @@ rule, which it is told, never reads from the grids:
 `code` is the rule's one-hot dihedral transform and colour table (sage.synthetic.Rule.code), `P` a
 fixed Gaussian projection to ORACLE_FEATURE_DIM dims scaled so that each dimension of the signal
 has unit variance, and the noise is drawn per prompt and grid (teacher.noise, in those units).
-It has the extraction interface of sage.teacher.extract.Teacher, so its features go through the
+It has the extraction interface of sage.teacher.groot.Teacher, so its features go through the
 same cache (manifest, shards, spec checks) and the same training path as GR00T's.
 """
 
@@ -25,7 +25,7 @@ from sage.arc import NUM_COLOURS, fixed_view
 from sage.errors import TeacherError
 from sage.features import EntryFeatures
 from sage.synthetic import RULE_CODE_DIM, Rule, generate_tasks_and_rules
-from sage.teacher.config import TeacherConfig
+from sage.teacher.settings import TeacherConfig
 from sage.teacher.presets import ORACLE_FEATURE_DIM, ORACLE_PRESET
 from sage.teacher.prompt import TeacherExample
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sage.errors import TeacherError
-from sage.teacher.config import ORACLE_PRESET
+from sage.teacher.settings import DOWNLOAD_HELP, ORACLE_PRESET, TOKENIZER_HELP, TeacherConfig
 
 
 @dataclass(frozen=True)
@@ -156,3 +156,12 @@ def oracle_identity(seed: int, noise: float) -> dict[str, Any]:
     """What determines the oracle's features (its cache's teacher identity)."""
     return {"preset": ORACLE_PRESET, "encoding": ORACLE_ENCODING, "feature_dim": ORACLE_FEATURE_DIM,
             "noise": noise, "weights": f"projection(seed={seed})", "tokenizer": None}
+
+
+def require_real_files(teacher: TeacherConfig) -> None:
+    """The real preset needs the user's checkpoint and tokenizer: say what to download and where."""
+    if teacher.preset != ORACLE_PRESET and get_preset(teacher.preset).has_public_weights:
+        if teacher.checkpoint_dir is None:
+            raise TeacherError(f"teacher.preset {teacher.preset} needs teacher.checkpoint_dir.\n{DOWNLOAD_HELP}")
+        if teacher.tokenizer_dir is None:
+            raise TeacherError(f"teacher.preset {teacher.preset} needs teacher.tokenizer_dir.\n{TOKENIZER_HELP}")

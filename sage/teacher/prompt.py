@@ -24,18 +24,24 @@ same way. Views (recorded in the cache):
                   says so, and training refuses it unless teacher.allow_answer_view is set.
 
 Only `with_answer` reads the query's output.
+
+`TeacherExample` is one prompt going in; `EntryFeatures` is what a teacher (GR00T or the oracle)
+returns for it, as the feature cache stores it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 
 from sage.arc import Task, fixed_view
 from sage.errors import ARCDataError
-from sage.teacher.config import VIEWS
+from sage.teacher.settings import VIEWS
+
+if TYPE_CHECKING:
+    import torch  # EntryFeatures holds tensors; this module needs no torch itself
 
 SYSTEM_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
@@ -161,3 +167,18 @@ def prompt_template(instruction: str, tokens_per_image: int = 256) -> str:
     """A readable form of the prompt for manifests and reports."""
     one = f"<image k><img><IMG_CONTEXT>x{tokens_per_image}</img>"
     return SYSTEM_PREFIX + f"[{one} for k = 1..N]" + instruction + SUFFIX
+
+
+@dataclass
+class EntryFeatures:
+    """The teacher's output for one prompt, ready to store."""
+
+    key: str  # sage.teacher.prompt.example_key
+    task_id: str
+    query: int
+    demos: tuple[int, ...]
+    roles: tuple[Role, ...]
+    pooled: torch.Tensor  # [n_grids, dim]
+    tokens: torch.Tensor | None = None  # [n_tokens, dim] (unpadded prompt), when token features are on
+    image_starts: tuple[int, ...] = ()  # position of each image's first <IMG_CONTEXT> in the prompt
+    n_tokens: int = 0

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sage.errors import TeacherError
-from sage.teacher.config import TOKENIZER_HELP
+from sage.teacher.settings import TOKENIZER_HELP
 
 # The ids the prompt uses (GROOT_N15.md, facts); both tokenizers must produce exactly these.
 SPECIAL_IDS: dict[str, int] = {

@@ -1,44 +1,27 @@
-"""Run the teacher over a dataset and fill the feature cache (sage/features.py).
+"""GR00T N1.5 as a teacher: prompts in, per-grid features out.
 
-    prompts (one per student example, sage/distill.py: prompts_for_dataset) -> render grids
+    a prompt (sage/teacher/prompt.py: the grids it shows, its chat text) -> render each grid
           (224x224) -> tokenise the prompt -> left-pad a batch -> GrootBackbone -> per-grid mean
-          over each image's <IMG_CONTEXT> outputs (+ all tokens on request) -> safetensors shards
+          over each image's <IMG_CONTEXT> outputs (+ all tokens on request) -> EntryFeatures
 
-Prompts are processed shortest first (fewest images), a task's prompts side by side, so a batch pads
-little and each distinct grid of a batch goes through the vision tower once. Which prompts are done
-is decided by the shards on disk, so any order resumes correctly.
+Each distinct grid of a batch goes through the vision tower once. sage/extraction.py runs a teacher
+(this one or the oracle) over a dataset into the feature cache.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import platform
-import shutil
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from sage.arc import Task
-from sage.datasets import run_tasks
 from sage.device import resolve_device
-from sage.features import (
-    CacheWriter,
-    EntryFeatures,
-    build_spec,
-    cache_path,
-    finalize,
-    require_real_files,
-)
 from sage.teacher.backbone import GrootBackbone, build_backbone
-from sage.teacher.config import TeacherConfig
 from sage.teacher.loading import LoadReport
-from sage.teacher.presets import ORACLE_PRESET, GrootArch, get_preset
-from sage.teacher.prompt import TeacherExample, build_prompt, instruction_for
+from sage.teacher.presets import GrootArch, get_preset, require_real_files
+from sage.teacher.prompt import EntryFeatures, TeacherExample, build_prompt, instruction_for
 from sage.teacher.render import render_grid, to_pixel_values
+from sage.teacher.settings import TeacherConfig
 from sage.teacher.tokenizer import IMG_CONTEXT_ID, PAD_ID, GrootTokenizer, load_tokenizer
 
 
@@ -159,108 +142,3 @@ def load_teacher(teacher: TeacherConfig, device: str | torch.device = "auto") ->
         arch, device, resolve_dtype(teacher.dtype, device), teacher.checkpoint_dir, teacher.seed
     )
     return Teacher(arch, model, tokenizer, instruction_for(teacher.view, teacher.instruction), device, report)
-
-
-def teacher_tasks(cfg: Any, limit: int | None = None) -> tuple[str, list[Task]]:
-    """(dataset name, tasks) the config's teacher extracts: teacher.dataset, else data.train (the
-    tasks training uses of it: sage.datasets.run_tasks)."""
-    dataset = cfg.teacher.dataset or cfg.data.train
-    tasks = run_tasks(cfg, dataset)
-    return dataset, tasks[:limit] if limit else tasks
-
-
-@dataclass
-class ExtractionResult:
-    directory: Path
-    assigned: int  # prompts of this part
-    already_done: int  # found in the cache at start
-    computed: int  # computed by this run
-    seconds: float  # model time of this run (excl. loading)
-    images: int  # images computed by this run
-    status: dict[str, Any]  # from features.finalize: complete / present / expected / missing
-
-    @property
-    def prompts_per_second(self) -> float:
-        return self.computed / self.seconds if self.seconds else 0.0
-
-
-def run_extraction(
-    cfg: Any,
-    prompts: Sequence[TeacherExample],
-    part: int = 0,
-    parts: int = 1,
-    limit: int | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> ExtractionResult:
-    """Extract (or resume) part `part` of `parts` of `prompts` (sage.distill.prompts_for_dataset) into
-    the config's cache of teacher.dataset (else data.train)."""
-    t = cfg.teacher
-    dataset, tasks = teacher_tasks(cfg, limit)
-    directory = cache_path(t, dataset, tasks, limit)
-    spec = build_spec(t, dataset, tasks)
-    created = not directory.exists()
-    writer = CacheWriter(directory, spec, part, parts, t.shard_entries)
-    task_index = {task.id: i for i, task in enumerate(tasks)}
-    mine = [e for e in prompts if task_index[e.task_id] % parts == part]
-    todo = [e for e in mine if e.key not in writer.done]
-    log(
-        f"feature cache {directory}: part {part + 1} of {parts} has {len(mine)} prompts, "
-        f"{len(mine) - len(todo)} already stored, {len(todo)} to compute"
-    )
-    computed = images = 0
-    seconds = 0.0
-    info: dict[str, Any] = {}
-    if todo:
-        try:
-            if t.preset == ORACLE_PRESET:
-                from sage.teacher.oracle import load_oracle
-
-                teacher = load_oracle(t, dataset, dataclasses.asdict(cfg.data.synthetic))
-            else:
-                teacher = load_teacher(t, cfg.run.device)
-        except BaseException:  # a checkpoint that fails to load leaves no empty cache behind
-            if created:
-                shutil.rmtree(directory, ignore_errors=True)
-            raise
-        if teacher.load_report is not None:
-            log(teacher.load_report.summary())
-        info = {
-            "compute_dtype": str(teacher.dtype).replace("torch.", ""),
-            "device": str(teacher.device),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        }
-        todo.sort(key=lambda e: len(e.grids))  # stable: a task's prompts stay together, sharing images
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), unit="prompt", disable=not progress, file=sys.stderr, mininterval=1.0)
-        start = time.perf_counter()
-        for i in range(0, len(todo), t.batch_size):
-            chunk = todo[i : i + t.batch_size]
-            for entry in teacher.features(chunk, token_features=t.token_features):
-                writer.add(entry)
-            computed += len(chunk)
-            images += sum(len(e.grids) for e in chunk)
-            bar.update(len(chunk))
-        writer.flush()
-        seconds = time.perf_counter() - start
-        bar.close()
-    status = finalize(directory, spec, [e.key for e in prompts], info)
-    return ExtractionResult(directory, len(mine), len(mine) - len(todo), computed, seconds, images, status)
-
-
-def merge(cfg: Any, prompts: Sequence[TeacherExample], limit: int | None = None) -> dict[str, Any]:
-    """After all `--shard k/n` parts finished: check every prompt is stored and write the manifest."""
-    t = cfg.teacher
-    dataset, tasks = teacher_tasks(cfg, limit)
-    directory = cache_path(t, dataset, tasks, limit)
-    spec = build_spec(t, dataset, tasks)
-    from sage.errors import FeatureCacheError
-    from sage.features import prepare_directory
-
-    if not (directory / "manifest.json").is_file():
-        raise FeatureCacheError(f"{directory}: nothing to merge (no extraction has run for this config)")
-    prepare_directory(directory, spec)  # refuses a cache made for another spec
-    return {"directory": directory, **finalize(directory, spec, [e.key for e in prompts])}
-
