@@ -16,7 +16,7 @@
              pooled cache of every prompt written at the real width (random values) through
              sage.features.CacheWriter, then read through sage.distill.TeacherTargets (examples/s)
     speed    inference time per task, student vs the full-size GR00T N1.5 backbone with RANDOM weights
-             (no real weights here; speed does not depend on them): sage.evaluation.measure_speed
+             (no real weights here; speed does not depend on them): sage.speed.measure_speed
     profile  (opt-in) torch.profiler over a few training steps: the top ops and the time per phase
 
 Everything reuses the sage package: real ARC tasks and splits (sage.training.load_splits), the
@@ -438,8 +438,8 @@ def memory_section(cfg: ExperimentConfig, device: torch.device, log: Log) -> dic
 
 def cache_section(cfg: ExperimentConfig, data: Data, n_tasks: int, log: Log) -> dict[str, Any]:
     from sage.distill import prompts_for_dataset
-    from sage.features import CacheWriter, EntryFeatures, FeatureCache, build_spec, finalize
     from sage.extraction import run_extraction
+    from sage.features import CacheWriter, EntryFeatures, FeatureCache, build_spec, finalize
     from sage.teacher.groot import Teacher
     from sage.teacher.presets import get_preset
     from sage.teacher.prompt import instruction_for
@@ -531,7 +531,8 @@ def cache_section(cfg: ExperimentConfig, data: Data, n_tasks: int, log: Log) -> 
 
 def speed_section(cfg: ExperimentConfig, device: torch.device, n_tasks: int, split: str, teacher: str,
                   log: Log) -> dict[str, Any]:
-    from sage.evaluation import LoadedModel, measure_speed
+    from sage.predict import LoadedModel
+    from sage.speed import measure_speed
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(device).eval()  # random weights: the time does not depend on them
@@ -733,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
 
-    from sage.evaluation import machine_description
+    from sage.speed import machine_description
 
     machine = {**machine_description(device), "interop_threads": torch.get_num_interop_threads(),
                "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"), "load_average_start": os.getloadavg()}

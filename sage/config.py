@@ -22,9 +22,9 @@ from sage.encoding import ANSWER_CANVASES, min_context_tokens
 from sage.errors import ConfigError
 from sage.losses import DISTILL_SLOTS, LOSS_NORMALIZATIONS
 from sage.model import StudentConfig
-from sage.teacher.settings import LEAKING_VIEWS, TeacherConfig, teacher_problems
 from sage.teacher.presets import PRESETS as TEACHER_PRESETS
 from sage.teacher.presets import TEACHER_NAMES, feature_dim
+from sage.teacher.settings import LEAKING_VIEWS, TeacherConfig, teacher_problems
 
 PRECISIONS = ("auto", "bf16", "fp32")  # run.precision
 
@@ -284,15 +284,33 @@ def _set_path(raw: dict, keys: list[str], value: Any, where: str) -> None:
     node[keys[-1]] = value
 
 
-def check(cfg: ExperimentConfig, where: str) -> None:
-    """Value checks the types alone cannot express."""
-    problems = []
+class _Problems(list):
+    """What is wrong with a config, in the order the checks found it."""
 
-    def need(ok: bool, message: str) -> None:
+    def need(self, ok: bool, message: str) -> None:
         if not ok:
-            problems.append(message)
+            self.append(message)
 
-    m, d, t = cfg.model, cfg.data, cfg.train
+
+def check(cfg: ExperimentConfig, where: str) -> None:
+    """Value checks the types alone cannot express; one ConfigError lists every problem."""
+    problems = _Problems()
+    _check_model_and_distillation(cfg, problems)
+    if cfg.model.kind == "probe":
+        _check_probe(cfg, problems)
+    if cfg.uses_teacher:
+        _check_teacher(cfg, problems)
+    _check_training(cfg, problems)
+    problems.extend(teacher_problems(cfg.teacher, TEACHER_NAMES))
+    name = cfg.run.name or ""
+    problems.need(bool(name) and "/" not in name and name not in (".", ".."),
+                  f"run.name must be a plain name, got {name!r}")
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+
+
+def _check_model_and_distillation(cfg: ExperimentConfig, problems: _Problems) -> None:
+    need, m, d = problems.need, cfg.model, cfg.data
     need(cfg.run.precision in PRECISIONS, f"run.precision must be one of {', '.join(PRECISIONS)}, got {cfg.run.precision!r}")
     need(m.d_model % m.n_heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     need(1 <= m.grid_size <= 30, f"model.grid_size must be 1..30, got {m.grid_size}")
@@ -317,44 +335,53 @@ def check(cfg: ExperimentConfig, where: str) -> None:
     need(not (m.task_slot and m.kind == "probe"), "model.task_slot is the student's: a probe reads teacher features")
     need(not (m.demo_views and m.kind == "probe"), "model.demo_views is the student's: a probe reads teacher features")
     need(not m.view_agreement or m.task_slot, "model.view_agreement starts the task token: set model.task_slot=true")
-    if m.kind == "probe":
-        need(cfg.distill.weight == 0, "a probe reads teacher features, it does not distil them: set distill.weight=0")
-        need(not (d.augment and d.augment_probability > 0),
-             "a probe reads the teacher's features of the tasks as given: set data.augment=false")
-        need(m.probe_input in ("pooled", "tokens"), f"model.probe_input must be 'pooled' or 'tokens', got {m.probe_input!r}")
-        if m.probe_input == "tokens":
-            need(cfg.teacher.token_features,
-                 "model.probe_input=tokens reads the teacher's image tokens: set teacher.token_features=true")
-            if cfg.teacher.preset in TEACHER_PRESETS:
-                side = math.isqrt(TEACHER_PRESETS[cfg.teacher.preset].tokens_per_image)
-                need(1 <= m.probe_token_side <= side,
-                     f"model.probe_token_side must be 1..{side} (teacher {cfg.teacher.preset} sees each grid as "
-                     f"{side}x{side} image tokens), got {m.probe_token_side}")
-    if cfg.uses_teacher:
-        tc = cfg.teacher
-        if tc.view in LEAKING_VIEWS:
-            if m.kind == "probe":
-                problems.append(f"teacher.view={tc.view} shows the teacher the answer: a probe may not read it "
-                                "(use teacher.view=task_context)")
-            else:
-                need(tc.allow_answer_view,
-                     f"teacher.view={tc.view} shows the teacher each example's answer (privileged information): "
-                     "distil from it only in an explicit experiment, with teacher.allow_answer_view=true")
-        need(tc.max_demos == m.max_demos,
-             f"teacher.max_demos ({tc.max_demos}) must equal model.max_demos ({m.max_demos}) when the student reads "
-             "teacher features: each prompt shows the demonstrations its student example shows (fewer would leave "
-             "slots without targets, more are never shown)")
-        need(not (m.kind == "student" and cfg.distill.weight > 0 and d.augment and d.augment_probability == 1.0
-                  and tc.augmented_views == 0),
-             f"distill.weight={cfg.distill.weight} with data.augment=true and data.augment_probability=1.0 distils "
-             "nothing: the teacher saw the tasks as given, so only un-augmented examples carry targets. Cache "
-             "augmented views too (e.g. teacher.augmented_views=8), lower data.augment_probability (e.g. 0.5) "
-             "or set distill.weight=0")
-    if cfg.uses_teacher and cfg.teacher.preset in TEACHER_NAMES:
-        width = feature_dim(cfg.teacher.preset)
+
+
+def _check_probe(cfg: ExperimentConfig, problems: _Problems) -> None:
+    need, m, d = problems.need, cfg.model, cfg.data
+    need(cfg.distill.weight == 0, "a probe reads teacher features, it does not distil them: set distill.weight=0")
+    need(not (d.augment and d.augment_probability > 0),
+         "a probe reads the teacher's features of the tasks as given: set data.augment=false")
+    need(m.probe_input in ("pooled", "tokens"), f"model.probe_input must be 'pooled' or 'tokens', got {m.probe_input!r}")
+    if m.probe_input == "tokens":
+        need(cfg.teacher.token_features,
+             "model.probe_input=tokens reads the teacher's image tokens: set teacher.token_features=true")
+        if cfg.teacher.preset in TEACHER_PRESETS:
+            side = math.isqrt(TEACHER_PRESETS[cfg.teacher.preset].tokens_per_image)
+            need(1 <= m.probe_token_side <= side,
+                 f"model.probe_token_side must be 1..{side} (teacher {cfg.teacher.preset} sees each grid as "
+                 f"{side}x{side} image tokens), got {m.probe_token_side}")
+
+
+def _check_teacher(cfg: ExperimentConfig, problems: _Problems) -> None:
+    need, m, d, tc = problems.need, cfg.model, cfg.data, cfg.teacher
+    if tc.view in LEAKING_VIEWS:
+        if m.kind == "probe":
+            problems.append(f"teacher.view={tc.view} shows the teacher the answer: a probe may not read it "
+                            "(use teacher.view=task_context)")
+        else:
+            need(tc.allow_answer_view,
+                 f"teacher.view={tc.view} shows the teacher each example's answer (privileged information): "
+                 "distil from it only in an explicit experiment, with teacher.allow_answer_view=true")
+    need(tc.max_demos == m.max_demos,
+         f"teacher.max_demos ({tc.max_demos}) must equal model.max_demos ({m.max_demos}) when the student reads "
+         "teacher features: each prompt shows the demonstrations its student example shows (fewer would leave "
+         "slots without targets, more are never shown)")
+    need(not (m.kind == "student" and cfg.distill.weight > 0 and d.augment and d.augment_probability == 1.0
+              and tc.augmented_views == 0),
+         f"distill.weight={cfg.distill.weight} with data.augment=true and data.augment_probability=1.0 distils "
+         "nothing: the teacher saw the tasks as given, so only un-augmented examples carry targets. Cache "
+         "augmented views too (e.g. teacher.augmented_views=8), lower data.augment_probability (e.g. 0.5) "
+         "or set distill.weight=0")
+    if tc.preset in TEACHER_NAMES:
+        width = feature_dim(tc.preset)
         need(m.teacher_dim == width,
-             f"model.teacher_dim ({m.teacher_dim}) must equal the width of teacher {cfg.teacher.preset}'s features "
+             f"model.teacher_dim ({m.teacher_dim}) must equal the width of teacher {tc.preset}'s features "
              f"({width}): set model.teacher_dim={width}")
+
+
+def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
+    need, d, t = problems.need, cfg.data, cfg.train
     need(1 <= d.max_grid_side <= 30, f"data.max_grid_side must be 1..30, got {d.max_grid_side}")
     need(t.loss_normalization in LOSS_NORMALIZATIONS, f"train.loss_normalization must be one of "
          f"{', '.join(LOSS_NORMALIZATIONS)}, got {t.loss_normalization!r}")
@@ -378,11 +405,6 @@ def check(cfg: ExperimentConfig, where: str) -> None:
     need(cfg.checkpoint.every_epochs >= 0, "checkpoint.every_epochs must be >= 0")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0")
     need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
-    problems.extend(teacher_problems(cfg.teacher, TEACHER_NAMES))
-    name = cfg.run.name or ""
-    need(bool(name) and "/" not in name and name not in (".", ".."), f"run.name must be a plain name, got {name!r}")
-    if problems:
-        raise ConfigError(f"{where}: " + "; ".join(problems))
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

@@ -28,8 +28,8 @@ from sage.datasets import training_dataset
 from sage.encoding import evaluation_examples, fit_demos, training_examples
 from sage.errors import FeatureCacheError
 from sage.features import FeatureCache, cache_path, example_roles, open_cache
-from sage.teacher.settings import LEAKING_VIEWS
 from sage.teacher.prompt import TeacherExample, example_key, shown_demos, view_example
+from sage.teacher.settings import LEAKING_VIEWS
 
 if TYPE_CHECKING:
     from sage.model import StudentConfig

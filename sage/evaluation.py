@@ -19,10 +19,6 @@ checkpoint: test-time training tunes a task's copy and forgets it.
 
 from __future__ import annotations
 
-import gc
-import os
-import platform
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -42,10 +38,10 @@ from sage.errors import ARCDataError, ConfigError, EvaluationError
 from sage.metrics import OutputScore, baseline_attempts, score_attempts, summarize_tasks, task_score
 from sage.model import parameter_breakdown
 from sage.overlap import DEMONSTRATIONS, describe, drop_trained_tasks
-from sage.predict import LoadedModel, Predictor, TaskOutcome, TaskPrediction, blind, load_model, solve_tasks
+from sage.predict import LoadedModel, Predictor, TaskOutcome, TaskPrediction, load_model, solve_tasks
+from sage.speed import machine_description, measure_speed
 from sage.step import Autocast
 from sage.ttt import TTTStats
-from sage.voting import views as make_views
 
 DEFAULT_SPLIT = "arc-agi-1/evaluation"
 HOLDOUT = "holdout"  # the checkpoint's own held-out validation tasks
@@ -293,156 +289,6 @@ def feature_fidelity(
 # ----------------------------------------------------------------------------- speed
 
 
-def speed_sample(tasks: Sequence[Task], n: int) -> list[Task]:
-    """`n` tasks spread over the split by size (grids shown), so the mean time is representative."""
-    if n <= 0:
-        return []
-    ordered = sorted(tasks, key=lambda t: (2 * len(t.train) + 1) * len(t.test))
-    n = min(n, len(ordered))
-    return [ordered[int((i + 0.5) * len(ordered) / n)] for i in range(n)]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_description(device: torch.device) -> dict[str, Any]:
-    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": _cpu_name(), "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def random_backbone(arch: Any, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """The backbone with random weights drawn in place (norm gains 1, biases 0, the rest N(0, 0.02),
-    the scheme of sage.teacher.backbone.random_state_dict). Speed does not depend on the values, and
-    this holds one copy of the weights (5.4 GB fp32 at full size) where building from a random
-    state dict holds two."""
-    from sage.teacher.backbone import GrootBackbone, _init_buffers
-
-    with torch.device("meta"):
-        model = GrootBackbone(arch).to(dtype)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.zero_()
-            elif p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-        _init_buffers(model, device)  # RoPE frequencies and position ids, as build_backbone does
-    return model.eval().requires_grad_(False)
-
-
-def measure_speed(
-    loaded: LoadedModel, tasks: Sequence[Task], n_tasks: int, teacher_preset: str, device: torch.device,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Inference time per task of the student and of the teacher backbone, same tasks, same machine.
-
-    Per task, both answer every test input of the task once (one forward pass, the task as given):
-    the student from its grids, the teacher from its task_context prompt (render + tokenise +
-    backbone + pooling). One untimed warm-up each. The student is timed 3 times (median)."""
-    from sage.teacher.backbone import build_backbone
-    from sage.teacher.groot import Teacher, resolve_dtype
-    from sage.teacher.presets import get_preset
-    from sage.teacher.prompt import evaluation_prompts, instruction_for
-    from sage.teacher.tokenizer import load_tokenizer
-
-    if n_tasks == 0:
-        return {"measured": False, "reason": "--speed-tasks 0"}
-    student = Predictor(loaded, device, n_views=1, seed=0, batch_size=64)
-    # Only tasks the student can answer in full: the same work for both.
-    sample = speed_sample([t for t in tasks if all(student.fits(p.input) for p in t.test)], n_tasks)
-    if not sample:
-        return {"measured": False, "reason": f"no task's test inputs fit the student's {student.grid_size}x"
-                                             f"{student.grid_size} answer canvas"}
-
-    def run_student(task: Task) -> None:
-        data, _ = student.encode(blind(task), make_views(task.id, 1))
-        student.forward([data[i] for i in range(len(data))])
-
-    run_student(sample[0])  # warm-up
-    student_s = []
-    for task in sample:
-        times = []
-        for _ in range(3):
-            _sync(device)
-            t0 = time.perf_counter()
-            run_student(task)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        student_s.append(statistics.median(times))
-
-    arch = get_preset(teacher_preset)
-    tc = loaded.cfg.teacher
-    real = teacher_preset == tc.preset and tc.checkpoint_dir is not None and Path(tc.checkpoint_dir).expanduser().is_dir()
-    dtype = resolve_dtype(tc.dtype if real else "auto", device)
-    log(f"speed: building the {arch.name} backbone ({'its checkpoint' if real else 'random weights'}, "
-        f"{str(dtype).replace('torch.', '')} on {device}) and timing {len(sample)} task(s)")
-    model = build_backbone(arch, device, dtype, tc.checkpoint_dir)[0] if real else random_backbone(arch, device, dtype)
-    tokenizer_dir = tc.tokenizer_dir if tc.tokenizer_dir and Path(tc.tokenizer_dir).expanduser().is_dir() else None
-    tokenizer = load_tokenizer(tokenizer_dir, allow_builtin=True)
-    teacher = Teacher(arch, model, tokenizer, instruction_for("task_context", None), device)
-    teacher_s, per_task = [], []
-    try:
-        warm = evaluation_prompts([sample[0]], "test_input", tc.max_demos)[:1]
-        teacher.features(warm)  # warm-up on a one-image prompt
-        for task, s_time in zip(sample, student_s):
-            examples = evaluation_prompts([task], "task_context", tc.max_demos)
-            _sync(device)
-            t0 = time.perf_counter()
-            teacher.features(examples)
-            _sync(device)
-            t_time = time.perf_counter() - t0
-            teacher_s.append(t_time)
-            per_task.append({
-                "task": task.id, "test_inputs": len(task.test), "teacher_images": sum(len(e.grids) for e in examples),
-                "teacher_prompt_tokens": sum(len(teacher.prompt_ids(len(e.grids))) for e in examples),
-                "student_seconds": s_time, "teacher_seconds": t_time,
-            })
-    finally:
-        del teacher, model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    student_mean, teacher_mean = statistics.mean(student_s), statistics.mean(teacher_s)
-    return {
-        "measured": True,
-        "tasks": per_task,
-        "student_seconds_per_task": student_mean,
-        "teacher_seconds_per_task": teacher_mean,
-        "speedup": teacher_mean / student_mean,
-        "teacher": {
-            "preset": arch.name,
-            "weights": "the checkpoint " + str(tc.checkpoint_dir) if real else
-                       "random (speed does not depend on weight values; no real weights were used)",
-            "tokenizer": tokenizer.identity if tokenizer_dir else
-                         "built-in byte-level (the instruction text is one token per byte, a few hundred more "
-                         "tokens per prompt than the real tokenizer; images dominate the length)",
-            "dtype": str(dtype).replace("torch.", ""),
-        },
-        "student_dtype": Autocast(device, loaded.cfg.run.precision).name,
-        "machine": machine_description(device),
-        "method": "per task: every test input answered once, un-augmented; student = encode + forward "
-                  "(median of 3), teacher = render + tokenise + backbone + pooling (1 run); one warm-up each",
-    }
-
-
 def parameter_counts(loaded: LoadedModel, teacher_preset: str = "groot-n1.5") -> dict[str, Any]:
     from sage.teacher.backbone import count_parameters
     from sage.teacher.presets import get_preset
@@ -496,80 +342,19 @@ def evaluate(
     log: Callable[[str], None] = print,
 ) -> EvaluationResult:
     """Score a checkpoint as `settings` ask (see the module docstring)."""
-    from tqdm import tqdm
-
     started = time.perf_counter()
-    if settings.views < 1:
-        raise EvaluationError(f"--views must be >= 1, got {settings.views}")
-    if settings.limit is not None and settings.limit < 1:
-        raise EvaluationError(f"--limit must be >= 1, got {settings.limit}")
-    if settings.speed_tasks is not None and settings.speed_tasks < 0:
-        raise EvaluationError(f"--speed-tasks must be >= 0, got {settings.speed_tasks}")
-    if settings.max_grid_side is not None and not 1 <= settings.max_grid_side <= 30:
-        raise EvaluationError(f"--max-grid-side must be 1..30, got {settings.max_grid_side}")
-    if settings.workers < 1:
-        raise EvaluationError(f"--workers must be >= 1, got {settings.workers}")
-    if settings.ttt_overrides and not settings.ttt:
-        raise EvaluationError("--set ttt.KEY=VALUE changes test-time training: add --ttt")
-    if settings.precision is not None and settings.precision not in PRECISIONS:
-        raise EvaluationError(f"--precision must be one of {', '.join(PRECISIONS)}, got {settings.precision!r}")
+    check_settings(settings)
     try:
         device = resolve_device(settings.device)
     except ConfigError as e:
         raise EvaluationError(str(e).replace("run.device", "--device")) from None
-    loaded = load_model(checkpoint, device)
-    if is_probe(loaded.cfg):
-        raise EvaluationError(f"{loaded.path} is a probe checkpoint (it reads teacher features): pass it as "
-                              "--teacher-probe next to a student checkpoint")
-    probe = load_probe(settings.teacher_probe, device) if settings.teacher_probe else None
-    if settings.precision is not None:  # how they compute, not what they are: a setting of this evaluation
-        for model in [m for m in (loaded, probe) if m is not None]:
-            model.cfg.run.precision = settings.precision
+    loaded, probe = load_models(checkpoint, settings, device)
     tasks, protocol = split_tasks(loaded.cfg, loaded.meta, settings.split)
-    if probe is not None:  # the probe must not have trained on the scored tasks either
-        allowed = {t.id for t in split_tasks(probe.cfg, probe.meta, settings.split)[0]}
-        trained = [t.id for t in tasks if t.id not in allowed]
-        if trained:
-            raise EvaluationError(
-                f"--teacher-probe {probe.path}: the probe trained on {len(trained)} of the tasks scored for the "
-                f"student (e.g. '{trained[0]}'), so the two cannot be compared on {settings.split}"
-            )
+    if probe is not None:
+        refuse_probe_trained_on(probe, tasks, settings.split)
     ttt_cfg = with_overrides(loaded.cfg, settings.ttt_overrides, sections=("ttt",)) if settings.ttt else None
-    notes = list(loaded.notes)
-    if settings.max_grid_side is not None:
-        before = len(tasks)
-        tasks = tasks_up_to_side(tasks, settings.max_grid_side)
-        protocol["max_grid_side"] = settings.max_grid_side
-        notes.append(f"--max-grid-side {settings.max_grid_side}: the {len(tasks)} of {before} tasks of "
-                     f"{settings.split} whose every grid is at most {settings.max_grid_side}x{settings.max_grid_side}")
-        if not tasks:
-            raise EvaluationError(f"--max-grid-side {settings.max_grid_side}: no task of {settings.split} is that small")
-    if settings.limit is not None and settings.limit < len(tasks):
-        notes.append(f"partial evaluation: the first {settings.limit} of {len(tasks)} tasks of {settings.split}; "
-                     "not comparable with full-split figures")
-        tasks = tasks[: settings.limit]
-    if protocol["excluded_as_trained"]:
-        notes.append(f"{len(protocol['excluded_as_trained'])} task(s) of {settings.split} left out because the "
-                     "checkpoint trained on their test outputs: " + describe(protocol["excluded_as_trained"]))
-    if protocol["evaluation_overlap"]:
-        notes.append(f"{len(protocol['evaluation_overlap'])} scored task(s) share demonstration pairs or test inputs "
-                     "with the training data (scored: their test outputs were not trained on): "
-                     + describe(protocol["evaluation_overlap"]))
-    if protocol["split_selected_the_checkpoint"]:
-        notes.append(f"{settings.split} is also the split that picked this checkpoint (best validation exact match): "
-                     "its score is optimistic")
+    tasks, notes = select_tasks(loaded, tasks, protocol, settings)
     batch_size = settings.batch_size or loaded.cfg.val.batch_size
-    m, d = loaded.cfg.model, loaded.cfg.data
-    cuts = ARCExamples(tasks, evaluation_examples(tasks), m.grid_size, m.max_demos,
-                       d.max_context_tokens).demonstration_cuts()
-    protocol["demonstrations_cut"] = {**asdict(cuts), "context": cuts.describe()}
-    if cuts.by_context_cap:
-        notes.append(f"context cap (data.max_context_tokens={d.max_context_tokens}): "
-                     f"{protocol['demonstrations_cut']['context']}")
-    too_big = sum(max(p.input.shape) > m.grid_size for t in tasks for p in t.test)
-    if too_big:
-        notes.append(f"{too_big} test inputs are larger than the student's {loaded.cfg.model.grid_size}x"
-                     f"{loaded.cfg.model.grid_size} answer canvas: no prediction, scored as wrong")
     precision = Autocast(device, loaded.cfg.run.precision).name
     log(f"evaluating {loaded.path} ({loaded.parameters:,} parameters) on {len(tasks)} tasks of {settings.split}, "
         f"{settings.views} views per test input, on {device} ({precision})")
@@ -581,33 +366,12 @@ def evaluate(
         log(f"{settings.workers} worker processes, {max(1, torch.get_num_threads() // settings.workers)} "
             "CPU thread(s) each")
 
-    bar = tqdm(total=len(tasks), desc="tasks", unit="task", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
-    solved = {"score": 0.0, "ttt_score": 0.0}
-
-    def done(task: Task, outcome: TaskOutcome) -> None:  # the bar shows the running scores (sums of task scores)
-        solved["score"] += _task_score(outcome.plain, task)
-        if outcome.tuned is not None:
-            solved["ttt_score"] += _task_score(outcome.tuned, task)
-        bar.set_postfix({k: f"{v:.1f}" for k, v in solved.items() if k == "score" or ttt_cfg}, refresh=False)
-        bar.update()
-
-    outcomes = solve_tasks(loaded, device, tasks, settings.views, settings.seed, batch_size, ttt_cfg,
-                           settings.workers, done)
-    bar.close()
+    outcomes = answer_tasks(loaded, device, tasks, settings, batch_size, ttt_cfg, progress)
     predictions = {t.id: o.plain for t, o in zip(tasks, outcomes)}
     ttt_predictions = {t.id: o.tuned for t, o in zip(tasks, outcomes) if o.tuned is not None}
     ttt_stats = {t.id: o.ttt for t, o in zip(tasks, outcomes) if o.ttt is not None}
-
-    systems = {"student": score_system("student", {k: [t.attempts for t in p.tests]
-                                                   for k, p in predictions.items()}, tasks)}
-    if ttt_cfg is not None:
-        systems["student_ttt"] = score_system("student_ttt", {k: [t.attempts for t in p.tests]
-                                                              for k, p in ttt_predictions.items()}, tasks)
-    if probe is not None:
-        systems["teacher_probe"] = score_probe(probe, settings, tasks, device, batch_size)
-    for name, attempts in baseline_attempts(tasks).items():
-        systems[name] = score_system(name, attempts, tasks)
+    systems = score_systems(tasks, predictions, ttt_predictions if ttt_cfg is not None else None,
+                            probe, settings, device, batch_size)
     log("scores: " + ", ".join(f"{k} {v.summary['arc_prize_score']:.4f}" for k, v in systems.items()))
 
     fidelity = feature_fidelity(loaded, settings.split, tasks, predictions, settings.feature_cache_dir,
@@ -636,6 +400,129 @@ def evaluate(
         ttt_predictions=ttt_predictions,
         ttt_stats=ttt_stats,
     )
+
+
+def check_settings(settings: EvalSettings) -> None:
+    """Refuse settings that cannot mean anything, before any loading."""
+    if settings.views < 1:
+        raise EvaluationError(f"--views must be >= 1, got {settings.views}")
+    if settings.limit is not None and settings.limit < 1:
+        raise EvaluationError(f"--limit must be >= 1, got {settings.limit}")
+    if settings.speed_tasks is not None and settings.speed_tasks < 0:
+        raise EvaluationError(f"--speed-tasks must be >= 0, got {settings.speed_tasks}")
+    if settings.max_grid_side is not None and not 1 <= settings.max_grid_side <= 30:
+        raise EvaluationError(f"--max-grid-side must be 1..30, got {settings.max_grid_side}")
+    if settings.workers < 1:
+        raise EvaluationError(f"--workers must be >= 1, got {settings.workers}")
+    if settings.ttt_overrides and not settings.ttt:
+        raise EvaluationError("--set ttt.KEY=VALUE changes test-time training: add --ttt")
+    if settings.precision is not None and settings.precision not in PRECISIONS:
+        raise EvaluationError(f"--precision must be one of {', '.join(PRECISIONS)}, got {settings.precision!r}")
+
+
+def load_models(checkpoint: str | Path, settings: EvalSettings,
+                device: torch.device) -> tuple[LoadedModel, LoadedModel | None]:
+    """The student and, with --teacher-probe, the probe, computing in --precision when given."""
+    loaded = load_model(checkpoint, device)
+    if is_probe(loaded.cfg):
+        raise EvaluationError(f"{loaded.path} is a probe checkpoint (it reads teacher features): pass it as "
+                              "--teacher-probe next to a student checkpoint")
+    probe = load_probe(settings.teacher_probe, device) if settings.teacher_probe else None
+    if settings.precision is not None:  # how they compute, not what they are: a setting of this evaluation
+        for model in [m for m in (loaded, probe) if m is not None]:
+            model.cfg.run.precision = settings.precision
+    return loaded, probe
+
+
+def refuse_probe_trained_on(probe: LoadedModel, tasks: Sequence[Task], split: str) -> None:
+    """The probe must not have trained on the scored tasks either."""
+    allowed = {t.id for t in split_tasks(probe.cfg, probe.meta, split)[0]}
+    trained = [t.id for t in tasks if t.id not in allowed]
+    if trained:
+        raise EvaluationError(
+            f"--teacher-probe {probe.path}: the probe trained on {len(trained)} of the tasks scored for the "
+            f"student (e.g. '{trained[0]}'), so the two cannot be compared on {split}"
+        )
+
+
+def select_tasks(loaded: LoadedModel, tasks: list[Task], protocol: dict[str, Any],
+                 settings: EvalSettings) -> tuple[list[Task], list[str]]:
+    """The tasks scored (--max-grid-side, --limit) and the report's notes on what that means;
+    records the demonstrations the context cap cuts in `protocol`."""
+    notes = list(loaded.notes)
+    if settings.max_grid_side is not None:
+        before = len(tasks)
+        tasks = tasks_up_to_side(tasks, settings.max_grid_side)
+        protocol["max_grid_side"] = settings.max_grid_side
+        notes.append(f"--max-grid-side {settings.max_grid_side}: the {len(tasks)} of {before} tasks of "
+                     f"{settings.split} whose every grid is at most {settings.max_grid_side}x{settings.max_grid_side}")
+        if not tasks:
+            raise EvaluationError(f"--max-grid-side {settings.max_grid_side}: no task of {settings.split} is that small")
+    if settings.limit is not None and settings.limit < len(tasks):
+        notes.append(f"partial evaluation: the first {settings.limit} of {len(tasks)} tasks of {settings.split}; "
+                     "not comparable with full-split figures")
+        tasks = tasks[: settings.limit]
+    if protocol["excluded_as_trained"]:
+        notes.append(f"{len(protocol['excluded_as_trained'])} task(s) of {settings.split} left out because the "
+                     "checkpoint trained on their test outputs: " + describe(protocol["excluded_as_trained"]))
+    if protocol["evaluation_overlap"]:
+        notes.append(f"{len(protocol['evaluation_overlap'])} scored task(s) share demonstration pairs or test inputs "
+                     "with the training data (scored: their test outputs were not trained on): "
+                     + describe(protocol["evaluation_overlap"]))
+    if protocol["split_selected_the_checkpoint"]:
+        notes.append(f"{settings.split} is also the split that picked this checkpoint (best validation exact match): "
+                     "its score is optimistic")
+    m, d = loaded.cfg.model, loaded.cfg.data
+    cuts = ARCExamples(tasks, evaluation_examples(tasks), m.grid_size, m.max_demos,
+                       d.max_context_tokens).demonstration_cuts()
+    protocol["demonstrations_cut"] = {**asdict(cuts), "context": cuts.describe()}
+    if cuts.by_context_cap:
+        notes.append(f"context cap (data.max_context_tokens={d.max_context_tokens}): "
+                     f"{protocol['demonstrations_cut']['context']}")
+    too_big = sum(max(p.input.shape) > m.grid_size for t in tasks for p in t.test)
+    if too_big:
+        notes.append(f"{too_big} test inputs are larger than the student's {m.grid_size}x"
+                     f"{m.grid_size} answer canvas: no prediction, scored as wrong")
+    return tasks, notes
+
+
+def answer_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task], settings: EvalSettings,
+                 batch_size: int, ttt_cfg: ExperimentConfig | None, progress: bool) -> list[TaskOutcome]:
+    """Every task answered (and with TTT, answered again after tuning), under a progress bar that
+    shows the running scores (sums of task scores)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc="tasks", unit="task", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    solved = {"score": 0.0, "ttt_score": 0.0}
+
+    def done(task: Task, outcome: TaskOutcome) -> None:
+        solved["score"] += _task_score(outcome.plain, task)
+        if outcome.tuned is not None:
+            solved["ttt_score"] += _task_score(outcome.tuned, task)
+        bar.set_postfix({k: f"{v:.1f}" for k, v in solved.items() if k == "score" or ttt_cfg}, refresh=False)
+        bar.update()
+
+    outcomes = solve_tasks(loaded, device, tasks, settings.views, settings.seed, batch_size, ttt_cfg,
+                           settings.workers, done)
+    bar.close()
+    return outcomes
+
+
+def score_systems(tasks: Sequence[Task], predictions: dict[str, TaskPrediction],
+                  ttt_predictions: dict[str, TaskPrediction] | None, probe: LoadedModel | None,
+                  settings: EvalSettings, device: torch.device, batch_size: int) -> dict[str, SystemResult]:
+    """The student (and with TTT, the tuned student), the probe, and the baselines, on the same tasks."""
+    systems = {"student": score_system("student", {k: [t.attempts for t in p.tests]
+                                                   for k, p in predictions.items()}, tasks)}
+    if ttt_predictions is not None:
+        systems["student_ttt"] = score_system("student_ttt", {k: [t.attempts for t in p.tests]
+                                                              for k, p in ttt_predictions.items()}, tasks)
+    if probe is not None:
+        systems["teacher_probe"] = score_probe(probe, settings, tasks, device, batch_size)
+    for name, attempts in baseline_attempts(tasks).items():
+        systems[name] = score_system(name, attempts, tasks)
+    return systems
 
 
 def _task_score(prediction: TaskPrediction, task: Task) -> float:

@@ -45,11 +45,11 @@ from safetensors import SafetensorError
 
 from sage.arc import Task
 from sage.errors import FeatureCacheError
-from sage.teacher.settings import LEAKING_VIEWS, TeacherConfig
 from sage.teacher.loading import checkpoint_fingerprint, read_safetensors_header
 from sage.teacher.presets import ORACLE_FEATURE_DIM, ORACLE_PRESET, get_preset, oracle_identity, require_real_files
 from sage.teacher.prompt import EntryFeatures, Role, instruction_for, prompt_template, role_of
 from sage.teacher.render import IMAGE_SIZE, RENDER_ID
+from sage.teacher.settings import LEAKING_VIEWS, TeacherConfig
 from sage.teacher.tokenizer import load_tokenizer
 
 FORMAT = "sage-feature-cache/2"

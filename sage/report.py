@@ -125,6 +125,14 @@ def _time(seconds: float) -> str:
 
 
 def markdown(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[str], curves: str | None) -> str:
+    """report.md: the protocol, the scores beside the baselines, the student against GR00T, voting,
+    the tasks solved, pictures and training curves."""
+    lines = (_protocol_lines(record) + _score_lines(record) + _student_vs_teacher_lines(record)
+             + _speed_lines(record["student_vs_teacher"]["speed"]) + _task_lines(record, rows, pictures, curves))
+    return "\n".join(lines) + "\n"
+
+
+def _protocol_lines(record: dict[str, Any]) -> list[str]:
     p = record["protocol"]
     s = record["settings"]
     lines = [
@@ -152,6 +160,11 @@ def markdown(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[
                      + f", batch {t['batch_size']}, lr {t['lr']:g}, on leave-one-out examples of the task's "
                      "demonstrations only (augmented), then the original weights; test outputs never seen")
     lines += [f"- **note**: {n}" for n in record["notes"]]
+    return lines
+
+
+def _score_lines(record: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     lines += ["", "## Scores", "",
               "| system | ARC Prize score (pass@2) | tasks fully solved | pass@1 | output size | pixels (target cells) |",
               "|---|---|---|---|---|---|"]
@@ -165,6 +178,11 @@ def markdown(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[
               "use attempt 1; pass@1 is averaged per task like the official score; pixels are counted over the "
               "target's own cells only. Baselines make one guess (attempt 2 = attempt 1)."]
 
+    return lines
+
+
+def _student_vs_teacher_lines(record: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     svt = record["student_vs_teacher"]
     par, speed, fid, probe = svt["parameters"], svt["speed"], svt["feature_fidelity"], svt["probe"]
     lines += ["", "## Student vs GR00T N1.5", "", "| | student | GR00T N1.5 backbone | ratio |", "|---|---|---|---|"]
@@ -200,6 +218,11 @@ def markdown(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[
               + (f" ({fid['note']})" if fid.get("note") else "") + "."
               + (" The probe reads the teacher's features of the task as given: one view, so its attempt 2 repeats "
                  "attempt 1." if probe.get("measured", True) else "")]
+    return lines
+
+
+def _speed_lines(speed: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if speed.get("measured"):
         t, mach = speed["teacher"], speed["machine"]
         n = len(speed["tasks"])
@@ -212,6 +235,12 @@ def markdown(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[
         for r in speed["tasks"]:
             lines.append(f"| {r['task']} | {r['test_inputs']} | {r['teacher_images']} | {r['teacher_prompt_tokens']:,} "
                          f"| {_time(r['student_seconds'])} | {_time(r['teacher_seconds'])} |")
+    return lines
+
+
+def _task_lines(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[str],
+                curves: str | None) -> list[str]:
+    lines: list[str] = []
     v = record["voting"]
     lines += ["", "## Voting", "",
               f"{v['views']} views per test input; on average {v['mean_distinct_grids_per_test_input']:.2f} distinct "
@@ -239,7 +268,7 @@ def markdown(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[
     m = record["machine"]
     lines += ["", f"Evaluated in {record['seconds']:.1f} s on {m['device']} ({m.get('gpu', m['cpu'])}), "
               f"torch {m['torch']}, Python {m['python']}."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def pick_pictures(result: EvaluationResult, n: int) -> list[str]:

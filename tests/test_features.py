@@ -18,6 +18,7 @@ from sage.config import load_config
 from sage.datasets import load_dataset
 from sage.distill import prompts_for_dataset
 from sage.errors import FeatureCacheError
+from sage.extraction import merge, run_extraction, teacher_tasks
 from sage.features import (
     SHARDS,
     CacheWriter,
@@ -29,7 +30,6 @@ from sage.features import (
     finalize,
     open_cache,
 )
-from sage.extraction import merge, run_extraction, teacher_tasks
 from sage.teacher.groot import load_teacher
 from sage.teacher.prompt import Role, role_of
 

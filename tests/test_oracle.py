@@ -15,9 +15,9 @@ from sage.encoding import collate
 from sage.errors import ConfigError, FeatureCacheError, TeacherError
 from sage.model import build_model
 from sage.synthetic import TRANSFORMS, Rule, generate_tasks, generate_tasks_and_rules
-from sage.teacher.settings import TeacherConfig
 from sage.teacher.oracle import OracleTeacher, load_oracle
 from sage.teacher.prompt import view_example
+from sage.teacher.settings import TeacherConfig
 from sage.training import load_splits, make_datasets
 
 REPO = Path(__file__).resolve().parents[1]

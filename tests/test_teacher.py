@@ -20,12 +20,12 @@ from sage.config import load_config
 from sage.datasets import load_dataset
 from sage.errors import ConfigError, TeacherError
 from sage.teacher.backbone import GrootBackbone, build_backbone, count_parameters, random_state_dict
-from sage.teacher.settings import TeacherConfig
 from sage.teacher.groot import Teacher, load_teacher
 from sage.teacher.loading import checkpoint_fingerprint, read_backbone_state_dict
 from sage.teacher.presets import GROOT_N15_BACKBONE_PARAMS, GROOT_N15_SIGLIP_HEAD_PARAMS, get_preset
 from sage.teacher.prompt import Role, build_prompt, evaluation_prompts, view_example
 from sage.teacher.render import ARC_PALETTE, BACKGROUND, IMAGE_SIZE, cell_size, render_grid, to_pixel_values
+from sage.teacher.settings import TeacherConfig
 from sage.teacher.tokenizer import IMG_CONTEXT_ID, SPECIAL_IDS, builtin_tokenizer, byte_alphabet, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,11 +23,10 @@ import torch
 
 from sage.arc import NUM_COLOURS, fixed_view
 from sage.errors import TeacherError
-from sage.features import EntryFeatures
 from sage.synthetic import RULE_CODE_DIM, Rule, generate_tasks_and_rules
-from sage.teacher.settings import TeacherConfig
 from sage.teacher.presets import ORACLE_FEATURE_DIM, ORACLE_PRESET
-from sage.teacher.prompt import TeacherExample
+from sage.teacher.prompt import EntryFeatures, TeacherExample
+from sage.teacher.settings import TeacherConfig
 
 # One 1 in the dihedral part of a rule's code and one in each of its colour-table rows.
 _ONES_PER_CODE = 1 + NUM_COLOURS
