@@ -40,25 +40,29 @@ from sage.encoding import EOS, PAD, VOCAB_SIZE
 
 @dataclass
 class StudentConfig:
+    """The network (sage/model.py); the defaults are the ~44M-parameter sage-44m student. A run
+    resumes and evaluates only with the model its checkpoint was trained as."""
+
     kind: str = "student"  # student: reads grids; probe: reads teacher features (for comparison only)
-    d_model: int = 512
-    n_heads: int = 8
-    encoder_layers: int = 6
-    decoder_layers: int = 5
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
+    d_model: int = 512  # width of every token's state
+    n_heads: int = 8  # attention heads; d_model must be divisible by it
+    encoder_layers: int = 6  # context encoder blocks (self-attention + MLP)
+    decoder_layers: int = 5  # answer decoder blocks (self-attention, cross-attention to the context, MLP)
+    mlp_ratio: float = 4.0  # MLP hidden width over d_model
+    dropout: float = 0.0  # in attention and MLPs, training only
     grid_size: int = 30  # largest answer canvas side; ARC grids are at most 30x30
     # fixed: every answer canvas is grid_size x grid_size; batch: each example's canvas is sized from
     # its context (never its answer) and a batch is as large as its largest (sage/encoding.py).
+    # Checkpoints written before this key existed evaluate and resume with fixed.
     answer_canvas: str = "batch"
-    max_demos: int = 10  # demonstration pairs the segment embedding can tell apart
+    max_demos: int = 10  # demonstration pairs the segment embedding can tell apart (ARC has at most 10)
     teacher_dim: int = 2048  # width of the teacher features the distillation head predicts
     distill_hidden: int = 1536  # hidden width of the distillation head's MLP
     # Probe only: what it reads per grid. pooled: the grid's mean teacher feature (1 token);
     # tokens: the image's output tokens average-pooled to probe_token_side^2 tokens (needs a cache
     # extracted with teacher.token_features=true).
     probe_input: str = "pooled"
-    probe_token_side: int = 4
+    probe_token_side: int = 4  # probe_input=tokens: each grid's image tokens pooled to side x side
     # A learned task token leads the context: the encoder gathers the task into it, the decoder reads
     # it (cross-attention, and added to every answer cell), and distillation can target it with the
     # teacher's task-level feature (distill.slots). Off: the model as before it existed.
@@ -68,9 +72,9 @@ class StudentConfig:
     # dihedral_pair_views below), so that a flip, rotation or transpose is a choice per cell, not an
     # attention pattern across grids to learn. answer_views: each answer cell over the test
     # input's views (carrying a rule out); demo_views: each demonstration output cell over its
-    # input's (telling the rule). Off: the model as before they existed.
+    # input's (telling the rule); demo_views is the student's only. Off: the model as before they existed.
     answer_views: bool = False
-    demo_views: bool = False
+    demo_views: bool = False  # see answer_views above
     # The task token starts from the demonstrations' view agreement (view_agreement below):
     # for each dihedral view, the share of demonstration output cells that their input's view shows
     # unchanged. Measured: attention does not learn to pool that from the cells in a short budget.

@@ -80,3 +80,25 @@ def test_resolved_config_round_trips(tmp_path):
     path = write(tmp_path, yaml.safe_dump(cfg.to_dict()), "resolved.yaml")
     again = load_config(path)
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_docs_config_md_is_the_schema_as_generated():
+    """docs/config.md is generated from the schema's dataclasses and their comments; regenerate it
+    after changing a key, a default or its comment."""
+    from sage.config_reference import COMMAND, reference
+
+    assert (REPO / "docs" / "config.md").read_text() == reference(), f"docs/config.md is stale: run `{COMMAND}`"
+
+
+def test_every_config_key_is_documented_with_its_default():
+    import dataclasses
+
+    from sage.config_reference import field_comments, sections
+
+    undocumented = [f"{name}.{f.name}" for name, cls in sections() for f in dataclasses.fields(cls)
+                    if not dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING
+                                                    else f.default)
+                    and not field_comments(cls).get(f.name)]
+    assert not undocumented, f"keys without a comment in the schema (the config reference): {undocumented}"
+    text = (REPO / "docs" / "config.md").read_text()
+    assert "| `train.warmup_steps` | `int` | `500` |" in text and "| `teacher.view` | `str` | `task_context` |" in text

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("encoding", "synthetic", "overlap", "voting", "teacher.prompt", "teacher.backbone"),
     ("model", "losses", "metrics", "distributed", "features", "teacher", "teacher.groot"),
     ("config", "teacher.oracle"),  # config checks values against the model's and the teacher's
-    ("datasets", "step"),  # step: autocast, optimiser, schedule, loss and step, under training and inference
+    ("datasets", "step", "config_reference"),  # step: autocast, optimiser, schedule, loss and step, under training and inference
     ("extraction", "validation", "ttt"),
     ("distill",),
     ("training", "predict"),

