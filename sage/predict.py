@@ -38,6 +38,7 @@ from sage.voting import Candidate, vote
 from sage.voting import attempts as top_attempts
 from sage.voting import views as make_views
 
+
 # ----------------------------------------------------------------------------- the checkpoint
 
 
