@@ -63,11 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pictures", type=int, default=12, help="tasks drawn as PNG (default 12)")
     parser.add_argument("--out", default=None, help="output folder (default reports/<run>/<checkpoint>-<split>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an evaluation that was killed or crashed: the tasks it finished (kept in "
+                             "<out>/finished_tasks/) are not answered again; the command must be the same")
     args = parser.parse_args(argv)
 
     from sage.errors import INPUT_ERRORS, EvaluationError
     from sage.evaluation import EvalSettings, evaluate
-    from sage.report import write_report
+    from sage.report import check_out_dir, write_report
 
     settings = EvalSettings(
         split=args.split, views=args.views, seed=args.seed, batch_size=args.batch_size, device=args.device,
@@ -77,16 +80,20 @@ def main(argv: list[str] | None = None) -> int:
         max_grid_side=args.max_grid_side, workers=args.workers, precision=args.precision,
     )
     out = Path(args.out) if args.out else default_out(args.checkpoint, args.split)
+    finished = out / "finished_tasks"
     try:
         if args.batch_size is not None and args.batch_size < 1:
             raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
-        result = evaluate(args.checkpoint, settings, progress=not args.no_progress)
-        files = write_report(result, out, pictures=args.pictures)
+        check_out_dir(out)  # before any work: a folder it may not write to fails now, not at the end
+        result = evaluate(args.checkpoint, settings, progress=not args.no_progress, finished_dir=finished,
+                          resume=args.resume)
+        files = write_report(result, out, pictures=args.pictures)  # replaces the folder, finished_tasks/ too
     except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        print(f"interrupted: the tasks finished so far are kept in {finished}; continue with the same command "
+              "and --resume", file=sys.stderr)
         return 130
     s = result.systems["student"].summary
     tuned = result.systems.get("student_ttt")

@@ -126,8 +126,13 @@ class TTTConfig:
     rate warms up linearly, then decays by a cosine to 0 at `steps`, or at `seconds` when that
     comes first."""
 
-    steps: int = 200  # AdamW steps per task (at most)
-    seconds: float = 0.0  # per-task time budget; stops early when spent (0: no limit)
+    steps: int = 200  # AdamW steps per task (at most): the budget, the same on any machine
+    # Stop a task early once the mean answer loss of its last 10 steps is below this, in nats per cell
+    # (or per example with train.loss_normalization=example); counted in steps, so reproducible. 0: never.
+    stop_loss: float = 0.0
+    # Optional safety cap in seconds per task (0: none). A clock makes the steps taken, and so the
+    # answers, depend on the machine and what else runs on it: recipes leave it off.
+    seconds: float = 0.0
     batch_size: int = 8  # leave-one-out examples per step (the task's demonstrations, cycled)
     lr: float = 3.0e-4  # peak learning rate
     warmup_steps: int = 10  # steps of linear warmup
@@ -423,6 +428,7 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
     tt = cfg.ttt
     need(tt.steps >= 0 and tt.seconds >= 0, f"ttt.steps and ttt.seconds must be >= 0, got {tt.steps}, {tt.seconds}")
     need(tt.batch_size >= 1, f"ttt.batch_size must be >= 1, got {tt.batch_size}")
+    need(tt.stop_loss >= 0, f"ttt.stop_loss must be >= 0, got {tt.stop_loss}")
     need(tt.lr > 0 and tt.grad_clip > 0 and tt.warmup_steps >= 0 and tt.weight_decay >= 0,
          "ttt.lr and ttt.grad_clip must be > 0, ttt.warmup_steps and ttt.weight_decay >= 0")
     need(0.0 <= tt.augment_probability <= 1.0,

@@ -35,6 +35,7 @@ from sage.device import resolve_device
 from sage.distill import TeacherTargets, teacher_targets
 from sage.encoding import ARCExamples, evaluation_examples
 from sage.errors import ARCDataError, ConfigError, EvaluationError
+from sage.finished_tasks import FinishedTasks
 from sage.metrics import OutputScore, baseline_attempts, score_attempts, summarize_tasks, task_score
 from sage.model import parameter_breakdown
 from sage.overlap import DEMONSTRATIONS, describe, drop_trained_tasks
@@ -340,8 +341,12 @@ def evaluate(
     settings: EvalSettings,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    finished_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> EvaluationResult:
-    """Score a checkpoint as `settings` ask (see the module docstring)."""
+    """Score a checkpoint as `settings` ask (see the module docstring). With `finished_dir`, each
+    task's outcome is kept there as it finishes, and `resume` continues from those of an earlier
+    run of the same evaluation (sage/finished_tasks.py)."""
     started = time.perf_counter()
     check_settings(settings)
     try:
@@ -366,7 +371,14 @@ def evaluate(
         log(f"{settings.workers} worker processes, {max(1, torch.get_num_threads() // settings.workers)} "
             "CPU thread(s) each")
 
-    outcomes = answer_tasks(loaded, device, tasks, settings, batch_size, ttt_cfg, progress)
+    finished = None
+    if finished_dir is not None:
+        finished = FinishedTasks(finished_dir, {
+            "checkpoint": str(loaded.path), "step": loaded.meta.get("train_state", {}).get("step"),
+            "split": settings.split, "views": settings.views, "seed": settings.seed, "batch_size": batch_size,
+            "device": device.type, "precision": precision,
+            "ttt": asdict(ttt_cfg.ttt) if ttt_cfg is not None else None})
+    outcomes = answer_tasks(loaded, device, tasks, settings, batch_size, ttt_cfg, progress, finished, resume, log)
     predictions = {t.id: o.plain for t, o in zip(tasks, outcomes)}
     ttt_predictions = {t.id: o.tuned for t, o in zip(tasks, outcomes) if o.tuned is not None}
     ttt_stats = {t.id: o.ttt for t, o in zip(tasks, outcomes) if o.ttt is not None}
@@ -487,26 +499,39 @@ def select_tasks(loaded: LoadedModel, tasks: list[Task], protocol: dict[str, Any
 
 
 def answer_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task], settings: EvalSettings,
-                 batch_size: int, ttt_cfg: ExperimentConfig | None, progress: bool) -> list[TaskOutcome]:
-    """Every task answered (and with TTT, answered again after tuning), under a progress bar that
-    shows the running scores (sums of task scores)."""
+                 batch_size: int, ttt_cfg: ExperimentConfig | None, progress: bool,
+                 finished: FinishedTasks | None = None, resume: bool = False,
+                 log: Callable[[str], None] = print) -> list[TaskOutcome]:
+    """Every task answered (and with TTT, answered again after tuning), in task order, under a
+    progress bar that shows the running scores (sums of task scores). Each outcome goes to
+    `finished` as the task finishes; with `resume`, the tasks found there are not answered again."""
     from tqdm import tqdm
 
+    earlier = finished.start(resume) if finished is not None else {}
+    earlier = {t.id: earlier[t.id] for t in tasks if t.id in earlier}
+    if resume:
+        log(f"resuming: {len(earlier)} of {len(tasks)} tasks already answered in {finished.directory}")
     bar = tqdm(total=len(tasks), desc="tasks", unit="task", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     solved = {"score": 0.0, "ttt_score": 0.0}
 
     def done(task: Task, outcome: TaskOutcome) -> None:
+        if finished is not None and task.id not in earlier:
+            finished.add(task.id, outcome)
         solved["score"] += _task_score(outcome.plain, task)
         if outcome.tuned is not None:
             solved["ttt_score"] += _task_score(outcome.tuned, task)
         bar.set_postfix({k: f"{v:.1f}" for k, v in solved.items() if k == "score" or ttt_cfg}, refresh=False)
         bar.update()
 
-    outcomes = solve_tasks(loaded, device, tasks, settings.views, settings.seed, batch_size, ttt_cfg,
-                           settings.workers, done)
+    for task in tasks:
+        if task.id in earlier:
+            done(task, earlier[task.id])
+    todo = [t for t in tasks if t.id not in earlier]
+    fresh = iter(solve_tasks(loaded, device, todo, settings.views, settings.seed, batch_size, ttt_cfg,
+                             settings.workers, done))
     bar.close()
-    return outcomes
+    return [earlier[t.id] if t.id in earlier else next(fresh) for t in tasks]
 
 
 def score_systems(tasks: Sequence[Task], predictions: dict[str, TaskPrediction],

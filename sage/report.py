@@ -283,12 +283,19 @@ def pick_pictures(result: EvaluationResult, n: int) -> list[str]:
     return solved + spread
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """An evaluation writes only into an empty folder, an earlier evaluation's (replaced whole), or
+    one holding just the finished tasks of an interrupted one."""
+    if out_dir.exists() and not (out_dir / "report.json").is_file() and any(
+            p.name != "finished_tasks" for p in out_dir.iterdir()):
+        raise EvaluationError(f"{out_dir}: exists and is not an earlier evaluation (no report.json); "
+                              "choose another --out or empty it")
+
+
 def write_report(result: EvaluationResult, out_dir: str | Path, pictures: int = 12) -> dict[str, Path]:
     """Write every file of the evaluation into `out_dir` (replacing an earlier evaluation there)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "report.json").is_file():
-        raise EvaluationError(f"{out_dir}: exists and is not an earlier evaluation (no report.json); "
-                              "choose another --out or empty it")
+    check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

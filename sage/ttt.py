@@ -4,10 +4,12 @@ task's demonstrations, then the original weights come back.
     task, test outputs removed (sage.predict.blind)
       -> leave-one-out examples over its DEMONSTRATIONS only: each in turn is the query, the others
          its context (`ttt_examples`)
-      -> `ttt.steps` AdamW steps (fewer when `ttt.seconds` runs out: then the learning rate follows
-         the clock, and the steps taken depend on the machine), each on `ttt.batch_size` of
-         those examples under fresh random dihedral transforms, colour permutations and
-         demonstration orders (the same encoding and canvases as training, sage/encoding.py)
+      -> `ttt.steps` AdamW steps, each on `ttt.batch_size` draws of those examples, every draw
+         under its own random dihedral transform, colour permutation and demonstration order
+         (the same encoding and canvases as training, sage/encoding.py); fewer steps when the
+         loss converges (`ttt.stop_loss`, counted in steps: the same on any machine) or when the
+         optional safety clock `ttt.seconds` runs out (then the steps taken, and the answers,
+         depend on the machine and its load)
       -> the tuned model answers the test inputs with the usual augmentation voting
       -> `TestTimeTrainer.tuned` puts the original weights back, whatever happened
 
@@ -33,6 +35,9 @@ from sage.errors import TestOutputVisible
 from sage.step import Autocast, make_optimizer, set_lr, to_device, tuning_step, warmup_cosine
 
 
+STOP_WINDOW = 10  # ttt.stop_loss compares the mean loss of this many latest steps
+
+
 @dataclass
 class TTTStats:
     """What fine-tuning on one task did (per_task.csv shows it)."""
@@ -53,6 +58,18 @@ def ttt_examples(task: Task) -> list[ExampleRef]:
     return [ExampleRef(0, tuple(d for d in range(n) if d != q), q, None) for q in range(n)]
 
 
+def step_examples(data: ARCExamples, step: int, batch_size: int) -> list[dict]:
+    """Step `step`'s batch: draws step * batch_size onwards of an endless stream that takes the
+    task's leave-one-out examples in turn, each draw under its own augmentation and demonstration
+    order (keyed by the draw's number). A task with fewer examples than the batch gets them more
+    than once, but never twice the same way."""
+    items = []
+    for draw in range(step * batch_size, (step + 1) * batch_size):
+        data.set_epoch(draw)
+        items.append(data[draw % len(data)])
+    return items
+
+
 def ttt_lr(step: int, seconds: float, ttt: TTTConfig) -> float:
     """Linear warmup, then cosine decay to zero at ttt.steps or, with a time budget, at whichever of
     ttt.steps and ttt.seconds comes first (`seconds`: time spent so far), so that a task cut short by
@@ -71,7 +88,7 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
     refs = ttt_examples(task)
     if not refs or ttt.steps == 0:
         return TTTStats(0, time.perf_counter() - started, len(refs), math.nan, math.nan)
-    # Each step's augmentations depend on (seed, task, step) only: a task tunes the same way wherever it runs.
+    # Each draw's augmentation depends on (seed, task, draw) only: a task tunes the same way wherever it runs.
     seed = zlib.crc32(f"{ttt.seed}/{task.id}".encode())
     data = ARCExamples([task], refs, m.grid_size, m.max_demos, cfg.data.max_context_tokens, augment=True,
                        seed=seed, augment_probability=ttt.augment_probability, answer_canvas=m.answer_canvas,
@@ -85,12 +102,11 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
         if ttt.seconds and spent >= ttt.seconds:
             break
         set_lr(optimizer, ttt_lr(step, spent, ttt))
-        data.set_epoch(step)  # fresh augmentations every step
-        # The demonstrations in turn, continuing where the previous step stopped.
-        items = [data[(step * ttt.batch_size + k) % len(refs)] for k in range(ttt.batch_size)]
-        batch = to_device(collate(items), device)
+        batch = to_device(collate(step_examples(data, step, ttt.batch_size)), device)
         loss = tuning_step(model, optimizer, batch, autocast, cfg.train.loss_normalization, ttt.grad_clip)
         losses.append(loss.item())
+        if ttt.stop_loss and len(losses) >= STOP_WINDOW and sum(losses[-STOP_WINDOW:]) < ttt.stop_loss * STOP_WINDOW:
+            break  # converged on the demonstrations: counted in steps, the same on any machine
     model.eval()
     tail = losses[-10:]
     return TTTStats(len(losses), time.perf_counter() - started, len(refs),

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("extraction", "validation", "ttt"),
     ("distill",),
     ("training", "predict"),
-    ("speed", "ablate"),
+    ("speed", "ablate", "finished_tasks"),
     ("evaluation",),
     ("report",),
 ]

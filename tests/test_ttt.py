@@ -5,6 +5,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -90,6 +91,91 @@ def test_time_budget_stops_tuning_early(workspace):
     loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=100000", "ttt.seconds=0.5")
     stats = finetune(loaded.model, blind(workspace["tasks"][2]), cfg, CPU)
     assert 1 <= stats.steps < 100000 and stats.seconds < 30
+
+
+def test_no_batch_holds_the_same_example_twice(workspace, monkeypatch):
+    """A task with 2 demonstrations has 2 leave-one-out examples; a batch of 4 takes each twice, but
+    under different augmentations and orders: never the same tokens and target twice in one batch."""
+    import sage.ttt
+
+    batches = []
+    real_collate = sage.ttt.collate
+    monkeypatch.setattr(sage.ttt, "collate", lambda items: batches.append(items) or real_collate(items))
+    task = replace(workspace["tasks"][3], train=workspace["tasks"][3].train[:2])
+    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=3")
+    finetune(loaded.model, blind(task), cfg, CPU)
+    assert len(batches) == 3 and all(len(items) == 4 for items in batches)
+    for items in batches:
+        seen = {(item["tokens"].tobytes(), item["target"].tobytes()) for item in items}
+        assert len(seen) == len(items), "a batch repeats an example exactly"
+
+
+def test_stop_loss_ends_a_converged_task_in_steps(workspace):
+    """ttt.stop_loss stops once the mean loss of the last 10 steps is below it: with a threshold no
+    loss can miss, after exactly 10 steps; off (0), all the steps."""
+    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=30", "ttt.stop_loss=1000")
+    assert finetune(loaded.model, blind(workspace["tasks"][0]), cfg, CPU).steps == 10
+    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=30", "ttt.stop_loss=0")
+    assert finetune(loaded.model, blind(workspace["tasks"][0]), cfg, CPU).steps == 30
+
+
+@pytest.mark.slow
+def test_the_same_command_gives_the_same_attempts_on_a_busy_machine(workspace, tmp_path):
+    """TTT budgets are counted in steps: the same evaluate.py command gives the same submission.json
+    whether or not a CPU-burning process runs beside it."""
+    command = [sys.executable, "evaluate.py", "--checkpoint", str(workspace["checkpoint"]), "--split",
+               str(workspace["split"]), "--ttt", "--views", "2", "--speed-tasks", "0", "--no-progress",
+               "--set", "ttt.steps=40", "--set", "ttt.batch_size=4", "--set", "ttt.seconds=0"]
+    quiet = subprocess.run(command + ["--out", str(tmp_path / "quiet")], cwd=REPO, capture_output=True, text=True)
+    assert quiet.returncode == 0, quiet.stderr
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = subprocess.run(command + ["--out", str(tmp_path / "busy")], cwd=REPO, capture_output=True, text=True)
+    finally:
+        burner.kill()
+    assert busy.returncode == 0, busy.stderr
+    assert (tmp_path / "quiet" / "submission.json").read_bytes() == (tmp_path / "busy" / "submission.json").read_bytes()
+    steps = [[row["ttt_steps"] for row in csv.DictReader(open(tmp_path / run / "per_task.csv"))]
+             for run in ("quiet", "busy")]
+    assert steps[0] == steps[1] == ["40"] * len(workspace["tasks"])
+
+
+@pytest.mark.slow
+def test_a_killed_evaluation_resumes_to_the_same_submission(workspace, tmp_path):
+    """Each finished task is kept as it finishes; killed mid-way, the same command with --resume
+    answers only the rest and writes the submission an uninterrupted run writes."""
+    command = [sys.executable, "evaluate.py", "--checkpoint", str(workspace["checkpoint"]), "--split",
+               str(workspace["split"]), "--ttt", "--views", "2", "--speed-tasks", "0", "--no-progress",
+               "--set", "ttt.steps=150", "--set", "ttt.batch_size=4", "--set", "ttt.seconds=0"]
+    straight = subprocess.run(command + ["--out", str(tmp_path / "straight")], cwd=REPO, capture_output=True,
+                              text=True)
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "killed"
+    victim = subprocess.Popen(command + ["--out", str(out)], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None and len(list(out.glob("finished_tasks/*.pt"))) < 2:
+        time.sleep(0.02)
+    assert victim.poll() is None, "the evaluation ended before it could be killed: give its tasks more TTT steps"
+    victim.kill()
+    victim.wait()
+    done = len(list(out.glob("finished_tasks/*.pt")))
+    assert 2 <= done < len(workspace["tasks"]) and not (out / "submission.json").exists()
+    resumed = subprocess.run(command + ["--out", str(out), "--resume"], cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {done} of {len(workspace['tasks'])} tasks already answered" in resumed.stdout
+    assert (out / "submission.json").read_bytes() == (tmp_path / "straight" / "submission.json").read_bytes()
+    assert not (out / "finished_tasks").exists()  # the report holds it all now
+
+
+def test_resume_refuses_answers_made_with_other_settings(tmp_path):
+    from sage.errors import EvaluationError
+    from sage.finished_tasks import FinishedTasks
+
+    FinishedTasks(tmp_path, {"views": 8, "ttt": {"steps": 600}}).start(resume=False)
+    assert FinishedTasks(tmp_path, {"views": 8, "ttt": {"steps": 600}}).start(resume=True) == {}
+    with pytest.raises(EvaluationError, match=r"other settings \(ttt differ\)"):
+        FinishedTasks(tmp_path, {"views": 8, "ttt": {"steps": 2000}}).start(resume=True)
 
 
 def test_changing_test_outputs_changes_nothing_but_the_score(workspace):
