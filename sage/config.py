@@ -30,6 +30,7 @@ from sage.teacher.presets import TEACHER_NAMES, feature_dim
 from sage.teacher.settings import LEAKING_VIEWS, TeacherConfig, teacher_problems
 
 PRECISIONS = ("auto", "bf16", "fp32")  # run.precision
+TTT_TUNES = ("all", "decoder")  # ttt.tune
 
 
 @dataclass
@@ -127,13 +128,18 @@ class TTTConfig:
     comes first."""
 
     steps: int = 200  # AdamW steps per task (at most): the budget, the same on any machine
-    # Stop a task early once the mean answer loss of its last 10 steps is below this, in nats per cell
-    # (or per example with train.loss_normalization=example); counted in steps, so reproducible. 0: never.
+    # Stop a task early once the mean answer loss of its last 10 steps is below this (nats per answer
+    # cell, averaged as train.loss_normalization says); counted in steps, so reproducible. 0: never.
     stop_loss: float = 0.0
     # Optional safety cap in seconds per task (0: none). A clock makes the steps taken, and so the
     # answers, depend on the machine and what else runs on it: recipes leave it off.
     seconds: float = 0.0
     batch_size: int = 8  # leave-one-out examples per step (the task's demonstrations, cycled)
+    # What is tuned. all: every parameter, the context re-encoded at every step. decoder: the decoder
+    # only; the encoder stays frozen, so each of `pool` augmented examples is encoded once and the
+    # steps cycle through them (several times cheaper a step).
+    tune: str = "all"
+    pool: int = 64  # tune: decoder: augmented leave-one-out examples encoded once per task
     lr: float = 3.0e-4  # peak learning rate
     warmup_steps: int = 10  # steps of linear warmup
     weight_decay: float = 0.0  # AdamW's, as in training (matrices and embeddings only)
@@ -429,6 +435,9 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
     need(tt.steps >= 0 and tt.seconds >= 0, f"ttt.steps and ttt.seconds must be >= 0, got {tt.steps}, {tt.seconds}")
     need(tt.batch_size >= 1, f"ttt.batch_size must be >= 1, got {tt.batch_size}")
     need(tt.stop_loss >= 0, f"ttt.stop_loss must be >= 0, got {tt.stop_loss}")
+    need(tt.tune in TTT_TUNES, f"ttt.tune must be one of {', '.join(TTT_TUNES)}, got {tt.tune!r}")
+    need(tt.tune != "decoder" or tt.pool >= tt.batch_size,
+         f"ttt.pool ({tt.pool}) must be >= ttt.batch_size ({tt.batch_size}) with ttt.tune=decoder")
     need(tt.lr > 0 and tt.grad_clip > 0 and tt.warmup_steps >= 0 and tt.weight_decay >= 0,
          "ttt.lr and ttt.grad_clip must be > 0, ttt.warmup_steps and ttt.weight_decay >= 0")
     need(0.0 <= tt.augment_probability <= 1.0,

@@ -6,10 +6,11 @@ evaluation continues where it stopped (`evaluate.py --resume`) instead of starti
                            precision, test-time training settings
         <task id>.pt       that task's outcome (attempts, votes, TTT stats), written atomically
 
-An outcome is the very object an uninterrupted run computes, so the resumed run's submission.json
-and scores equal an uninterrupted run's. The files are pickles the evaluation wrote itself into the
-user's own report folder; they are read back only with --resume and an identical identity, and the
-folder is removed once the report is written.
+An outcome is stored whole (every array with its dtype, every number as it was), so the resumed
+run's submission.json and scores equal an uninterrupted run's. The files hold only tensors, lists,
+dicts and plain values, read back with torch.load(weights_only=True): no pickled code runs, and
+only the outcome's own dataclasses are rebuilt. They are read only with --resume and an identical
+identity, and the folder goes once the report is written.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sage.errors import EvaluationError
-from sage.predict import TaskOutcome
+from sage.predict import OutputPrediction, TaskOutcome, TaskPrediction
+from sage.ttt import TTTStats
+from sage.voting import Candidate
 
 IDENTITY = "identity.json"
 
@@ -57,17 +62,53 @@ class FinishedTasks:
                 "differ); run the same command as before, or drop --resume to start over")
         outcomes = {}
         for file in sorted(self.directory.glob("*.pt")):
-            outcomes[file.stem] = torch.load(file, weights_only=False)  # our own pickle, see the docstring
+            outcomes[file.stem] = from_plain(torch.load(file, weights_only=True))
         return outcomes
 
     def add(self, task_id: str, outcome: TaskOutcome) -> None:
         path = self.directory / f"{task_id}.pt"
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(outcome, tmp)
+        torch.save(to_plain(outcome), tmp)
         os.replace(tmp, path)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# The dataclasses an outcome is made of: the only classes a file can name.
+DATACLASSES = {cls.__name__: cls for cls in (TaskOutcome, TaskPrediction, OutputPrediction, Candidate, TTTStats)}
+
+
+def to_plain(value: Any) -> Any:
+    """`value` as tensors, lists, dicts and plain values, marked so that `from_plain` rebuilds it."""
+    if is_dataclass(value):
+        return {"dataclass": type(value).__name__,
+                "fields": {f.name: to_plain(getattr(value, f.name)) for f in fields(value)}}
+    if isinstance(value, np.ndarray):
+        return {"ndarray": torch.from_numpy(np.ascontiguousarray(value))}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple):
+        return {"tuple": [to_plain(v) for v in value]}
+    if isinstance(value, list):
+        return [to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {"dict": {k: to_plain(v) for k, v in value.items()}}
+    return value  # tensors, str, int, float, bool, None
+
+
+def from_plain(value: Any) -> Any:
+    if isinstance(value, list):
+        return [from_plain(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "dataclass" in value:
+        return DATACLASSES[value["dataclass"]](**{k: from_plain(v) for k, v in value["fields"].items()})
+    if "ndarray" in value:
+        return value["ndarray"].numpy()
+    if "tuple" in value:
+        return tuple(from_plain(v) for v in value["tuple"])
+    return {k: from_plain(v) for k, v in value["dict"].items()}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

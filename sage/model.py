@@ -408,6 +408,12 @@ class SageStudent(nn.Module):
         """Teacher features in the units the distillation head predicts."""
         return (teacher_features.float() - self.teacher_mean) / self.teacher_std
 
+    def answer(self, batch: dict[str, torch.Tensor], context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        """Per-cell logits from context states `encode` made: the decoder's half of `forward`, for
+        test-time training that keeps the encoder frozen and its states cached."""
+        read = self.task_to_canvas(self.distill_head(context[:, 0])) if self.cfg.task_slot else None
+        return self.decode(batch, context, context_mask, read)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> StudentOutput:
         context, context_mask = self.encode(batch)
         task = read = None
@@ -458,6 +464,12 @@ class SageProbe(SageStudent):
         for block in self.encoder:
             x = block(x, mask)
         return self.encoder_norm(x), mask
+
+    def answer(self, batch: dict[str, torch.Tensor], context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        """Per-cell logits from context states `encode` made: the decoder's half of `forward`, for
+        test-time training that keeps the encoder frozen and its states cached."""
+        read = self.task_to_canvas(self.distill_head(context[:, 0])) if self.cfg.task_slot else None
+        return self.decode(batch, context, context_mask, read)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StudentOutput:
         context, context_mask = self.encode(batch)

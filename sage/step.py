@@ -98,14 +98,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
                    betas: tuple[float, float] | list[float]) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only (not on biases and norm gains)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW over the parameters that require gradients, with weight decay on matrices and embeddings
+    only (not on biases and norm gains)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+
 
 # ----------------------------------------------------------------------------- the loss and the step
 
@@ -115,8 +117,8 @@ def compute_losses(out: Any, batch: dict[str, torch.Tensor], model: SageStudent,
     """The training objective and its terms (loss = task CE [+ weight * feature loss]), and the
     number of grid slots that had a teacher target (0: the feature terms are left out). When `batch`
     is a piece of the optimiser's batch, the shares (its loss units (sage.losses.loss_units) and
-    teacher slots over the whole batch's) weight the two mean-reduced terms in "loss" so that the pieces' gradients add up
-    to the whole batch's; the terms themselves stay this piece's means."""
+    teacher slots over the whole batch's) weight the two mean-reduced terms in "loss" so that the
+    pieces' gradients add up to the whole batch's; the terms themselves stay this piece's means."""
     task = answer_cross_entropy(out.logits, batch["target"], cfg.train.loss_normalization)
     # Without a feature term the distillation head still joins the graph, with zero gradient:
     # data-parallel training needs every parameter to get a gradient on every rank.
@@ -219,13 +221,15 @@ def _accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def tuning_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                autocast: Autocast, loss_normalization: str, grad_clip: float) -> torch.Tensor:
+                autocast: Autocast, loss_normalization: str, grad_clip: float,
+                context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One optimiser step of test-time training on `batch`: the answer's cross-entropy alone (no
-    distillation: a task at test time has no teacher features), clipped, AdamW. Returns the loss,
-    still on the device (reading it is a host sync the caller may not need)."""
+    distillation: a task at test time has no teacher features), clipped, AdamW. With `context`
+    (the frozen encoder's states of the batch and their mask, computed once), only the decoder runs.
+    Returns the loss, still on the device (reading it is a host sync the caller may not need)."""
     with autocast():
-        out = model(batch)
-        loss = answer_cross_entropy(out.logits, batch["target"], loss_normalization)
+        logits = model(batch).logits if context is None else model.answer(batch, *context)
+        loss = answer_cross_entropy(logits, batch["target"], loss_normalization)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

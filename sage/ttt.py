@@ -10,6 +10,8 @@ task's demonstrations, then the original weights come back.
          loss converges (`ttt.stop_loss`, counted in steps: the same on any machine) or when the
          optional safety clock `ttt.seconds` runs out (then the steps taken, and the answers,
          depend on the machine and its load)
+      -> `ttt.tune`: all parameters (the context re-encoded at every step), or the decoder alone,
+         the encoder frozen and `ttt.pool` augmented examples encoded once (`EncodedPool`)
       -> the tuned model answers the test inputs with the usual augmentation voting
       -> `TestTimeTrainer.tuned` puts the original weights back, whatever happened
 
@@ -93,24 +95,73 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
     data = ARCExamples([task], refs, m.grid_size, m.max_demos, cfg.data.max_context_tokens, augment=True,
                        seed=seed, augment_probability=ttt.augment_probability, answer_canvas=m.answer_canvas,
                        fit_answer=True, shuffle_demos=ttt.shuffle_demos)
-    optimizer = make_optimizer(model, ttt.lr, ttt.weight_decay, cfg.train.betas)
     autocast = Autocast(device, cfg.run.precision)
     model.train()
-    losses: list[float] = []
-    for step in range(ttt.steps):
-        spent = time.perf_counter() - started
-        if ttt.seconds and spent >= ttt.seconds:
-            break
-        set_lr(optimizer, ttt_lr(step, spent, ttt))
-        batch = to_device(collate(step_examples(data, step, ttt.batch_size)), device)
-        loss = tuning_step(model, optimizer, batch, autocast, cfg.train.loss_normalization, ttt.grad_clip)
-        losses.append(loss.item())
-        if ttt.stop_loss and len(losses) >= STOP_WINDOW and sum(losses[-STOP_WINDOW:]) < ttt.stop_loss * STOP_WINDOW:
-            break  # converged on the demonstrations: counted in steps, the same on any machine
+    with tuned_parameters(model, ttt.tune):
+        optimizer = make_optimizer(model, ttt.lr, ttt.weight_decay, cfg.train.betas)
+        pool = EncodedPool(model, data, ttt.pool, ttt.batch_size, device, autocast) if ttt.tune == "decoder" else None
+        losses: list[float] = []
+        for step in range(ttt.steps):
+            spent = time.perf_counter() - started
+            if ttt.seconds and spent >= ttt.seconds:
+                break
+            set_lr(optimizer, ttt_lr(step, spent, ttt))
+            if pool is None:
+                batch, context = to_device(collate(step_examples(data, step, ttt.batch_size)), device), None
+            else:
+                batch, context = pool.batch(step)
+            loss = tuning_step(model, optimizer, batch, autocast, cfg.train.loss_normalization, ttt.grad_clip,
+                               context)
+            losses.append(loss.item())
+            if converged(losses, ttt.stop_loss):
+                break  # counted in steps: the same on any machine
     model.eval()
     tail = losses[-10:]
     return TTTStats(len(losses), time.perf_counter() - started, len(refs),
                     losses[0] if losses else math.nan, sum(tail) / len(tail) if tail else math.nan)
+
+
+def converged(losses: list[float], stop_loss: float) -> bool:
+    """ttt.stop_loss: the mean loss of the last STOP_WINDOW steps is below it (0: never)."""
+    return bool(stop_loss) and len(losses) >= STOP_WINDOW and sum(losses[-STOP_WINDOW:]) / STOP_WINDOW < stop_loss
+
+
+# What ttt.tune: decoder tunes: the decoder and what reads the task for it. Everything else, the
+# encoder and the embeddings it shares with the decoder included, stays as pretrained, so the
+# context states cached while tuning are exactly those the tuned model computes when it answers.
+DECODER_PARTS = ("decoder.", "decoder_norm.", "cell_head.", "distill_head.", "task_to_canvas.")
+
+
+@contextlib.contextmanager
+def tuned_parameters(model: torch.nn.Module, tune: str) -> Iterator[None]:
+    """Inside the block, only the parameters `tune` names require gradients (all: every one)."""
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        for name, p in model.named_parameters():
+            p.requires_grad_(tune == "all" or name.startswith(DECODER_PARTS))
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(before[name])
+
+
+class EncodedPool:
+    """ttt.tune: decoder's examples: the first `size` draws of the task's stream (`step_examples`),
+    collated into batches once and encoded once by the frozen encoder; step s trains on batch
+    s mod (size / batch size). No numpy encoding and no encoder pass in the steps themselves."""
+
+    def __init__(self, model: torch.nn.Module, data: ARCExamples, size: int, batch_size: int, device: torch.device,
+                 autocast: Autocast) -> None:
+        self.batches = []
+        with torch.no_grad():
+            for index in range(max(size // batch_size, 1)):
+                batch = to_device(collate(step_examples(data, index, batch_size)), device)
+                with autocast():
+                    context, mask = model.encode(batch)
+                self.batches.append((batch, (context, mask)))
+
+    def batch(self, step: int) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches[step % len(self.batches)]
 
 
 class TestTimeTrainer:

@@ -208,3 +208,16 @@ def test_view_agreement_names_the_dihedral_transform_of_real_tasks():
             assert not full and agreement[b].max() > 0.1  # in part: borders, chance matches
         else:
             assert full == {dihedral[task.id]}, (task.id, agreement[b])
+
+
+def test_answer_from_cached_context_is_the_forward_pass():
+    """SageStudent.answer (the decoder's half, what TTT with a frozen encoder runs) on the states
+    `encode` made gives exactly the logits of the whole forward pass."""
+    torch.manual_seed(0)
+    model = SageStudent(StudentConfig(d_model=32, n_heads=4, encoder_layers=1, decoder_layers=1, teacher_dim=16,
+                                      distill_hidden=16, task_slot=True)).eval()
+    tasks = [t for t in load_dataset("arc-agi-1/training") if max(t.test[0].input.shape) <= 8][:4]
+    data = ARCExamples(tasks, evaluation_examples(tasks), 30, 10, 8704)
+    batch = collate([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        assert torch.equal(model.answer(batch, *model.encode(batch)), model(batch).logits)

@@ -87,6 +87,23 @@ def test_tuning_learns_the_demonstrations_and_the_original_weights_come_back(wor
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_decoder_tuning_keeps_the_encoder_learns_and_restores(workspace):
+    """ttt.tune=decoder tunes the decoder alone, on a pool encoded once by the frozen encoder: the
+    encoder and the shared embeddings stay bit for bit, the loss on the demonstrations falls, and
+    afterwards every weight and every requires_grad flag is as before."""
+    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=40", "ttt.tune=decoder", "ttt.pool=8",
+                              "ttt.augment_probability=0", "ttt.shuffle_demos=false")
+    model = loaded.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    with TestTimeTrainer(model, cfg, CPU).tuned(blind(workspace["tasks"][1])) as stats:
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        assert changed and all(k.startswith(("decoder.", "decoder_norm.", "cell_head.")) for k in changed), changed
+    assert stats.steps == 40 and stats.last_loss < 0.5 * stats.first_loss, stats
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert flags == {k: p.requires_grad for k, p in model.named_parameters()}
+
+
 def test_time_budget_stops_tuning_early(workspace):
     loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=100000", "ttt.seconds=0.5")
     stats = finetune(loaded.model, blind(workspace["tasks"][2]), cfg, CPU)
