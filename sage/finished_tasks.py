@@ -71,9 +71,6 @@ class FinishedTasks:
         torch.save(to_plain(outcome), tmp)
         os.replace(tmp, path)
 
-    def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
-
 
 # The dataclasses an outcome is made of: the only classes a file can name.
 DATACLASSES = {cls.__name__: cls for cls in (TaskOutcome, TaskPrediction, OutputPrediction, Candidate, TTTStats)}
@@ -85,7 +82,7 @@ def to_plain(value: Any) -> Any:
         return {"dataclass": type(value).__name__,
                 "fields": {f.name: to_plain(getattr(value, f.name)) for f in fields(value)}}
     if isinstance(value, np.ndarray):
-        return {"ndarray": torch.from_numpy(np.ascontiguousarray(value))}
+        return {"ndarray": torch.from_numpy(value.copy(order="C"))}  # fresh strides: torch refuses negative ones
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, tuple):

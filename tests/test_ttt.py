@@ -284,3 +284,28 @@ def test_learning_rate_decays_with_whichever_budget_ends_first():
     by_clock = TTTConfig(steps=1000, seconds=60, lr=1.0, warmup_steps=10)
     assert ttt_lr(20, 30.0, by_clock) == pytest.approx(0.5)  # half the time spent, 1% of the steps
     assert ttt_lr(20, 60.0, by_clock) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_finished_outcomes_round_trip_exactly_without_pickle(tmp_path):
+    """What --resume reads back is what was stored: arrays with their dtype (flipped views too, as
+    voting makes them), tuples, numbers, tensors; loaded with weights_only=True."""
+    from sage.finished_tasks import FinishedTasks
+    from sage.predict import OutputPrediction, TaskOutcome, TaskPrediction
+    from sage.ttt import TTTStats
+    from sage.voting import Candidate
+
+    grid = np.arange(3, dtype=np.uint8).reshape(3, 1)[:, ::-1]  # a flipped 3x1 grid: a negative stride numpy
+    assert grid.flags.c_contiguous and grid.strides[1] < 0  # still calls contiguous (voting makes these)
+    test = OutputPrediction([Candidate(grid, 3, np.float32(0.25), 1)], [grid, grid.T], True, 8,
+                            torch.randn(2, 4), torch.tensor([True, False]), (0, 2))
+    outcome = TaskOutcome(TaskPrediction("abc", [test], 0.5), TaskPrediction("abc", [test], 0.7),
+                          TTTStats(10, 1.5, 3, 2.0, 0.5))
+    store = FinishedTasks(tmp_path, {"views": 8})
+    store.start(resume=False)
+    store.add("abc", outcome)
+    back = FinishedTasks(tmp_path, {"views": 8}).start(resume=True)["abc"]
+    got, want = back.tuned.tests[0], outcome.tuned.tests[0]
+    assert back.ttt == outcome.ttt and back.plain.seconds == 0.5 and got.kept_demos == (0, 2)
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got.attempts, want.attempts))
+    assert torch.equal(got.grid_features, want.grid_features) and got.candidates[0].votes == 3
+    assert np.array_equal(got.candidates[0].grid, grid) and got.candidates[0].confidence == 0.25
