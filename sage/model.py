@@ -465,12 +465,6 @@ class SageProbe(SageStudent):
             x = block(x, mask)
         return self.encoder_norm(x), mask
 
-    def answer(self, batch: dict[str, torch.Tensor], context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
-        """Per-cell logits from context states `encode` made: the decoder's half of `forward`, for
-        test-time training that keeps the encoder frozen and its states cached."""
-        read = self.task_to_canvas(self.distill_head(context[:, 0])) if self.cfg.task_slot else None
-        return self.decode(batch, context, context_mask, read)
-
     def forward(self, batch: dict[str, torch.Tensor]) -> StudentOutput:
         context, context_mask = self.encode(batch)
         logits = self.decode(batch, context, context_mask)

@@ -99,11 +99,9 @@ def measure_speed(
         return {"measured": False, "reason": f"no task's test inputs fit the student's {student.grid_size}x"
                                              f"{student.grid_size} answer canvas"}
     student_s = time_student(student, sample, device)
-    teacher_s, per_task, teacher_info = time_teacher(loaded.cfg.teacher, teacher_preset, sample, device, log)
-    for row, s_time in zip(per_task, student_s):
-        row["student_seconds"] = s_time
-    per_task = [{k: row[k] for k in ("task", "test_inputs", "teacher_images", "teacher_prompt_tokens",
-                                     "student_seconds", "teacher_seconds")} for row in per_task]
+    teacher_s, teacher_rows, teacher_info = time_teacher(loaded.cfg.teacher, teacher_preset, sample, device, log)
+    per_task = [{**row, "student_seconds": s_time, "teacher_seconds": t_time}
+                for row, s_time, t_time in zip(teacher_rows, student_s, teacher_s)]
     student_mean, teacher_mean = statistics.mean(student_s), statistics.mean(teacher_s)
     return {
         "measured": True,
@@ -168,7 +166,6 @@ def time_teacher(tc: TeacherConfig, teacher_preset: str, sample: Sequence[Task],
             per_task.append({
                 "task": task.id, "test_inputs": len(task.test), "teacher_images": sum(len(e.grids) for e in examples),
                 "teacher_prompt_tokens": sum(len(teacher.prompt_ids(len(e.grids))) for e in examples),
-                "teacher_seconds": t_time,
             })
     finally:
         del teacher, model
