@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from sage.distill import prompts_for_dataset
-        from sage.distributed import init_distributed, shutdown_distributed
+        from sage.distributed import EXTRACTION_WAIT, init_distributed, shutdown_distributed
         from sage.extraction import merge, run_extraction, teacher_tasks
 
         # The prompts a training run of this config reads (one per student example).
@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"computed {result.computed} prompts ({result.images} images) in {result.seconds:.1f} s: "
                   f"{result.prompts_per_second:.2f} prompts/s, {result.images / result.seconds:.1f} images/s")
         if world > 1:  # wait for every part, then one process checks the whole cache and says so
-            ctx = init_distributed("cpu")  # gloo: only for this barrier
-            ctx.barrier()
+            # gloo, only for this barrier; the parts may end hours apart, so nothing times out.
+            ctx = init_distributed("cpu", timeout_s=EXTRACTION_WAIT.total_seconds())
+            ctx.wait_for_all()
             shutdown_distributed(ctx)
             return _report_status(result.directory, merge(cfg.teacher, cfg.data, prompts, args.limit)) if part == 0 else 0
         return _report_status(result.directory, result.status)

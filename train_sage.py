@@ -25,9 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue the run from checkpoints/<run>/last")
     parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
                         help="save and exit after optimiser step N (continue later with --resume)")
-    parser.add_argument("--inject-fault", action="append", default=[], metavar="KIND:PHASE:N",
+    parser.add_argument("--inject-fault", action="append", default=[], metavar="KIND:PHASE:N[@R]",
                         help="testing: simulate oom:train:N, oom:val:N (out of memory on the Nth forward pass of "
-                             "the phase) or nan:train:N (NaN loss); repeatable")
+                             "the phase) or nan:train:N (NaN loss); @R: on the process of rank R only (torchrun); "
+                             "repeatable")
     args = parser.parse_args(argv)
     try:
         faults = FaultInjection.parse(args.inject_fault)

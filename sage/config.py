@@ -47,6 +47,9 @@ class RunConfig:
     precision: str = "auto"
     checkpoint_dir: str = "checkpoints"  # the run's checkpoints go to <checkpoint_dir>/<name>/
     log_dir: str = "logs"  # train.log, metrics.jsonl, curves.png and config.yaml go to <log_dir>/<name>/
+    # Under torchrun: seconds a collective (gradient average, metric sums) waits for every process
+    # before the run fails. The wait for rank 0's teacher extraction has no such limit.
+    collective_timeout_s: float = 1800
 
 
 @dataclass
@@ -349,6 +352,8 @@ def check(cfg: ExperimentConfig, where: str) -> None:
     _check_training(cfg, problems)
     problems.extend(teacher_problems(cfg.teacher, TEACHER_NAMES))
     name = cfg.run.name or ""
+    problems.need(cfg.run.collective_timeout_s > 0,
+                  f"run.collective_timeout_s must be > 0 seconds, got {cfg.run.collective_timeout_s}")
     problems.need(bool(name) and "/" not in name and name not in (".", ".."),
                   f"run.name must be a plain name, got {name!r}")
     if problems:

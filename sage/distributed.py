@@ -8,14 +8,23 @@ processes step through exactly the batches one process with batch size train.bat
 Losses are normalised by the global batch's target cells and teacher slots, so the averaged
 gradient is the global batch's. Validation is split by task; its sums are reduced across ranks.
 Rank 0 alone writes logs and checkpoints. Without torchrun (WORLD_SIZE unset) all of this is a no-op.
+
+Gradients are averaged explicitly after the whole batch's backward passes (`average_gradients`),
+not overlapped with the backward pass as DistributedDataParallel does: an out-of-memory error on one
+process must not leave the others inside a half-done reduction, so every process first finishes its
+pieces, then all agree whether any ran out of memory (`ranks_where`), and only then reduce.
+Collectives time out after run.collective_timeout_s; the wait for rank 0's teacher extraction
+(`main_first`) goes through its own gloo group without a practical limit, since an extraction may
+take hours (torchrun stops the waiting processes if rank 0 dies).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,12 +32,15 @@ import torch.distributed as dist
 
 from sage.encoding import LengthBucketSampler
 
+EXTRACTION_WAIT = datetime.timedelta(days=7)  # how long the other processes wait for rank 0's extraction
+
 
 @dataclass(frozen=True)
 class DistributedContext:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    wait_group: Any = None  # gloo group with a long timeout, for waiting on rank 0's extraction
 
     @property
     def enabled(self) -> bool:
@@ -38,18 +50,52 @@ class DistributedContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
+    def wait_for_all(self) -> None:
+        """A barrier without the process group's timeout: for waits as long as an extraction."""
         if self.enabled:
-            dist.barrier()
+            dist.barrier(group=self.wait_group)
 
     @contextmanager
     def main_first(self) -> Iterator[None]:
-        """Rank 0 runs the block (e.g. extracting the teacher cache) before the others do."""
+        """Rank 0 runs the block (e.g. extracting the teacher cache) before the others do, however
+        long it takes (the wait does not use the process group's timeout)."""
         if not self.is_main:
-            self.barrier()
+            self.wait_for_all()
         yield
         if self.is_main:
-            self.barrier()
+            self.wait_for_all()
+
+    def ranks_where(self, flag: bool) -> list[int]:
+        """The ranks on which `flag` is true (every process gets the same list)."""
+        if not self.enabled:
+            return [0] if flag else []
+        flags = torch.zeros(self.world, dtype=torch.float32, device=self._reduce_device)
+        flags[self.rank] = float(flag)
+        dist.all_reduce(flags)
+        return [r for r, f in enumerate(flags.tolist()) if f]
+
+    def average_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        """Every trainable parameter's gradient averaged over the processes, in one reduction (a
+        missing gradient counts as zero, so every process reduces the same layout)."""
+        if not self.enabled:
+            return
+        params = [p for p in parameters if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.world
+        for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(averaged)
+
+    def broadcast_from_main(self, module: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers to every process (equal seeds make them equal already;
+        this makes sure)."""
+        if self.enabled:
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(tensor.data, src=0)
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over ranks (float64, on the CPU: a handful of scalars per step)."""
@@ -72,8 +118,9 @@ class DistributedContext:
         return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def init_distributed(device_type: str) -> DistributedContext:
-    """Join torchrun's process group when launched by it (WORLD_SIZE > 1)."""
+def init_distributed(device_type: str, timeout_s: float = 1800) -> DistributedContext:
+    """Join torchrun's process group when launched by it (WORLD_SIZE > 1); its collectives time out
+    after `timeout_s` seconds."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistributedContext()
@@ -82,8 +129,9 @@ def init_distributed(device_type: str) -> DistributedContext:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
-    return DistributedContext(rank, world, local_rank)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    wait_group = dist.new_group(backend="gloo", timeout=EXTRACTION_WAIT)
+    return DistributedContext(rank, world, local_rank, wait_group)
 
 
 def shutdown_distributed(ctx: DistributedContext) -> None:

@@ -4,7 +4,9 @@ fault injection that lets tests (and users) exercise both on a CPU.
 Out of memory: the phase (train or validation) halves the number of examples it pushes through the
 model at once and retries the batch. Training accumulates gradients over the smaller pieces, so an
 optimiser step still sees the configured batch; validation sums its metrics, so they are unchanged.
-The halved size is kept for the rest of the run (and across --resume).
+The halved size is kept for the rest of the run (and across --resume). Under torchrun every process
+learns of an out-of-memory error on any of them and all halve together (sage/step.py); memory is
+released after leaving the `except` block, whose traceback still holds the interrupted activations.
 """
 
 from __future__ import annotations
@@ -62,36 +64,50 @@ def all_finite(tensors: Iterator[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-FAULT_PATTERN = re.compile(r"^(oom):(train|val):(\d+)$|^(nan):(train):(\d+)$")
+FAULT_PATTERN = re.compile(r"^(oom):(train|val):(\d+)(?:@(\d+))?$|^(nan):(train):(\d+)(?:@(\d+))?$")
+DELAY_PATTERN = re.compile(r"^delay:extract:(\d+(?:\.\d+)?)$")
+FAULT_FORMS = "oom:train:N, oom:val:N or nan:train:N (each optionally @R: rank R only), or delay:extract:SECONDS"
 
 
 @dataclass
 class FaultInjection:
     """Simulated failures, for testing recovery where the real thing cannot be provoked (CPU):
-    "oom:train:N" raises out-of-memory on the Nth training forward pass of this process, "oom:val:N"
+    "oom:train:N" raises out-of-memory on the Nth training forward pass of every process, "oom:val:N"
     on the Nth validation forward pass, "nan:train:N" makes the loss of the Nth training forward
-    pass NaN. Counts start at 1 and include retries."""
+    pass NaN; a suffix "@R" (oom:train:N@R) limits the fault to the process of rank R under torchrun.
+    Counts start at 1 and include retries. "delay:extract:S" makes the teacher extraction before
+    training S seconds slower (the other processes' wait for it must not time out)."""
 
-    oom: dict[str, set[int]] = field(default_factory=lambda: {"train": set(), "val": set()})
-    nan: set[int] = field(default_factory=set)
+    # (pass number, rank or None for every rank)
+    oom: dict[str, set[tuple[int, int | None]]] = field(default_factory=lambda: {"train": set(), "val": set()})
+    nan: set[tuple[int, int | None]] = field(default_factory=set)
     passes: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
+    rank: int = 0  # this process's rank (set by the training loop)
+    extraction_delay: float = 0.0  # seconds
 
     @classmethod
     def parse(cls, specs: list[str]) -> "FaultInjection":
         faults = cls()
         for spec in specs:
+            if delay := DELAY_PATTERN.match(spec):
+                faults.extraction_delay += float(delay.group(1))
+                continue
             match = FAULT_PATTERN.match(spec)
             if not match:
-                raise ValueError(f"--inject-fault {spec!r}: expected oom:train:N, oom:val:N or nan:train:N")
-            kind, phase, n = [g for g in match.groups() if g is not None]
-            (faults.oom[phase] if kind == "oom" else faults.nan).add(int(n))
+                raise ValueError(f"--inject-fault {spec!r}: expected {FAULT_FORMS}")
+            kind, phase, n, rank = match.groups()[:4] if match.group(1) else match.groups()[4:]
+            fault = (int(n), None if rank is None else int(rank))
+            (faults.oom[phase] if kind == "oom" else faults.nan).add(fault)
         return faults
+
+    def _hits(self, faults: set[tuple[int, int | None]], n: int) -> bool:
+        return (n, None) in faults or (n, self.rank) in faults
 
     def forward_pass(self, phase: str) -> bool:
         """Call before each forward pass; raises the injected out-of-memory error, and returns True
         when this pass's loss should be made NaN."""
         self.passes[phase] += 1
         n = self.passes[phase]
-        if n in self.oom[phase]:
-            raise torch.OutOfMemoryError(f"injected out-of-memory error ({phase} forward pass {n})")
-        return phase == "train" and n in self.nan
+        if self._hits(self.oom[phase], n):
+            raise torch.OutOfMemoryError(f"injected out-of-memory error ({phase} forward pass {n}, rank {self.rank})")
+        return phase == "train" and self._hits(self.nan, n)

@@ -4,13 +4,13 @@ AdamW, the learning-rate schedule, the loss of one batch, and the step itself.
 - `train_step`: the training objective (task cross-entropy + weighted feature distillation,
   `compute_losses`) on one batch, pushed through the model in pieces when out of memory halved
   them (gradients accumulated so the step still sees the whole batch), under torchrun with the
-  gradients averaged over processes; skipped when the loss or a gradient is not finite.
+  gradients averaged over processes once every process has finished its pieces; skipped when the
+  loss or a gradient is not finite.
 - `tuning_step`: test-time training's step, the task cross-entropy alone on one small batch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -145,13 +145,23 @@ class StepResult:
     distill_slots: int  # grid slots with a teacher target
 
 
+@dataclass
+class _LocalSums:
+    """What this process's forward and backward passes of one step added up (loss terms still on the device)."""
+
+    totals: dict[str, torch.Tensor | float]
+    exact: int
+    examples: int
+    distill_slots: int
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                cfg: ExperimentConfig, autocast: Autocast, micro: MicroBatch, faults: FaultInjection,
                step: int, ctx: DistributedContext = DistributedContext()) -> StepResult | None:
     """One optimiser step on `batch` (this process's part of the global batch), pushed through the
-    model `micro.size` examples at a time (gradients accumulated). Out of memory halves
-    `micro.size` and retries the batch. Returns None, without updating anything, when the loss or
-    the gradients are not finite."""
+    model `micro.size` examples at a time (gradients accumulated). Out of memory on any process
+    halves `micro.size` on every process and retries the batch. Returns None, without updating
+    anything, when the loss or the gradients are not finite."""
     global_units = global_slots = None
     while True:
         # The normalisers of the global batch's means, needed only to weight pieces (each count is a
@@ -162,56 +172,65 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
                                                      cfg.model.task_slot).item() if "teacher_mask" in batch else 0)
             global_units, global_slots = ctx.sum([units, teacher_slots])
         try:
-            return _accumulate_and_step(model, optimizer, batch, cfg, autocast, micro, faults, ctx,
-                                        global_units or 0.0, global_slots or 0.0)
+            sums = _forward_backward(model, optimizer, batch, cfg, autocast, micro, faults, ctx,
+                                     global_units or 0.0, global_slots or 0.0)
         except torch.OutOfMemoryError:
-            optimizer.zero_grad(set_to_none=True)
-            free_memory(batch["target"].device)
-            micro.halve(f"step {step}")
+            sums = None
+        # Outside the except block: its traceback, which holds the interrupted pass's activations, is gone.
+        out_of_memory = ctx.ranks_where(sums is None)
+        if not out_of_memory:
+            return _update(model, optimizer, sums, cfg, ctx)
+        optimizer.zero_grad(set_to_none=True)
+        free_memory(batch["target"].device)
+        micro.halve(f"step {step}" + (f" on rank {', '.join(map(str, out_of_memory))}" if ctx.enabled else ""))
 
 
-def _accumulate_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                         cfg: ExperimentConfig, autocast: Autocast, micro: MicroBatch, faults: FaultInjection,
-                         ctx: DistributedContext, global_units: float, global_slots: float) -> StepResult | None:
+def _forward_backward(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                      cfg: ExperimentConfig, autocast: Autocast, micro: MicroBatch, faults: FaultInjection,
+                      ctx: DistributedContext, global_units: float, global_slots: float) -> _LocalSums:
+    """This process's gradients of the global batch's loss, accumulated over pieces of `micro.size`."""
     core = unwrap(model)
-    data_parallel = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     optimizer.zero_grad(set_to_none=True)
     pieces = micro.pieces(batch)
     whole = len(pieces) == 1 and not ctx.enabled  # shares of exactly 1: the plain, bit-reproducible path
-    distilling = cfg.distills
-    totals = dict.fromkeys(["loss"] + (["task_loss", "distill_mse", "distill_cosine"] if distilling else []), 0.0)
-    exact, distill_slots = 0, 0
-    for i, piece in enumerate(pieces):
+    keys = ["loss"] + (["task_loss", "distill_mse", "distill_cosine"] if cfg.distills else [])
+    sums = _LocalSums(dict.fromkeys(keys, 0.0), 0, len(batch["target"]), 0)
+    for piece in pieces:
         make_nan = faults.forward_pass("train")
         units = 1.0 if whole else loss_units(piece["target"], cfg.train.loss_normalization).item()
         task_share = 1.0 if whole else units * ctx.world / global_units
         piece_slots = (distillation_slot_count(piece["teacher_mask"], cfg.distill.slots, cfg.model.task_slot).item()
                        if global_slots and not whole else 0)
         slot_share = 1.0 if whole else piece_slots * ctx.world / global_slots if global_slots else 0.0
-        # DDP averages gradients over ranks when the last piece's backward runs; earlier pieces only accumulate.
-        sync = model.no_sync() if data_parallel and i < len(pieces) - 1 else contextlib.nullcontext()
-        with sync:
-            with autocast():
-                out = model(piece)
-                losses, slots = compute_losses(out, piece, core, cfg, task_share, slot_share)
-            loss = losses["loss"] * math.nan if make_nan else losses["loss"]
-            loss.backward()
-        distill_slots += slots
-        totals["loss"] += loss.detach()  # already weighted by the shares
+        with autocast():
+            out = model(piece)
+            losses, slots = compute_losses(out, piece, core, cfg, task_share, slot_share)
+        loss = losses["loss"] * math.nan if make_nan else losses["loss"]
+        loss.backward()
+        sums.distill_slots += slots
+        sums.totals["loss"] += loss.detach()  # already weighted by the shares
         for k, v in losses.items():  # the batch's means: each piece's mean weighted by its share
             if k != "loss":
-                totals[k] += v.detach() * (slot_share if k.startswith("distill_") else task_share)
-        exact += sum(s.exact for s in score_batch(out.logits.detach(), piece, cfg.model.grid_size))
+                sums.totals[k] += v.detach() * (slot_share if k.startswith("distill_") else task_share)
+        sums.exact += sum(s.exact for s in score_batch(out.logits.detach(), piece, cfg.model.grid_size))
+    return sums
+
+
+def _update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sums: _LocalSums, cfg: ExperimentConfig,
+            ctx: DistributedContext) -> StepResult | None:
+    """Average the gradients over processes, clip, and step, unless the loss or gradient is not finite."""
+    core = unwrap(model)
+    ctx.average_gradients(core.parameters())
     norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
-    keys = list(totals)
+    keys = list(sums.totals)
     # One device-to-host transfer for the loss terms and the gradient norm, not one per number.
-    numbers = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=norm.device) for k in keys]
+    numbers = torch.stack([torch.as_tensor(sums.totals[k], dtype=torch.float32, device=norm.device) for k in keys]
                           + [norm.float()]).tolist()
-    grad_norm = numbers.pop()
-    reduced = ctx.sum(numbers + [exact, len(batch["target"]), distill_slots])
+    grad_norm = numbers.pop()  # of the averaged gradient: the same on every process
+    reduced = ctx.sum(numbers + [sums.exact, sums.examples, sums.distill_slots])
     values = {k: v / ctx.world for k, v in zip(keys, reduced)}
     exact, examples, distill_slots = (int(x) for x in reduced[len(keys):])
-    if distilling and distill_slots == 0:  # no teacher target anywhere in the batch: no feature terms
+    if cfg.distills and distill_slots == 0:  # no teacher target anywhere in the batch: no feature terms
         values = {k: v for k, v in values.items() if not k.startswith("distill_")}
     if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)

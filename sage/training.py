@@ -187,11 +187,13 @@ def train(
     simulates out-of-memory errors and NaN losses (tests; see sage/recovery.py). Under torchrun,
     trains data-parallel (sage/distributed.py)."""
     device = resolve_device(cfg.run.device)
-    ctx = init_distributed(device.type)
+    ctx = init_distributed(device.type, cfg.run.collective_timeout_s)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
+    faults = faults or FaultInjection()
+    faults.rank = ctx.rank
     try:
-        run = setup(cfg, device, ctx, resume, echo, faults or FaultInjection())
+        run = setup(cfg, device, ctx, resume, echo, faults)
         stopped_early = False
         try:
             log_header(run)
@@ -235,7 +237,8 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
     if splits.overlap:
         log.info("validation tasks that share demonstrations or test inputs with training (kept): "
                  + describe(splits.overlap))
-    train_teacher, val_teacher = load_teacher_targets(cfg, splits, ctx, log) if cfg.uses_teacher else (None, None)
+    train_teacher, val_teacher = (load_teacher_targets(cfg, splits, ctx, log, faults.extraction_delay)
+                                  if cfg.uses_teacher else (None, None))
     train_set, val_set = make_datasets(cfg, splits, train_teacher, val_teacher, ctx)
     train_sampler = LengthBucketSampler(train_set.lengths, cfg.train.batch_size * ctx.world, shuffle=True,
                                         seed=cfg.run.seed, sides=train_set.sides)
@@ -255,7 +258,8 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
     state = TrainState()
     if checkpoint is not None:
         state = restore(checkpoint, model, optimizer, device, log, steps_per_epoch=len(train_sampler))
-    net = wrap_model(model, cfg, device, ctx, log)
+    ctx.broadcast_from_main(model)
+    net = wrap_model(model, cfg, device, log)
     if ctx.is_main:
         save_config(cfg, log_dir / "config.yaml")
     return Run(cfg, device, ctx, log, faults, checkpoint_dir, log_dir, splits, train_set, val_set, train_sampler,
@@ -277,8 +281,9 @@ def open_checkpoint(path: Path, model_cfg: StudentConfig) -> Checkpoint:
 
 
 def load_teacher_targets(cfg: ExperimentConfig, splits: Splits, ctx: DistributedContext,
-                         log: RunLog | SilentLog) -> tuple[TeacherTargets, TeacherTargets]:
-    """The teacher's features for the training and validation examples, extracting a missing cache."""
+                         log: RunLog | SilentLog, delay: float = 0.0) -> tuple[TeacherTargets, TeacherTargets]:
+    """The teacher's features for the training and validation examples, extracting a missing cache
+    (`delay`: seconds added to it, to test the other processes' wait)."""
     t, m = cfg.teacher, cfg.model
     weights = ("the synthetic tasks' hidden rules, noise " + str(t.noise) if t.preset == ORACLE_PRESET else
                "weights from " + t.checkpoint_dir if t.checkpoint_dir else "random weights")
@@ -286,6 +291,7 @@ def load_teacher_targets(cfg: ExperimentConfig, splits: Splits, ctx: Distributed
              f"view {t.view}; " + (f"distillation weight {cfg.distill.weight}" if m.kind == "student"
                                  else f"probe input: {m.probe_input}"))
     with ctx.main_first():  # one process extracts a missing cache, the others then read it
+        time.sleep(delay if ctx.is_main else 0.0)
         train_cache = ensure_teacher_cache(cfg, cfg.data.train, splits.train_dataset, log.info)
         val_cache = train_cache if cfg.data.val == "holdout" else ensure_teacher_cache(
             cfg, cfg.data.val, splits.val_dataset, log.info)
@@ -307,9 +313,10 @@ def restore(checkpoint: Checkpoint, model: SageStudent, optimizer: torch.optim.O
     return state
 
 
-def wrap_model(model: SageStudent, cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext,
+def wrap_model(model: SageStudent, cfg: ExperimentConfig, device: torch.device,
                log: RunLog | SilentLog) -> torch.nn.Module:
-    """The model as the step runs it: compiled (CUDA, train.compile) and data-parallel (torchrun)."""
+    """The model as the step runs it: compiled on CUDA with train.compile. (Under torchrun the step
+    averages the gradients itself, sage/distributed.py, rather than through DistributedDataParallel.)"""
     net: torch.nn.Module = model
     if cfg.train.compile:
         if device.type == "cuda":
@@ -317,8 +324,6 @@ def wrap_model(model: SageStudent, cfg: ExperimentConfig, device: torch.device, 
             net = torch.compile(model, dynamic=True)
         else:
             log.info("train.compile: skipped on the CPU, where it measured slower (docs/performance.md)")
-    if ctx.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     return net
 
 

@@ -53,10 +53,12 @@ def validate(
         while True:  # a batch counts only once all its pieces went through
             try:
                 results = [measure(piece) for piece in micro.pieces(batch)]
-                break
             except torch.OutOfMemoryError:
-                free_memory(device)
-                micro.halve("a validation batch")
+                results = None
+            if results is not None:
+                break
+            free_memory(device)  # outside the except block, whose traceback holds the activations
+            micro.halve("a validation batch")
         for loss, n_cells, piece_scores, cosine, count in results:
             loss_sum, cells, scores = loss_sum + loss, cells + n_cells, scores + piece_scores
             cosine_sum, slots = cosine_sum + cosine, slots + count

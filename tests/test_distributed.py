@@ -33,8 +33,10 @@ def test_ranks_split_each_global_batch():
 @pytest.mark.slow
 def test_two_process_gloo_training_matches_one_process_and_resumes(tmp_path):
     """2 processes x batch 4 == 1 process x batch 8, with distillation (global normalisation of the
-    feature term) and a stop + --resume under torchrun in the middle. Tolerance: losses to 1e-5
-    relative, weights to 1e-5 absolute (only the order of float sums differs)."""
+    feature term) and a stop + --resume under torchrun in the middle. On the way: rank 0 extracts
+    the teacher cache for longer than the collectives' timeout while rank 1 waits, and after the
+    resume rank 1 alone runs out of memory (every rank halves; the steps are unchanged).
+    Tolerance: losses to 1e-5 relative, weights to 1e-5 absolute (only the order of float sums differs)."""
     settings = ["train.epochs=2", "data.num_workers=0", "distill.weight=0.5", "model.teacher_dim=64",
                 f"teacher.cache_dir={tmp_path / 'features'}"]
 
@@ -44,12 +46,15 @@ def test_two_process_gloo_training_matches_one_process_and_resumes(tmp_path):
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
 
-    torchrun("--stop-after-steps", "7")  # rank 0 extracts the teacher cache while rank 1 waits
-    torchrun("--resume")
+    # The extraction takes 15 s longer than the 6 s a collective may wait.
+    torchrun("--stop-after-steps", "7", "--set", "run.collective_timeout_s=6", "--inject-fault", "delay:extract:15")
+    torchrun("--resume", "--inject-fault", "oom:train:3@1")  # step 10, rank 1 only
     train(tiny_config(tmp_path, "single", *settings, "train.batch_size=8"), echo=False)
 
     log = (tmp_path / "logs" / "ddp" / "train.log").read_text()
     assert "batches: train 4 per process x 2 processes = 8 per step" in log and "resumed from" in log
+    assert ("out of memory in training at step 10 on rank 1: training now runs 2 examples per forward pass "
+            "instead of 4 (batch size 4 kept by accumulating gradients)") in log
     ddp, single = epoch_records(tmp_path / "logs" / "ddp"), epoch_records(tmp_path / "logs" / "single")
     assert len(ddp) == len(single) == 2
     for a, b in zip(ddp, single):
