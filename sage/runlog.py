@@ -54,6 +54,13 @@ class RunLog:
         self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
         self._to_tensorboard(record)
 
+    def drop_metrics(self) -> bool:
+        """Start the metrics stream afresh (a run starting over); True when it held records."""
+        held = self.metrics_path.stat().st_size > 0
+        if held:
+            self.truncate_metrics_after(-1)
+        return held
+
     def truncate_metrics_after(self, step: int) -> None:
         """On resume: drop records logged after the checkpoint we restart from, so the stream reads
         as one uninterrupted run. TensorBoard's files are rewritten from the kept records: points
@@ -238,6 +245,9 @@ class SilentLog(RunLog):
 
     def metrics(self, event: str, **values: Any) -> None:
         pass
+
+    def drop_metrics(self) -> bool:
+        return False
 
     def truncate_metrics_after(self, step: int) -> None:
         pass

@@ -227,10 +227,15 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
             f"{checkpoint_dir}: run '{cfg.run.name}' already has checkpoints. Continue it with --resume, "
             f"or start a new run with --set run.name=NEW_NAME (or delete {checkpoint_dir} and {log_dir})"
         )
+    if resume and not (checkpoint_dir / "last").exists():
+        raise CheckpointError(nothing_to_resume(cfg.run.name, checkpoint_dir, log_dir))
     torch.manual_seed(cfg.run.seed)
     checkpoint = open_checkpoint(checkpoint_dir / "last", cfg.model) if resume else None
     splits = load_splits(cfg)
     log = RunLog(log_dir, echo=echo, tensorboard=cfg.logging.tensorboard) if ctx.is_main else SilentLog()
+    if checkpoint is None and log.drop_metrics():  # an attempt that died before its first checkpoint
+        log.info(f"starting '{cfg.run.name}' afresh: an earlier attempt stopped before its first checkpoint "
+                 f"(its lines above stay in this log; its metrics.jsonl records were dropped)")
     if splits.shared:
         log.info("left out of validation, their test pairs being training pairs: "
                  + ", ".join(f"{k} (= {v})" for k, v in splits.shared.items()))
@@ -267,6 +272,16 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
                MicroBatch("training", cfg.train.batch_size, state.train_micro_batch, log.info),
                MicroBatch("validation", cfg.val.batch_size, state.val_micro_batch, log.info),
                interactive=echo and sys.stderr.isatty(), steps_per_epoch=len(train_sampler))
+
+
+def nothing_to_resume(name: str, checkpoint_dir: Path, log_dir: Path) -> str:
+    """What --resume without a checkpoint means, and what to do."""
+    if (log_dir / "train.log").exists():
+        return (f"{checkpoint_dir / 'last'}: run '{name}' has no checkpoint to resume from: it stopped before "
+                f"saving its first one (its log is {log_dir / 'train.log'}). Start it again without --resume; "
+                f"set checkpoint.every_steps to save within the first epoch")
+    return (f"{checkpoint_dir}: there is no run '{name}' to resume (no checkpoint, no log in {log_dir}). "
+            f"Start it without --resume, or check run.name and run.checkpoint_dir")
 
 
 def open_checkpoint(path: Path, model_cfg: StudentConfig) -> Checkpoint:

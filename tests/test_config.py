@@ -1,12 +1,15 @@
 """Config schema: defaults, overrides, and errors that name the file and key."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from sage.config import load_config
+from sage.encoding import LengthBucketSampler
 from sage.errors import ConfigError
+from sage.training import load_splits, make_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,3 +105,15 @@ def test_every_config_key_is_documented_with_its_default():
     assert not undocumented, f"keys without a comment in the schema (the config reference): {undocumented}"
     text = (REPO / "docs" / "config.md").read_text()
     assert "| `train.warmup_steps` | `int` | `500` |" in text and "| `teacher.view` | `str` | `task_context` |" in text
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")
+                                          if "steps/epoch" in p.read_text()))
+def test_steps_per_epoch_stated_in_a_config_are_the_runs(config):
+    """A config's header that promises N steps/epoch is what train_sage.py runs (data only, no model)."""
+    stated = int(re.search(r"(\d+) steps/epoch", (REPO / "configs" / config).read_text()).group(1))
+    cfg = load_config(REPO / "configs" / config, [])
+    train_set, _ = make_datasets(cfg, load_splits(cfg))
+    sampler = LengthBucketSampler(train_set.lengths, cfg.train.batch_size, shuffle=True, seed=cfg.run.seed,
+                                  sides=train_set.sides)
+    assert len(sampler) == stated

@@ -104,9 +104,20 @@ def check_best_and_epoch_checkpoints(run: Path, logs: Path, summary: dict) -> No
 
 
 def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoint here"):
+    with pytest.raises(CheckpointError, match="there is no run 'fresh' to resume"):
+        train(tiny_config(tmp_path, "fresh"), resume=True, echo=False)
+    # An attempt killed before its first checkpoint leaves a log and metrics, nothing to resume from.
+    logs = tmp_path / "logs" / "fresh"
+    logs.mkdir(parents=True)
+    (logs / "train.log").write_text("2026-12-03 10:00:00 | run 'fresh' on cpu\n")
+    (logs / "metrics.jsonl").write_text('{"event": "start", "step": 0, "killed_attempt": true}\n')
+    with pytest.raises(CheckpointError, match="has no checkpoint to resume from: it stopped before saving its first "
+                                              "one .* Start it again without --resume"):
         train(tiny_config(tmp_path, "fresh"), resume=True, echo=False)
     train(tiny_config(tmp_path, "fresh", "train.epochs=1"), echo=False)
+    assert "killed_attempt" not in (logs / "metrics.jsonl").read_text()  # the new attempt's records alone
+    assert "starting 'fresh' afresh: an earlier attempt stopped before its first checkpoint" in (
+        logs / "train.log").read_text()
     with pytest.raises(CheckpointError, match="already has checkpoints. Continue it with --resume"):
         train(tiny_config(tmp_path, "fresh", "train.epochs=1"), echo=False)
     with pytest.raises(CheckpointError, match="model config differs from the checkpoint's"):
