@@ -42,8 +42,10 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto (CUDA if available), cpu, cuda, cuda:N
     # Matmuls and attention under bf16 autocast (weights, optimiser and losses stay fp32). auto: on
-    # CUDA only; bf16: on any device (a CPU with AVX-512 BF16 or AMX runs them faster); fp32: never.
-    # Test-time training and prediction compute the same way (evaluate.py --precision overrides it).
+    # GPUs with native bf16 only (Ampere and later; V100 and T4 emulate it, slower than fp32); bf16:
+    # on any device (a CPU with AVX-512 BF16 or AMX runs them faster; without them it is emulated and
+    # far slower); fp32: never. fp32 on CUDA uses TF32 matmuls. Test-time training and prediction
+    # compute the same way (evaluate.py --precision overrides it).
     precision: str = "auto"
     checkpoint_dir: str = "checkpoints"  # the run's checkpoints go to <checkpoint_dir>/<name>/
     log_dir: str = "logs"  # train.log, metrics.jsonl, curves.png and config.yaml go to <log_dir>/<name>/
@@ -117,7 +119,8 @@ class TrainConfig:
     # the mean over examples, as HRM/TRM do). Test-time training averages the same way.
     loss_normalization: str = "cell"
     # Run the training forward/backward through torch.compile with dynamic shapes (CUDA only: on a
-    # CPU it measured slower, docs/performance.md, and the log says it was skipped).
+    # CPU it measured slower, docs/performance.md, and the log says it was skipped). Training
+    # batches are then padded to a few shapes (sage.encoding.bucketed_length), bounding recompilations.
     compile: bool = False
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient
 

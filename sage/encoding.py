@@ -390,10 +390,23 @@ class ARCExamples(torch.utils.data.Dataset):
         return item
 
 
-def collate(items: Sequence[dict[str, np.ndarray]], pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
-    """Stack examples, padding contexts to the longest one (rounded up; `context_mask` marks real tokens)."""
+CANVAS_BUCKET = 10  # with shape buckets, answer canvases grow in steps of this many rows and columns
+
+
+def bucketed_length(n: int) -> int:
+    """`n` rounded up to one of a few context lengths: 64 x 2^(k/4), itself rounded up to a multiple
+    of 64 (at most ~19% padding beyond 64 tokens; 25 lengths cover everything up to 8,704 tokens)."""
+    k = max(0, math.ceil(4 * math.log2(max(n, 1) / 64) - 1e-9))
+    return -(-math.ceil(64 * 2 ** (k / 4)) // 64) * 64
+
+
+def collate(items: Sequence[dict[str, np.ndarray]], pad_to_multiple: int = 8,
+            shape_buckets: bool = False) -> dict[str, torch.Tensor]:
+    """Stack examples, padding contexts to the longest one (rounded up; `context_mask` marks real tokens).
+    `shape_buckets` pads contexts to `bucketed_length` and answer canvases to multiples of
+    CANVAS_BUCKET, so that a compiled model sees a few shapes (padding is masked: the same losses)."""
     longest = max(len(it["tokens"]) for it in items)
-    length = -(-longest // pad_to_multiple) * pad_to_multiple
+    length = bucketed_length(longest) if shape_buckets else -(-longest // pad_to_multiple) * pad_to_multiple
     batch = {}
     for key in CONTEXT_KEYS:
         out = np.zeros((len(items), length), dtype=np.int64)
@@ -413,6 +426,8 @@ def collate(items: Sequence[dict[str, np.ndarray]], pad_to_multiple: int = 8) ->
     B = len(items)
     shapes = np.stack([it.get("answer_shape", np.array([grid_size, grid_size])) for it in items])
     R, C = (int(x) for x in shapes.max(0))
+    if shape_buckets:
+        R, C = (min(grid_size, -(-x // CANVAS_BUCKET) * CANVAS_BUCKET) for x in (R, C))
     for key in ANSWER_KEYS:
         full = np.stack([it[key] for it in items]).reshape(B, grid_size, grid_size)
         batch[key] = torch.from_numpy(np.ascontiguousarray(full[:, :R, :C]).reshape(B, R * C))

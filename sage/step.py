@@ -34,17 +34,29 @@ from sage.recovery import FaultInjection, MicroBatch, free_memory
 # ----------------------------------------------------------------------------- precision, devices
 
 
-class Autocast:
-    """bf16 autocast where run.precision asks for it: "auto" on CUDA only, "bf16" on any device,
-    "fp32" never."""
+def has_native_bf16(device: torch.device) -> bool:
+    """bf16 matmuls in hardware: CUDA GPUs from Ampere on (V100 and T4 only emulate them, slower
+    than fp32). `auto` keeps CPUs in fp32 whatever they have (run.precision=bf16 opts in)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
-    def __init__(self, device: torch.device, precision: str = "auto") -> None:
-        self.enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+class Autocast:
+    """bf16 autocast where run.precision asks for it: "auto" on devices with native bf16 only
+    (`has_native_bf16`), "bf16" on any device, "fp32" never. fp32 on CUDA lets matmuls use TF32
+    tensor cores (10-bit mantissa inputs, fp32 accumulation), as training in fp32 on Ampere+ should."""
+
+    def __init__(self, device: torch.device, precision: str = "auto", native_bf16: bool | None = None) -> None:
+        native = has_native_bf16(device) if native_bf16 is None else native_bf16
+        self.enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda" and native)
         self.device_type = device.type
+        self.tf32 = device.type == "cuda" and not self.enabled
+        if self.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
     @property
     def name(self) -> str:  # for logs and reports
-        return "bf16 autocast" if self.enabled else "fp32"
+        return "bf16 autocast" if self.enabled else "fp32 (TF32 matmuls)" if self.tf32 else "fp32"
 
     def __call__(self):  # noqa: ANN204 - a context manager
         return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.enabled)

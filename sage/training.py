@@ -12,6 +12,7 @@ batches an uninterrupted one would have.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -250,9 +251,12 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
     if ctx.enabled:
         train_sampler = RankBatchSampler(train_sampler, ctx)
     val_sampler = LengthBucketSampler(val_set.lengths, cfg.val.batch_size, shuffle=False, sides=val_set.sides)
-    loader_args = dict(collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=train_sampler, **loader_args)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_sampler=val_sampler, **loader_args)
+    loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    # A compiled model recompiles for new shapes: give it a few (sage.encoding.bucketed_length).
+    train_collate = functools.partial(collate, shape_buckets=compiles(cfg, device))
+    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=train_sampler, collate_fn=train_collate,
+                                               **loader_args)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_sampler=val_sampler, collate_fn=collate, **loader_args)
 
     model = build_model(cfg.model).to(device)
     if cfg.distills and checkpoint is None:
@@ -328,14 +332,20 @@ def restore(checkpoint: Checkpoint, model: SageStudent, optimizer: torch.optim.O
     return state
 
 
+def compiles(cfg: ExperimentConfig, device: torch.device) -> bool:
+    """train.compile takes effect on CUDA only (on the CPU it measured slower)."""
+    return cfg.train.compile and device.type == "cuda"
+
+
 def wrap_model(model: SageStudent, cfg: ExperimentConfig, device: torch.device,
                log: RunLog | SilentLog) -> torch.nn.Module:
     """The model as the step runs it: compiled on CUDA with train.compile. (Under torchrun the step
     averages the gradients itself, sage/distributed.py, rather than through DistributedDataParallel.)"""
     net: torch.nn.Module = model
     if cfg.train.compile:
-        if device.type == "cuda":
-            # dynamic: context lengths and answer canvases change from batch to batch.
+        if compiles(cfg, device):
+            # dynamic: context lengths and answer canvases change from batch to batch (within the
+            # few shapes the training loader's shape buckets allow).
             net = torch.compile(model, dynamic=True)
         else:
             log.info("train.compile: skipped on the CPU, where it measured slower (docs/performance.md)")

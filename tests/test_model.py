@@ -221,3 +221,31 @@ def test_answer_from_cached_context_is_the_forward_pass():
     batch = collate([data[i] for i in range(len(data))])
     with torch.no_grad():
         assert torch.equal(model.answer(batch, *model.encode(batch)), model(batch).logits)
+
+
+def test_shape_buckets_give_a_compiled_model_few_shapes_and_the_same_loss():
+    """train.compile pads training batches to a few shapes; the padding is masked, so the loss and
+    the answers are those of the unpadded batch."""
+    from sage.encoding import CANVAS_BUCKET, bucketed_length, training_examples
+    from sage.losses import answer_cross_entropy
+    from sage.step import score_batch
+
+    lengths = {bucketed_length(n) for n in range(1, 8705)}
+    assert len(lengths) == 25 and max(lengths) >= 8704
+    assert all(bucketed_length(n) >= n and bucketed_length(n) <= max(64, 1.2 * n) + 64 for n in range(1, 8705))
+    tasks = load_dataset("arc-agi-1/training")[:8]
+    data = ARCExamples(tasks, training_examples(tasks), grid_size=30, max_demos=3, max_context_tokens=4096,
+                       answer_canvas="batch", fit_answer=True)
+    torch.manual_seed(0)
+    model = SageStudent(StudentConfig(d_model=32, n_heads=4, encoder_layers=1, decoder_layers=1, teacher_dim=16,
+                                      distill_hidden=16)).eval()
+    for start in (0, 4, 8):
+        items = [data[i] for i in range(start, start + 4)]
+        plain, bucketed = collate(items), collate(items, shape_buckets=True)
+        assert bucketed["tokens"].shape[1] == bucketed_length(int(plain["context_mask"].sum(1).max()))
+        rows, cols = (int(bucketed[k].max()) + 1 for k in ("answer_rows", "answer_cols"))
+        assert rows % CANVAS_BUCKET == cols % CANVAS_BUCKET == 0 and plain["target"].shape[1] < rows * cols
+        a, b = model(plain).logits, model(bucketed).logits
+        loss = [answer_cross_entropy(x, batch["target"]) for x, batch in ((a, plain), (b, bucketed))]
+        torch.testing.assert_close(loss[0], loss[1], atol=1e-5, rtol=1e-5)
+        assert score_batch(a, plain, 30) == score_batch(b, bucketed, 30)
