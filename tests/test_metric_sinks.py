@@ -1,20 +1,24 @@
-"""logging.tensorboard: metrics.jsonl's scalars in logs/<run>/tensorboard/, nothing repeated after
---resume, and a clear stop at start when the optional `tensorboard` package is missing."""
+"""logging.tensorboard and logging.wandb: metrics.jsonl's scalars in TensorBoard event files and a
+W&B run, nothing repeated after --resume, and a clear stop at start when the optional package is
+missing."""
 
 import importlib.util
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 from test_training import REPO, tiny_config, tiny_overrides
 
-from sage import runlog
+from sage import metric_sinks, runlog
 from sage.errors import ConfigError
+from sage.metric_sinks import WandbSettings
 from sage.runlog import RunLog, read_metrics
 from sage.training import train
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+HAS_WANDB = importlib.util.find_spec("wandb") is not None
 
 
 class FakeWriter:
@@ -93,7 +97,7 @@ def test_event_files_hold_the_metrics_scalars_once_after_a_crash_and_resume(tmp_
     records = read_metrics(logs / "metrics.jsonl")
     expected: dict[str, list[tuple[int, float]]] = {}
     for r in records:
-        for tag, value in runlog._scalars(r, r["event"]):
+        for tag, value in metric_sinks.scalars(r, r["event"]):
             expected.setdefault(tag, []).append((r["step"], value))
     assert {"train/loss", "epoch/val_loss", "epoch/val_exact_match", "start/parameters"} <= set(expected)
     assert set(events.Tags()["scalars"]) == set(expected)
@@ -102,3 +106,59 @@ def test_event_files_hold_the_metrics_scalars_once_after_a_crash_and_resume(tmp_
         assert [s for s, _ in got] == [s for s, _ in points], tag  # every step once, in order
         assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6), tag  # float32 in the files
     assert 123.0 not in [e.value for e in events.Scalars("train/loss")]
+
+
+class FakeWandb:
+    """Records what RunLog hands the wandb package (runs whether or not wandb is installed)."""
+
+    def __init__(self):
+        self.runs = []
+
+    def init(self, **kwargs):
+        run = types.SimpleNamespace(kwargs=kwargs, logged=[], finished=False)
+        run.log = lambda values, step=None: run.logged.append((step, values))
+        run.finish = lambda: setattr(run, "finished", True)
+        self.runs.append(run)
+        return run
+
+
+def test_wandb_run_mirrors_the_records_and_a_resume_starts_one_with_the_kept_records(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setattr(runlog, "wandb_module", lambda: fake)
+    settings = WandbSettings("r", "sage", "offline", {"train": {"lr": 1e-3}})
+    log = RunLog(tmp_path, echo=False, wandb=settings)
+    log.metrics("start", step=0, run="r", baselines={"copy_input": {"exact_match": 0.25}})
+    log.metrics("train", step=2, epoch=1, loss=1.5)
+    log.metrics("train", step=4, epoch=1, loss=1.25)
+    (first,) = fake.runs
+    assert first.kwargs == dict(project="sage", name="r", group="r", dir=str(tmp_path / "wandb"), mode="offline",
+                                config={"train": {"lr": 1e-3}})
+    assert first.logged == [(0, {"start/baselines/copy_input/exact_match": 0.25}),
+                            (2, {"train/epoch": 1.0, "train/loss": 1.5}), (4, {"train/epoch": 1.0, "train/loss": 1.25})]
+    log.truncate_metrics_after(2)  # a resume from the checkpoint at step 2
+    second = fake.runs[1]
+    assert first.finished and second.logged == first.logged[:2]
+    log.close()
+    assert second.finished and len(fake.runs) == 2
+
+
+def test_missing_wandb_stops_the_run_at_start(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ConfigError, match=r"pip install wandb.*logging.wandb=false"):
+        train(tiny_config(tmp_path, "wb", "logging.wandb=true"), echo=False)
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()
+    with pytest.raises(ConfigError, match=r"logging.wandb_mode must be one of offline, online, got 'cloud'"):
+        tiny_config(tmp_path, "wb", "logging.wandb=true", "logging.wandb_mode=cloud")
+
+
+@pytest.mark.skipif(not HAS_WANDB, reason="the optional `wandb` package is not installed (pip install wandb); "
+                                          "the fake-package test covers RunLog")
+def test_offline_wandb_runs_are_written_for_a_run_and_its_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    def config():
+        return tiny_config(tmp_path, "wb", "logging.wandb=true", "train.epochs=1")
+
+    train(config(), stop_after_steps=5, echo=False)
+    train(config(), resume=True, echo=False)
+    runs = sorted((tmp_path / "logs" / "wb" / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(list(run.glob("run-*.wandb")) for run in runs)
