@@ -136,7 +136,8 @@ class TTTConfig:
 
     steps: int = 200  # AdamW steps per task (at most): the budget, the same on any machine
     # Stop a task early once the mean answer loss of its last 10 steps is below this (nats per answer
-    # cell, averaged as train.loss_normalization says); counted in steps, so reproducible. 0: never.
+    # cell, averaged as train.loss_normalization says), checked every 10 steps (reading the loss is
+    # a host sync); counted in steps, so reproducible. 0: never.
     stop_loss: float = 0.0
     # Optional safety cap in seconds per task (0: none). A clock makes the steps taken, and so the
     # answers, depend on the machine and what else runs on it: recipes leave it off.

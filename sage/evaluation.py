@@ -518,6 +518,9 @@ def answer_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task
     def done(task: Task, outcome: TaskOutcome) -> None:
         if finished is not None and task.id not in earlier:
             finished.add(task.id, outcome)
+        if outcome.ttt is not None and outcome.ttt.micro_batch and task.id not in earlier:
+            log(f"task {task.id}: out of memory in test-time training: it ran {outcome.ttt.micro_batch} examples "
+                f"per forward pass instead of {ttt_cfg.ttt.batch_size} (gradients accumulated: the same steps)")
         solved["score"] += _task_score(outcome.plain, task)
         if outcome.tuned is not None:
             solved["ttt_score"] += _task_score(outcome.tuned, task)

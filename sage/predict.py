@@ -235,9 +235,19 @@ class TaskSolver:
 _worker_solver: TaskSolver | None = None  # each worker process's own
 
 
-def _start_worker(checkpoint: str, device: str, n_views: int, seed: int, batch_size: int,
+def worker_devices(device: torch.device, workers: int, gpus: int) -> list[str]:
+    """Each worker's device: a plain "cuda" spreads the workers over the visible GPUs in turn
+    (worker i on cuda:i mod n, several tasks in flight per GPU when workers > n); an explicit
+    device (cpu, cuda:N) takes them all."""
+    if device.type == "cuda" and device.index is None and gpus > 0:
+        return [f"cuda:{i % gpus}" for i in range(workers)]
+    return [str(device)] * workers
+
+
+def _start_worker(checkpoint: str, devices: Any, n_views: int, seed: int, batch_size: int,
                   ttt_cfg: ExperimentConfig | None, threads: int, precision: str) -> None:
     global _worker_solver
+    device = devices.get()  # this worker's own (worker_devices)
     torch.set_num_threads(threads)
     loaded = load_model(checkpoint, torch.device(device))
     loaded.cfg.run.precision = precision  # the parent's, which an evaluation may have changed
@@ -253,8 +263,8 @@ def solve_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task]
                 batch_size: int, ttt_cfg: ExperimentConfig | None = None, workers: int = 1,
                 on_done: Callable[[Task, TaskOutcome], None] = lambda task, outcome: None) -> list[TaskOutcome]:
     """Every task's outcome, in task order. With workers > 1, tasks are spread over that many
-    processes (each loads the checkpoint and uses its share of the CPU threads); `on_done` is called
-    as each task finishes, in whatever order they finish."""
+    processes (each loads the checkpoint on its device, `worker_devices`, and uses its share of the
+    CPU threads); `on_done` is called as each task finishes, in whatever order they finish."""
     outcomes: list[TaskOutcome | None] = [None] * len(tasks)
     if workers <= 1:
         solver = TaskSolver(loaded, device, n_views, seed, batch_size, ttt_cfg)
@@ -265,7 +275,10 @@ def solve_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task]
     threads = max(1, torch.get_num_threads() // workers)
     # spawn, not fork: a forked child of a process that already ran OpenMP threads can hang.
     context = multiprocessing.get_context("spawn")
-    args = (str(loaded.path), str(device), n_views, seed, batch_size, ttt_cfg, threads, loaded.cfg.run.precision)
+    devices = context.Queue()
+    for name in worker_devices(device, workers, torch.cuda.device_count() if device.type == "cuda" else 0):
+        devices.put(name)
+    args = (str(loaded.path), devices, n_views, seed, batch_size, ttt_cfg, threads, loaded.cfg.run.precision)
     with context.Pool(workers, initializer=_start_worker, initargs=args) as pool:
         for i, outcome in pool.imap_unordered(_solve_in_worker, list(enumerate(tasks))):
             outcomes[i] = outcome

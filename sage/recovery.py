@@ -25,8 +25,10 @@ class MicroBatch:
     """How many examples of one phase's batch go through the model at once. Starts at the phase's
     batch size; `halve()` after an out-of-memory error."""
 
-    def __init__(self, phase: str, batch_size: int, size: int | None, log: Callable[[str], None]) -> None:
-        self.phase, self.batch_size, self.log = phase, batch_size, log
+    def __init__(self, phase: str, batch_size: int, size: int | None, log: Callable[[str], None],
+                 accumulates: bool | None = None, scope: str = "the rest of the run") -> None:
+        self.phase, self.batch_size, self.log, self.scope = phase, batch_size, log, scope
+        self.accumulates = phase == "training" if accumulates is None else accumulates  # gradients over pieces
         self.size = size or batch_size
 
     def halve(self, where: str) -> None:
@@ -39,7 +41,7 @@ class MicroBatch:
         old, self.size = self.size, self.size // 2
         self.log(f"out of memory in {self.phase} at {where}: {self.phase} now runs {self.size} examples per "
                  f"forward pass instead of {old} (batch size {self.batch_size} kept"
-                 f"{' by accumulating gradients' if self.phase == 'training' else ''}) for the rest of the run")
+                 f"{' by accumulating gradients' if self.accumulates else ''}) for {self.scope}")
 
     def pieces(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """`batch` split along its first dimension into pieces of at most `size` examples."""
@@ -64,24 +66,26 @@ def all_finite(tensors: Iterator[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-FAULT_PATTERN = re.compile(r"^(oom):(train|val):(\d+)(?:@(\d+))?$|^(nan):(train):(\d+)(?:@(\d+))?$")
+FAULT_PATTERN = re.compile(r"^(oom):(train|val|ttt):(\d+)(?:@(\d+))?$|^(nan):(train):(\d+)(?:@(\d+))?$")
 DELAY_PATTERN = re.compile(r"^delay:extract:(\d+(?:\.\d+)?)$")
-FAULT_FORMS = "oom:train:N, oom:val:N or nan:train:N (each optionally @R: rank R only), or delay:extract:SECONDS"
+FAULT_FORMS = ("oom:train:N, oom:val:N, oom:ttt:N or nan:train:N (each optionally @R: rank R only), "
+               "or delay:extract:SECONDS")
 
 
 @dataclass
 class FaultInjection:
     """Simulated failures, for testing recovery where the real thing cannot be provoked (CPU):
     "oom:train:N" raises out-of-memory on the Nth training forward pass of every process, "oom:val:N"
-    on the Nth validation forward pass, "nan:train:N" makes the loss of the Nth training forward
+    on the Nth validation forward pass, "oom:ttt:N" on the Nth of test-time training, "nan:train:N" makes the loss of the Nth training forward
     pass NaN; a suffix "@R" (oom:train:N@R) limits the fault to the process of rank R under torchrun.
     Counts start at 1 and include retries. "delay:extract:S" makes the teacher extraction before
     training S seconds slower (the other processes' wait for it must not time out)."""
 
     # (pass number, rank or None for every rank)
-    oom: dict[str, set[tuple[int, int | None]]] = field(default_factory=lambda: {"train": set(), "val": set()})
+    oom: dict[str, set[tuple[int, int | None]]] = field(
+        default_factory=lambda: {"train": set(), "val": set(), "ttt": set()})
     nan: set[tuple[int, int | None]] = field(default_factory=set)
-    passes: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
+    passes: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0, "ttt": 0})
     rank: int = 0  # this process's rank (set by the training loop)
     extraction_delay: float = 0.0  # seconds
 

@@ -108,7 +108,8 @@ def per_task_rows(result: EvaluationResult) -> list[dict[str, Any]]:
         stats = result.ttt_stats.get(task.id)
         if stats is not None:
             row.update(ttt_steps=stats.steps, ttt_seconds=round(stats.seconds, 2), ttt_examples=stats.examples,
-                       ttt_first_loss=round(stats.first_loss, 4), ttt_last_loss=round(stats.last_loss, 4))
+                       ttt_first_loss=round(stats.first_loss, 4), ttt_last_loss=round(stats.last_loss, 4),
+                       ttt_micro_batch=stats.micro_batch)
         for name in result.systems:
             if name != "student":
                 row[f"{name}_score"] = task_score(result.systems[name].scores[task.id], 2)

@@ -253,16 +253,49 @@ def _update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sums: _Loc
 
 def tuning_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                 autocast: Autocast, loss_normalization: str, grad_clip: float,
-                context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                context: tuple[torch.Tensor, torch.Tensor] | None = None, micro: MicroBatch | None = None,
+                faults: FaultInjection | None = None) -> torch.Tensor:
     """One optimiser step of test-time training on `batch`: the answer's cross-entropy alone (no
     distillation: a task at test time has no teacher features), clipped, AdamW. With `context`
     (the frozen encoder's states of the batch and their mask, computed once), only the decoder runs.
-    Returns the loss, still on the device (reading it is a host sync the caller may not need)."""
-    with autocast():
-        logits = model(batch).logits if context is None else model.answer(batch, *context)
-        loss = answer_cross_entropy(logits, batch["target"], loss_normalization)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    The batch goes through `micro.size` examples at a time (gradients accumulated: the same step);
+    out of memory halves `micro.size` and retries. Returns the loss, still on the device (reading it
+    is a host sync the caller may not need)."""
+    micro = micro or MicroBatch("test-time training", len(batch["target"]), None, lambda _: None)
+    faults = faults or FaultInjection()
+    while True:
+        try:
+            loss = _tuning_gradients(model, optimizer, batch, autocast, loss_normalization, context, micro, faults)
+        except torch.OutOfMemoryError:
+            loss = None
+        if loss is not None:
+            break
+        optimizer.zero_grad(set_to_none=True)  # outside the except block: its traceback holds the activations
+        free_memory(batch["target"].device)
+        micro.halve("a step")
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return loss.detach()
+    return loss
+
+
+def _tuning_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                      autocast: Autocast, loss_normalization: str, context: tuple[torch.Tensor, torch.Tensor] | None,
+                      micro: MicroBatch, faults: FaultInjection) -> torch.Tensor:
+    """The batch's loss gradients, accumulated over pieces weighted by their share of its loss units."""
+    optimizer.zero_grad(set_to_none=True)
+    n = len(batch["target"])
+    starts = range(0, n, micro.size)
+    whole_units = loss_units(batch["target"], loss_normalization) if len(starts) > 1 else None
+    total = torch.zeros((), device=batch["target"].device)
+    for start in starts:
+        piece = {k: v[start : start + micro.size] for k, v in batch.items()} if whole_units is not None else batch
+        faults.forward_pass("ttt")
+        with autocast():
+            logits = (model(piece).logits if context is None
+                      else model.answer(piece, *(c[start : start + micro.size] for c in context)))
+            loss = answer_cross_entropy(logits, piece["target"], loss_normalization)
+        if whole_units is not None:  # this piece's share of the whole batch's mean
+            loss = loss * loss_units(piece["target"], loss_normalization) / whole_units
+        loss.backward()
+        total = total + loss.detach()
+    return total

@@ -7,9 +7,10 @@ task's demonstrations, then the original weights come back.
       -> `ttt.steps` AdamW steps, each on `ttt.batch_size` draws of those examples, every draw
          under its own random dihedral transform, colour permutation and demonstration order
          (the same encoding and canvases as training, sage/encoding.py); fewer steps when the
-         loss converges (`ttt.stop_loss`, counted in steps: the same on any machine) or when the
-         optional safety clock `ttt.seconds` runs out (then the steps taken, and the answers,
-         depend on the machine and its load)
+         loss converges (`ttt.stop_loss`, checked every STOP_WINDOW steps: the same on any
+         machine) or when the optional safety clock `ttt.seconds` runs out (then the steps taken,
+         and the answers, depend on the machine and its load); out of memory halves the examples
+         per forward pass for the rest of the task (gradients accumulated: the same steps)
       -> `ttt.tune`: all parameters (the context re-encoded at every step), or the decoder alone,
          the encoder frozen and `ttt.pool` augmented examples encoded once (`EncodedPool`)
       -> the tuned model answers the test inputs with the usual augmentation voting
@@ -34,6 +35,7 @@ from sage.arc import Task
 from sage.config import ExperimentConfig, TTTConfig
 from sage.encoding import ARCExamples, ExampleRef, collate
 from sage.errors import TestOutputVisible
+from sage.recovery import FaultInjection, MicroBatch
 from sage.step import Autocast, make_optimizer, set_lr, to_device, tuning_step, warmup_cosine
 
 
@@ -49,6 +51,7 @@ class TTTStats:
     examples: int  # leave-one-out examples the task offers (0: fewer than two demonstrations, no TTT)
     first_loss: float  # answer loss of the first step (nan without steps)
     last_loss: float  # mean answer loss of the last min(10, steps) steps
+    micro_batch: int = 0  # examples per forward pass after out-of-memory halvings (0: never halved)
 
 
 def ttt_examples(task: Task) -> list[ExampleRef]:
@@ -80,8 +83,10 @@ def ttt_lr(step: int, seconds: float, ttt: TTTConfig) -> float:
     return warmup_cosine(step, ttt.lr, 0.0, ttt.warmup_steps, ttt.steps, progress_at_least=clock)
 
 
-def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: torch.device) -> TTTStats:
-    """Fine-tune `model` in place on `task`'s demonstrations as cfg.ttt says (module docstring)."""
+def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: torch.device,
+             faults: FaultInjection | None = None) -> TTTStats:
+    """Fine-tune `model` in place on `task`'s demonstrations as cfg.ttt says (module docstring).
+    `faults` simulates out-of-memory errors (tests; sage/recovery.py)."""
     if any(p.output is not None for p in task.test):
         raise TestOutputVisible(f"task {task.id}: test-time training was given the task's test outputs; "
                                 "pass it through sage.predict.blind first")
@@ -96,34 +101,44 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
                        seed=seed, augment_probability=ttt.augment_probability, answer_canvas=m.answer_canvas,
                        fit_answer=True, shuffle_demos=ttt.shuffle_demos)
     autocast = Autocast(device, cfg.run.precision)
+    micro = MicroBatch("test-time training", ttt.batch_size, None, lambda _: None, accumulates=True,
+                       scope=f"task {task.id}")
     model.train()
     with tuned_parameters(model, ttt.tune):
         optimizer = make_optimizer(model, ttt.lr, ttt.weight_decay, cfg.train.betas)
         pool = EncodedPool(model, data, ttt.pool, ttt.batch_size, device, autocast) if ttt.tune == "decoder" else None
-        losses: list[float] = []
+        # Losses stay on the device: reading one is a host sync, done only every STOP_WINDOW steps
+        # when ttt.stop_loss asks, so a GPU is never kept waiting for the next batch.
+        losses: list[torch.Tensor] = []
         for step in range(ttt.steps):
             spent = time.perf_counter() - started
             if ttt.seconds and spent >= ttt.seconds:
                 break
             set_lr(optimizer, ttt_lr(step, spent, ttt))
             if pool is None:
-                batch, context = to_device(collate(step_examples(data, step, ttt.batch_size)), device), None
+                batch, context = to_device(pinned(collate(step_examples(data, step, ttt.batch_size)), device),
+                                           device), None
             else:
                 batch, context = pool.batch(step)
-            loss = tuning_step(model, optimizer, batch, autocast, cfg.train.loss_normalization, ttt.grad_clip,
-                               context)
-            losses.append(loss.item())
-            if converged(losses, ttt.stop_loss):
+            losses.append(tuning_step(model, optimizer, batch, autocast, cfg.train.loss_normalization,
+                                      ttt.grad_clip, context, micro, faults))
+            if len(losses) % STOP_WINDOW == 0 and converged(losses, ttt.stop_loss):
                 break  # counted in steps: the same on any machine
     model.eval()
-    tail = losses[-10:]
-    return TTTStats(len(losses), time.perf_counter() - started, len(refs),
-                    losses[0] if losses else math.nan, sum(tail) / len(tail) if tail else math.nan)
+    values = torch.stack(losses).tolist() if losses else []
+    tail = values[-STOP_WINDOW:]
+    return TTTStats(len(values), time.perf_counter() - started, len(refs), values[0] if values else math.nan,
+                    sum(tail) / len(tail) if tail else math.nan, micro.size if micro.size < ttt.batch_size else 0)
 
 
-def converged(losses: list[float], stop_loss: float) -> bool:
+def converged(losses: list[torch.Tensor], stop_loss: float) -> bool:
     """ttt.stop_loss: the mean loss of the last STOP_WINDOW steps is below it (0: never)."""
-    return bool(stop_loss) and len(losses) >= STOP_WINDOW and sum(losses[-STOP_WINDOW:]) / STOP_WINDOW < stop_loss
+    return bool(stop_loss) and len(losses) >= STOP_WINDOW and float(torch.stack(losses[-STOP_WINDOW:]).mean()) < stop_loss
+
+
+def pinned(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """On CUDA, the batch in page-locked memory, so that its copy to the GPU does not block the host."""
+    return {k: v.pin_memory() for k, v in batch.items()} if device.type == "cuda" else batch
 
 
 # What ttt.tune: decoder tunes: the decoder and what reads the task for it. Everything else, the
@@ -169,8 +184,9 @@ class TestTimeTrainer:
 
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, model: torch.nn.Module, cfg: ExperimentConfig, device: torch.device) -> None:
-        self.model, self.cfg, self.device = model, cfg, device
+    def __init__(self, model: torch.nn.Module, cfg: ExperimentConfig, device: torch.device,
+                 faults: FaultInjection | None = None) -> None:
+        self.model, self.cfg, self.device, self.faults = model, cfg, device, faults
         self.original = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @contextlib.contextmanager
@@ -178,7 +194,7 @@ class TestTimeTrainer:
         """`model` fine-tuned on `task` (test outputs removed) inside the block; the original after."""
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                stats = finetune(self.model, task, self.cfg, self.device)
+                stats = finetune(self.model, task, self.cfg, self.device, self.faults)
             yield stats
         finally:
             self.model.load_state_dict(self.original)

@@ -21,6 +21,7 @@ from sage.config import with_overrides
 from sage.errors import ConfigError, TestOutputVisible
 from sage.evaluation import EvalSettings, evaluate
 from sage.predict import blind, load_model
+from sage.recovery import FaultInjection
 from sage.synthetic import generate_tasks
 from sage.training import train
 from sage.ttt import TestTimeTrainer, finetune, ttt_examples
@@ -134,6 +135,23 @@ def test_stop_loss_ends_a_converged_task_in_steps(workspace):
     assert finetune(loaded.model, blind(workspace["tasks"][0]), cfg, CPU).steps == 10
     loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=30", "ttt.stop_loss=0")
     assert finetune(loaded.model, blind(workspace["tasks"][0]), cfg, CPU).steps == 30
+
+
+@pytest.mark.parametrize("tune", ["all", "decoder"])
+def test_out_of_memory_in_ttt_halves_the_pieces_and_takes_the_same_steps(workspace, tune):
+    """An out-of-memory error in test-time training halves the examples per forward pass for the
+    rest of the task and retries the step; accumulated gradients make the tuned weights the same."""
+    weights, stats = [], []
+    for faults in ([], ["oom:ttt:3", "oom:ttt:6"]):  # step 3 (pieces of 2), then a piece of step 4 (pieces of 1)
+        loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=6", "ttt.batch_size=4",
+                                  f"ttt.tune={tune}", "ttt.pool=8")
+        stats.append(finetune(loaded.model, blind(workspace["tasks"][0]), cfg, CPU, FaultInjection.parse(faults)))
+        weights.append({k: v.clone() for k, v in loaded.model.state_dict().items()})
+    assert (stats[0].steps, stats[0].micro_batch) == (6, 0) and (stats[1].steps, stats[1].micro_batch) == (6, 1)
+    assert stats[1].first_loss == pytest.approx(stats[0].first_loss, rel=1e-6)
+    assert stats[1].last_loss == pytest.approx(stats[0].last_loss, rel=1e-4)
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 @pytest.mark.slow
@@ -271,6 +289,14 @@ def test_worker_processes_give_the_same_answers(workspace):
     assert parallel.settings["precision"] == "bf16 autocast"
     assert fp32.settings["precision"] == "fp32"  # and it computes otherwise:
     assert fp32.ttt_stats[workspace["tasks"][0].id].last_loss != single.ttt_stats[workspace["tasks"][0].id].last_loss
+
+
+def test_workers_spread_over_the_visible_gpus():
+    from sage.predict import worker_devices
+
+    assert worker_devices(torch.device("cuda"), 5, 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert worker_devices(torch.device("cuda:1"), 3, 2) == ["cuda:1"] * 3  # a device named: all on it
+    assert worker_devices(CPU, 2, 0) == ["cpu", "cpu"]
 
 
 def test_learning_rate_decays_with_whichever_budget_ends_first():
