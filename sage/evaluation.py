@@ -462,6 +462,7 @@ def select_tasks(loaded: LoadedModel, tasks: list[Task], protocol: dict[str, Any
     """The tasks scored (--max-grid-side, --limit) and the report's notes on what that means;
     records the demonstrations the context cap cuts in `protocol`."""
     notes = list(loaded.notes)
+    protocol["tasks_in_split"] = len(tasks)  # after leaving out trained tasks, before --max-grid-side and --limit
     if settings.max_grid_side is not None:
         before = len(tasks)
         tasks = tasks_up_to_side(tasks, settings.max_grid_side)
@@ -484,6 +485,7 @@ def select_tasks(loaded: LoadedModel, tasks: list[Task], protocol: dict[str, Any
     if protocol["split_selected_the_checkpoint"]:
         notes.append(f"{settings.split} is also the split that picked this checkpoint (best validation exact match): "
                      "its score is optimistic")
+    protocol["tasks_scored"] = len(tasks)
     m, d = loaded.cfg.model, loaded.cfg.data
     cuts = ARCExamples(tasks, evaluation_examples(tasks), m.grid_size, m.max_demos,
                        d.max_context_tokens).demonstration_cuts()

@@ -1,0 +1,381 @@
+"""The GPU check: one command that proves SAGE's GPU path in minutes whenever a GPU is at hand.
+
+    bash benchmarks/gpu_check.sh                       # on one GPU: at most ~9 minutes (--budget-s)
+    bash benchmarks/gpu_check.sh --cpu-smoke           # every stage at toy sizes on a CPU (in the tests)
+    bash benchmarks/gpu_check.sh --out DIR --only device,train
+
+Stages, in order, each in its own process with a time limit (one failing does not stop the others):
+
+  device         the card, its memory and capability, native bf16, driver, torch/CUDA/transformers
+  throughput     sage_44m training throughput and MFU against the measured matmul peak and the
+                 card's spec-sheet peak (benchmarks/bench.py --only train: the real step, random
+                 teacher targets)
+  compile        train.compile's recompilations over the first batches of an epoch, with and
+                 without the shape buckets training uses (sage.encoding.bucketed_length)
+  extraction     the tiny GR00T teacher (real architecture, random weights) extracting ARC-AGI-1
+                 training's features on the device (extract_groot_features.py; prompts/s)
+  train          two real sage_44m epochs distilling those features (train_sage.py)
+  oom            a real CUDA out-of-memory error (memory fraction capped below a measured step's
+                 peak) recovered by halving; on a CPU an injected one
+  ttt            evaluate.py --ttt on a handful of ARC-AGI-1 evaluation tasks, one task in flight
+                 and several (--workers)
+  teacher_speed  the full-size GR00T N1.5 backbone (random weights) against the student, time per
+                 task (benchmarks/bench.py --only speed)
+
+Writes OUT/summary.md and OUT/summary.json (default benchmarks/results/gpu_check-<device>/), and
+each stage's command output in OUT/<stage>.log. Exit code 1 when a stage failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Dense bf16 tensor-core peaks from the vendors' spec sheets (no sparsity), FLOP/s, by name fragment.
+SPEC_BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                  "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
+
+TINY_TEACHER = ["teacher.preset=groot-n1.5-tiny", "model.teacher_dim=64"]
+SMOKE_MODEL = ["model.d_model=32", "model.n_heads=2", "model.encoder_layers=1", "model.decoder_layers=1",
+               "model.distill_hidden=32", "data.max_grid_side=5", "data.num_workers=0", "run.device=cpu",
+               "run.precision=fp32"]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each stage runs: on a GPU, or as the CPU smoke test."""
+
+    config: str
+    model: list[str]  # overrides of the config's model and data for every stage
+    bench_steps: tuple[int, int]  # warm-up, timed
+    compile_batches: int
+    compile_backend: str
+    oom_batch: int
+    ttt: list[str]  # evaluate.py arguments
+    ttt_workers: int
+    speed_teacher: str
+    speed_tasks: int
+
+
+GPU = Sizes("configs/sage_44m.yaml", TINY_TEACHER, (5, 20), 40, "inductor", 32,
+            ["--limit", "8", "--set", "ttt.steps=100"], 4, "groot-n1.5", 3)
+SMOKE = Sizes("configs/quickstart.yaml", SMOKE_MODEL, (1, 2), 6, "eager", 8,
+              ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=3", "--set", "ttt.batch_size=2"], 2,
+              "groot-n1.5-tiny", 1)
+LIMITS = {"device": 60, "throughput": 180, "compile": 180, "extraction": 150, "train": 300, "oom": 150,
+          "ttt": 240, "teacher_speed": 180}  # seconds a stage may take at most
+
+
+class StageFailed(Exception):
+    pass
+
+
+@dataclass
+class Check:
+    out: Path
+    sizes: Sizes
+    smoke: bool
+    deadline: float  # time.time() by which every stage must be done
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def run_args(self) -> list[str]:
+        """--set overrides that keep every artefact of the check inside OUT."""
+        return [f"run.checkpoint_dir={self.out / 'checkpoints'}", f"run.log_dir={self.out / 'logs'}",
+                f"teacher.cache_dir={self.out / 'features'}", *self.sizes.model]
+
+    def sets(self, *extra: str) -> list[str]:
+        return [a for o in [*self.run_args, *extra] for a in ("--set", o)]
+
+    def run(self, stage: str, command: list[str]) -> str:
+        """Run a command of the stage (its output appended to OUT/<stage>.log); its stdout."""
+        limit = min(LIMITS[stage], self.deadline - time.time())
+        if limit < 10:
+            raise StageFailed("no time left in --budget-s")
+        with open(self.out / f"{stage}.log", "a") as log:
+            log.write(f"$ {' '.join(command)}\n")
+            log.flush()
+            try:
+                done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit)
+            except subprocess.TimeoutExpired:
+                raise StageFailed(f"timed out after {limit:.0f} s") from None
+            log.write(done.stdout + done.stderr)
+        if done.returncode != 0:
+            raise StageFailed(f"exit code {done.returncode}: {(done.stderr or done.stdout).strip()[-500:]}")
+        return done.stdout
+
+    def child(self, stage: str, *args: str) -> dict[str, Any]:
+        """Run one of this file's in-process stages in a fresh process; the JSON it prints last."""
+        stdout = self.run(stage, [sys.executable, "-m", "benchmarks.gpu_check", "child", stage, "--out",
+                                  str(self.out), *(["--cpu-smoke"] if self.smoke else []), *args])
+        return json.loads(stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_device(check: Check) -> dict[str, Any]:
+    return check.child("device")
+
+
+def stage_throughput(check: Check) -> dict[str, Any]:
+    warmup, steps = check.sizes.bench_steps
+    path = check.out / "throughput.json"
+    check.run("throughput", [sys.executable, "-m", "benchmarks.bench", "--config", check.sizes.config, "--only",
+                             "train", "--warmup", str(warmup), "--steps", str(steps), "--json", str(path),
+                             *check.sets()])
+    bench = json.loads(path.read_text())
+    train, peak = bench["sections"]["train"], bench["sections"]["peak"]
+    gpu = bench["machine"].get("gpu") or ""
+    spec = next((v for k, v in SPEC_BF16_PEAK.items() if k in gpu), None)
+    return {"device": gpu or bench["machine"]["cpu"], "precision": peak["dtype"],
+            "step_seconds": train["step_seconds_mean"], "examples_per_second": train["examples_per_second"],
+            "tokens_per_second": train["tokens_per_second"], "achieved_tflops": train["achieved_flops_per_second"] / 1e12,
+            "measured_peak_tflops": peak["flops_per_second"] / 1e12, "mfu_vs_measured_peak": train["mfu"],
+            "spec_peak_tflops": spec / 1e12 if spec else None,
+            "mfu_vs_spec_peak": train["achieved_flops_per_second"] / spec if spec else None,
+            "data_wait_share": train["data_wait_share"]}
+
+
+def stage_compile(check: Check) -> dict[str, Any]:
+    return check.child("compile")
+
+
+def stage_extraction(check: Check) -> dict[str, Any]:
+    stdout = check.run("extraction", [sys.executable, "extract_groot_features.py", "--config", check.sizes.config,
+                                      "--no-progress", *check.sets(*TINY_TEACHER)])
+    found = re.search(r"computed (\d+) prompts \((\d+) images\) in ([\d.]+) s: ([\d.]+) prompts/s", stdout)
+    if not found:
+        raise StageFailed(f"no throughput line in the output: {stdout[-300:]}")
+    prompts, images, seconds, rate = found.groups()
+    return {"prompts": int(prompts), "images": int(images), "seconds": float(seconds),
+            "prompts_per_second": float(rate), "teacher": "groot-n1.5-tiny (random weights)"}
+
+
+def stage_train(check: Check) -> dict[str, Any]:
+    check.run("train", [sys.executable, "train_sage.py", "--config", check.sizes.config,
+                        *check.sets(*TINY_TEACHER, "train.epochs=2", "run.name=gpu_check", "checkpoint.every_steps=0")])
+    epochs = [r for r in map(json.loads, (check.out / "logs" / "gpu_check" / "metrics.jsonl").read_text().splitlines())
+              if r["event"] == "epoch"]
+    last = epochs[-1]
+    return {"epochs": len(epochs), "steps": last["step"], "seconds_per_epoch": [r["seconds"] for r in epochs],
+            "train_loss": last["train_loss"], "val_loss": last["val_loss"],
+            "val_exact_match": last["val_exact_match"], "val_feature_cosine": last.get("val_feature_cosine")}
+
+
+def stage_oom(check: Check) -> dict[str, Any]:
+    return check.child("oom")
+
+
+def stage_ttt(check: Check) -> dict[str, Any]:
+    checkpoint = check.out / "checkpoints" / "gpu_check" / "last"
+    if not checkpoint.is_dir():
+        raise StageFailed(f"needs the train stage's checkpoint {checkpoint}")
+    figures = {}
+    for workers in (1, check.sizes.ttt_workers):
+        report_dir = check.out / f"ttt_workers_{workers}"
+        started = time.time()
+        check.run("ttt", [sys.executable, "evaluate.py", "--checkpoint", str(checkpoint), "--ttt", "--views", "2",
+                          "--speed-tasks", "0", "--pictures", "0", "--no-progress", "--workers", str(workers),
+                          "--out", str(report_dir),
+                          *check.sizes.ttt, *(["--device", "cpu"] if check.smoke else [])])
+        report = json.loads((report_dir / "report.json").read_text())
+        tasks = report["protocol"]["tasks_scored"]
+        figures[f"workers_{workers}"] = {"tasks": tasks, "wall_seconds": round(time.time() - started, 1),
+                                         "score_with_ttt": report["scores"]["student_ttt"]["arc_prize_score"]}
+    return figures
+
+
+def stage_teacher_speed(check: Check) -> dict[str, Any]:
+    path = check.out / "teacher_speed.json"
+    check.run("teacher_speed", [sys.executable, "-m", "benchmarks.bench", "--config", check.sizes.config, "--only",
+                                "speed", "--speed-tasks", str(check.sizes.speed_tasks), "--speed-teacher",
+                                check.sizes.speed_teacher, "--json", str(path), *check.sets()])
+    speed = json.loads(path.read_text())["sections"]["speed"]
+    keys = ("student_seconds_per_task", "teacher_seconds_per_task", "speedup", "teacher")
+    return {k: speed[k] for k in keys if k in speed}
+
+
+STAGES: dict[str, Callable[[Check], dict[str, Any]]] = {
+    "device": stage_device, "throughput": stage_throughput, "compile": stage_compile,
+    "extraction": stage_extraction, "train": stage_train, "oom": stage_oom, "ttt": stage_ttt,
+    "teacher_speed": stage_teacher_speed,
+}
+
+
+# ----------------------------------------------------------------------------- in-process stages (children)
+
+
+def child_device(smoke: bool) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from sage.step import has_native_bf16
+
+    figures: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
+                               "transformers": transformers.__version__, "python": sys.version.split()[0]}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        figures.update(gpu=props.name, gpus=torch.cuda.device_count(), memory_gib=round(props.total_memory / 2**30, 1),
+                       capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
+                       native_bf16=has_native_bf16(torch.device("cuda")))
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        figures["driver"] = smi.stdout.strip() if smi.returncode == 0 else None
+    elif not smoke:
+        raise SystemExit("error: no CUDA device visible; run with --cpu-smoke on a machine without a GPU")
+    return figures
+
+
+def child_compile(smoke: bool, out: Path) -> dict[str, Any]:
+    """Count graph compilations of the student over an epoch's first batches, as training feeds them."""
+    import torch
+    import torch._dynamo
+
+    from sage.config import load_config
+    from sage.encoding import LengthBucketSampler, collate
+    from sage.losses import answer_cross_entropy
+    from sage.model import build_model
+    from sage.step import Autocast, to_device
+    from sage.training import load_splits, make_datasets
+
+    sizes = SMOKE if smoke else GPU
+    cfg = load_config(sizes.config, [*sizes.model, "distill.weight=0"])
+    device = torch.device("cpu" if smoke else "cuda")
+    train_set, _ = make_datasets(cfg, load_splits(cfg))
+    sampler = LengthBucketSampler(train_set.lengths, cfg.train.batch_size, shuffle=True, seed=0, sides=train_set.sides)
+    batches = list(sampler)[: sizes.compile_batches]
+    figures = {}
+    for buckets in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model = build_model(cfg.model).to(device)
+        net = torch.compile(model, dynamic=True, backend=sizes.compile_backend)
+        autocast, shapes, started = Autocast(device, cfg.run.precision), set(), time.time()
+        for indices in batches:
+            batch = to_device(collate([train_set[i] for i in indices], shape_buckets=buckets), device)
+            shapes.add((batch["tokens"].shape[1], batch["target"].shape[1]))
+            with autocast():
+                loss = answer_cross_entropy(net(batch).logits, batch["target"])
+            loss.backward()
+        graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        figures["shape_buckets" if buckets else "free_shapes"] = {
+            "batches": len(batches), "distinct_shapes": len(shapes), "graphs_compiled": graphs,
+            "seconds": round(time.time() - started, 1)}
+    figures["backend"] = sizes.compile_backend
+    return figures
+
+
+def child_oom(smoke: bool, out: Path) -> dict[str, Any]:
+    """Measure a few steps' peak memory, then cap the process below it and run them again: the real
+    out-of-memory error must be recovered by halving (on a CPU: an injected error)."""
+    import torch
+
+    from sage.config import load_config
+    from sage.recovery import FaultInjection
+    from sage.training import train
+
+    sizes = SMOKE if smoke else GPU
+    base = [*sizes.model, f"run.checkpoint_dir={out / 'checkpoints'}", f"run.log_dir={out / 'logs'}",
+            f"train.batch_size={sizes.oom_batch}", "distill.weight=0", "data.num_workers=0"]
+    train(load_config(sizes.config, [*base, "run.name=oom_uncapped"]), stop_after_steps=3, echo=False)
+    figures: dict[str, Any] = {"batch_size": sizes.oom_batch}
+    faults = FaultInjection.parse(["oom:train:2"]) if smoke else None
+    if not smoke:
+        peak = torch.cuda.max_memory_allocated()
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.set_per_process_memory_fraction(0.6 * peak / total)
+        figures.update(uncapped_peak_gib=round(peak / 2**30, 2), cap_gib=round(0.6 * peak / 2**30, 2))
+    train(load_config(sizes.config, [*base, "run.name=oom_capped"]), stop_after_steps=3, echo=False, faults=faults)
+    log = (out / "logs" / "oom_capped" / "train.log").read_text()
+    figures["halvings"] = re.findall(r"out of memory in training at [^:]*: training now runs (\d+) examples", log)
+    figures["oom"] = "injected (no CUDA)" if smoke else "real CUDA out-of-memory error"
+    if not figures["halvings"]:
+        raise SystemExit(f"error: no out-of-memory error happened under the cap: {figures}")
+    return figures
+
+
+CHILDREN = {"device": lambda smoke, out: child_device(smoke), "compile": child_compile, "oom": child_oom}
+
+
+# ----------------------------------------------------------------------------- summary and main
+
+
+def rounded(value: Any) -> Any:
+    """Figures to 4 significant digits, for reading."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    return [rounded(v) for v in value] if isinstance(value, list) else value
+
+
+def write_summary(check: Check) -> None:
+    (check.out / "summary.json").write_text(json.dumps(check.results, indent=1, default=str))
+    lines = [f"# GPU check{' (CPU smoke: toy sizes, not GPU figures)' if check.smoke else ''}", "",
+             "| stage | status | seconds | figures |", "|---|---|---|---|"]
+    for name, result in check.results.items():
+        figures = {k: rounded(v) for k, v in result.items() if k not in ("status", "seconds", "error")}
+        shown = result.get("error") or json.dumps(figures, default=str)
+        lines.append(f"| {name} | {result['status']} | {result['seconds']:.0f} | {shown.replace('|', '/')} |")
+    (check.out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def run_check(args: argparse.Namespace) -> int:
+    smoke = args.cpu_smoke
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"gpu_check-{'cpu_smoke' if smoke else 'gpu'}")
+    out.mkdir(parents=True, exist_ok=True)
+    check = Check(out, SMOKE if smoke else GPU, smoke, time.time() + args.budget_s)
+    names = [n.strip() for n in args.only.split(",")] if args.only else list(STAGES)
+    for name in names:
+        started = time.time()
+        print(f"[gpu_check] {name} ...", file=sys.stderr, flush=True)
+        try:
+            result = {"status": "ok", **STAGES[name](check)}
+        except (StageFailed, OSError, KeyError, ValueError) as e:
+            result = {"status": "FAILED", "error": f"{type(e).__name__}: {e}"}
+        check.results[name] = {**result, "seconds": round(time.time() - started, 1)}
+        print(f"[gpu_check] {name}: {check.results[name]['status']} in {check.results[name]['seconds']} s",
+              file=sys.stderr, flush=True)
+        write_summary(check)
+    print((out / "summary.md").read_text())
+    return 0 if all(r["status"] == "ok" for r in check.results.values()) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="every stage at toy sizes on the CPU")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/gpu_check-<kind>)")
+    parser.add_argument("--only", default=None, help=f"comma-separated stages of {', '.join(STAGES)}")
+    parser.add_argument("--budget-s", type=float, default=540, help="seconds all stages together may take")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["child"]:  # one in-process stage, run by the parent: prints its figures as JSON
+        child = argparse.ArgumentParser()
+        child.add_argument("stage", choices=list(CHILDREN))
+        child.add_argument("--out", required=True)
+        child.add_argument("--cpu-smoke", action="store_true")
+        a = child.parse_args(argv[1:])
+        print(json.dumps(CHILDREN[a.stage](a.cpu_smoke, Path(a.out)), default=str))
+        return 0
+    args = parser.parse_args(argv)
+    if args.only and (unknown := set(n.strip() for n in args.only.split(",")) - set(STAGES)):
+        parser.error(f"--only: unknown stage(s) {', '.join(sorted(unknown))}")
+    return run_check(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

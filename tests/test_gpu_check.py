@@ -1,0 +1,30 @@
+"""benchmarks/gpu_check.sh, the script that proves the GPU path when a GPU is lent, cannot rot: its
+--cpu-smoke runs every stage at toy sizes on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_every_stage_runs_at_toy_sizes_on_a_cpu(tmp_path):
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-smoke", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary) == ["device", "throughput", "compile", "extraction", "train", "oom", "ttt", "teacher_speed"]
+    assert all(stage["status"] == "ok" for stage in summary.values()), summary
+    assert summary["throughput"]["examples_per_second"] > 0 and summary["extraction"]["prompts"] > 0
+    compiled = summary["compile"]
+    assert compiled["shape_buckets"]["graphs_compiled"] <= compiled["free_shapes"]["graphs_compiled"]
+    assert summary["train"]["epochs"] == 2 and summary["oom"]["halvings"] == ["4"]  # batch 8 went through in 4s
+    one, two = summary["ttt"]["workers_1"], summary["ttt"]["workers_2"]
+    assert one["tasks"] == two["tasks"] == 2 and one["score_with_ttt"] == two["score_with_ttt"]
+    assert summary["teacher_speed"]["teacher"]["preset"] == "groot-n1.5-tiny"
+    assert "| oom | ok |" in (tmp_path / "summary.md").read_text()
