@@ -48,10 +48,9 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch.profiler import record_function
@@ -67,7 +66,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/bench.py` works as well as `python -m benchmarks.bench`
     sys.path.insert(0, str(REPO))
 
-import sage.step as sage_step  # noqa: E402
 from sage.config import ExperimentConfig, from_dict, load_config  # noqa: E402
 from sage.datasets import load_dataset  # noqa: E402
 from sage.device import resolve_device  # noqa: E402
@@ -75,7 +73,7 @@ from sage.distill import TeacherTargets  # noqa: E402
 from sage.encoding import PAD, ARCExamples, LengthBucketSampler, collate  # noqa: E402
 from sage.model import build_model  # noqa: E402
 from sage.recovery import FaultInjection, MicroBatch  # noqa: E402
-from sage.step import Autocast, compute_losses, make_optimizer, to_device, train_step, unwrap  # noqa: E402
+from sage.step import Autocast, compute_losses, make_optimizer, read_steps, to_device, train_step, unwrap  # noqa: E402
 from sage.training import Splits, load_splits, make_datasets  # noqa: E402
 from sage.validation import validate  # noqa: E402
 
@@ -194,33 +192,11 @@ def training_setup(cfg: ExperimentConfig, device: torch.device, data: Data,
 def real_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
               cfg: ExperimentConfig, autocast: Autocast) -> None:
     """One optimiser step exactly as the training loop takes it (sage.step.train_step: forward,
-    loss, backward, clip, AdamW, and its per-step .item() calls and score_batch), whole batch at once."""
+    loss, backward, clip, fused AdamW), whole batch at once, and its numbers read back (the loop
+    reads them once per log line; here once per step, which the timing waits for anyway)."""
     micro = MicroBatch("training", batch["tokens"].shape[0], None, lambda message: None)
-    if train_step(model, optimizer, batch, cfg, autocast, micro, FaultInjection(), 0) is None:
+    if read_steps([train_step(model, optimizer, batch, cfg, autocast, micro, FaultInjection(), 0)])[0].skipped:
         raise SystemExit("error: non-finite loss or gradient in a benchmark step")
-
-
-@contextmanager
-def timed_score_batch(device: torch.device) -> Iterator[list[float]]:
-    """Seconds spent in sage.step.score_batch (the per-step scoring inside train_step), also
-    named for the profiler. It wraps the module attribute that train_step looks up at call time.
-    On CUDA it waits for the device first, so the time is the scoring's own, not the backward
-    pass's that its .cpu() would otherwise wait for."""
-    original, spent = sage_step.score_batch, [0.0]
-
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        sync(device)
-        started = time.perf_counter()
-        with record_function("score_batch"):
-            result = original(*args, **kwargs)
-        spent[0] += time.perf_counter() - started
-        return result
-
-    sage_step.score_batch = wrapped
-    try:
-        yield spent
-    finally:
-        sage_step.score_batch = original
 
 
 def forward_backward_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: ExperimentConfig,
@@ -283,32 +259,30 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
     batches = iter(loader)
     timed: list[dict[str, Any]] = []
     slices: list[dict[str, torch.Tensor]] = []
-    with timed_score_batch(device) as scoring:
-        for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            with record_function("data"):
-                batch = next(batches)
-            t1 = time.perf_counter()
-            batch = to_device(batch, device)
-            scored = scoring[0]
-            if i == 0:  # the first warm-up step is the "one real step" counted in full (its time is not used)
-                with FlopCounterMode(display=False) as counter:  # counted on the plain model: compile
-                    real_step(unwrap(model), optimizer, batch, cfg, autocast)  # would not run under the counter
-                full_batch_flops, check_batch = counter.get_total_flops(), batch
-            else:
-                real_step(model, optimizer, batch, cfg, autocast)
-            sync(device)
-            t2 = time.perf_counter()
-            B, L = batch["tokens"].shape
-            if i >= warmup:
-                timed.append({
-                    "examples": B, "padded_context": L, "context_tokens": int(batch["context_mask"].sum()),
-                    "answer_cells": B * batch["query"].shape[1], "loss_cells": int((batch["target"] != PAD).sum()),
-                    "data_s": t1 - t0, "step_s": t2 - t1, "score_batch_s": scoring[0] - scored,
-                })
-                slices.append(first_example(batch))
-            log(f"train: step {i + 1}/{warmup + steps} ({'warm-up' if i < warmup else 'timed'}) {B}x{L} context: "
-                f"{t2 - t0:.2f}s (data {t1 - t0:.3f}s, score_batch {scoring[0] - scored:.3f}s)")
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        with record_function("data"):
+            batch = next(batches)
+        t1 = time.perf_counter()
+        batch = to_device(batch, device)
+        if i == 0:  # the first warm-up step is the "one real step" counted in full (its time is not used)
+            with FlopCounterMode(display=False) as counter:  # counted on the plain model: compile
+                real_step(unwrap(model), optimizer, batch, cfg, autocast)  # would not run under the counter
+            full_batch_flops, check_batch = counter.get_total_flops(), batch
+        else:
+            real_step(model, optimizer, batch, cfg, autocast)
+        sync(device)
+        t2 = time.perf_counter()
+        B, L = batch["tokens"].shape
+        if i >= warmup:
+            timed.append({
+                "examples": B, "padded_context": L, "context_tokens": int(batch["context_mask"].sum()),
+                "answer_cells": B * batch["query"].shape[1], "loss_cells": int((batch["target"] != PAD).sum()),
+                "data_s": t1 - t0, "step_s": t2 - t1,
+            })
+            slices.append(first_example(batch))
+        log(f"train: step {i + 1}/{warmup + steps} ({'warm-up' if i < warmup else 'timed'}) {B}x{L} context: "
+            f"{t2 - t0:.2f}s (data {t1 - t0:.3f}s)")
     del batches  # stop the workers
 
     # FLOPs of a step are linear in the batch size at a fixed padded length (every counted op is a
@@ -337,9 +311,8 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
         "examples_per_second": examples / total_s,
         "flops_per_step_mean": flops / steps,
         "achieved_flops_per_second": flops / total_s,
-        "compute_only_flops_per_second": flops / sum(r["step_s"] - r["score_batch_s"] for r in timed),
+        "compute_only_flops_per_second": flops / sum(r["step_s"] for r in timed),
         "data_wait_share": sum(r["data_s"] for r in timed) / total_s,
-        "score_batch_share": sum(r["score_batch_s"] for r in timed) / total_s,
         "context_padding_share": 1 - sum(r["context_tokens"] for r in timed) / sum(
             r["examples"] * r["padded_context"] for r in timed),
         "answer_cells_with_loss_share": sum(r["loss_cells"] for r in timed) / sum(r["answer_cells"] for r in timed),
@@ -569,7 +542,7 @@ def profile_section(cfg: ExperimentConfig, device: torch.device, data: Data, ste
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     log(f"profile: {steps} profiled step(s)")
     started = time.perf_counter()
-    with timed_score_batch(device), profile(activities=activities) as prof:
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         sync(device)
@@ -579,8 +552,7 @@ def profile_section(cfg: ExperimentConfig, device: torch.device, data: Data, ste
     # CPU-side time per phase: the autograd engine runs one evaluate_function per backward node.
     seconds = {e.key: e.cpu_time_total / 1e6 for e in averages}
     phases = {name: seconds.get(key, 0.0) for name, key in (
-        ("data", "data"), ("forward", "forward"), ("optimizer step", "Optimizer.step#AdamW.step"),
-        ("score_batch", "score_batch"))}
+        ("data", "data"), ("forward", "forward"), ("optimizer step", "Optimizer.step#AdamW.step"))}
     phases["backward"] = sum(v for k, v in seconds.items() if k.startswith("autograd::engine::evaluate_function"))
     phases["rest (clip, .item(), zero_grad, ...)"] = wall - sum(phases.values())
     return {"steps": steps, "wall_seconds": wall, "phase_seconds": phases,
@@ -629,11 +601,10 @@ def summary_rows(results: dict[str, Any]) -> tuple[list[tuple[str, str, str, str
             ("train", "achieved (wall time)", fmt_flops(t["achieved_flops_per_second"]), "", ""),
             ("train", "MFU (of measured matmul peak)", f"{mfu:.1%}", f">= {TARGET_MFU:.0%}",
              verdict(mfu >= TARGET_MFU)),
-            ("train", "MFU, without data wait and score_batch",
+            ("train", "MFU, without data wait",
              f"{t['compute_only_flops_per_second'] / s['peak']['flops_per_second']:.1%}", "", ""),
             ("train", f"data wait ({t['num_workers']} workers)", f"{t['data_wait_share']:.2%}",
              f"<= {TARGET_DATA_WAIT:.0%}", verdict(t["data_wait_share"] <= TARGET_DATA_WAIT)),
-            ("train", "score_batch inside the step", f"{t['score_batch_share']:.2%}", "", ""),
             ("train", "answer cells with a loss (of grid^2)", f"{t['answer_cells_with_loss_share']:.1%}", "", ""),
             ("train", "context padding", f"{t['context_padding_share']:.1%}", "", ""),
             ("train", "FLOP count check (B x ex. 0 vs full)",

@@ -167,11 +167,15 @@ class ValConfig:
 
 @dataclass
 class CheckpointConfig:
-    """What checkpoints/<run>/ keeps besides `last` (every epoch) and `best` (best validation exact
-    match, ties broken by loss)."""
+    """What checkpoints/<run>/ keeps besides `last` (what --resume continues from) and `best` (best
+    validation exact match, ties broken by loss)."""
 
     every_epochs: int = 10  # keep an epoch_N snapshot this often (0: never)
     every_steps: int = 0  # also refresh `last` every N steps, for long epochs (0: only at epoch ends)
+    # Refresh `last` at the end of every N-th epoch (and always after the last one). A checkpoint
+    # is weights + AdamW state written with fsync (sage_44m: ~0.5 GB); on a GPU, where an epoch takes
+    # seconds, writing it every epoch can cost as much as the epoch. 0: only after the last epoch.
+    last_every_epochs: int = 1
 
 
 @dataclass
@@ -194,6 +198,9 @@ class LoggingConfig:
 
     # Also write metrics.jsonl's scalars to logs/<run>/tensorboard/ (needs the optional `pip install tensorboard`).
     tensorboard: bool = False
+    # Redraw logs/<run>/curves.png after every N-th epoch (and always after the last one, and when a
+    # run stops early); 0: only then. Drawing takes about a second.
+    curves_every_epochs: int = 1
     # Also log them to a Weights & Biases run named after the run, files in logs/<run>/wandb/ (needs
     # the optional `pip install wandb`). Each --resume starts a new W&B run replaying the kept records.
     wandb: bool = False
@@ -473,6 +480,8 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
     need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     need(cfg.checkpoint.every_epochs >= 0, "checkpoint.every_epochs must be >= 0")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0")
+    need(cfg.checkpoint.last_every_epochs >= 0, "checkpoint.last_every_epochs must be >= 0")
+    need(cfg.logging.curves_every_epochs >= 0, "logging.curves_every_epochs must be >= 0")
     need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
 
 

@@ -65,6 +65,12 @@ class DistributedContext:
         if self.is_main:
             self.wait_for_all()
 
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over ranks in place, on its device: no host sync (NCCL: CUDA tensors)."""
+        if self.enabled:
+            dist.all_reduce(tensor)
+        return tensor
+
     def ranks_where(self, flag: bool) -> list[int]:
         """The ranks on which `flag` is true (every process gets the same list)."""
         if not self.enabled:
@@ -149,6 +155,10 @@ class RankBatchSampler(torch.utils.data.Sampler):
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.global_sampler.set_epoch(epoch, skip_batches)
+
+    @property
+    def epoch(self) -> int:
+        return self.global_sampler.epoch
 
     def _slices(self) -> list[list[int]]:
         world, rank = self.ctx.world, self.ctx.rank

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -346,11 +346,11 @@ class ARCExamples(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def augmentation(self, i: int) -> tuple[Augmentation, int | None]:
-        """Item i's augmentation in this epoch, and which of the teacher's views it is: 0 the task as
-        given, k >= 1 its augmented view k (sage.arc.fixed_view), None a fresh random augmentation
-        the teacher never saw (no targets)."""
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+    def augmentation(self, i: int, epoch: int | None = None) -> tuple[Augmentation, int | None]:
+        """Item i's augmentation in `epoch` (default: the current one), and which of the teacher's
+        views it is: 0 the task as given, k >= 1 its augmented view k (sage.arc.fixed_view), None a
+        fresh random augmentation the teacher never saw (no targets)."""
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, i])
         if self.augment_probability == 0.0 or rng.random() >= self.augment_probability:
             return Augmentation(), 0
         if self.teacher_views:
@@ -360,23 +360,23 @@ class ARCExamples(torch.utils.data.Dataset):
 
     def with_teacher_view_in_epoch(self, epoch: int) -> int:
         """How many items epoch `epoch` serves in a view the teacher saw (those carry teacher targets)."""
-        current, self.epoch = self.epoch, epoch
-        count = sum(self.augmentation(i)[1] is not None for i in range(len(self.refs)))
-        self.epoch = current
-        return count
+        return sum(self.augmentation(i, epoch)[1] is not None for i in range(len(self.refs)))
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, np.ndarray]:
+        """Item i in the current epoch (key i), or in a given one (key (epoch, i): what
+        EpochTaggedBatches hands DataLoader workers, whose copy of the dataset never sees set_epoch)."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         ref = self.refs[i]
         task = self.tasks[ref.task_index]
-        aug, view = self.augmentation(i)
+        aug, view = self.augmentation(i, epoch)
         if not aug.is_identity:
             task = aug.apply_task(task)
         demos = self.kept_demos[i]
         if self.shuffle_demos and (self.teacher is None or view is None):
-            order = np.random.default_rng([self.seed, self.epoch, i, 1]).permutation(len(demos))
+            order = np.random.default_rng([self.seed, epoch, i, 1]).permutation(len(demos))
             demos = tuple(demos[k] for k in order)
         item = encode_example(task.train + task.test, demos, ref.query, self.max_demos, self.grid_size)
         item["index"] = np.int64(i)
@@ -485,3 +485,21 @@ class LengthBucketSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size) - self.skip_batches
+
+
+class EpochTaggedBatches(torch.utils.data.Sampler):
+    """The batches of `sampler` (a LengthBucketSampler, or a rank's slice of one) with every index
+    tagged by the sampler's epoch: (epoch, i). DataLoader workers that persist across epochs keep
+    the dataset as it was when they started; the epoch travels with each index instead, so
+    persistent workers serve each epoch's own augmentations."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.sampler.epoch
+        for batch in self.sampler:
+            yield [(epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.sampler)

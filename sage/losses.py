@@ -42,22 +42,20 @@ def loss_units(target: torch.Tensor, normalization: str) -> torch.Tensor:
 
 def distillation_losses(
     predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(MSE, mean cosine similarity, number of slots) between the distillation head's output and standardised
     teacher features, over the grid slots where mask is True; both mean-reduced (MSE over slots
-    and dimensions, so its scale does not grow with the teacher's width).
+    and dimensions, so its scale does not grow with the teacher's width). All three stay on the
+    device (no host sync).
 
     predicted, target [B, G, D]; mask [B, G] bool. With no valid slot, both are 0 (and carry no
     gradient) rather than NaN; the caller sees count 0 and can leave the term out.
     """
     predicted, target = predicted.float(), target.float()
     weights = mask.float()
-    count = int(mask.sum())
-    if count == 0:
-        zero = predicted.sum() * 0.0
-        return zero, zero, 0
-    mse = (((predicted - target) ** 2).mean(-1) * weights).sum() / count
-    cosine = (F.cosine_similarity(predicted, target, dim=-1, eps=1e-6) * weights).sum() / count
+    count = mask.sum()
+    mse = (((predicted - target) ** 2).mean(-1) * weights).sum() / count.clamp(min=1)
+    cosine = (F.cosine_similarity(predicted, target, dim=-1, eps=1e-6) * weights).sum() / count.clamp(min=1)
     return mse, cosine, count
 
 

@@ -36,7 +36,14 @@ from sage.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from sage.encoding import ARCExamples, LengthBucketSampler, collate, evaluation_examples, training_examples
+from sage.encoding import (
+    ARCExamples,
+    EpochTaggedBatches,
+    LengthBucketSampler,
+    collate,
+    evaluation_examples,
+    training_examples,
+)
 from sage.errors import CheckpointError, TrainingError
 from sage.metrics import score_baselines
 from sage.model import PREDATING_DEFAULTS, SageStudent, StudentConfig, build_model, parameter_breakdown
@@ -44,7 +51,17 @@ from sage.overlap import TaskOverlap, describe, drop_trained_tasks
 from sage.recovery import FaultInjection, MicroBatch, all_finite
 from sage.metric_sinks import WandbSettings
 from sage.runlog import RunLog, SilentLog, plot_training_curves, read_metrics
-from sage.step import Autocast, StepResult, make_optimizer, set_lr, to_device, train_step, training_lr
+from sage.step import (
+    Autocast,
+    StepNumbers,
+    StepResult,
+    make_optimizer,
+    read_steps,
+    set_lr,
+    to_device,
+    train_step,
+    training_lr,
+)
 from sage.teacher.settings import ORACLE_PRESET
 from sage.validation import validate
 
@@ -253,11 +270,13 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
     if ctx.enabled:
         train_sampler = RankBatchSampler(train_sampler, ctx)
     val_sampler = LengthBucketSampler(val_set.lengths, cfg.val.batch_size, shuffle=False, sides=val_set.sides)
-    loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    # Workers persist across epochs (no restart per epoch); the epoch travels with each index.
+    loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                       persistent_workers=cfg.data.num_workers > 0)
     # A compiled model recompiles for new shapes: give it a few (sage.encoding.bucketed_length).
     train_collate = functools.partial(collate, shape_buckets=compiles(cfg, device))
-    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=train_sampler, collate_fn=train_collate,
-                                               **loader_args)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=EpochTaggedBatches(train_sampler),
+                                               collate_fn=train_collate, **loader_args)
     val_loader = torch.utils.data.DataLoader(val_set, batch_sampler=val_sampler, collate_fn=collate, **loader_args)
 
     model = build_model(cfg.model).to(device)
@@ -402,17 +421,18 @@ def log_header(run: Run) -> None:
 
 
 def train_one_epoch(run: Run, stop_after_steps: int | None) -> bool:
-    """The epoch's remaining batches, one optimiser step each; True when it stopped as asked."""
+    """The epoch's remaining batches, one optimiser step each; True when it stopped as asked. The
+    steps' numbers stay on the device until a log line, a checkpoint or the epoch's end reads them
+    all at once (`record_steps`): a GPU never waits for the host between steps."""
     cfg, state = run.cfg, run.state
     epoch = state.epoch  # 0-based; logged 1-based
     run.epoch_started = time.time()
-    run.train_set.set_epoch(epoch)
     run.train_sampler.set_epoch(epoch, skip_batches=state.batch_in_epoch)
     run.model.train()
     run.lr = training_lr(state.step, cfg.train, run.total_steps)
     bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", total=len(run.train_sampler),
                disable=not run.interactive, leave=False, dynamic_ncols=True)
-    stopped = False
+    stopped, pending = False, []
     for batch in bar:
         run.lr = training_lr(state.step, cfg.train, run.total_steps)
         set_lr(run.optimizer, run.lr)
@@ -421,54 +441,76 @@ def train_one_epoch(run: Run, stop_after_steps: int | None) -> bool:
                             state.step + 1, run.ctx)
         state.step += 1
         state.batch_in_epoch += 1
-        if result is None:  # non-finite loss or gradient: no update from this batch
-            skip_step(run, epoch)
-            continue
-        state.nonfinite_in_row = 0
-        add_to_epoch_sums(state.epoch_sums, result)
-        if state.step % cfg.train.log_every == 0:
-            terms = "".join(f" | {k} {v:.4f}" for k, v in result.values.items() if k != "loss")
-            run.log.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {state.step}/{run.total_steps} | "
-                         f"loss {result.values['loss']:.4f}{terms} | grad_norm {result.grad_norm:.3f} | "
-                         f"lr {run.lr:.2e}")
-            run.log.metrics("train", step=state.step, epoch=epoch + 1, **result.values, grad_norm=result.grad_norm,
-                            lr=run.lr)
-        bar.set_postfix(loss=f"{result.values['loss']:.3f}", lr=f"{run.lr:.1e}")
-        if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+        pending.append(PendingStep(state.step, run.lr, result))
+        saving = bool(cfg.checkpoint.every_steps) and state.step % cfg.checkpoint.every_steps == 0
+        stopped = stop_after_steps is not None and state.step >= stop_after_steps
+        if state.step % cfg.train.log_every == 0 or saving or stopped:
+            record_steps(run, pending, epoch, bar)
+            pending = []
+        if saving:
             run.save("last", None)
-        if stop_after_steps is not None and state.step >= stop_after_steps:
-            stopped = True
+        if stopped:
             break
+    record_steps(run, pending, epoch, bar)
     bar.close()
     return stopped
 
 
-def skip_step(run: Run, epoch: int) -> None:
+@dataclass
+class PendingStep:
+    """A step taken whose numbers are still on the device."""
+
+    step: int
+    lr: float
+    result: StepResult
+
+
+def record_steps(run: Run, pending: list[PendingStep], epoch: int, bar: Any) -> None:
+    """The pending steps' numbers, read in one transfer, into the epoch's sums, the skipped-step
+    count and the log (a line every train.log_every steps)."""
+    state, cfg = run.state, run.cfg
+    for p, numbers in zip(pending, read_steps([p.result for p in pending])):
+        if numbers.skipped:  # non-finite loss or gradient: no update from this batch
+            skip_step(run, epoch, p.step)
+            continue
+        state.nonfinite_in_row = 0
+        add_to_epoch_sums(state.epoch_sums, numbers)
+        if p.step % cfg.train.log_every == 0:
+            terms = "".join(f" | {k} {v:.4f}" for k, v in numbers.values.items() if k != "loss")
+            run.log.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {p.step}/{run.total_steps} | "
+                         f"loss {numbers.values['loss']:.4f}{terms} | grad_norm {numbers.grad_norm:.3f} | "
+                         f"lr {p.lr:.2e}")
+            run.log.metrics("train", step=p.step, epoch=epoch + 1, **numbers.values, grad_norm=numbers.grad_norm,
+                            lr=p.lr)
+        bar.set_postfix(loss=f"{numbers.values['loss']:.3f}", lr=f"{p.lr:.1e}")
+
+
+def skip_step(run: Run, epoch: int, step: int) -> None:
     """A step whose loss or gradient was not finite: counted, logged, and after
     train.max_nonfinite_steps in a row the run stops with the last finite weights saved."""
     state, limit = run.state, run.cfg.train.max_nonfinite_steps
     state.skipped_steps += 1
     state.nonfinite_in_row += 1
-    run.log.info(f"step {state.step}: non-finite loss or gradient, step skipped "
+    run.log.info(f"step {step}: non-finite loss or gradient, step skipped "
                  f"({state.nonfinite_in_row} in a row, {state.skipped_steps} in all)")
-    run.log.metrics("skipped", step=state.step, epoch=epoch + 1, in_a_row=state.nonfinite_in_row)
+    run.log.metrics("skipped", step=step, epoch=epoch + 1, in_a_row=state.nonfinite_in_row)
     if state.nonfinite_in_row >= limit:
-        run.save("last", None)  # the weights are still the last finite ones
+        run.save("last", None)  # finite weights: a skipped step updates nothing
         raise TrainingError(
             f"{state.nonfinite_in_row} steps in a row had a non-finite loss or gradient (up to step "
-            f"{state.step}, train.max_nonfinite_steps={limit}): training "
+            f"{step}, train.max_nonfinite_steps={limit}): training "
             f"diverged. Lower train.lr or raise train.warmup_steps; the weights before it are in "
             f"{run.checkpoint_dir / 'last'} (continue with --resume)")
 
 
-def add_to_epoch_sums(sums: dict[str, float], result: StepResult) -> None:
+def add_to_epoch_sums(sums: dict[str, float], numbers: StepNumbers) -> None:
     """The running train sums of the epoch (saved with a checkpoint, so a resumed epoch's means are whole)."""
-    for k, v in result.values.items():  # feature terms: means over the slots that had a target
-        weight = result.distill_slots if k.startswith("distill_") else result.examples
+    for k, v in numbers.values.items():  # feature terms: means over the slots that had a target
+        weight = numbers.distill_slots if k.startswith("distill_") else numbers.examples
         sums[k] = sums.get(k, 0.0) + v * weight
-    sums["distill_slots"] = sums.get("distill_slots", 0.0) + result.distill_slots
-    sums["exact"] = sums.get("exact", 0.0) + result.exact
-    sums["examples"] = sums.get("examples", 0.0) + result.examples
+    sums["distill_slots"] = sums.get("distill_slots", 0.0) + numbers.distill_slots
+    sums["exact"] = sums.get("exact", 0.0) + numbers.exact
+    sums["examples"] = sums.get("examples", 0.0) + numbers.examples
 
 
 def stop_early(run: Run) -> None:
@@ -496,12 +538,20 @@ def end_of_epoch(run: Run) -> None:
     improved = keep_if_best(run, val_metrics)
     run.log.metrics("epoch", **record)
     run.log.info(epoch_summary(record, cfg.train.epochs, state))
-    run.save("last", val_metrics)
+    final = state.epoch == cfg.train.epochs
+    if final or every(state.epoch, cfg.checkpoint.last_every_epochs):
+        run.save("last", val_metrics)
     if improved:
         run.save("best", val_metrics)
-    if cfg.checkpoint.every_epochs and state.epoch % cfg.checkpoint.every_epochs == 0:
+    if every(state.epoch, cfg.checkpoint.every_epochs):
         run.save(f"epoch_{state.epoch}", val_metrics)
-    run.plot()
+    if final or every(state.epoch, cfg.logging.curves_every_epochs):
+        run.plot()
+
+
+def every(epoch: int, period: int) -> bool:
+    """Whether `epoch` (1-based) is one of every `period` epochs (0: never)."""
+    return bool(period) and epoch % period == 0
 
 
 def epoch_record(sums: dict[str, float], step: int, epoch: int, lr: float) -> dict[str, Any]:

@@ -44,6 +44,7 @@ def validate(
             _, mean_cosine, count = distillation_losses(*distillation_slots(
                 out.grid_features, model.standardise(piece["teacher_features"]), piece["teacher_mask"] & out.grid_mask,
                 out.task_features, distill_slots))
+            count = int(count)
             cosine = mean_cosine.item() * count
         return loss, n_cells, score_batch(out.logits, piece, grid_size), cosine, count
 

@@ -242,3 +242,30 @@ def test_max_grid_side_keeps_only_small_tasks(tmp_path):
     # The teacher's prompts are made for the same split.
     prompts = prompts_for_dataset(cfg, cfg.data.train, splits.train_dataset)
     assert {p.task_id for p in prompts} == {t.id for t in splits.train + splits.val}
+
+
+def test_persistent_workers_serve_each_epochs_augmentations():
+    """DataLoader workers that persist across epochs keep their own copy of the dataset; the epoch
+    travels with each index (EpochTaggedBatches), so epoch 2 is augmented anew, exactly as without
+    workers."""
+    from sage.encoding import EpochTaggedBatches
+
+    tasks = load_dataset("arc-agi-1/training")[:12]
+    data = ARCExamples(tasks, training_examples(tasks), grid_size=30, max_demos=3, max_context_tokens=4096,
+                       augment=True, seed=0, shuffle_demos=True)
+    sampler = LengthBucketSampler(data.lengths, 4, shuffle=True, seed=0, sides=data.sides)
+
+    def two_epochs(workers: int) -> list[list[torch.Tensor]]:
+        loader = torch.utils.data.DataLoader(data, batch_sampler=EpochTaggedBatches(sampler), collate_fn=collate,
+                                             num_workers=workers, persistent_workers=workers > 0)
+        epochs = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            epochs.append([batch["tokens"] for batch in loader])
+        return epochs
+
+    persistent, plain = two_epochs(2), two_epochs(0)
+    for a, b in zip(persistent, plain):
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    first, second = (torch.cat([t.flatten() for t in epoch]) for epoch in persistent)
+    assert not torch.equal(first, second)  # other order, other augmentations

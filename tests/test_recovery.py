@@ -26,7 +26,7 @@ from sage.features import cache_path
 from sage.model import build_model
 from sage.recovery import FaultInjection, MicroBatch
 from sage.runlog import read_metrics
-from sage.step import Autocast, train_step
+from sage.step import Autocast, read_steps, train_step
 from sage.training import load_splits, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,8 +56,8 @@ def test_pieces_add_up_to_the_whole_batch(normalization, slots):
     for model, size in ((whole, 8), (pieces, 3)):  # 3 + 3 + 2 examples
         micro = MicroBatch("training", 8, size, log=print)
         sgd = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient (Adam's first step is ~sign)
-        results.append(train_step(model, sgd, batch, cfg, Autocast(torch.device("cpu")), micro, FaultInjection(),
-                                  step=1))
+        results += read_steps([train_step(model, sgd, batch, cfg, Autocast(torch.device("cpu")), micro,
+                                          FaultInjection(), step=1)])
     assert results[0].values.keys() == results[1].values.keys() >= {"loss", "task_loss", "distill_mse"}
     for k, v in results[0].values.items():
         assert results[1].values[k] == pytest.approx(v, rel=1e-5), k

@@ -201,3 +201,40 @@ def test_bf16_precision_runs_the_matmuls_in_bf16_on_a_cpu_too(tmp_path):
     assert "on cpu (bf16 autocast)" in (tmp_path / "logs" / "bf16" / "train.log").read_text()
     (epoch,) = epoch_records(tmp_path / "logs" / "bf16")
     assert math.isfinite(epoch["train_loss"]) and math.isfinite(epoch["val_loss"])
+
+
+def test_train_exact_match_counted_on_the_device_agrees_with_decoding(tmp_path):
+    """The training loop counts exact answers on the device (every scored cell right: the grid and
+    its border); decoding the canvases as evaluation does agrees on real ARC batches."""
+    from sage.encoding import ARCExamples, collate, training_examples
+    from sage.datasets import load_dataset
+    from sage.step import exact_answers, score_batch
+
+    tasks = load_dataset("arc-agi-1/training")[:10]
+    data = ARCExamples(tasks, training_examples(tasks), grid_size=30, max_demos=3, max_context_tokens=4096,
+                       answer_canvas="batch", fit_answer=True)
+    for start in (0, 8, 16):
+        batch = collate([data[i] for i in range(start, start + 8)])
+        perfect = torch.nn.functional.one_hot(batch["target"], 12).float() * 5  # argmax = the target
+        decoded = sum(s.exact for s in score_batch(perfect, batch, 30))
+        assert int(exact_answers(perfect, batch)) == decoded == 8
+        wrong = perfect.clone()
+        wrong[0, 0] = wrong[0, 0].roll(1)  # example 0's first cell, a colour of the grid, now wrong
+        wrong[3] = wrong[3].roll(1, dims=-1)  # every cell of example 3 wrong
+        assert int(exact_answers(wrong, batch)) == sum(s.exact for s in score_batch(wrong, batch, 30)) == 6
+
+
+def test_last_checkpoint_and_curves_can_skip_epochs(tmp_path, monkeypatch):
+    """checkpoint.last_every_epochs and logging.curves_every_epochs thin out the per-epoch writes; the
+    last epoch always writes both."""
+    from sage.training import Run
+
+    saved, plotted = [], []
+    save, plot = Run.save, Run.plot
+    monkeypatch.setattr(Run, "save", lambda run, name, metrics: (saved.append((run.state.epoch, name)),
+                                                                 save(run, name, metrics)))
+    monkeypatch.setattr(Run, "plot", lambda run: (plotted.append(run.state.epoch), plot(run)))
+    train(tiny_config(tmp_path, "thin", "train.epochs=3", "checkpoint.every_epochs=0",
+                      "checkpoint.last_every_epochs=2", "logging.curves_every_epochs=0"), echo=False)
+    assert [e for e, name in saved if name == "last"] == [2, 3] and plotted == [3]
+    assert json.loads((tmp_path / "checkpoints" / "thin" / "last" / "meta.json").read_text())["train_state"]["epoch"] == 3
