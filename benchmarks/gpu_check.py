@@ -70,7 +70,7 @@ class Sizes:
 
 GPU = Sizes("configs/sage_44m.yaml", TINY_TEACHER, (5, 20), 40, "inductor", 32,
             ["--limit", "8", "--set", "ttt.steps=100"], 4, "groot-n1.5", 3)
-SMOKE = Sizes("configs/quickstart.yaml", SMOKE_MODEL, (1, 2), 6, "eager", 8,
+SMOKE = Sizes("configs/quickstart.yaml", SMOKE_MODEL, (1, 2), 4, "eager", 8,
               ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=3", "--set", "ttt.batch_size=2"], 2,
               "groot-n1.5-tiny", 1)
 LIMITS = {"device": 60, "throughput": 180, "compile": 180, "extraction": 150, "train": 300, "oom": 150,

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=6, help="tasks, spread over the split by size (default 6)")
     parser.add_argument("--steps", type=int, default=40, help="TTT steps per task and arm (default 40)")
     parser.add_argument("--arm", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                        help="ttt settings of one arm (repeatable); default: ttt.tune=all and ttt.tune=decoder")
+                        help="ttt settings of one arm (repeatable); default: the path TTT had before "
+                             "(ttt.tune=all,ttt.fused_adamw=false), ttt.tune=all and ttt.tune=decoder")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="where to write the figures")
     args = parser.parse_args(argv)
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         model, name = build_model(cfg.model).to(device), Path(args.config).stem
     tasks = speed_sample(tasks_up_to_side(load_dataset(args.split), args.max_grid_side), args.tasks)
-    arms = args.arm or ["ttt.tune=all", "ttt.tune=decoder"]
+    arms = args.arm or ["ttt.tune=all,ttt.fused_adamw=false", "ttt.tune=all", "ttt.tune=decoder"]
     results = {}
     for arm in arms:
         overrides = [f"ttt.steps={args.steps}", "ttt.seconds=0", "ttt.stop_loss=0", *arm.split(",")]
@@ -93,7 +94,7 @@ def time_arm(model: torch.nn.Module, cfg: ExperimentConfig, tasks: Sequence[Task
         seconds += time.perf_counter() - started
         examples += stats.steps * cfg.ttt.batch_size
         last.append(stats.last_loss)
-    settings = {k: getattr(cfg.ttt, k) for k in ("tune", "pool", "batch_size", "lr")}
+    settings = {k: getattr(cfg.ttt, k) for k in ("tune", "pool", "batch_size", "lr", "fused_adamw")}
     return {"seconds": seconds, "examples": examples, "examples_per_second": examples / seconds,
             "median_last_loss": statistics.median(last), "ttt": settings}
 

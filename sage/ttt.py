@@ -105,7 +105,7 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
                        scope=f"task {task.id}")
     model.train()
     with tuned_parameters(model, ttt.tune):
-        optimizer = make_optimizer(model, ttt.lr, ttt.weight_decay, cfg.train.betas)
+        optimizer = make_optimizer(model, ttt.lr, ttt.weight_decay, cfg.train.betas, ttt.fused_adamw)
         pool = EncodedPool(model, data, ttt.pool, ttt.batch_size, device, autocast) if ttt.tune == "decoder" else None
         # Losses stay on the device: reading one is a host sync, done only every STOP_WINDOW steps
         # when ttt.stop_loss asks, so a GPU is never kept waiting for the next batch.
