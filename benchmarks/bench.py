@@ -686,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-tasks", type=int, default=8, help="tasks the tiny teacher extracts (cache section)")
     parser.add_argument("--profile-steps", type=int, default=None, help="profiled steps (default 10 on CUDA, 2 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--peak-seconds", type=float, default=4.0,
+                        help="seconds of matmuls per peak measurement, before and after training (default 4)")
     parser.add_argument("--json", default=None, help="output JSON (default benchmarks/results/<config>-<device>.json)")
     args = parser.parse_args(argv)
 
@@ -719,10 +721,10 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in sections:
         log("peak: dense matmul loop")
         bf16 = Autocast(device, cfg.run.precision).enabled
-        before = matmul_peak(device, bf16)
+        before = matmul_peak(device, bf16, args.peak_seconds)
         log(f"peak: {fmt_flops(before['flops_per_second'])}")
         s["train"] = train_section(cfg, device, data, steps, warmup, log)
-        after = matmul_peak(device, bf16)
+        after = matmul_peak(device, bf16, args.peak_seconds)
         log(f"peak again after training: {fmt_flops(after['flops_per_second'])}")
         s["peak"] = max(before, after, key=lambda p: p["flops_per_second"])
         s["peak"]["before_and_after_training"] = [before["flops_per_second"], after["flops_per_second"]]

@@ -59,19 +59,20 @@ class Sizes:
     config: str
     model: list[str]  # overrides of the config's model and data for every stage
     bench_steps: tuple[int, int]  # warm-up, timed
+    peak_seconds: float  # of matmuls per peak measurement
     compile_batches: int
     compile_backend: str
     oom_batch: int
     ttt: list[str]  # evaluate.py arguments
-    ttt_workers: int
+    ttt_workers: tuple[int, ...]  # one evaluation per entry, with that many tasks in flight
     speed_teacher: str
     speed_tasks: int
 
 
-GPU = Sizes("configs/sage_44m.yaml", TINY_TEACHER, (5, 20), 40, "inductor", 32,
-            ["--limit", "8", "--set", "ttt.steps=100"], 4, "groot-n1.5", 3)
-SMOKE = Sizes("configs/quickstart.yaml", SMOKE_MODEL, (1, 2), 4, "eager", 8,
-              ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=3", "--set", "ttt.batch_size=2"], 2,
+GPU = Sizes("configs/sage_44m.yaml", TINY_TEACHER, (5, 20), 4.0, 40, "inductor", 32,
+            ["--limit", "8", "--set", "ttt.steps=100"], (1, 4), "groot-n1.5", 3)
+SMOKE = Sizes("configs/quickstart.yaml", SMOKE_MODEL, (1, 2), 0.5, 4, "eager", 8,
+              ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=3", "--set", "ttt.batch_size=2"], (2,),
               "groot-n1.5-tiny", 1)
 LIMITS = {"device": 60, "throughput": 180, "compile": 180, "extraction": 150, "train": 300, "oom": 150,
           "ttt": 240, "teacher_speed": 180}  # seconds a stage may take at most
@@ -134,6 +135,7 @@ def stage_throughput(check: Check) -> dict[str, Any]:
     path = check.out / "throughput.json"
     check.run("throughput", [sys.executable, "-m", "benchmarks.bench", "--config", check.sizes.config, "--only",
                              "train", "--warmup", str(warmup), "--steps", str(steps), "--json", str(path),
+                             "--peak-seconds", str(check.sizes.peak_seconds),
                              *check.sets()])
     bench = json.loads(path.read_text())
     train, peak = bench["sections"]["train"], bench["sections"]["peak"]
@@ -183,7 +185,7 @@ def stage_ttt(check: Check) -> dict[str, Any]:
     if not checkpoint.is_dir():
         raise StageFailed(f"needs the train stage's checkpoint {checkpoint}")
     figures = {}
-    for workers in (1, check.sizes.ttt_workers):
+    for workers in check.sizes.ttt_workers:
         report_dir = check.out / f"ttt_workers_{workers}"
         started = time.time()
         check.run("ttt", [sys.executable, "evaluate.py", "--checkpoint", str(checkpoint), "--ttt", "--views", "2",
