@@ -254,7 +254,7 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
     log = RunLog(log_dir, echo=echo, tensorboard=cfg.logging.tensorboard, wandb=wandb_settings(cfg)) \
         if ctx.is_main else SilentLog()
     if checkpoint is None and log.drop_metrics():  # an attempt that died before its first checkpoint
-        log.info(f"starting '{cfg.run.name}' afresh: an earlier attempt stopped before its first checkpoint "
+        log.info(f"starting '{cfg.run.name}' afresh: an earlier attempt left no checkpoint "
                  f"(its lines above stay in this log; its metrics.jsonl records were dropped)")
     if splits.shared:
         log.info("left out of validation, their test pairs being training pairs: "

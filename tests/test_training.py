@@ -116,7 +116,7 @@ def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(tmp_path):
         train(tiny_config(tmp_path, "fresh"), resume=True, echo=False)
     train(tiny_config(tmp_path, "fresh", "train.epochs=1"), echo=False)
     assert "killed_attempt" not in (logs / "metrics.jsonl").read_text()  # the new attempt's records alone
-    assert "starting 'fresh' afresh: an earlier attempt stopped before its first checkpoint" in (
+    assert "starting 'fresh' afresh: an earlier attempt left no checkpoint" in (
         logs / "train.log").read_text()
     with pytest.raises(CheckpointError, match="already has checkpoints. Continue it with --resume"):
         train(tiny_config(tmp_path, "fresh", "train.epochs=1"), echo=False)
