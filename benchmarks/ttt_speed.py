@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(ttt.tune=all,ttt.fused_adamw=false), ttt.tune=all and ttt.tune=decoder")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="where to write the figures")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile STEPS steps of each arm on the largest task: where a step's time goes")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [f"ttt.steps={args.steps}", "ttt.seconds=0", "ttt.stop_loss=0", *arm.split(",")]
         arm_cfg = with_overrides(cfg, overrides, sections=("ttt",))
         results[arm] = time_arm(model, arm_cfg, tasks, device)
+        if args.profile:
+            results[arm]["profile"] = profile_arm(model, arm_cfg, max(tasks, key=task_cells), device, args.profile)
+            print(results[arm]["profile"]["table"])
         r = results[arm]
         print(f"{arm:<32} {r['examples_per_second']:8.2f} supervised examples/s  "
               f"({r['examples']} examples in {r['seconds']:.1f} s; median final loss {r['median_last_loss']:.3f})")
@@ -97,6 +102,33 @@ def time_arm(model: torch.nn.Module, cfg: ExperimentConfig, tasks: Sequence[Task
     settings = {k: getattr(cfg.ttt, k) for k in ("tune", "pool", "batch_size", "lr", "fused_adamw")}
     return {"seconds": seconds, "examples": examples, "examples_per_second": examples / seconds,
             "median_last_loss": statistics.median(last), "ttt": settings}
+
+
+def task_cells(task: Task) -> int:
+    return sum(p.input.size + (p.output.size if p.output is not None else 0) for p in task.train + task.test)
+
+
+def profile_arm(model: torch.nn.Module, cfg: ExperimentConfig, task: Task, device: torch.device, steps: int) -> dict:
+    """torch.profiler over `steps` TTT steps of one task (after 2 unprofiled ones): the operators
+    that take the CPU time, and the share of the optimiser step and of the backward pass."""
+    from torch.profiler import ProfilerActivity, profile
+
+    warm = with_overrides(cfg, ["ttt.steps=2"], sections=("ttt",))
+    with TestTimeTrainer(model, warm, device).tuned(blind(task)):
+        pass
+    timed = with_overrides(cfg, [f"ttt.steps={steps}"], sections=("ttt",))
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with TestTimeTrainer(model, timed, device).tuned(blind(task)):
+            pass
+    wall = time.perf_counter() - started
+    averages = prof.key_averages()
+    total = {e.key: e.cpu_time_total / 1e6 for e in averages}
+    backward = sum(v for k, v in total.items() if k.startswith("autograd::engine::evaluate_function"))
+    optimiser = sum(v for k, v in total.items() if k.startswith("Optimizer.step"))
+    return {"task": task.id, "steps": steps, "wall_seconds": wall, "seconds_per_step": wall / steps,
+            "backward_share": backward / wall, "optimizer_step_share": optimiser / wall,
+            "table": averages.table(sort_by="self_cpu_time_total", row_limit=12)}
 
 
 if __name__ == "__main__":
