@@ -518,11 +518,13 @@ def answer_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task
     solved = {"score": 0.0, "ttt_score": 0.0}
 
     def done(task: Task, outcome: TaskOutcome) -> None:
-        if finished is not None and task.id not in earlier:
-            finished.add(task.id, outcome)
-        if outcome.ttt is not None and outcome.ttt.micro_batch and task.id not in earlier:
-            log(f"task {task.id}: out of memory in test-time training: it ran {outcome.ttt.micro_batch} examples "
-                f"per forward pass instead of {ttt_cfg.ttt.batch_size} (gradients accumulated: the same steps)")
+        if task.id not in earlier:  # answered now, not read back from an earlier run
+            if finished is not None:
+                finished.add(task.id, outcome)
+            if outcome.ttt is not None and outcome.ttt.micro_batch:
+                log(f"task {task.id}: out of memory in test-time training: it ran {outcome.ttt.micro_batch} "
+                    f"examples per forward pass instead of {ttt_cfg.ttt.batch_size} (gradients accumulated: "
+                    "the same steps)")
         solved["score"] += _task_score(outcome.plain, task)
         if outcome.tuned is not None:
             solved["ttt_score"] += _task_score(outcome.tuned, task)

@@ -15,6 +15,7 @@ identity, and the folder goes once the report is written.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -66,10 +67,9 @@ class FinishedTasks:
         return outcomes
 
     def add(self, task_id: str, outcome: TaskOutcome) -> None:
-        path = self.directory / f"{task_id}.pt"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(to_plain(outcome), tmp)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        torch.save(to_plain(outcome), buffer)
+        _atomic_write(self.directory / f"{task_id}.pt", buffer.getvalue())
 
 
 # The dataclasses an outcome is made of: the only classes a file can name.

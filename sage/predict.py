@@ -38,7 +38,6 @@ from sage.voting import Candidate, vote
 from sage.voting import attempts as top_attempts
 from sage.voting import views as make_views
 
-
 # ----------------------------------------------------------------------------- the checkpoint
 
 

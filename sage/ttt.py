@@ -38,7 +38,6 @@ from sage.errors import TestOutputVisible
 from sage.recovery import FaultInjection, MicroBatch
 from sage.step import Autocast, make_optimizer, set_lr, to_device, tuning_step, warmup_cosine
 
-
 STOP_WINDOW = 10  # ttt.stop_loss compares the mean loss of this many latest steps
 
 
@@ -68,11 +67,7 @@ def step_examples(data: ARCExamples, step: int, batch_size: int) -> list[dict]:
     task's leave-one-out examples in turn, each draw under its own augmentation and demonstration
     order (keyed by the draw's number). A task with fewer examples than the batch gets them more
     than once, but never twice the same way."""
-    items = []
-    for draw in range(step * batch_size, (step + 1) * batch_size):
-        data.set_epoch(draw)
-        items.append(data[draw % len(data)])
-    return items
+    return [data[(draw, draw % len(data))] for draw in range(step * batch_size, (step + 1) * batch_size)]
 
 
 def ttt_lr(step: int, seconds: float, ttt: TTTConfig) -> float:
