@@ -135,6 +135,14 @@ class TTTConfig:
     comes first."""
 
     steps: int = 200  # AdamW steps per task (at most): the budget, the same on any machine
+    # Compute budget per task in estimated FLOPs (sage.model.forward_flops: a training step counts as
+    # 3 forward passes over its batch's shapes): a task takes min(steps, flops / its step's FLOPs)
+    # steps, so large tasks, whose steps cost many times a small task's, get fewer. Counted in
+    # work, so the same on any machine. 0: no FLOPs budget, every task gets `steps`.
+    flops: float = 0.0
+    # A task whose FLOPs budget buys fewer steps than this is answered without TTT: a few steps, mostly
+    # at warmup learning rates, cost the most on the largest tasks and change little. 0: any number.
+    min_steps: int = 0
     # Stop a task early once the mean answer loss of its last 10 steps is below this (nats per answer
     # cell, averaged as train.loss_normalization says), checked every 10 steps (reading the loss is
     # a host sync); counted in steps, so reproducible. 0: never.
@@ -462,6 +470,8 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
          f"{', '.join(LOSS_NORMALIZATIONS)}, got {t.loss_normalization!r}")
     tt = cfg.ttt
     need(tt.steps >= 0 and tt.seconds >= 0, f"ttt.steps and ttt.seconds must be >= 0, got {tt.steps}, {tt.seconds}")
+    need(tt.flops >= 0 and tt.min_steps >= 0,
+         f"ttt.flops and ttt.min_steps must be >= 0 (0: no budget, no minimum), got {tt.flops}, {tt.min_steps}")
     need(tt.batch_size >= 1, f"ttt.batch_size must be >= 1, got {tt.batch_size}")
     need(tt.stop_loss >= 0, f"ttt.stop_loss must be >= 0, got {tt.stop_loss}")
     need(tt.tune in TTT_TUNES, f"ttt.tune must be one of {', '.join(TTT_TUNES)}, got {tt.tune!r}")

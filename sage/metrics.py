@@ -182,6 +182,24 @@ def summarize_tasks(tasks: Sequence[Sequence[OutputScore]]) -> dict[str, float]:
     }
 
 
+# Bands of a task's largest grid side that scores are also reported in: small tasks are where a
+# CPU-sized student solves anything, so an overall score alone hides where it comes from.
+SIZE_BANDS = (("<=10", 10), ("11-15", 15), ("16-20", 20), ("21-30", 30))
+
+
+def size_band(task: Task) -> str:
+    """The SIZE_BANDS name of the task's largest grid side, over every grid it has (as
+    sage.arc.tasks_up_to_side counts it: the 77 tasks of --max-grid-side 10 are band "<=10")."""
+    side = max(max(g.shape) for g in task.grids())
+    return next((name for name, top in SIZE_BANDS if side <= top), SIZE_BANDS[-1][0])
+
+
+def summarize_by_size_band(scores: dict[str, Sequence[OutputScore]], tasks: Sequence[Task]) -> dict[str, dict]:
+    """summarize_tasks per size band that has tasks, in SIZE_BANDS order."""
+    bands = {name: [scores[t.id] for t in tasks if size_band(t) == name] for name, _ in SIZE_BANDS}
+    return {name: summarize_tasks(chosen) for name, chosen in bands.items() if chosen}
+
+
 def baseline_attempts(tasks: Iterable[Task]) -> dict[str, dict[str, list[list[np.ndarray]]]]:
     """Every baseline's attempts: {baseline: {task_id: [[grid] per test input]}}. A baseline makes
     one guess, so its pass@2 equals its pass@1."""

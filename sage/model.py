@@ -480,6 +480,25 @@ def build_model(cfg: StudentConfig) -> SageStudent:
     return SageStudent(cfg)
 
 
+# ----------------------------------------------------------------------------- cost
+
+
+def forward_flops(cfg: StudentConfig, examples: int, context_tokens: int, answer_cells: int,
+                  encoder: bool = True) -> float:
+    """Estimated FLOPs of a forward pass over `examples` examples padded to `context_tokens` context
+    tokens and `answer_cells` answer cells: the dense blocks' matmuls and attention (2 FLOPs per
+    multiply-add), without embeddings, heads and dihedral views. Deterministic and the same on any
+    machine, so a budget counted in it gives the same steps everywhere (ttt.flops). `encoder`:
+    False counts the decoder alone (the encoder's states cached)."""
+    d, L, A = cfg.d_model, context_tokens, answer_cells
+    mlp = 4 * cfg.mlp_ratio * d * d  # up and down projections, per token
+    encoder_block = L * (8 * d * d + mlp) + 4 * L * L * d  # q, kv, out; scores and weighted sum
+    decoder_block = (A * (8 * d * d + mlp) + 4 * A * A * d  # self-attention and MLP over the canvas
+                     + A * 4 * d * d + L * 4 * d * d + 4 * A * L * d)  # cross-attention: q, out; kv; attention
+    per_example = cfg.decoder_layers * decoder_block + (cfg.encoder_layers * encoder_block if encoder else 0)
+    return float(examples * per_example)
+
+
 # ----------------------------------------------------------------------------- parameter report
 
 

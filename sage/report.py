@@ -25,7 +25,7 @@ import numpy as np
 
 from sage.errors import EvaluationError
 from sage.evaluation import EvaluationResult
-from sage.metrics import task_score
+from sage.metrics import SIZE_BANDS, size_band, summarize_by_size_band, task_score
 from sage.overlap import describe
 from sage.pictures import draw_task
 from sage.runlog import plot_training_curves
@@ -66,6 +66,8 @@ def report_record(result: EvaluationResult) -> dict[str, Any]:
         "notes": result.notes,
         "settings": result.settings,
         "scores": {name: system.summary for name, system in result.systems.items()},
+        "scores_by_size_band": {name: summarize_by_size_band(system.scores, result.tasks)
+                                for name, system in result.systems.items()},
         "student_vs_teacher": {
             "probe": probe.summary if probe else {"measured": False, "reason": "no --teacher-probe checkpoint given"},
             "feature_fidelity": result.fidelity,
@@ -94,6 +96,7 @@ def per_task_rows(result: EvaluationResult) -> list[dict[str, Any]]:
         pred = result.predictions[task.id]
         row = {
             "task_id": task.id,
+            "size_band": size_band(task),
             "test_outputs": len(task.test),
             "score": task_score(scores, 2),
             "pass_at_1": task_score(scores, 1),
@@ -157,6 +160,8 @@ def _protocol_lines(record: dict[str, Any]) -> list[str]:
     if s.get("ttt_config"):
         t = s["ttt_config"]
         lines.append(f"- test-time training (student + TTT): per task, {t['steps']} AdamW steps"
+                     + (f" or as many as {t['flops']:.3g} estimated FLOPs buy, whichever is fewer (none when "
+                        f"under {t['min_steps']})" if t.get("flops") else "")
                      + (f" or {t['seconds']:g} s, whichever ends first" if t["seconds"] else "")
                      + f", batch {t['batch_size']}, lr {t['lr']:g}, on leave-one-out examples of the task's "
                      "demonstrations only (augmented), then the original weights; test outputs never seen")
@@ -178,7 +183,21 @@ def _score_lines(record: dict[str, Any]) -> list[str]:
     lines += ["", f"{any_m['tasks']} tasks, {any_m['test_outputs']} test outputs. pass@1, output size and pixels "
               "use attempt 1; pass@1 is averaged per task like the official score; pixels are counted over the "
               "target's own cells only. Baselines make one guess (attempt 2 = attempt 1)."]
+    return lines + _band_lines(record)
 
+
+def _band_lines(record: dict[str, Any]) -> list[str]:
+    """ARC Prize score per band of the tasks' largest grid side (metrics.SIZE_BANDS)."""
+    by_band = record["scores_by_size_band"]
+    bands = [name for name, _ in SIZE_BANDS if any(name in b for b in by_band.values())]
+    counts = next(iter(by_band.values()))
+    lines = ["", "## Scores by size band (largest grid side of the task)", "",
+             "| system | " + " | ".join(f"{b} ({counts[b]['tasks']} tasks)" for b in bands) + " |",
+             "|---|" + "---|" * len(bands)]
+    for name, scores in by_band.items():
+        cells = [f"{_pct(scores[b]['arc_prize_score'])} ({scores[b]['tasks_solved_count']} solved, pass@1 "
+                 f"{_pct(scores[b]['pass_at_1'])})" for b in bands]
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -4,7 +4,9 @@ task's demonstrations, then the original weights come back.
     task, test outputs removed (sage.predict.blind)
       -> leave-one-out examples over its DEMONSTRATIONS only: each in turn is the query, the others
          its context (`ttt_examples`)
-      -> `ttt.steps` AdamW steps, each on `ttt.batch_size` draws of those examples, every draw
+      -> `ttt.steps` AdamW steps, or fewer where the task's compute budget `ttt.flops` runs out
+         first (estimated from the first step's shapes, sage.model.forward_flops: large tasks get
+         fewer steps; none when that is under `ttt.min_steps`), each on `ttt.batch_size` draws of those examples, every draw
          under its own random dihedral transform, colour permutation and demonstration order
          (the same encoding and canvases as training, sage/encoding.py); fewer steps when the
          loss converges (`ttt.stop_loss`, checked every STOP_WINDOW steps: the same on any
@@ -35,6 +37,7 @@ from sage.arc import Task
 from sage.config import ExperimentConfig, TTTConfig
 from sage.encoding import ARCExamples, ExampleRef, collate
 from sage.errors import TestOutputVisible
+from sage.model import StudentConfig, forward_flops
 from sage.recovery import FaultInjection, MicroBatch
 from sage.step import Autocast, make_optimizer, set_lr, to_device, tuning_step, warmup_cosine
 
@@ -70,12 +73,26 @@ def step_examples(data: ARCExamples, step: int, batch_size: int) -> list[dict]:
     return [data[(draw, draw % len(data))] for draw in range(step * batch_size, (step + 1) * batch_size)]
 
 
-def ttt_lr(step: int, seconds: float, ttt: TTTConfig) -> float:
-    """Linear warmup, then cosine decay to zero at ttt.steps or, with a time budget, at whichever of
-    ttt.steps and ttt.seconds comes first (`seconds`: time spent so far), so that a task cut short by
-    the budget still ends on a small learning rate."""
+def ttt_lr(step: int, seconds: float, ttt: TTTConfig, steps: int | None = None) -> float:
+    """Linear warmup, then cosine decay to zero at the task's `steps` (default ttt.steps) or, with a
+    time budget, at whichever of those and ttt.seconds comes first (`seconds`: time spent so far), so
+    that a task cut short by a budget still ends on a small learning rate."""
     clock = seconds / ttt.seconds if ttt.seconds else 0.0
-    return warmup_cosine(step, ttt.lr, 0.0, ttt.warmup_steps, ttt.steps, progress_at_least=clock)
+    return warmup_cosine(step, ttt.lr, 0.0, ttt.warmup_steps, ttt.steps if steps is None else steps,
+                         progress_at_least=clock)
+
+
+def step_flops(batch: dict[str, torch.Tensor], model: StudentConfig, tune: str) -> float:
+    """Estimated FLOPs of one TTT step on `batch`: forward and backward count as three forward
+    passes; with tune: decoder the encoder's states are cached, so only the decoder's count."""
+    examples, context_tokens = batch["context_mask"].shape
+    return 3 * forward_flops(model, examples, context_tokens, batch["query"].shape[1], encoder=tune == "all")
+
+
+def budgeted_steps(ttt: TTTConfig, first_step_flops: float) -> int:
+    """The task's step budget: ttt.steps, or fewer where ttt.flops runs out first (module docstring)."""
+    steps = min(ttt.steps, int(ttt.flops // first_step_flops)) if ttt.flops else ttt.steps
+    return steps if steps >= ttt.min_steps else 0
 
 
 def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: torch.device,
@@ -105,14 +122,16 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
         # Losses stay on the device: reading one is a host sync, done only every STOP_WINDOW steps
         # when ttt.stop_loss asks, so a GPU is never kept waiting for the next batch.
         losses: list[torch.Tensor] = []
-        for step in range(ttt.steps):
+        first = collate(step_examples(data, 0, ttt.batch_size)) if pool is None else pool.batch(0)[0]
+        steps = budgeted_steps(ttt, step_flops(first, m, ttt.tune))
+        for step in range(steps):
             spent = time.perf_counter() - started
             if ttt.seconds and spent >= ttt.seconds:
                 break
-            set_lr(optimizer, ttt_lr(step, spent, ttt))
+            set_lr(optimizer, ttt_lr(step, spent, ttt, steps))
             if pool is None:
-                batch, context = to_device(pinned(collate(step_examples(data, step, ttt.batch_size)), device),
-                                           device), None
+                examples = first if step == 0 else collate(step_examples(data, step, ttt.batch_size))
+                batch, context = to_device(pinned(examples, device), device), None
             else:
                 batch, context = pool.batch(step)
             losses.append(tuning_step(model, optimizer, batch, autocast, cfg.train.loss_normalization,

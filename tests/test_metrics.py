@@ -150,3 +150,26 @@ def test_views_start_with_the_task_as_given_and_invert_exactly():
         assert np.array_equal(v.invert(v.apply(grid)), grid)
     with pytest.raises(ValueError):
         views("t", 0)
+
+
+def test_size_bands_partition_the_evaluation_tasks_as_max_grid_side_counts_them():
+    """Every task falls in exactly one band of its largest grid side; band "<=10" is exactly the 77
+    tasks `--max-grid-side 10` scores, and the bands' per-band summaries add up to the whole."""
+    from sage.arc import tasks_up_to_side
+    from sage.datasets import load_dataset
+    from sage.metrics import SIZE_BANDS, size_band, summarize_by_size_band
+
+    tasks = load_dataset("arc-agi-1/evaluation")
+    bands = {t.id: size_band(t) for t in tasks}
+    for (name, top), (_, below) in zip(SIZE_BANDS, ((None, 0), *SIZE_BANDS)):
+        assert {t.id for t in tasks if bands[t.id] == name} == (
+            {t.id for t in tasks_up_to_side(tasks, top)} - {t.id for t in tasks_up_to_side(tasks, below)})
+    assert sum(b == "<=10" for b in bands.values()) == 77
+    # Solve exactly the band-"<=10" tasks by their first test output: only that band scores.
+    scores = {t.id: [score_attempts([p.output if bands[t.id] == "<=10" else p.input], p.output) for p in t.test]
+              for t in tasks}
+    by_band = summarize_by_size_band(scores, tasks)
+    assert list(by_band) == [name for name, _ in SIZE_BANDS]
+    assert sum(b["tasks"] for b in by_band.values()) == 400
+    assert by_band["<=10"]["arc_prize_score"] == 1.0 and by_band["<=10"]["tasks_solved_count"] == 77
+    assert all(b["tasks_solved_count"] == 0 for name, b in by_band.items() if name != "<=10")

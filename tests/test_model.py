@@ -249,3 +249,34 @@ def test_shape_buckets_give_a_compiled_model_few_shapes_and_the_same_loss():
         loss = [answer_cross_entropy(x, batch["target"]) for x, batch in ((a, plain), (b, bucketed))]
         torch.testing.assert_close(loss[0], loss[1], atol=1e-5, rtol=1e-5)
         assert score_batch(a, plain, 30) == score_batch(b, bucketed, 30)
+
+
+def test_flops_estimate_agrees_with_torch_counting_real_batches():
+    """sage.model.forward_flops (what ttt.flops budgets in) is within 5% of torch's own count of the
+    dense blocks' FLOPs, on real ARC batches from a small task to a near-30x30 one, with the encoder
+    and without it (cached context)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sage.model import forward_flops
+
+    cfg = StudentConfig(d_model=64, n_heads=4, encoder_layers=2, decoder_layers=3, teacher_dim=16, distill_hidden=16)
+    model = SageStudent(cfg).eval()
+    tasks = load_dataset("arc-agi-1/evaluation")
+    data = ARCExamples(tasks, evaluation_examples(tasks), 30, 10, 3840, answer_canvas="batch")
+    areas = data.shapes.prod(1)
+    for index in (int(np.argmin(areas)), int(np.argsort(areas)[len(areas) // 2]), int(np.argmax(areas))):
+        batch = collate([data[index], data[(index + 1) % len(data)]])
+        examples, context_tokens = batch["context_mask"].shape
+        answer_cells = batch["query"].shape[1]
+        # The math kernel spells attention out as matmuls, which FlopCounterMode counts on any backend.
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            with FlopCounterMode(display=False) as whole:
+                context, mask = model.encode(batch)
+                model.answer(batch, context, mask)
+            with FlopCounterMode(display=False) as decoder_only:
+                model.answer(batch, context, mask)
+        counted = {True: whole.get_total_flops(), False: decoder_only.get_total_flops()}
+        for encoder in (True, False):
+            estimate = forward_flops(cfg, examples, context_tokens, answer_cells, encoder=encoder)
+            assert estimate == pytest.approx(counted[encoder], rel=0.05), (index, encoder, context_tokens, answer_cells)

@@ -17,6 +17,7 @@ from test_overlap import write_tasks
 from test_training import tiny_config
 
 from sage.arc import Pair, load_task_dir
+from sage.encoding import ARCExamples, collate
 from sage.config import with_overrides
 from sage.errors import ConfigError, TestOutputVisible
 from sage.evaluation import EvalSettings, evaluate
@@ -135,6 +136,34 @@ def test_stop_loss_ends_a_converged_task_in_steps(workspace):
     assert finetune(loaded.model, blind(workspace["tasks"][0]), cfg, CPU).steps == 10
     loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=30", "ttt.stop_loss=0")
     assert finetune(loaded.model, blind(workspace["tasks"][0]), cfg, CPU).steps == 30
+
+
+def test_flops_budget_gives_larger_tasks_fewer_steps_and_none_below_the_minimum(workspace):
+    """ttt.flops: a task takes as many steps as its budget buys at its first step's estimated cost
+    (capped at ttt.steps), so a larger task gets fewer; under ttt.min_steps it gets none and its
+    weights stay as pretrained."""
+    from sage.ttt import step_examples, step_flops
+
+    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT)
+    m = cfg.model
+
+    def first_step_flops(task):
+        data = ARCExamples([task], ttt_examples(task), m.grid_size, m.max_demos, cfg.data.max_context_tokens,
+                           answer_canvas=m.answer_canvas, fit_answer=True)
+        return step_flops(collate(step_examples(data, 0, cfg.ttt.batch_size)), m, "all")
+
+    by_cost = sorted((blind(t) for t in workspace["tasks"]), key=first_step_flops)
+    small, large = by_cost[0], by_cost[-1]
+    assert first_step_flops(large) > 1.2 * first_step_flops(small)
+    budget = 12.5 * first_step_flops(small)
+    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=1000", f"ttt.flops={budget}")
+    assert finetune(loaded.model, small, cfg, CPU).steps == 12
+    assert finetune(loaded.model, large, cfg, CPU).steps == int(budget // first_step_flops(large)) < 12
+    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=1000", f"ttt.flops={budget}", "ttt.min_steps=13")
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    assert finetune(loaded.model, small, cfg, CPU).steps == 0
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 @pytest.mark.parametrize("tune", ["all", "decoder"])
@@ -294,6 +323,7 @@ def test_learning_rate_decays_with_whichever_budget_ends_first():
     assert ttt_lr(0, 0.0, by_steps) == pytest.approx(0.1) and ttt_lr(9, 0.0, by_steps) == pytest.approx(1.0)
     assert ttt_lr(55, 1e9, by_steps) == pytest.approx(0.5)  # halfway through the steps; the clock is ignored
     assert ttt_lr(100, 0.0, by_steps) == pytest.approx(0.0, abs=1e-12)
+    assert ttt_lr(30, 0.0, by_steps, steps=30) == pytest.approx(0.0, abs=1e-12)  # a task's budget ends sooner
     by_clock = TTTConfig(steps=1000, seconds=60, lr=1.0, warmup_steps=10)
     assert ttt_lr(20, 30.0, by_clock) == pytest.approx(0.5)  # half the time spent, 1% of the steps
     assert ttt_lr(20, 60.0, by_clock) == pytest.approx(0.0, abs=1e-12)
