@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
                              "*_challenges.json (its *_solutions.json beside it), or 'holdout' "
                              "(the run's held-out validation tasks); default arc-agi-1/evaluation")
     parser.add_argument("--views", type=int, default=8, help="augmented views voted over per test input (default 8)")
+    parser.add_argument("--rank", default="votes", choices=["votes", "likelihood"],
+                        help="attempts: the grids most views predicted (default), or those with the highest "
+                             "log-likelihood summed over the views; the report scores both")
     parser.add_argument("--seed", type=int, default=0, help="seed of the views' colour permutations")
     parser.add_argument("--batch-size", type=int, default=None, help="examples per forward pass (default val.batch_size)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from sage.report import check_out_dir, write_report
 
     settings = EvalSettings(
-        split=args.split, views=args.views, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        split=args.split, views=args.views, rank=args.rank, seed=args.seed, batch_size=args.batch_size, device=args.device,
         limit=args.limit, speed_tasks=args.speed_tasks, speed_teacher=args.speed_teacher,
         feature_cache_dir=args.feature_cache_dir, extract_features=args.extract_features,
         teacher_probe=args.teacher_probe, ttt=args.ttt, ttt_overrides=args.overrides,

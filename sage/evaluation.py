@@ -42,7 +42,9 @@ from sage.overlap import DEMONSTRATIONS, describe, drop_trained_tasks
 from sage.predict import LoadedModel, Predictor, TaskOutcome, TaskPrediction, load_model, solve_tasks
 from sage.speed import machine_description, measure_speed
 from sage.step import Autocast
-from sage.ttt import TTTStats
+from sage.ttt import TTTStats, describe_budget
+from sage.voting import RANKINGS, ranked
+from sage.voting import attempts as top_attempts
 
 DEFAULT_SPLIT = "arc-agi-1/evaluation"
 HOLDOUT = "holdout"  # the checkpoint's own held-out validation tasks
@@ -52,6 +54,9 @@ HOLDOUT = "holdout"  # the checkpoint's own held-out validation tasks
 class EvalSettings:
     split: str = DEFAULT_SPLIT  # a dataset name (sage.datasets.load_dataset) or 'holdout'
     views: int = 8  # augmented views voted over per test input (1: the task as given only)
+    # How a test input's distinct predicted grids become its two attempts (sage.voting.RANKINGS):
+    # votes, or the log-likelihood summed over the views. The report scores both either way.
+    rank: str = "votes"
     seed: int = 0  # colour permutations of the views
     batch_size: int | None = None  # examples per forward pass; None: the checkpoint's val.batch_size
     device: str = "auto"
@@ -118,7 +123,9 @@ def split_tasks(cfg: ExperimentConfig, meta: dict[str, Any], split: str) -> tupl
     protocol = {
         "split": split,
         "scored_on": "test outputs (each answered from its task's demonstration pairs)",
-        "trained_on": cfg.data.train + (" minus the held-out validation tasks" if held_out_ids else ""),
+        "trained_on": cfg.data.train + (f" minus what shares a pair or test input with {cfg.data.exclude}"
+                                        if cfg.data.exclude else "")
+        + (" minus the held-out validation tasks" if held_out_ids else ""),
         "tasks_scored": len(tasks),
         "excluded_as_trained": [o.as_dict() for o in left_out],
         "evaluation_tasks_trained_on": len(kept),  # scored tasks sharing demonstrations or test inputs
@@ -127,7 +134,8 @@ def split_tasks(cfg: ExperimentConfig, meta: dict[str, Any], split: str) -> tupl
         "disjointness": "checked pair by pair, grids up to rotation and reflection: no scored task's id or "
                         "test pair is in the training data",
         "split_selected_the_checkpoint": split == selected_by,
-        "training_config": {"train": cfg.data.train, "val": cfg.data.val, "augment": cfg.data.augment,
+        "training_config": {"train": cfg.data.train, "exclude": cfg.data.exclude, "val": cfg.data.val,
+                            "augment": cfg.data.augment,
                             "use_test_pairs": cfg.data.use_test_pairs},
     }
     return tasks, protocol
@@ -329,6 +337,7 @@ class EvaluationResult:
     # With --ttt: the tuned student's predictions and what tuning did, per task id.
     ttt_predictions: dict[str, TaskPrediction] = field(default_factory=dict)
     ttt_stats: dict[str, TTTStats] = field(default_factory=dict)
+    rankings: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # ranking_scores
 
     @property
     def primary(self) -> str:
@@ -365,8 +374,8 @@ def evaluate(
         f"{settings.views} views per test input, on {device} ({precision})")
     if ttt_cfg is not None:
         t = ttt_cfg.ttt
-        log(f"test-time training per task: {t.steps} steps" + (f" or {t.seconds:g} s" if t.seconds else "")
-            + f", batch {t.batch_size}, lr {t.lr:g}, on the task's demonstrations only; then the original weights")
+        log(f"test-time training per task: {describe_budget(t)}, batch {t.batch_size}, lr {t.lr:g}, "
+            "on the task's demonstrations only; then the original weights")
     if settings.workers > 1:
         log(f"{settings.workers} worker processes, {max(1, torch.get_num_threads() // settings.workers)} "
             "CPU thread(s) each")
@@ -385,6 +394,7 @@ def evaluate(
     systems = score_systems(tasks, predictions, ttt_predictions if ttt_cfg is not None else None,
                             probe, settings, device, batch_size)
     log("scores: " + ", ".join(f"{k} {v.summary['arc_prize_score']:.4f}" for k, v in systems.items()))
+    rankings = ranking_scores(tasks, predictions, ttt_predictions if ttt_cfg is not None else None)
 
     fidelity = feature_fidelity(loaded, settings.split, tasks, predictions, settings.feature_cache_dir,
                                 settings.extract_features, log)
@@ -411,6 +421,7 @@ def evaluate(
         notes=notes,
         ttt_predictions=ttt_predictions,
         ttt_stats=ttt_stats,
+        rankings=rankings,
     )
 
 
@@ -426,6 +437,8 @@ def check_settings(settings: EvalSettings) -> None:
         raise EvaluationError(f"--max-grid-side must be 1..30, got {settings.max_grid_side}")
     if settings.workers < 1:
         raise EvaluationError(f"--workers must be >= 1, got {settings.workers}")
+    if settings.rank not in RANKINGS:
+        raise EvaluationError(f"--rank must be one of {', '.join(RANKINGS)}, got {settings.rank!r}")
     if settings.ttt_overrides and not settings.ttt:
         raise EvaluationError("--set ttt.KEY=VALUE changes test-time training: add --ttt")
     if settings.precision is not None and settings.precision not in PRECISIONS:
@@ -545,16 +558,29 @@ def score_systems(tasks: Sequence[Task], predictions: dict[str, TaskPrediction],
                   ttt_predictions: dict[str, TaskPrediction] | None, probe: LoadedModel | None,
                   settings: EvalSettings, device: torch.device, batch_size: int) -> dict[str, SystemResult]:
     """The student (and with TTT, the tuned student), the probe, and the baselines, on the same tasks."""
-    systems = {"student": score_system("student", {k: [t.attempts for t in p.tests]
-                                                   for k, p in predictions.items()}, tasks)}
+    systems = {"student": score_system("student", ranked_attempts(predictions, settings.rank), tasks)}
     if ttt_predictions is not None:
-        systems["student_ttt"] = score_system("student_ttt", {k: [t.attempts for t in p.tests]
-                                                              for k, p in ttt_predictions.items()}, tasks)
+        systems["student_ttt"] = score_system("student_ttt", ranked_attempts(ttt_predictions, settings.rank), tasks)
     if probe is not None:
         systems["teacher_probe"] = score_probe(probe, settings, tasks, device, batch_size)
     for name, attempts in baseline_attempts(tasks).items():
         systems[name] = score_system(name, attempts, tasks)
     return systems
+
+
+def ranked_attempts(predictions: dict[str, TaskPrediction], rank: str) -> dict[str, list[list[np.ndarray]]]:
+    """Each test input's two attempts: its candidates' best two by `rank` (sage.voting.RANKINGS)."""
+    return {k: [top_attempts(ranked(t.candidates, rank)) if t.candidates else t.attempts for t in p.tests]
+            for k, p in predictions.items()}
+
+
+def ranking_scores(tasks: Sequence[Task], predictions: dict[str, TaskPrediction],
+                   ttt_predictions: dict[str, TaskPrediction] | None) -> dict[str, dict[str, dict[str, float]]]:
+    """{system: {rank: summary}}: the same predictions scored under every ranking, so one run
+    measures what the ranking does (pass@1 and pass@2)."""
+    systems = {"student": predictions, **({"student_ttt": ttt_predictions} if ttt_predictions else {})}
+    return {name: {rank: score_system(name, ranked_attempts(preds, rank), tasks).summary for rank in RANKINGS}
+            for name, preds in systems.items()}
 
 
 def _task_score(prediction: TaskPrediction, task: Task) -> float:

@@ -29,7 +29,7 @@ from sage.arc import Pair, Task
 from sage.checkpoint import load_checkpoint, load_weights_into
 from sage.config import ExperimentConfig, from_dict
 from sage.distill import TeacherTargets
-from sage.encoding import ARCExamples, ExampleRef, answer_canvases, canvas_to_grid, collate
+from sage.encoding import COLOUR_OFFSET, EOS, ARCExamples, ExampleRef, answer_canvases, canvas_to_grid, collate
 from sage.errors import CheckpointError
 from sage.model import PREDATING_DEFAULTS, build_model
 from sage.step import Autocast, to_device
@@ -138,8 +138,9 @@ class Predictor:
 
     @torch.inference_mode()
     def forward(self, items: list[dict[str, np.ndarray]]) -> tuple[Any, ...]:
-        """(argmax tokens [B, S, S], their log-probabilities [B, S, S], grid features, grid mask), with
-        S = model.grid_size: cells outside an example's own canvas are PAD."""
+        """(argmax tokens [B, S, S], their log-probabilities [B, S, S], every token's [B, S, S, vocab],
+        grid features, grid mask), with S = model.grid_size: cells outside an example's own canvas
+        are PAD, and -inf log-probabilities."""
         batch = to_device(collate(items), self.device)
         with self.autocast():
             out = self.model(batch)
@@ -147,8 +148,8 @@ class Predictor:
         best, tokens = logp.max(dim=-1)
         s = self.grid_size
         features = None if out.grid_features is None else out.grid_features.float().cpu()  # None: a probe
-        return (answer_canvases(tokens, batch, s), answer_canvases(best, batch, s, fill=-math.inf), features,
-                out.grid_mask.cpu())
+        return (answer_canvases(tokens, batch, s), answer_canvases(best, batch, s, fill=-math.inf),
+                answer_canvases(logp, batch, s, fill=-math.inf), features, out.grid_mask.cpu())
 
     def encode(self, task: Task, views: Sequence) -> tuple[ARCExamples, list[tuple[int, int]]]:
         """All (view, test input) examples of a task: the dataset and (view, test index) per item."""
@@ -170,13 +171,15 @@ class Predictor:
         views = make_views(task.id, self.n_views, self.seed)
         data, where = self.encode(task, views)
         per_test: dict[int, list[tuple[np.ndarray, float]]] = {j: [] for j in range(len(task.test))}
+        canvases: dict[int, list[tuple[int, np.ndarray]]] = {j: [] for j in range(len(task.test))}  # (view, logp)
         features: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
         for start in range(0, len(data), self.batch_size):
             idx = list(range(start, min(start + self.batch_size, len(data))))
             items = [data[i] for i in idx]
-            tokens, logp, grid_features, grid_mask = self.forward(items)
+            tokens, logp, every_logp, grid_features, grid_mask = self.forward(items)
             for b, i in enumerate(idx):
                 v, j = where[i]
+                canvases[j].append((v, every_logp[b]))
                 if v == 0 and grid_features is not None:
                     features[j] = (grid_features[b], grid_mask[b], data.kept_demos[i])
                 grid = canvas_to_grid(tokens[b])
@@ -188,7 +191,7 @@ class Predictor:
                 per_test[j].append((views[v].invert(grid), confidence))
         tests = []
         for j, pair in enumerate(task.test):
-            ranked = vote(per_test[j])
+            ranked = [replace(c, likelihood=likelihood_over_views(c.grid, views, canvases[j])) for c in vote(per_test[j])]
             feats = features.get(j)
             tests.append(OutputPrediction(
                 candidates=ranked,
@@ -200,6 +203,30 @@ class Predictor:
                 kept_demos=() if feats is None else feats[2],
             ))
         return TaskPrediction(task.id, tests, time.perf_counter() - started)
+
+
+def grid_log_likelihood(grid: np.ndarray, logp: np.ndarray) -> float:
+    """Log-probability that one view's answer canvas `logp` [S, S, vocab] (-inf outside the
+    example's own canvas) gives `grid`, in that view's frame: its cells' colours and the EOS border
+    that fixes its size (sage.encoding.grid_to_canvas), border cells beyond the canvas implied.
+    -inf when the grid does not fit the canvas."""
+    h, w = grid.shape
+    own = np.isfinite(logp[..., 0])
+    rows, cols = int(own[:, 0].sum()), int(own[0].sum())
+    if h > rows or w > cols:
+        return -math.inf
+    total = float(logp[np.arange(h)[:, None], np.arange(w), grid.astype(np.int64) + COLOUR_OFFSET].sum())
+    if h < rows:
+        total += float(logp[h, :w, EOS].sum())
+    if w < cols:
+        total += float(logp[:h, w, EOS].sum())
+    return total
+
+
+def likelihood_over_views(grid: np.ndarray, views: Sequence, canvases: Sequence[tuple[int, np.ndarray]]) -> float:
+    """A candidate's log-likelihood summed over the views: each view's canvas (view index, logp)
+    scores the grid as that view shows it (its dihedral transform and colour permutation)."""
+    return sum(grid_log_likelihood(views[v].apply(grid), logp) for v, logp in canvases)
 
 
 # ----------------------------------------------------------------------------- every task

@@ -23,12 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from sage.config import TTTConfig
 from sage.errors import EvaluationError
 from sage.evaluation import EvaluationResult
 from sage.metrics import SIZE_BANDS, size_band, summarize_by_size_band, task_score
 from sage.overlap import describe
 from sage.pictures import draw_task
 from sage.runlog import plot_training_curves
+from sage.ttt import describe_budget
 
 SCORING = ("official ARC Prize: 2 attempts per test output, solved when either equals the target exactly; "
            "a task scores the fraction of its test outputs solved; the score is the mean over tasks")
@@ -77,6 +79,8 @@ def report_record(result: EvaluationResult) -> dict[str, Any]:
         },
         "voting": {
             "views": result.settings["views"],
+            "rank": result.settings["rank"],
+            "scores_by_rank": result.rankings,
             "mean_distinct_grids_per_test_input": float(np.mean([len(t.candidates) for t in tests])) if tests else 0.0,
             "mean_votes_of_attempt_1": float(np.mean([t.candidates[0].votes for t in tests if t.candidates]))
             if any(t.candidates for t in tests) else 0.0,
@@ -159,10 +163,7 @@ def _protocol_lines(record: dict[str, Any]) -> list[str]:
     ]
     if s.get("ttt_config"):
         t = s["ttt_config"]
-        lines.append(f"- test-time training (student + TTT): per task, {t['steps']} AdamW steps"
-                     + (f" or as many as {t['flops']:.3g} estimated FLOPs buy, whichever is fewer (none when "
-                        f"under {t['min_steps']})" if t.get("flops") else "")
-                     + (f" or {t['seconds']:g} s, whichever ends first" if t["seconds"] else "")
+        lines.append(f"- test-time training (student + TTT): per task, {describe_budget(TTTConfig(**t))}"
                      + f", batch {t['batch_size']}, lr {t['lr']:g}, on leave-one-out examples of the task's "
                      "demonstrations only (augmented), then the original weights; test outputs never seen")
     lines += [f"- **note**: {n}" for n in record["notes"]]
@@ -183,7 +184,22 @@ def _score_lines(record: dict[str, Any]) -> list[str]:
     lines += ["", f"{any_m['tasks']} tasks, {any_m['test_outputs']} test outputs. pass@1, output size and pixels "
               "use attempt 1; pass@1 is averaged per task like the official score; pixels are counted over the "
               "target's own cells only. Baselines make one guess (attempt 2 = attempt 1)."]
-    return lines + _band_lines(record)
+    return lines + _band_lines(record) + _rank_lines(record)
+
+
+def _rank_lines(record: dict[str, Any]) -> list[str]:
+    """The student's scores with its attempts ranked each way (evaluate.py --rank), same predictions."""
+    voting = record["voting"]
+    lines = ["", f"## Ranking the candidates (this report's attempts: by {voting['rank']})", "",
+             "| system | attempts ranked by | ARC Prize score (pass@2) | pass@1 | tasks fully solved |", "|---|---|---|---|---|"]
+    for name, by_rank in voting["scores_by_rank"].items():
+        for rank, m in by_rank.items():
+            lines.append(f"| {LABELS.get(name, name)} | {rank} | {_pct(m['arc_prize_score'])} | {_pct(m['pass_at_1'])} "
+                         f"| {m['tasks_solved_count']}/{m['tasks']} |")
+    lines += ["", ("votes: the grids most of the views predicted (ties: mean confidence). likelihood: the "
+                   "log-probability each distinct grid gets, its cells and the border that fixes its size, summed "
+                   "over every view.")]
+    return lines
 
 
 def _band_lines(record: dict[str, Any]) -> list[str]:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from sage.arc import Task, split_by_task
 from sage.checkpoint import Checkpoint, load_checkpoint, load_weights_into, save_checkpoint
 from sage.config import ExperimentConfig, save_config
-from sage.datasets import load_dataset, training_dataset
+from sage.datasets import load_dataset, training_tasks
 from sage.device import resolve_device
 from sage.distill import TeacherTargets, ensure_teacher_cache, feature_statistics, teacher_targets, teacher_views
 from sage.distributed import (
@@ -45,11 +45,11 @@ from sage.encoding import (
     training_examples,
 )
 from sage.errors import CheckpointError, TrainingError
+from sage.metric_sinks import WandbSettings
 from sage.metrics import score_baselines
 from sage.model import PREDATING_DEFAULTS, SageStudent, StudentConfig, build_model, parameter_breakdown
 from sage.overlap import TaskOverlap, describe, drop_trained_tasks
 from sage.recovery import FaultInjection, MicroBatch, all_finite
-from sage.metric_sinks import WandbSettings
 from sage.runlog import RunLog, SilentLog, plot_training_curves, read_metrics
 from sage.step import (
     Autocast,
@@ -76,13 +76,15 @@ class Splits:
     val_dataset: list[Task]  # every task of the validation dataset (== train_dataset for 'holdout')
     shared: dict[str, str]  # validation tasks left out, their test outputs being trained on (id -> training ids)
     overlap: list[TaskOverlap]  # validation tasks kept that share demonstrations or test inputs with training
+    source: str  # what data.train gave and what was left out of it (TrainingTasks.describe)
 
 
 def load_splits(cfg: ExperimentConfig) -> Splits:
     """Train and validation tasks, disjoint by task. 'holdout' keeps whole training tasks aside; a
     validation dataset is checked pair by pair against training (sage/overlap.py)."""
     synthetic = asdict(cfg.data.synthetic)
-    tasks = training_dataset(cfg.data)
+    given = training_tasks(cfg.data)
+    tasks = given.tasks
     if cfg.data.val == "holdout":
         train, val = split_by_task(tasks, cfg.data.val_fraction, cfg.run.seed)
         val_dataset = tasks
@@ -91,7 +93,8 @@ def load_splits(cfg: ExperimentConfig) -> Splits:
         val_dataset = val
     # Held-out tasks whose test pairs training holds (another id, reordered, rotated) are no test.
     val, left_out, kept = drop_trained_tasks(train, val, "validation")
-    return Splits(train, val, tasks, val_dataset, {o.task: ", ".join(o.training_tasks) for o in left_out}, kept)
+    return Splits(train, val, tasks, val_dataset, {o.task: ", ".join(o.training_tasks) for o in left_out}, kept,
+                  given.describe(cfg.data))
 
 
 def make_datasets(
@@ -386,6 +389,7 @@ def log_header(run: Run) -> None:
     train_set, val_set, train_tasks, val_tasks = run.train_set, run.val_set, run.splits.train, run.splits.val
     log.info(f"run '{cfg.run.name}' on {run.device} ({run.autocast.name}): {m.kind} {run.parameters:,} parameters "
              f"({', '.join(f'{k} {v:,}' for k, v in parameter_breakdown(run.model).items())})")
+    log.info(f"data.train {cfg.data.train}: {run.splits.source}")
     log.info(f"data: train {len(train_tasks)} tasks from {cfg.data.train} ({len(train_set)} examples, "
              f"augment={cfg.data.augment} p={train_set.augment_probability}); validation {len(val_tasks)} held-out tasks "
              f"({'holdout of ' + cfg.data.train if cfg.data.val == 'holdout' else cfg.data.val}, "

@@ -6,13 +6,14 @@ task's demonstrations, then the original weights come back.
          its context (`ttt_examples`)
       -> `ttt.steps` AdamW steps, or fewer where the task's compute budget `ttt.flops` runs out
          first (estimated from the first step's shapes, sage.model.forward_flops: large tasks get
-         fewer steps; none when that is under `ttt.min_steps`), each on `ttt.batch_size` draws of those examples, every draw
-         under its own random dihedral transform, colour permutation and demonstration order
-         (the same encoding and canvases as training, sage/encoding.py); fewer steps when the
-         loss converges (`ttt.stop_loss`, checked every STOP_WINDOW steps: the same on any
-         machine) or when the optional safety clock `ttt.seconds` runs out (then the steps taken,
-         and the answers, depend on the machine and its load); out of memory halves the examples
-         per forward pass for the rest of the task (gradients accumulated: the same steps)
+         fewer steps; none when that is under `ttt.min_steps`), each on `ttt.batch_size` draws of
+         those examples, every draw under its own random dihedral transform, colour permutation
+         and demonstration order (the same encoding and canvases as training, sage/encoding.py);
+         fewer steps when the loss converges (`ttt.stop_loss`, checked every STOP_WINDOW steps:
+         the same on any machine) or when the optional safety clock `ttt.seconds` runs out (then
+         the steps taken, and the answers, depend on the machine and its load); out of memory
+         halves the examples per forward pass for the rest of the task (gradients accumulated:
+         the same steps)
       -> `ttt.tune`: all parameters (the context re-encoded at every step), or the decoder alone,
          the encoder frozen and `ttt.pool` augmented examples encoded once (`EncodedPool`)
       -> the tuned model answers the test inputs with the usual augmentation voting
@@ -80,6 +81,17 @@ def ttt_lr(step: int, seconds: float, ttt: TTTConfig, steps: int | None = None) 
     clock = seconds / ttt.seconds if ttt.seconds else 0.0
     return warmup_cosine(step, ttt.lr, 0.0, ttt.warmup_steps, ttt.steps if steps is None else steps,
                          progress_at_least=clock)
+
+
+def describe_budget(ttt: TTTConfig) -> str:
+    """A task's budget in words, for the evaluation log and report."""
+    text = f"{ttt.steps} AdamW steps"
+    if ttt.flops:
+        text += (f", or as many as {ttt.flops:.3g} estimated FLOPs buy where fewer"
+                 + (f" (none under {ttt.min_steps})" if ttt.min_steps else ""))
+    if ttt.seconds:
+        text += f", or {ttt.seconds:g} s where that ends first"
+    return text
 
 
 def step_flops(batch: dict[str, torch.Tensor], model: StudentConfig, tune: str) -> float:

@@ -5,6 +5,9 @@
                                colours 1..9. Deterministic in (seed, task_id).
     vote(predictions)          identical grids (shape and every cell) pool their votes; ranked by
                                votes, then mean confidence, then the earliest view that produced them
+    ranked(candidates, rank)   rank "votes" as vote() does, or "likelihood": by the log-probability
+                               summed over every view that each candidate's cells and border get
+                               (sage.predict computes it), then votes
     attempts(ranked)           the top two grids are attempt 1 and attempt 2
 
 Pure functions on numpy grids; the model that makes the predictions lives elsewhere.
@@ -12,6 +15,7 @@ Pure functions on numpy grids; the model that makes the predictions lives elsewh
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Sequence
@@ -23,6 +27,7 @@ from sage.arc import NUM_COLOURS, Augmentation
 # Written to submission.json when a test input got no usable prediction at all (every view decoded
 # to an empty grid, or the input does not fit the model's canvas): ARC Prize needs a grid per attempt.
 PLACEHOLDER = np.zeros((1, 1), dtype=np.uint8)
+RANKINGS = ("votes", "likelihood")  # how candidates become attempts (evaluate.py --rank)
 
 
 def views(task_id: str, n_views: int, seed: int = 0, colours: bool = True) -> list[Augmentation]:
@@ -43,6 +48,9 @@ class Candidate:
     votes: int  # views whose (inverted) prediction is exactly this grid
     confidence: float  # mean over those views of their confidence (higher is surer)
     first_view: int  # earliest view that predicted it
+    # Log-probability of this grid (its cells and the EOS border that fixes its size), summed over
+    # every view the model answered, each in its own frame (-inf where it cannot fit; nan: not computed).
+    likelihood: float = math.nan
 
 
 def vote(predictions: Sequence[tuple[np.ndarray, float]]) -> list[Candidate]:
@@ -60,9 +68,17 @@ def vote(predictions: Sequence[tuple[np.ndarray, float]]) -> list[Candidate]:
             groups[key] = [grid, 0, 0.0, view]
         groups[key][1] += 1
         groups[key][2] += float(confidence)
-    ranked = [Candidate(g, n, total / n, first) for g, n, total, first in groups.values()]
-    ranked.sort(key=lambda c: (-c.votes, -c.confidence, c.first_view))
-    return ranked
+    return ranked([Candidate(g, n, total / n, first) for g, n, total, first in groups.values()], "votes")
+
+
+def ranked(candidates: Sequence[Candidate], rank: str) -> list[Candidate]:
+    """The candidates best first by `rank` (RANKINGS); ties by votes, then the earliest view."""
+    if rank == "votes":
+        return sorted(candidates, key=lambda c: (-c.votes, -c.confidence, c.first_view))
+    if rank == "likelihood":  # not computed (nan) ranks last
+        return sorted(candidates, key=lambda c: (-c.likelihood if not math.isnan(c.likelihood) else math.inf,
+                                                 -c.votes, c.first_view))
+    raise ValueError(f"rank must be one of {', '.join(RANKINGS)}, got {rank!r}")
 
 
 def attempts(ranked: Sequence[Candidate], k: int = 2) -> list[np.ndarray]:

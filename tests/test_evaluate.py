@@ -347,3 +347,42 @@ def test_a_checkpoint_from_before_answer_canvas_is_evaluated_with_the_fixed_canv
     assert loaded.cfg.model.answer_canvas == "fixed"
     assert any("predates model.answer_canvas" in n and "answer_canvas=fixed" in n for n in loaded.notes)
     assert load_model(workspace["checkpoint"], torch.device("cpu")).cfg.model.answer_canvas == "batch"
+
+
+def test_grid_likelihood_counts_cells_and_border_of_the_canvas_the_grid_would_be():
+    """grid_log_likelihood sums, over one view's canvas, the log-probability of the tokens that
+    grid_to_canvas writes for the grid (its colours and EOS border), within the view's own canvas;
+    a grid larger than that canvas cannot be its answer."""
+    from sage.encoding import PAD, grid_to_canvas
+    from sage.predict import grid_log_likelihood
+
+    rng = np.random.default_rng(0)
+    logp = torch.log_softmax(torch.tensor(rng.normal(size=(30, 30, 12))), -1).numpy()
+    logp[6:], logp[:, 7:] = -np.inf, -np.inf  # the example's own canvas: 6 x 7
+    for shape in ((3, 4), (6, 7), (6, 2), (1, 7)):
+        grid = rng.integers(0, 10, size=shape).astype(np.uint8)
+        target = grid_to_canvas(grid, 30)[:6, :7]
+        written = target != PAD
+        expected = np.take_along_axis(logp[:6, :7], target[..., None], -1)[..., 0][written].sum()
+        assert grid_log_likelihood(grid, logp) == pytest.approx(expected, rel=1e-12), shape
+    assert grid_log_likelihood(np.zeros((7, 2), np.uint8), logp) == -np.inf
+
+
+def test_candidates_ranked_by_likelihood_make_the_attempts_and_both_rankings_are_reported(workspace):
+    """--rank likelihood: each test input's attempts are its two candidates of highest summed
+    likelihood (finite for every grid the views predicted); the report scores both rankings on the
+    same predictions, and the votes ranking equals the default evaluation's."""
+    from sage.voting import ranked
+
+    settings = {"split": str(workspace["split"]), "views": 4, "speed_tasks": 0}
+    by_votes, by_likelihood = (evaluate(workspace["checkpoint"], EvalSettings(**settings, rank=rank), progress=False,
+                                        log=lambda _: None) for rank in ("votes", "likelihood"))
+    for task_id, prediction in by_likelihood.predictions.items():
+        for j, test in enumerate(prediction.tests):
+            assert all(np.isfinite(c.likelihood) for c in test.candidates)
+            best = [c.grid for c in ranked(test.candidates, "likelihood")[:2]]
+            for attempt, grid in zip(by_likelihood.systems["student"].attempts[task_id][j], best):
+                assert np.array_equal(attempt, grid)
+    assert by_likelihood.rankings == by_votes.rankings
+    assert by_likelihood.rankings["student"]["votes"] == by_votes.systems["student"].summary
+    assert by_likelihood.rankings["student"]["likelihood"] == by_likelihood.systems["student"].summary

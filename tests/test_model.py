@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sage.datasets import load_dataset
 from sage.arc import Augmentation
+from sage.datasets import load_dataset
 from sage.encoding import ARCExamples, collate, evaluation_examples, grid_to_canvas
 from sage.model import PRESETS, SageStudent, StudentConfig, dihedral_pair_views, dihedral_query_views, view_agreement
 

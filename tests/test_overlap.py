@@ -151,3 +151,31 @@ def test_more_than_5_percent_trained_test_outputs_is_refused(arc1):
         drop_trained_tasks(train + hidden[:20], evaluation, "evaluation")
     with pytest.raises(ARCDataError, match="376 of the 400 validation tasks .*'00576224' is also a training task"):
         drop_trained_tasks(load_dataset("arc-agi-2/training"), evaluation, "validation")
+
+
+def test_several_training_datasets_join_and_drop_what_the_scored_split_shares(arc1, tmp_path):
+    """data.train "a+b" takes a's tasks, then b's whose ids a lacks; data.exclude drops every training
+    task that shares a pair (any dihedral transform) or a test input with the excluded split, so that
+    ARC-AGI-2 training, which holds most ARC-AGI-1 evaluation tasks, can pretrain a student scored
+    on them. Without data.exclude the same join would hold them."""
+    from sage.config import DataConfig
+    from sage.datasets import training_tasks
+
+    train, evaluation = arc1
+    joined = DataConfig(train="arc-agi-1/training+arc-agi-2/training")
+    given = training_tasks(joined)
+    assert [t.id for t in given.tasks[:400]] == [t.id for t in train]  # the first dataset first, whole
+    assert len({t.id for t in given.tasks}) == len(given.tasks) and len(given.repeated) == 391
+    with pytest.raises(ARCDataError, match="376 of the 400 evaluation tasks"):  # unexcluded, no held-out set
+        drop_trained_tasks(given.tasks, evaluation, "evaluation")
+    clean = training_tasks(DataConfig(train=joined.train, exclude=EVAL))
+    assert find_overlap(clean.tasks, evaluation) == []
+    assert "40853293" in clean.dropped and len(clean.dropped) == 377 and len(clean.tasks) == 632
+    assert "377 tasks dropped that share a pair or a test input with 376 of its tasks" in clean.describe(
+        DataConfig(train=joined.train, exclude=EVAL))
+    # Directories join the same way: a repeated id keeps the first dataset's task.
+    first, second = write_tasks(train[:3], tmp_path / "a"), write_tasks(train[2:5], tmp_path / "b")
+    both = load_dataset(f"{first}+{second}")
+    ids = [t.id for t in train[:5]]
+    assert [t.id for t in both] == sorted(ids[:3]) + sorted(set(ids[3:]))
+    assert next(t for t in both if t.id == ids[2]).source.startswith(str(first))

@@ -17,8 +17,8 @@ from test_overlap import write_tasks
 from test_training import tiny_config
 
 from sage.arc import Pair, load_task_dir
-from sage.encoding import ARCExamples, collate
 from sage.config import with_overrides
+from sage.encoding import ARCExamples, collate
 from sage.errors import ConfigError, TestOutputVisible
 from sage.evaluation import EvalSettings, evaluate
 from sage.predict import blind, load_model
