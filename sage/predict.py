@@ -138,18 +138,17 @@ class Predictor:
 
     @torch.inference_mode()
     def forward(self, items: list[dict[str, np.ndarray]]) -> tuple[Any, ...]:
-        """(argmax tokens [B, S, S], their log-probabilities [B, S, S], every token's [B, S, S, vocab],
-        grid features, grid mask), with S = model.grid_size: cells outside an example's own canvas
-        are PAD, and -inf log-probabilities."""
+        """(argmax tokens [B, S, S], every token's log-probability [B, S, S, vocab], grid features,
+        grid mask), with S = model.grid_size: cells outside an example's own canvas are PAD, and
+        -inf log-probabilities."""
         batch = to_device(collate(items), self.device)
         with self.autocast():
             out = self.model(batch)
         logp = torch.log_softmax(out.logits.float(), dim=-1)
-        best, tokens = logp.max(dim=-1)
         s = self.grid_size
         features = None if out.grid_features is None else out.grid_features.float().cpu()  # None: a probe
-        return (answer_canvases(tokens, batch, s), answer_canvases(best, batch, s, fill=-math.inf),
-                answer_canvases(logp, batch, s, fill=-math.inf), features, out.grid_mask.cpu())
+        return (answer_canvases(logp.argmax(dim=-1), batch, s), answer_canvases(logp, batch, s, fill=-math.inf),
+                features, out.grid_mask.cpu())
 
     def encode(self, task: Task, views: Sequence) -> tuple[ARCExamples, list[tuple[int, int]]]:
         """All (view, test input) examples of a task: the dataset and (view, test index) per item."""
@@ -176,10 +175,10 @@ class Predictor:
         for start in range(0, len(data), self.batch_size):
             idx = list(range(start, min(start + self.batch_size, len(data))))
             items = [data[i] for i in idx]
-            tokens, logp, every_logp, grid_features, grid_mask = self.forward(items)
+            tokens, logp, grid_features, grid_mask = self.forward(items)
             for b, i in enumerate(idx):
                 v, j = where[i]
-                canvases[j].append((v, every_logp[b]))
+                canvases[j].append((v, logp[b]))
                 if v == 0 and grid_features is not None:
                     features[j] = (grid_features[b], grid_mask[b], data.kept_demos[i])
                 grid = canvas_to_grid(tokens[b])
@@ -187,11 +186,12 @@ class Predictor:
                     per_test[j].append((grid, -math.inf))
                     continue
                 h, w = grid.shape
-                confidence = float(logp[b, :h, :w].mean())  # mean log-probability of the grid's cells
+                confidence = float(logp[b, :h, :w].max(-1).mean())  # mean log-probability of the grid's cells
                 per_test[j].append((views[v].invert(grid), confidence))
         tests = []
         for j, pair in enumerate(task.test):
-            ranked = [replace(c, likelihood=likelihood_over_views(c.grid, views, canvases[j])) for c in vote(per_test[j])]
+            ranked = [replace(c, likelihood=likelihood_over_views(c.grid, views, canvases[j]))
+                      for c in vote(per_test[j])]
             feats = features.get(j)
             tests.append(OutputPrediction(
                 candidates=ranked,

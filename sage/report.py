@@ -26,7 +26,7 @@ import numpy as np
 from sage.config import TTTConfig
 from sage.errors import EvaluationError
 from sage.evaluation import EvaluationResult
-from sage.metrics import SIZE_BANDS, size_band, summarize_by_size_band, task_score
+from sage.metrics import size_band, summarize_by_size_band, task_score
 from sage.overlap import describe
 from sage.pictures import draw_task
 from sage.runlog import plot_training_curves
@@ -191,7 +191,8 @@ def _rank_lines(record: dict[str, Any]) -> list[str]:
     """The student's scores with its attempts ranked each way (evaluate.py --rank), same predictions."""
     voting = record["voting"]
     lines = ["", f"## Ranking the candidates (this report's attempts: by {voting['rank']})", "",
-             "| system | attempts ranked by | ARC Prize score (pass@2) | pass@1 | tasks fully solved |", "|---|---|---|---|---|"]
+             "| system | attempts ranked by | ARC Prize score (pass@2) | pass@1 | tasks fully solved |",
+             "|---|---|---|---|---|"]
     for name, by_rank in voting["scores_by_rank"].items():
         for rank, m in by_rank.items():
             lines.append(f"| {LABELS.get(name, name)} | {rank} | {_pct(m['arc_prize_score'])} | {_pct(m['pass_at_1'])} "
@@ -205,8 +206,8 @@ def _rank_lines(record: dict[str, Any]) -> list[str]:
 def _band_lines(record: dict[str, Any]) -> list[str]:
     """ARC Prize score per band of the tasks' largest grid side (metrics.SIZE_BANDS)."""
     by_band = record["scores_by_size_band"]
-    bands = [name for name, _ in SIZE_BANDS if any(name in b for b in by_band.values())]
-    counts = next(iter(by_band.values()))
+    counts = next(iter(by_band.values()))  # every system is scored on the same tasks, so the same bands
+    bands = list(counts)
     lines = ["", "## Scores by size band (largest grid side of the task)", "",
              "| system | " + " | ".join(f"{b} ({counts[b]['tasks']} tasks)" for b in bands) + " |",
              "|---|" + "---|" * len(bands)]
