@@ -103,6 +103,9 @@ class DataConfig:
     # the order the teacher saw), fixed by (seed, epoch, example): the answer must not depend on
     # which demonstration comes first.
     shuffle_demos: bool = False
+    # An example with more demonstrations than model.max_demos and max_context_tokens keep shows another
+    # random subset each epoch, fixed by (seed, epoch, example), instead of always the first ones.
+    resample_demos: bool = False
     num_workers: int = 0  # DataLoader worker processes
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

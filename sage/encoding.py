@@ -287,6 +287,7 @@ class ARCExamples(torch.utils.data.Dataset):
         fit_answer: bool = False,
         shuffle_demos: bool = False,
         teacher_views: int = 0,
+        resample_demos: bool = False,
     ) -> None:
         if answer_canvas not in ANSWER_CANVASES:
             raise ValueError(f"answer_canvas must be one of {', '.join(ANSWER_CANVASES)}, got {answer_canvas!r}")
@@ -299,6 +300,8 @@ class ARCExamples(torch.utils.data.Dataset):
         self.teacher_views = teacher_views if teacher is not None else 0
         # Demonstrations in a random order per item, except where teacher targets fix the order.
         self.shuffle_demos = shuffle_demos
+        # Examples with more demonstrations than the caps keep show another subset each epoch (demos_in_epoch).
+        self.resample_demos, self.max_context_tokens = resample_demos, max_context_tokens
         self.epoch = 0
         # Caps depend only on grid shapes, which augmentations may transpose but never resize in area.
         self.kept_demos = [
@@ -307,8 +310,8 @@ class ARCExamples(torch.utils.data.Dataset):
         self.lengths = np.array([self._length(i) for i in range(len(self.refs))], dtype=np.int64)
         # Answer canvas shapes of the tasks as given (an augmentation may transpose one).
         self.answer_canvas, self.fit_answer = answer_canvas, fit_answer
-        self.shapes = np.array([self._answer_shape(self._pairs(r.task_index), i) for i, r in enumerate(self.refs)],
-                               dtype=np.int64).reshape(-1, 2)
+        self.shapes = np.array([self._answer_shape(self._pairs(r.task_index), i, self.kept_demos[i])
+                                for i, r in enumerate(self.refs)], dtype=np.int64).reshape(-1, 2)
         self.sides = self.shapes.max(1)  # what the sampler groups by: the same for a transposed view
         if teacher is not None:
             teacher.require(self.teacher_keys())
@@ -332,10 +335,10 @@ class ARCExamples(torch.utils.data.Dataset):
         task = self.tasks[task_index]
         return task.train + task.test
 
-    def _answer_shape(self, pairs: Sequence[Pair], i: int) -> tuple[int, int]:
+    def _answer_shape(self, pairs: Sequence[Pair], i: int, demos: Sequence[int]) -> tuple[int, int]:
         if self.answer_canvas == "fixed":
             return self.grid_size, self.grid_size
-        return answer_shape(pairs, self.kept_demos[i], self.refs[i].query, self.grid_size, self.fit_answer)
+        return answer_shape(pairs, demos, self.refs[i].query, self.grid_size, self.fit_answer)
 
     def _length(self, i: int) -> int:
         pairs, ref = self._pairs(self.refs[i].task_index), self.refs[i]
@@ -345,6 +348,19 @@ class ARCExamples(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def demos_in_epoch(self, i: int, epoch: int) -> tuple[int, ...]:
+        """The demonstrations item i shows in `epoch`: with resample_demos, an example that has more than
+        the caps keep draws them in an order fixed by (seed, epoch, index) before the cap policy drops the
+        trailing ones, so each epoch keeps another subset (the sampler's lengths stay those of the first
+        subset: a resampled context is as capped, only grouped a little less tightly); otherwise always
+        the first ones (`kept_demos`)."""
+        ref, kept = self.refs[i], self.kept_demos[i]
+        if not self.resample_demos or len(kept) == len(ref.demos):
+            return kept
+        order = np.random.default_rng([self.seed, epoch, i, 2]).permutation(len(ref.demos))
+        return fit_demos(self._pairs(ref.task_index), tuple(ref.demos[k] for k in order), ref.query, self.max_demos,
+                         self.max_context_tokens)
 
     def augmentation(self, i: int, epoch: int | None = None) -> tuple[Augmentation, int | None]:
         """Item i's augmentation in `epoch` (default: the current one), and which of the teacher's
@@ -374,13 +390,14 @@ class ARCExamples(torch.utils.data.Dataset):
         aug, view = self.augmentation(i, epoch)
         if not aug.is_identity:
             task = aug.apply_task(task)
-        demos = self.kept_demos[i]
-        if self.shuffle_demos and (self.teacher is None or view is None):
+        free = self.teacher is None or view is None  # no teacher targets fix which demonstrations, in what order
+        demos = self.demos_in_epoch(i, epoch) if free else self.kept_demos[i]
+        if self.shuffle_demos and free:
             order = np.random.default_rng([self.seed, epoch, i, 1]).permutation(len(demos))
             demos = tuple(demos[k] for k in order)
         item = encode_example(task.train + task.test, demos, ref.query, self.max_demos, self.grid_size)
         item["index"] = np.int64(i)
-        item["answer_shape"] = np.array(self._answer_shape(task.train + task.test, i), dtype=np.int64)
+        item["answer_shape"] = np.array(self._answer_shape(task.train + task.test, i, demos), dtype=np.int64)
         if self.teacher is not None:
             if view is not None:
                 item[self.teacher.field], item["teacher_mask"] = self.teacher.for_example(

@@ -108,7 +108,7 @@ def make_datasets(
         splits.train, training_examples(splits.train, d.use_test_pairs), m.grid_size, m.max_demos,
         d.max_context_tokens, augment=d.augment, seed=cfg.run.seed, augment_probability=d.augment_probability,
         teacher=train_teacher, answer_canvas=m.answer_canvas, fit_answer=True, shuffle_demos=d.shuffle_demos,
-        teacher_views=teacher_views(cfg),
+        resample_demos=d.resample_demos, teacher_views=teacher_views(cfg),
     )
     # Validation sizes each canvas as evaluation does: from the context, never from the answer.
     val_set = ARCExamples(splits.val, examples_of_rank(evaluation_examples(splits.val), ctx), m.grid_size,

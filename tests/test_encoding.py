@@ -14,6 +14,7 @@ from sage.encoding import (
     ARCExamples,
     DemonstrationCuts,
     LengthBucketSampler,
+    answer_shape,
     canvas_to_grid,
     collate,
     context_grid_tokens,
@@ -228,6 +229,43 @@ def test_shuffled_demonstrations_keep_their_pairs_and_the_teacher_order():
         plain.set_epoch(epoch)
         taught.set_epoch(epoch)
         assert order(plain[0]) == order(taught[0]) == tuple(range(n))
+
+
+def test_resampled_demonstrations_change_per_epoch_within_the_caps():
+    """data.resample_demos: an example with more demonstrations than model.max_demos keeps shows another
+    subset each epoch (whole pairs, as many as the cap keeps, fixed by seed, epoch and index, the answer
+    canvas sized from what it shows); without it, always the first ones."""
+    task = next(t for t in load_dataset("arc-agi-1/training")
+                if len(t.train) >= 6 and len({g.tobytes() for g in (p.input for p in t.train)}) == len(t.train))
+    refs = evaluation_examples([task])
+    max_demos = 3
+
+    def shown(item: dict) -> frozenset[int]:
+        found = set()
+        for k in range(max_demos):
+            grid = item["tokens"][item["segments"] == 2 * k]
+            found |= {d for d in range(len(task.train))
+                      if np.array_equal(grid, context_grid_tokens(task.train[d].input)["tokens"])}
+        return frozenset(found)
+
+    first = frozenset(range(max_demos))
+    plain = ARCExamples([task], refs, 30, max_demos, 8704, seed=1, answer_canvas="batch")
+    resampled = ARCExamples([task], refs, 30, max_demos, 8704, seed=1, answer_canvas="batch", resample_demos=True)
+    subsets = []
+    for epoch in range(8):
+        plain.set_epoch(epoch)
+        resampled.set_epoch(epoch)
+        assert shown(plain[0]) == first
+        item = resampled[0]
+        subsets.append(shown(item))
+        assert len(subsets[-1]) == max_demos and subsets[-1] == frozenset(resampled.demos_in_epoch(0, epoch))
+        assert shown(resampled[0]) == subsets[-1]  # deterministic
+        pairs = task.train + task.test
+        assert tuple(item["answer_shape"]) == answer_shape(pairs, sorted(subsets[-1]), refs[0].query, 30)
+    assert len(set(subsets)) > 2
+    # An example the caps do not cut is untouched.
+    whole = ARCExamples([task], refs, 30, 10, 8704, seed=1, resample_demos=True)
+    assert all(whole.demos_in_epoch(0, e) == tuple(range(len(task.train))) for e in range(4))
 
 
 def test_max_grid_side_keeps_only_small_tasks(tmp_path):
