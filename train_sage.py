@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: the last checkpoint is intact; continue with --resume", file=sys.stderr)
         return 130
     if not summary["stopped_early"] and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
-        print(f"best validation exact match {summary['best_exact_match']:.4f} (epoch {summary['best_epoch']}); "
+        print(f"best validation by {summary['best_by']}: epoch {summary['best_epoch']}, exact match "
+              f"{summary['best_exact_match']:.4f}, loss {summary['best_loss']:.4f}; "
               f"baselines: " + ", ".join(f"{k} {v['exact_match']:.4f}" for k, v in summary["baselines"].items()))
     return 0
 

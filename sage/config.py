@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import yaml
 
 from sage.encoding import ANSWER_CANVASES, min_context_tokens
 from sage.errors import ConfigError
+from sage.files import atomic_write
 from sage.losses import DISTILL_SLOTS, LOSS_NORMALIZATIONS
 from sage.metric_sinks import WANDB_MODES
 from sage.model import StudentConfig
@@ -185,10 +185,18 @@ class ValConfig:
     every_epochs: int = 1  # validate every N epochs, and always after the last one
 
 
+BEST_BY = ("exact_match", "loss")  # what checkpoint.best_by may rank validation epochs by
+
+
 @dataclass
 class CheckpointConfig:
-    """What checkpoints/<run>/ keeps besides `last` (what --resume continues from) and `best` (best
-    validation exact match, ties broken by loss)."""
+    """What checkpoints/<run>/ keeps besides `last` (what --resume continues from) and `best` (the
+    best validation epoch by `best_by`)."""
+
+    # "exact_match": the highest validation exact match, ties broken by the lower loss; "loss": the
+    # lowest validation loss, ties broken by the higher exact match. With a few dozen held-out answers
+    # one lucky exact answer early in a run can keep a barely trained `best` (docs/results/arc_cpu.md).
+    best_by: str = "exact_match"
 
     every_epochs: int = 10  # keep an epoch_N snapshot this often (0: never)
     every_steps: int = 0  # also refresh `last` every N steps, for long epochs (0: only at epoch ends)
@@ -501,6 +509,8 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
     need(t.grad_clip > 0, f"train.grad_clip must be > 0, got {t.grad_clip}")
     need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     need(cfg.checkpoint.every_epochs >= 0, "checkpoint.every_epochs must be >= 0")
+    need(cfg.checkpoint.best_by in BEST_BY,
+         f"checkpoint.best_by must be one of {', '.join(BEST_BY)}, got {cfg.checkpoint.best_by!r}")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0")
     need(cfg.checkpoint.last_every_epochs >= 0, "checkpoint.last_every_epochs must be >= 0")
     need(cfg.logging.curves_every_epochs >= 0, "logging.curves_every_epochs must be >= 0")
@@ -509,7 +519,4 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     """Write the resolved config (temporary file + rename: a crash never leaves half of it)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

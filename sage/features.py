@@ -45,6 +45,7 @@ from safetensors import SafetensorError
 
 from sage.arc import Task
 from sage.errors import FeatureCacheError
+from sage.files import atomic_write
 from sage.teacher.loading import checkpoint_fingerprint, read_safetensors_header
 from sage.teacher.presets import ORACLE_FEATURE_DIM, ORACLE_PRESET, get_preset, oracle_identity, require_real_files
 from sage.teacher.prompt import EntryFeatures, Role, instruction_for, prompt_template, role_of
@@ -171,15 +172,6 @@ def check_spec(directory: Path, have: dict[str, Any], want: dict[str, Any]) -> N
 # ----------------------------------------------------------------------------- writing
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -205,7 +197,7 @@ def prepare_directory(directory: Path, spec: dict[str, Any]) -> None:
     (directory / SHARDS).mkdir(parents=True, exist_ok=True)
     # Several `--shard k/n` workers may get here together; they all write the same content.
     record = {"format": FORMAT, "complete": False, "spec": spec, "spec_hash": spec_hash(spec), "entries": {}}
-    _atomic_write_text(manifest, json.dumps(record, indent=1))
+    atomic_write(manifest, json.dumps(record, indent=1))
 
 
 @dataclass
@@ -350,7 +342,7 @@ def finalize(
         "stats": {"entries": len(entries), "shards": len(shard_bytes), "bytes": sum(shard_bytes.values())},
         "entries": {k: asdict(e) for k, e in sorted(entries.items())},
     }
-    _atomic_write_text(directory / MANIFEST, json.dumps(record, indent=1))
+    atomic_write(directory / MANIFEST, json.dumps(record, indent=1))
     return status
 
 

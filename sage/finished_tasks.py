@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from sage.errors import EvaluationError
+from sage.files import atomic_write
 from sage.predict import OutputPrediction, TaskOutcome, TaskPrediction
 from sage.ttt import TTTStats
 from sage.voting import Candidate
@@ -48,7 +48,7 @@ class FinishedTasks:
             shutil.rmtree(self.directory, ignore_errors=True)
         outcomes = self._read() if resume else {}
         self.directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.directory / IDENTITY, json.dumps(self.identity, indent=1, sort_keys=True).encode())
+        atomic_write(self.directory / IDENTITY, json.dumps(self.identity, indent=1, sort_keys=True).encode())
         return outcomes
 
     def _read(self) -> dict[str, TaskOutcome]:
@@ -69,7 +69,7 @@ class FinishedTasks:
     def add(self, task_id: str, outcome: TaskOutcome) -> None:
         buffer = io.BytesIO()
         torch.save(to_plain(outcome), buffer)
-        _atomic_write(self.directory / f"{task_id}.pt", buffer.getvalue())
+        atomic_write(self.directory / f"{task_id}.pt", buffer.getvalue())
 
 
 # The dataclasses an outcome is made of: the only classes a file can name.
@@ -106,9 +106,3 @@ def from_plain(value: Any) -> Any:
     if "tuple" in value:
         return tuple(from_plain(v) for v in value["tuple"])
     return {k: from_plain(v) for k, v in value["dict"].items()}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

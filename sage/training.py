@@ -226,8 +226,8 @@ def train(
                     break
                 end_of_epoch(run)
             if not stopped_early:
-                run.log.info(f"finished: best validation exact match {run.state.best_exact:.4f} at epoch "
-                             f"{run.state.best_epoch} -> {run.checkpoint_dir / 'best'}")
+                run.log.info(f"finished: {describe_best(run.state, cfg.checkpoint.best_by)} by validation "
+                             f"{cfg.checkpoint.best_by} -> {run.checkpoint_dir / 'best'}")
         finally:
             run.log.close()
         return run_summary(run, stopped_early)
@@ -541,7 +541,7 @@ def end_of_epoch(run: Run) -> None:
     record["seconds"] = round(time.time() - run.epoch_started, 2)
     improved = keep_if_best(run, val_metrics)
     run.log.metrics("epoch", **record)
-    run.log.info(epoch_summary(record, cfg.train.epochs, state))
+    run.log.info(epoch_summary(record, cfg.train.epochs, state, cfg.checkpoint.best_by))
     final = state.epoch == cfg.train.epochs
     if final or every(state.epoch, cfg.checkpoint.last_every_epochs):
         run.save("last", val_metrics)
@@ -579,14 +579,21 @@ def run_validation(run: Run) -> dict[str, float]:
     return metrics
 
 
+def improves(val_metrics: dict[str, float], best_exact: float, best_loss: float, best_by: str) -> bool:
+    """Whether a validation beats the best so far under checkpoint.best_by: "exact_match" ranks by
+    (exact match, -loss), "loss" by (-loss, exact match)."""
+    now, best = (val_metrics["exact_match"], -val_metrics["loss"]), (best_exact, -best_loss)
+    if best_by == "loss":
+        now, best = now[::-1], best[::-1]
+    return now > best
+
+
 def keep_if_best(run: Run, val_metrics: dict[str, float] | None) -> bool:
-    """True (and the state's best updated) when validation improved: higher exact match, or equal
-    exact match and lower loss; never for non-finite loss or weights."""
+    """True (and the state's best updated) when validation improved under checkpoint.best_by; never
+    for non-finite loss or weights."""
     state = run.state
-    improved = val_metrics is not None and (
-        val_metrics["exact_match"] > state.best_exact
-        or (val_metrics["exact_match"] == state.best_exact and val_metrics["loss"] < state.best_loss)
-    )
+    improved = val_metrics is not None and improves(val_metrics, state.best_exact, state.best_loss,
+                                                    run.cfg.checkpoint.best_by)
     if improved and not (math.isfinite(val_metrics["loss"]) and all_finite(run.model.state_dict().values())):
         run.log.info(f"epoch {state.epoch}: non-finite validation loss or weights; not saved as best")
         improved = False
@@ -599,12 +606,13 @@ def keep_if_best(run: Run, val_metrics: dict[str, float] | None) -> bool:
 def run_summary(run: Run, stopped_early: bool) -> dict[str, Any]:
     records = [r for r in read_metrics(run.log_dir / "metrics.jsonl") if r.get("event") == "epoch"]
     return {"run": run.cfg.run.name, "step": run.state.step, "epochs_done": run.state.epoch,
-            "stopped_early": stopped_early, "best_exact_match": run.state.best_exact,
+            "stopped_early": stopped_early, "best_by": run.cfg.checkpoint.best_by,
+            "best_exact_match": run.state.best_exact, "best_loss": run.state.best_loss,
             "best_epoch": run.state.best_epoch, "last": records[-1] if records else None, "baselines": run.baselines,
             "checkpoint_dir": str(run.checkpoint_dir), "log_dir": str(run.log_dir)}
 
 
-def epoch_summary(record: dict[str, Any], epochs: int, state: TrainState) -> str:
+def epoch_summary(record: dict[str, Any], epochs: int, state: TrainState, best_by: str) -> str:
     text = f"epoch {record['epoch']}/{epochs} done | train loss {record['train_loss']:.4f}"
     if "train_distill_mse" in record:
         text += (f" (task {record['train_task_loss']:.4f}, distill mse {record['train_distill_mse']:.4f}, "
@@ -615,5 +623,12 @@ def epoch_summary(record: dict[str, Any], epochs: int, state: TrainState) -> str
                  f"size {record['val_size_accuracy']:.3f} pixel {record['val_pixel_accuracy']:.3f}")
         if "val_feature_cosine" in record:
             text += f" feature cosine {record['val_feature_cosine']:.4f}"
-    return text + (f" | lr {record['lr']:.2e} | best exact {state.best_exact:.3f} (epoch {state.best_epoch}) "
-                   f"| {record['seconds']:.1f}s")
+    return text + f" | lr {record['lr']:.2e} | {describe_best(state, best_by)} | {record['seconds']:.1f}s"
+
+
+def describe_best(state: TrainState, best_by: str) -> str:
+    """The best validation so far, by the figure that ranks it (checkpoint.best_by)."""
+    if state.best_epoch == 0:
+        return "no validation yet"
+    figure = f"loss {state.best_loss:.4f}" if best_by == "loss" else f"exact {state.best_exact:.3f}"
+    return f"best {figure} (epoch {state.best_epoch})"

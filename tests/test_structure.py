@@ -13,7 +13,7 @@ SCRIPTS = {"train_sage", "evaluate", "extract_groot_features", "sage_student_mod
 
 # Bottom to top: a module imports only modules of earlier layers (names without the "sage." prefix).
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "teacher.settings", "teacher.render"),  # leaves
+    ("errors", "files", "teacher.settings", "teacher.render"),  # leaves
     ("arc", "device", "recovery", "checkpoint", "metric_sinks", "pictures",
      "teacher.loading", "teacher.presets", "teacher.tokenizer"),
     ("encoding", "runlog", "synthetic", "overlap", "voting", "teacher.prompt", "teacher.backbone"),

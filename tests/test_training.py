@@ -14,7 +14,7 @@ from sage.config import load_config
 from sage.errors import CheckpointError
 from sage.runlog import read_metrics
 from sage.step import Autocast, training_lr
-from sage.training import train
+from sage.training import improves, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,11 +66,15 @@ def test_short_run_writes_artefacts_and_resume_is_exact(tmp_path):
     check_best_and_epoch_checkpoints(run, logs, straight)
 
     steps_per_epoch = straight["step"] // 2
-    interrupted = train(tiny_config(tmp_path, "resumed"), stop_after_steps=steps_per_epoch // 2, echo=False)
+    # The resumed run keeps its best by validation loss: the same epochs, another choice of best.
+    by_loss = "checkpoint.best_by=loss"
+    interrupted = train(tiny_config(tmp_path, "resumed", by_loss), stop_after_steps=steps_per_epoch // 2, echo=False)
     assert interrupted["stopped_early"] and interrupted["step"] == steps_per_epoch // 2
-    resumed = train(tiny_config(tmp_path, "resumed"), resume=True, echo=False)
+    resumed = train(tiny_config(tmp_path, "resumed", by_loss), resume=True, echo=False)
     assert resumed["step"] == straight["step"]
     assert epoch_records(tmp_path / "logs" / "resumed") == epoch_records(logs)
+    check_best_and_epoch_checkpoints(tmp_path / "checkpoints" / "resumed", tmp_path / "logs" / "resumed", resumed,
+                                     best_by="loss")
     a = load_file(run / "last" / "model.safetensors")
     b = load_file(tmp_path / "checkpoints" / "resumed" / "last" / "model.safetensors")
     for key in a:
@@ -78,10 +82,12 @@ def test_short_run_writes_artefacts_and_resume_is_exact(tmp_path):
     assert "resumed from" in (tmp_path / "logs" / "resumed" / "train.log").read_text()
 
 
-def check_best_and_epoch_checkpoints(run: Path, logs: Path, summary: dict) -> None:
+def check_best_and_epoch_checkpoints(run: Path, logs: Path, summary: dict, best_by: str = "exact_match") -> None:
     """Each checkpoint holds what metrics.jsonl says of its epoch: epoch_N's meta the validation
     metrics and step of epoch N; best/ the epoch with the highest validation exact match (ties: the
-    lower validation loss, then the earlier epoch), with that epoch's weights; the summary names it."""
+    lower validation loss, then the earlier epoch), or by best_by "loss" the lowest validation loss
+    (ties: the higher exact match, then the earlier epoch), with that epoch's weights; the summary
+    names it."""
     records = epoch_records(logs)
     assert [r["epoch"] for r in records] == list(range(1, len(records) + 1)) and records[-1]["step"] == summary["step"]
     assert records == sorted(records, key=lambda r: r["step"]) and len({r["step"] for r in records}) == len(records)
@@ -89,11 +95,15 @@ def check_best_and_epoch_checkpoints(run: Path, logs: Path, summary: dict) -> No
         meta = json.loads((run / f"epoch_{r['epoch']}" / "meta.json").read_text())
         assert meta["train_state"]["step"] == r["step"] and meta["train_state"]["epoch"] == r["epoch"]
         assert meta["val_metrics"] == {k[len("val_"):]: v for k, v in r.items() if k.startswith("val_")}, r["epoch"]
+    def rank(r: dict) -> tuple[float, float]:
+        return (-r["val_loss"], r["val_exact_match"]) if best_by == "loss" else (r["val_exact_match"], -r["val_loss"])
+
     best = records[0]
     for r in records[1:]:
-        if (r["val_exact_match"], -r["val_loss"]) > (best["val_exact_match"], -best["val_loss"]):
+        if rank(r) > rank(best):
             best = r
     assert (summary["best_epoch"], summary["best_exact_match"]) == (best["epoch"], best["val_exact_match"])
+    assert summary["best_by"] == best_by and summary["best_loss"] == best["val_loss"]
     meta = json.loads((run / "best" / "meta.json").read_text())
     assert meta["train_state"]["epoch"] == meta["train_state"]["best_epoch"] == best["epoch"]
     assert meta["train_state"]["best_exact"] == meta["val_metrics"]["exact_match"] == best["val_exact_match"]
@@ -101,6 +111,19 @@ def check_best_and_epoch_checkpoints(run: Path, logs: Path, summary: dict) -> No
     weights = load_file(run / "best" / "model.safetensors")
     same_epoch = load_file(run / f"epoch_{best['epoch']}" / "model.safetensors")
     assert weights.keys() == same_epoch.keys() and all(torch.equal(weights[k], same_epoch[k]) for k in weights)
+
+
+def test_best_by_ranks_validations_by_exact_match_or_by_loss():
+    """checkpoint.best_by: one lucky exact answer of 40 early in a run (as in arc_joined_fp32's epoch
+    2) stays best by exact match against a later, far lower loss, and not by loss; ties go to the
+    other figure, and an equal validation never replaces the best."""
+    early, late = {"exact_match": 0.025, "loss": 1.2011}, {"exact_match": 0.0, "loss": 0.90}
+    assert not improves(late, early["exact_match"], early["loss"], "exact_match")
+    assert improves(late, early["exact_match"], early["loss"], "loss")
+    assert improves({"exact_match": 0.0, "loss": 0.8}, 0.0, 0.9, "exact_match")
+    assert improves({"exact_match": 0.1, "loss": 0.9}, 0.0, 0.9, "loss")
+    assert not improves({"exact_match": 0.0, "loss": 0.9}, 0.0, 0.9, "loss")
+    assert not improves({"exact_match": 0.0, "loss": 0.9}, 0.0, 0.9, "exact_match")
 
 
 def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(tmp_path):
