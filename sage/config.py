@@ -195,7 +195,7 @@ class CheckpointConfig:
 
     # "exact_match": the highest validation exact match, ties broken by the lower loss; "loss": the
     # lowest validation loss, ties broken by the higher exact match. With a few dozen held-out answers
-    # one lucky exact answer early in a run can keep a barely trained `best` (docs/results/arc_cpu.md).
+    # one lucky exact answer early in a run can keep a barely trained `best` (docs/results/joined_pretraining.md).
     best_by: str = "exact_match"
 
     every_epochs: int = 10  # keep an epoch_N snapshot this often (0: never)

@@ -226,8 +226,8 @@ def train(
                     break
                 end_of_epoch(run)
             if not stopped_early:
-                run.log.info(f"finished: {describe_best(run.state, cfg.checkpoint.best_by)} by validation "
-                             f"{cfg.checkpoint.best_by} -> {run.checkpoint_dir / 'best'}")
+                run.log.info(f"finished: {describe_best(run.state, cfg.checkpoint.best_by)} -> "
+                             f"{run.checkpoint_dir / 'best'}")
         finally:
             run.log.close()
         return run_summary(run, stopped_early)
