@@ -48,7 +48,7 @@ class FinishedTasks:
             shutil.rmtree(self.directory, ignore_errors=True)
         outcomes = self._read() if resume else {}
         self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.directory / IDENTITY, json.dumps(self.identity, indent=1, sort_keys=True).encode())
+        atomic_write(self.directory / IDENTITY, json.dumps(self.identity, indent=1, sort_keys=True))
         return outcomes
 
     def _read(self) -> dict[str, TaskOutcome]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from sage.files import atomic_write
 from sage.metric_sinks import TensorBoardSink, WandbSettings, WandbSink, summary_writer_class, wandb_module
 
 if TYPE_CHECKING:
@@ -72,9 +73,7 @@ class RunLog:
         be missing."""
         self._metrics.close()
         kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.metrics_path)
+        atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         self._metrics = open(self.metrics_path, "a", buffering=1)
         for sink in self._sinks:
             sink.restart()
