@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="TTT steps per task and arm (default 40)")
     parser.add_argument("--arm", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="ttt settings of one arm (repeatable); default: the path TTT had before "
-                             "(ttt.tune=all,ttt.fused_adamw=false), ttt.tune=all and ttt.tune=decoder")
+                             "(ttt.tune=all,ttt.fused_adamw=false), ttt.tune=all, ttt.tune=all with one "
+                             "demonstration per context (ttt.context_demos=1) and ttt.tune=decoder")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="where to write the figures")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         model, name = build_model(cfg.model).to(device), Path(args.config).stem
     tasks = speed_sample(tasks_up_to_side(load_dataset(args.split), args.max_grid_side), args.tasks)
-    arms = args.arm or ["ttt.tune=all,ttt.fused_adamw=false", "ttt.tune=all", "ttt.tune=decoder"]
+    arms = args.arm or ["ttt.tune=all,ttt.fused_adamw=false", "ttt.tune=all", "ttt.tune=all,ttt.context_demos=1",
+                        "ttt.tune=decoder"]
     results = {}
     for arm in arms:
         overrides = [f"ttt.steps={args.steps}", "ttt.seconds=0", "ttt.stop_loss=0", *arm.split(",")]

@@ -164,7 +164,14 @@ class TTTConfig:
     # only; the encoder stays frozen, so each of `pool` augmented examples is encoded once and the
     # steps cycle through them (several times cheaper a step).
     tune: str = "all"
-    pool: int = 64  # tune: decoder: augmented leave-one-out examples encoded once per task
+    # tune: decoder: augmented leave-one-out examples encoded once per task and cycled through;
+    # 0: each step's own examples, encoded as they come (a forward pass of the frozen encoder a step).
+    pool: int = 64
+    # At most this many demonstrations in a tuning example's context, a fresh random subset per draw;
+    # 0: none, the query input alone (the tuned weights must hold the task); null: all the others, as
+    # model.max_demos and data.max_context_tokens allow. The context is most of a step's work.
+    # Answers still read the whole context.
+    context_demos: int | None = None
     # Fused AdamW (one kernel for all parameters; the optimiser step measured 4-6x faster on a CPU).
     # false: PyTorch's default AdamW, as TTT ran before: kept so benchmarks/ttt_speed.py can compare.
     fused_adamw: bool = True
@@ -491,9 +498,12 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
          f"ttt.flops and ttt.min_steps must be >= 0 (0: no budget, no minimum), got {tt.flops}, {tt.min_steps}")
     need(tt.batch_size >= 1, f"ttt.batch_size must be >= 1, got {tt.batch_size}")
     need(tt.stop_loss >= 0, f"ttt.stop_loss must be >= 0, got {tt.stop_loss}")
+    need(tt.context_demos is None or tt.context_demos >= 0,
+         f"ttt.context_demos must be >= 0 or null (every other demonstration), got {tt.context_demos}")
     need(tt.tune in TTT_TUNES, f"ttt.tune must be one of {', '.join(TTT_TUNES)}, got {tt.tune!r}")
-    need(tt.tune != "decoder" or tt.pool >= tt.batch_size,
-         f"ttt.pool ({tt.pool}) must be >= ttt.batch_size ({tt.batch_size}) with ttt.tune=decoder")
+    need(tt.pool == 0 or tt.pool >= tt.batch_size,
+         f"ttt.pool ({tt.pool}) must be 0 (each step's examples encoded as they come) or >= ttt.batch_size "
+         f"({tt.batch_size})")
     need(tt.lr > 0 and tt.grad_clip > 0 and tt.warmup_steps >= 0 and tt.weight_decay >= 0,
          "ttt.lr and ttt.grad_clip must be > 0, ttt.warmup_steps and ttt.weight_decay >= 0")
     need(0.0 <= tt.augment_probability <= 1.0,

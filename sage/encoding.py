@@ -288,6 +288,7 @@ class ARCExamples(torch.utils.data.Dataset):
         shuffle_demos: bool = False,
         teacher_views: int = 0,
         resample_demos: bool = False,
+        context_demos: int | None = None,
     ) -> None:
         if answer_canvas not in ANSWER_CANVASES:
             raise ValueError(f"answer_canvas must be one of {', '.join(ANSWER_CANVASES)}, got {answer_canvas!r}")
@@ -302,10 +303,14 @@ class ARCExamples(torch.utils.data.Dataset):
         self.shuffle_demos = shuffle_demos
         # Examples with more demonstrations than the caps keep show another subset each epoch (demos_in_epoch).
         self.resample_demos, self.max_context_tokens = resample_demos, max_context_tokens
+        # At most this many demonstrations per context (None: as many as max_demos allows). Segment
+        # ids still count up to max_demos, so a shorter context reads as one the model was trained on.
+        self.demos_kept = max_demos if context_demos is None else min(context_demos, max_demos)
         self.epoch = 0
         # Caps depend only on grid shapes, which augmentations may transpose but never resize in area.
         self.kept_demos = [
-            fit_demos(self._pairs(r.task_index), r.demos, r.query, max_demos, max_context_tokens) for r in self.refs
+            fit_demos(self._pairs(r.task_index), r.demos, r.query, self.demos_kept, max_context_tokens)
+            for r in self.refs
         ]
         self.lengths = np.array([self._length(i) for i in range(len(self.refs))], dtype=np.int64)
         # Answer canvas shapes of the tasks as given (an augmentation may transpose one).
@@ -320,7 +325,7 @@ class ARCExamples(torch.utils.data.Dataset):
         """How many examples lost demonstrations to model.max_demos and to data.max_context_tokens."""
         cuts = DemonstrationCuts(examples=len(self.refs))
         for ref, kept in zip(self.refs, self.kept_demos):
-            capped = min(len(ref.demos), self.max_demos)
+            capped = min(len(ref.demos), self.demos_kept)
             cuts.add(by_max_demos=len(ref.demos) - capped, by_context_cap=capped - len(kept), kept=len(kept))
         return cuts
 
@@ -359,7 +364,7 @@ class ARCExamples(torch.utils.data.Dataset):
         if not self.resample_demos or len(kept) == len(ref.demos):
             return kept
         order = np.random.default_rng([self.seed, epoch, i, 2]).permutation(len(ref.demos))
-        return fit_demos(self._pairs(ref.task_index), tuple(ref.demos[k] for k in order), ref.query, self.max_demos,
+        return fit_demos(self._pairs(ref.task_index), tuple(ref.demos[k] for k in order), ref.query, self.demos_kept,
                          self.max_context_tokens)
 
     def augmentation(self, i: int, epoch: int | None = None) -> tuple[Augmentation, int | None]:

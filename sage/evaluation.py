@@ -42,7 +42,7 @@ from sage.overlap import DEMONSTRATIONS, describe, drop_trained_tasks
 from sage.predict import LoadedModel, Predictor, TaskOutcome, TaskPrediction, load_model, solve_tasks
 from sage.speed import machine_description, measure_speed
 from sage.step import Autocast
-from sage.ttt import TTTStats, describe_budget
+from sage.ttt import TTTStats, describe_budget, describe_tuning
 from sage.voting import RANKINGS, ranked
 from sage.voting import attempts as top_attempts
 
@@ -375,7 +375,7 @@ def evaluate(
     if ttt_cfg is not None:
         t = ttt_cfg.ttt
         log(f"test-time training per task: {describe_budget(t)}, batch {t.batch_size}, lr {t.lr:g}, "
-            "on the task's demonstrations only; then the original weights")
+            f"tuning {describe_tuning(t)}, on the task's demonstrations only; then the original weights")
     if settings.workers > 1:
         log(f"{settings.workers} worker processes, {max(1, torch.get_num_threads() // settings.workers)} "
             "CPU thread(s) each")

@@ -30,7 +30,7 @@ from sage.metrics import size_band, summarize_by_size_band, task_score
 from sage.overlap import describe
 from sage.pictures import draw_task
 from sage.runlog import plot_training_curves
-from sage.ttt import describe_budget
+from sage.ttt import describe_budget, describe_tuning
 
 SCORING = ("official ARC Prize: 2 attempts per test output, solved when either equals the target exactly; "
            "a task scores the fraction of its test outputs solved; the score is the mean over tasks")
@@ -164,7 +164,8 @@ def _protocol_lines(record: dict[str, Any]) -> list[str]:
     if s.get("ttt_config"):
         t = s["ttt_config"]
         lines.append(f"- test-time training (student + TTT): per task, {describe_budget(TTTConfig(**t))}"
-                     + f", batch {t['batch_size']}, lr {t['lr']:g}, on leave-one-out examples of the task's "
+                     + f", batch {t['batch_size']}, lr {t['lr']:g}, tuning {describe_tuning(TTTConfig(**t))}, "
+                     "on leave-one-out examples of the task's "
                      "demonstrations only (augmented), then the original weights; test outputs never seen")
     lines += [f"- **note**: {n}" for n in record["notes"]]
     return lines

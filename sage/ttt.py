@@ -15,7 +15,9 @@ task's demonstrations, then the original weights come back.
          halves the examples per forward pass for the rest of the task (gradients accumulated:
          the same steps)
       -> `ttt.tune`: all parameters (the context re-encoded at every step), or the decoder alone,
-         the encoder frozen and `ttt.pool` augmented examples encoded once (`EncodedPool`)
+         the encoder frozen and `ttt.pool` augmented examples encoded once (`EncodedPool`; pool 0:
+         each step's examples encoded as they come, forward only); `ttt.context_demos` caps how
+         many demonstrations a tuning example's context shows (a fresh random subset per draw)
       -> the tuned model answers the test inputs with the usual augmentation voting
       -> `TestTimeTrainer.tuned` puts the original weights back, whatever happened
 
@@ -94,11 +96,30 @@ def describe_budget(ttt: TTTConfig) -> str:
     return text
 
 
-def step_flops(batch: dict[str, torch.Tensor], model: StudentConfig, tune: str) -> float:
+def describe_tuning(ttt: TTTConfig) -> str:
+    """What a task's steps tune and on what contexts, in words, for the evaluation log and report."""
+    if ttt.tune == "all":
+        text = "all parameters"
+    else:
+        text = "the decoder alone (encoder frozen, " + (f"a pool of {ttt.pool} examples encoded once)" if ttt.pool
+                                                        else "each step's examples encoded as they come)")
+    if ttt.context_demos == 0:
+        text += ", no demonstrations in the context (the query input alone)"
+    elif ttt.context_demos is not None:
+        text += f", contexts of at most {ttt.context_demos} demonstration(s)"
+    return text
+
+
+def step_flops(batch: dict[str, torch.Tensor], model: StudentConfig, tune: str, pool: int = 64) -> float:
     """Estimated FLOPs of one TTT step on `batch`: forward and backward count as three forward
-    passes; with tune: decoder the encoder's states are cached, so only the decoder's count."""
+    passes; with tune: decoder only the decoder's, the encoder's states cached (plus one encoder
+    forward pass a step with pool 0, which encodes each step's examples as they come)."""
     examples, context_tokens = batch["context_mask"].shape
-    return 3 * forward_flops(model, examples, context_tokens, batch["query"].shape[1], encoder=tune == "all")
+    shapes = (model, examples, context_tokens, batch["query"].shape[1])
+    if tune == "all":
+        return 3 * forward_flops(*shapes)
+    decoder = forward_flops(*shapes, encoder=False)
+    return 3 * decoder + (forward_flops(*shapes) - decoder if pool == 0 else 0.0)
 
 
 def budgeted_steps(ttt: TTTConfig, first_step_flops: float) -> int:
@@ -123,7 +144,8 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
     seed = zlib.crc32(f"{ttt.seed}/{task.id}".encode())
     data = ARCExamples([task], refs, m.grid_size, m.max_demos, cfg.data.max_context_tokens, augment=True,
                        seed=seed, augment_probability=ttt.augment_probability, answer_canvas=m.answer_canvas,
-                       fit_answer=True, shuffle_demos=ttt.shuffle_demos)
+                       fit_answer=True, shuffle_demos=ttt.shuffle_demos, context_demos=ttt.context_demos,
+                       resample_demos=bool(ttt.context_demos))
     autocast = Autocast(device, cfg.run.precision)
     micro = MicroBatch("test-time training", ttt.batch_size, None, lambda _: None, accumulates=True,
                        scope=f"task {task.id}")
@@ -135,7 +157,7 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
         # when ttt.stop_loss asks, so a GPU is never kept waiting for the next batch.
         losses: list[torch.Tensor] = []
         first = collate(step_examples(data, 0, ttt.batch_size)) if pool is None else pool.batch(0)[0]
-        steps = budgeted_steps(ttt, step_flops(first, m, ttt.tune))
+        steps = budgeted_steps(ttt, step_flops(first, m, ttt.tune, ttt.pool))
         for step in range(steps):
             spent = time.perf_counter() - started
             if ttt.seconds and spent >= ttt.seconds:
@@ -187,22 +209,25 @@ def tuned_parameters(model: torch.nn.Module, tune: str) -> Iterator[None]:
 
 
 class EncodedPool:
-    """ttt.tune: decoder's examples: the first `size` draws of the task's stream (`step_examples`),
-    collated into batches once and encoded once by the frozen encoder; step s trains on batch
-    s mod (size / batch size). No numpy encoding and no encoder pass in the steps themselves."""
+    """ttt.tune: decoder's batches, the encoder frozen. ttt.pool > 0: the first `pool` draws of the
+    task's stream (`step_examples`), collated and encoded once; step s trains on batch s mod (pool /
+    batch size): no numpy encoding and no encoder pass in the steps themselves, but the same few
+    augmented views over and over. ttt.pool = 0: each step's own draws, encoded as they come (an
+    encoder forward pass a step, no backward): every step sees fresh views, as the full path does."""
 
     def __init__(self, model: torch.nn.Module, data: ARCExamples, size: int, batch_size: int, device: torch.device,
                  autocast: Autocast) -> None:
-        self.batches = []
-        with torch.no_grad():
-            for index in range(max(size // batch_size, 1)):
-                batch = to_device(collate(step_examples(data, index, batch_size)), device)
-                with autocast():
-                    context, mask = model.encode(batch)
-                self.batches.append((batch, (context, mask)))
+        self.model, self.data, self.batch_size, self.device, self.autocast = model, data, batch_size, device, autocast
+        self.batches = [self.encoded(index) for index in range(max(size // batch_size, 1))] if size else []
+
+    def encoded(self, index: int) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        batch = to_device(pinned(collate(step_examples(self.data, index, self.batch_size)), self.device), self.device)
+        with torch.no_grad(), self.autocast():
+            context, mask = self.model.encode(batch)
+        return batch, (context, mask)
 
     def batch(self, step: int) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        return self.batches[step % len(self.batches)]
+        return self.batches[step % len(self.batches)] if self.batches else self.encoded(step)
 
 
 class TestTimeTrainer:

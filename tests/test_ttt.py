@@ -18,7 +18,7 @@ from test_training import tiny_config
 
 from sage.arc import Pair, load_task_dir
 from sage.config import with_overrides
-from sage.encoding import ARCExamples, collate
+from sage.encoding import ARCExamples, collate, context_grid_tokens
 from sage.errors import ConfigError, TestOutputVisible
 from sage.evaluation import EvalSettings, evaluate
 from sage.predict import blind, load_model
@@ -89,11 +89,13 @@ def test_tuning_learns_the_demonstrations_and_the_original_weights_come_back(wor
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_decoder_tuning_keeps_the_encoder_learns_and_restores(workspace):
-    """ttt.tune=decoder tunes the decoder alone, on a pool encoded once by the frozen encoder: the
-    encoder and the shared embeddings stay bit for bit, the loss on the demonstrations falls, and
-    afterwards every weight and every requires_grad flag is as before."""
-    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=40", "ttt.tune=decoder", "ttt.pool=8",
+@pytest.mark.parametrize("pool", [8, 0])
+def test_decoder_tuning_keeps_the_encoder_learns_and_restores(workspace, pool):
+    """ttt.tune=decoder tunes the decoder alone, on a pool encoded once by the frozen encoder (pool 0:
+    each step's examples encoded as they come): the encoder and the shared embeddings stay bit for
+    bit, the loss on the demonstrations falls, and afterwards every weight and every requires_grad
+    flag is as before."""
+    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=40", "ttt.tune=decoder", f"ttt.pool={pool}",
                               "ttt.augment_probability=0", "ttt.shuffle_demos=false")
     model = loaded.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -104,6 +106,20 @@ def test_decoder_tuning_keeps_the_encoder_learns_and_restores(workspace):
     assert stats.steps == 40 and stats.last_loss < 0.5 * stats.first_loss, stats
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert flags == {k: p.requires_grad for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("pool, distinct", [(8, 2), (0, 6)])
+def test_decoder_tuning_cycles_its_pool_or_draws_fresh_views_every_step(workspace, monkeypatch, pool, distinct):
+    """ttt.tune=decoder: a pool of 8 examples in batches of 4 gives 2 batches, cycled; pool 0 gives
+    every step its own draws, under their own augmentations (6 steps, 6 different batches)."""
+    import sage.ttt
+
+    batches = []
+    real_collate = sage.ttt.collate
+    monkeypatch.setattr(sage.ttt, "collate", lambda items: batches.append(items) or real_collate(items))
+    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=6", "ttt.tune=decoder", f"ttt.pool={pool}")
+    finetune(loaded.model, blind(workspace["tasks"][1]), cfg, CPU)
+    assert len({b"".join(item["tokens"].tobytes() for item in items) for items in batches}) == distinct
 
 
 def test_time_budget_stops_tuning_early(workspace):
@@ -127,6 +143,34 @@ def test_no_batch_holds_the_same_example_twice(workspace, monkeypatch):
     for items in batches:
         seen = {(item["tokens"].tobytes(), item["target"].tobytes()) for item in items}
         assert len(seen) == len(items), "a batch repeats an example exactly"
+
+
+@pytest.mark.parametrize("cap", [1, 0])
+def test_context_demos_caps_each_context_and_draws_another_subset_each_time(workspace, monkeypatch, cap):
+    """ttt.context_demos=1: every tuning example shows one demonstration pair besides its query (the
+    query keeps the segment id it has in a full context), and over the draws every other
+    demonstration of the query's task turns up as that pair. 0: the query input alone."""
+    import sage.ttt
+
+    batches = []
+    real_collate = sage.ttt.collate
+    monkeypatch.setattr(sage.ttt, "collate", lambda items: batches.append(items) or real_collate(items))
+    task = workspace["tasks"][4]
+    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=6", f"ttt.context_demos={cap}",
+                              "ttt.augment_probability=0")
+    query_segment = 2 * cfg.model.max_demos
+    stats = finetune(loaded.model, blind(task), cfg, CPU)
+    assert stats.steps == 6 and len(batches) == 7  # the first batch is collated twice (the budget reads it)
+    shown: dict[bytes, set[bytes]] = {}  # query input -> the demonstration inputs seen beside it
+    for item in (item for items in batches for item in items):
+        segments = item["segments"]
+        assert set(np.unique(segments)) == ({0, 1, query_segment} if cap else {query_segment})
+        query = item["tokens"][segments == query_segment].tobytes()
+        shown.setdefault(query, set()).add(item["tokens"][segments == 0].tobytes())
+    inputs = [context_grid_tokens(p.input)["tokens"].tobytes() for p in task.train]
+    assert set(shown) == set(inputs)
+    for query, demos in shown.items():
+        assert demos == (set(inputs) - {query} if cap else {b""}), "each other demonstration is drawn as the context"
 
 
 def test_stop_loss_ends_a_converged_task_in_steps(workspace):
