@@ -219,6 +219,7 @@ class EncodedPool:
                  autocast: Autocast) -> None:
         self.model, self.data, self.batch_size, self.device, self.autocast = model, data, batch_size, device, autocast
         self.batches = [self.encoded(index) for index in range(max(size // batch_size, 1))] if size else []
+        self.latest: tuple[int, tuple] | None = None  # pool 0: the last step's batch (the budget reads step 0's first)
 
     def encoded(self, index: int) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         batch = to_device(pinned(collate(step_examples(self.data, index, self.batch_size)), self.device), self.device)
@@ -227,7 +228,11 @@ class EncodedPool:
         return batch, (context, mask)
 
     def batch(self, step: int) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        return self.batches[step % len(self.batches)] if self.batches else self.encoded(step)
+        if self.batches:
+            return self.batches[step % len(self.batches)]
+        if self.latest is None or self.latest[0] != step:
+            self.latest = (step, self.encoded(step))
+        return self.latest[1]
 
 
 class TestTimeTrainer:

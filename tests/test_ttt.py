@@ -160,7 +160,7 @@ def test_context_demos_caps_each_context_and_draws_another_subset_each_time(work
                               "ttt.augment_probability=0")
     query_segment = 2 * cfg.model.max_demos
     stats = finetune(loaded.model, blind(task), cfg, CPU)
-    assert stats.steps == 6 and len(batches) == 7  # the first batch is collated twice (the budget reads it)
+    assert stats.steps == 6 and len(batches) == 6
     shown: dict[bytes, set[bytes]] = {}  # query input -> the demonstration inputs seen beside it
     for item in (item for items in batches for item in items):
         segments = item["segments"]
