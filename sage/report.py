@@ -162,9 +162,9 @@ def _protocol_lines(record: dict[str, Any]) -> list[str]:
         f"- scoring: {record['scoring']}",
     ]
     if s.get("ttt_config"):
-        t = s["ttt_config"]
-        lines.append(f"- test-time training (student + TTT): per task, {describe_budget(TTTConfig(**t))}"
-                     + f", batch {t['batch_size']}, lr {t['lr']:g}, tuning {describe_tuning(TTTConfig(**t))}, "
+        t = TTTConfig(**s["ttt_config"])
+        lines.append(f"- test-time training (student + TTT): per task, {describe_budget(t)}"
+                     + f", batch {t.batch_size}, lr {t.lr:g}, tuning {describe_tuning(t)}, "
                      "on leave-one-out examples of the task's "
                      "demonstrations only (augmented), then the original weights; test outputs never seen")
     lines += [f"- **note**: {n}" for n in record["notes"]]

@@ -100,9 +100,10 @@ def describe_tuning(ttt: TTTConfig) -> str:
     """What a task's steps tune and on what contexts, in words, for the evaluation log and report."""
     if ttt.tune == "all":
         text = "all parameters"
+    elif ttt.pool:
+        text = f"the decoder alone (encoder frozen, a pool of {ttt.pool} examples encoded once)"
     else:
-        text = "the decoder alone (encoder frozen, " + (f"a pool of {ttt.pool} examples encoded once)" if ttt.pool
-                                                        else "each step's examples encoded as they come)")
+        text = "the decoder alone (encoder frozen, each step's examples encoded as they come)"
     if ttt.context_demos == 0:
         text += ", no demonstrations in the context (the query input alone)"
     elif ttt.context_demos is not None:
@@ -110,16 +111,16 @@ def describe_tuning(ttt: TTTConfig) -> str:
     return text
 
 
-def step_flops(batch: dict[str, torch.Tensor], model: StudentConfig, tune: str, pool: int = 64) -> float:
+def step_flops(batch: dict[str, torch.Tensor], model: StudentConfig, ttt: TTTConfig) -> float:
     """Estimated FLOPs of one TTT step on `batch`: forward and backward count as three forward
     passes; with tune: decoder only the decoder's, the encoder's states cached (plus one encoder
     forward pass a step with pool 0, which encodes each step's examples as they come)."""
     examples, context_tokens = batch["context_mask"].shape
     shapes = (model, examples, context_tokens, batch["query"].shape[1])
-    if tune == "all":
+    if ttt.tune == "all":
         return 3 * forward_flops(*shapes)
     decoder = forward_flops(*shapes, encoder=False)
-    return 3 * decoder + (forward_flops(*shapes) - decoder if pool == 0 else 0.0)
+    return 3 * decoder + (forward_flops(*shapes) - decoder if ttt.pool == 0 else 0.0)
 
 
 def budgeted_steps(ttt: TTTConfig, first_step_flops: float) -> int:
@@ -156,8 +157,9 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
         # Losses stay on the device: reading one is a host sync, done only every STOP_WINDOW steps
         # when ttt.stop_loss asks, so a GPU is never kept waiting for the next batch.
         losses: list[torch.Tensor] = []
-        first = collate(step_examples(data, 0, ttt.batch_size)) if pool is None else pool.batch(0)[0]
-        steps = budgeted_steps(ttt, step_flops(first, m, ttt.tune, ttt.pool))
+        # Step 0's batch, read first for the budget, then trained on.
+        first = collate(step_examples(data, 0, ttt.batch_size)) if pool is None else pool.batch(0)
+        steps = budgeted_steps(ttt, step_flops(first if pool is None else first[0], m, ttt))
         for step in range(steps):
             spent = time.perf_counter() - started
             if ttt.seconds and spent >= ttt.seconds:
@@ -167,7 +169,7 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
                 examples = first if step == 0 else collate(step_examples(data, step, ttt.batch_size))
                 batch, context = to_device(pinned(examples, device), device), None
             else:
-                batch, context = pool.batch(step)
+                batch, context = first if step == 0 else pool.batch(step)
             losses.append(tuning_step(model, optimizer, batch, autocast, cfg.train.loss_normalization,
                                       ttt.grad_clip, context, micro, faults))
             if len(losses) % STOP_WINDOW == 0 and converged(losses, ttt.stop_loss):
@@ -219,7 +221,6 @@ class EncodedPool:
                  autocast: Autocast) -> None:
         self.model, self.data, self.batch_size, self.device, self.autocast = model, data, batch_size, device, autocast
         self.batches = [self.encoded(index) for index in range(max(size // batch_size, 1))] if size else []
-        self.latest: tuple[int, tuple] | None = None  # pool 0: the last step's batch (the budget reads step 0's first)
 
     def encoded(self, index: int) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         batch = to_device(pinned(collate(step_examples(self.data, index, self.batch_size)), self.device), self.device)
@@ -228,11 +229,7 @@ class EncodedPool:
         return batch, (context, mask)
 
     def batch(self, step: int) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        if self.batches:
-            return self.batches[step % len(self.batches)]
-        if self.latest is None or self.latest[0] != step:
-            self.latest = (step, self.encoded(step))
-        return self.latest[1]
+        return self.batches[step % len(self.batches)] if self.batches else self.encoded(step)
 
 
 class TestTimeTrainer:

@@ -194,7 +194,7 @@ def test_flops_budget_gives_larger_tasks_fewer_steps_and_none_below_the_minimum(
     def first_step_flops(task):
         data = ARCExamples([task], ttt_examples(task), m.grid_size, m.max_demos, cfg.data.max_context_tokens,
                            answer_canvas=m.answer_canvas, fit_answer=True)
-        return step_flops(collate(step_examples(data, 0, cfg.ttt.batch_size)), m, "all")
+        return step_flops(collate(step_examples(data, 0, cfg.ttt.batch_size)), m, cfg.ttt)
 
     by_cost = sorted((blind(t) for t in workspace["tasks"]), key=first_step_flops)
     small, large = by_cost[0], by_cost[-1]
