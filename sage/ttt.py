@@ -129,6 +129,35 @@ def budgeted_steps(ttt: TTTConfig, first_step_flops: float) -> int:
     return steps if steps >= ttt.min_steps else 0
 
 
+def tuning_data(task: Task, refs: list[ExampleRef], cfg: ExperimentConfig) -> ARCExamples:
+    """The task's stream of augmented leave-one-out examples (`step_examples` reads it by draw)."""
+    ttt, m = cfg.ttt, cfg.model
+    # Each draw's augmentation depends on (seed, task, draw) only: a task tunes the same way wherever it runs.
+    seed = zlib.crc32(f"{ttt.seed}/{task.id}".encode())
+    return ARCExamples([task], refs, m.grid_size, m.max_demos, cfg.data.max_context_tokens, augment=True,
+                       seed=seed, augment_probability=ttt.augment_probability, answer_canvas=m.answer_canvas,
+                       fit_answer=True, shuffle_demos=ttt.shuffle_demos, context_demos=ttt.context_demos,
+                       resample_demos=bool(ttt.context_demos))
+
+
+@dataclass(frozen=True)
+class TaskBudget:
+    """What a task's TTT budget grants before any stop, known without training (benchmarks/ttt_budget.py)."""
+
+    steps: int  # budgeted_steps: 0 when the task has no leave-one-out examples or too few steps
+    step_flops: float  # estimated FLOPs of its first step (0.0 without examples)
+
+
+def task_budget(task: Task, cfg: ExperimentConfig) -> TaskBudget:
+    """The steps `finetune` will take on `task` at most, from the same first batch it reads."""
+    refs = ttt_examples(task)
+    if not refs or cfg.ttt.steps == 0:
+        return TaskBudget(0, 0.0)
+    first = collate(step_examples(tuning_data(task, refs, cfg), 0, cfg.ttt.batch_size))
+    flops = step_flops(first, cfg.model, cfg.ttt)
+    return TaskBudget(budgeted_steps(cfg.ttt, flops), flops)
+
+
 def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: torch.device,
              faults: FaultInjection | None = None) -> TTTStats:
     """Fine-tune `model` in place on `task`'s demonstrations as cfg.ttt says (module docstring).
@@ -141,12 +170,7 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
     refs = ttt_examples(task)
     if not refs or ttt.steps == 0:
         return TTTStats(0, time.perf_counter() - started, len(refs), math.nan, math.nan)
-    # Each draw's augmentation depends on (seed, task, draw) only: a task tunes the same way wherever it runs.
-    seed = zlib.crc32(f"{ttt.seed}/{task.id}".encode())
-    data = ARCExamples([task], refs, m.grid_size, m.max_demos, cfg.data.max_context_tokens, augment=True,
-                       seed=seed, augment_probability=ttt.augment_probability, answer_canvas=m.answer_canvas,
-                       fit_answer=True, shuffle_demos=ttt.shuffle_demos, context_demos=ttt.context_demos,
-                       resample_demos=bool(ttt.context_demos))
+    data = tuning_data(task, refs, cfg)
     autocast = Autocast(device, cfg.run.precision)
     micro = MicroBatch("test-time training", ttt.batch_size, None, lambda _: None, accumulates=True,
                        scope=f"task {task.id}")

@@ -18,14 +18,14 @@ from test_training import tiny_config
 
 from sage.arc import Pair, load_task_dir
 from sage.config import with_overrides
-from sage.encoding import ARCExamples, collate, context_grid_tokens
+from sage.encoding import context_grid_tokens
 from sage.errors import ConfigError, TestOutputVisible
 from sage.evaluation import EvalSettings, evaluate
 from sage.predict import blind, load_model
 from sage.recovery import FaultInjection
 from sage.synthetic import generate_tasks
 from sage.training import train
-from sage.ttt import TestTimeTrainer, finetune, ttt_examples
+from sage.ttt import TestTimeTrainer, finetune, task_budget, ttt_examples
 
 REPO = Path(__file__).resolve().parents[1]
 TTT = ["ttt.steps=25", "ttt.batch_size=4", "ttt.lr=3e-3", "ttt.warmup_steps=2"]
@@ -185,29 +185,57 @@ def test_stop_loss_ends_a_converged_task_in_steps(workspace):
 def test_flops_budget_gives_larger_tasks_fewer_steps_and_none_below_the_minimum(workspace):
     """ttt.flops: a task takes as many steps as its budget buys at its first step's estimated cost
     (capped at ttt.steps), so a larger task gets fewer; under ttt.min_steps it gets none and its
-    weights stay as pretrained."""
-    from sage.ttt import step_examples, step_flops
-
+    weights stay as pretrained. `task_budget` (benchmarks/ttt_budget.py plans a run with it) says
+    beforehand how many steps finetune takes."""
     loaded, cfg = loaded_with(workspace["checkpoint"], *TTT)
-    m = cfg.model
 
     def first_step_flops(task):
-        data = ARCExamples([task], ttt_examples(task), m.grid_size, m.max_demos, cfg.data.max_context_tokens,
-                           answer_canvas=m.answer_canvas, fit_answer=True)
-        return step_flops(collate(step_examples(data, 0, cfg.ttt.batch_size)), m, cfg.ttt)
+        return task_budget(task, cfg).step_flops
 
     by_cost = sorted((blind(t) for t in workspace["tasks"]), key=first_step_flops)
     small, large = by_cost[0], by_cost[-1]
     assert first_step_flops(large) > 1.2 * first_step_flops(small)
     budget = 12.5 * first_step_flops(small)
     loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=1000", f"ttt.flops={budget}")
-    assert finetune(loaded.model, small, cfg, CPU).steps == 12
-    assert finetune(loaded.model, large, cfg, CPU).steps == int(budget // first_step_flops(large)) < 12
+    assert finetune(loaded.model, small, cfg, CPU).steps == task_budget(small, cfg).steps == 12
+    assert finetune(loaded.model, large, cfg, CPU).steps == task_budget(large, cfg).steps
+    whole_contexts = task_budget(large, cfg).steps
+    assert whole_contexts == int(budget // first_step_flops(large)) < 12
+    # Shorter contexts make a step cheaper: the same budget buys more steps, and the plan still agrees.
+    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=1000", f"ttt.flops={budget}",
+                              "ttt.context_demos=1")
+    assert finetune(loaded.model, large, cfg, CPU).steps == task_budget(large, cfg).steps > whole_contexts
     loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=1000", f"ttt.flops={budget}", "ttt.min_steps=13")
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     assert finetune(loaded.model, small, cfg, CPU).steps == 0
     for k, v in loaded.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_budget_plan_counts_each_bands_steps_and_compares_a_finished_run(workspace, tmp_path, capsys):
+    """benchmarks/ttt_budget.py: per size band, the tasks tuned and the steps their budgets grant
+    (as finetune will take them), a time estimate from real calibration steps, and a finished
+    evaluation's steps beside the plan."""
+    from benchmarks import ttt_budget
+
+    _, cfg = loaded_with(workspace["checkpoint"], *TTT)
+    cheapest = min(task_budget(t, cfg).step_flops for t in workspace["tasks"])
+    settings = [*TTT, "ttt.steps=21", f"ttt.flops={22 * cheapest}", "ttt.min_steps=20"]
+    _, cfg = loaded_with(workspace["checkpoint"], *settings)
+    plan = {t.id: task_budget(t, cfg) for t in workspace["tasks"]}
+    assert 0 < sum(p.steps > 0 for p in plan.values()) < len(plan)  # the minimum leaves the costlier tasks out
+    finished = tmp_path / "per_task.csv"
+    finished.write_text("task_id,ttt_steps,ttt_seconds\n" + "".join(f"{i},{p.steps},6.0\n" for i, p in plan.items()))
+    argv = ["--checkpoint", str(workspace["checkpoint"]), "--split", str(workspace["split"]), "--calibrate", "2",
+            "--calibration-steps", "2", "--workers", "2", "--against", str(finished)]
+    assert ttt_budget.main(argv + [f"--set={s}" for s in settings]) == 0
+    out = capsys.readouterr().out
+    total = next(line for line in out.splitlines() if line.startswith("| all |")).strip("| ").split(" | ")
+    tuned = [p.steps for p in plan.values() if p.steps]
+    assert total[:6] == ["all", "6", str(len(tuned)), str(sum(s == 21 for s in tuned)), f"{np.median(tuned):.0f}",
+                         str(sum(tuned))]
+    assert total[-2:] == [str(sum(tuned)), "0.6"]  # six tasks' 6 s, in minutes
+    assert float(total[-3]) >= 0 and "seconds a step = " in out and "with 2 workers" in out  # estimated minutes
 
 
 @pytest.mark.parametrize("tune", ["all", "decoder"])
