@@ -170,8 +170,12 @@ class TTTConfig:
     # At most this many demonstrations in a tuning example's context, a fresh random subset per draw;
     # 0: none, the query input alone (the tuned weights must hold the task); null: all the others, as
     # model.max_demos and data.max_context_tokens allow. The context is most of a step's work.
-    # Answers still read the whole context.
+    # Answers read the whole context unless ttt.answer_context_demos says otherwise.
     context_demos: int | None = None
+    # At most this many demonstrations in the context of each answer after TTT; view v starts from
+    # demonstration v mod n, so the views share the demonstrations out evenly. null: all of them, as
+    # the checkpoint answers without TTT. 1 answers on contexts like those ttt.context_demos=1 tunes on.
+    answer_context_demos: int | None = None
     # Fused AdamW (one kernel for all parameters; the optimiser step measured 4-6x faster on a CPU).
     # false: PyTorch's default AdamW, as TTT ran before: kept so benchmarks/ttt_speed.py can compare.
     fused_adamw: bool = True
@@ -500,6 +504,8 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
     need(tt.stop_loss >= 0, f"ttt.stop_loss must be >= 0, got {tt.stop_loss}")
     need(tt.context_demos is None or tt.context_demos >= 0,
          f"ttt.context_demos must be >= 0 or null (every other demonstration), got {tt.context_demos}")
+    need(tt.answer_context_demos is None or tt.answer_context_demos >= 0,
+         f"ttt.answer_context_demos must be >= 0 or null (every demonstration), got {tt.answer_context_demos}")
     need(tt.tune in TTT_TUNES, f"ttt.tune must be one of {', '.join(TTT_TUNES)}, got {tt.tune!r}")
     need(tt.pool == 0 or tt.pool >= tt.batch_size,
          f"ttt.pool ({tt.pool}) must be 0 (each step's examples encoded as they come) or >= ttt.batch_size "

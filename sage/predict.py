@@ -150,25 +150,31 @@ class Predictor:
         return (answer_canvases(logp.argmax(dim=-1), batch, s), answer_canvases(logp, batch, s, fill=-math.inf),
                 features, out.grid_mask.cpu())
 
-    def encode(self, task: Task, views: Sequence) -> tuple[ARCExamples, list[tuple[int, int]]]:
-        """All (view, test input) examples of a task: the dataset and (view, test index) per item."""
+    def encode(self, task: Task, views: Sequence,
+               context_demos: int | None = None) -> tuple[ARCExamples, list[tuple[int, int]]]:
+        """All (view, test input) examples of a task: the dataset and (view, test index) per item.
+        With `context_demos` k, view v's contexts show k demonstrations from v mod n on (in turn)."""
         answerable = [j for j, p in enumerate(task.test) if self.fits(p.input)]
         view_tasks = [aug.apply_task(task) for aug in views]
-        demos = tuple(range(len(task.train)))
+        n = len(task.train)
         refs, where = [], []
         for v in range(len(view_tasks)):
+            demos = tuple(range(n)) if context_demos is None else tuple((v + d) % n for d in range(n))
             for j in answerable:
-                refs.append(ExampleRef(v, demos, len(task.train) + j, j))
+                refs.append(ExampleRef(v, demos, n + j, j))
                 where.append((v, j))
         data = ARCExamples(view_tasks, refs, self.grid_size, self.max_demos, self.max_context_tokens,
-                           teacher=self.teacher, answer_canvas=self.loaded.cfg.model.answer_canvas)
+                           teacher=self.teacher, answer_canvas=self.loaded.cfg.model.answer_canvas,
+                           context_demos=context_demos)
         return data, where
 
-    def predict(self, task: Task) -> TaskPrediction:
+    def predict(self, task: Task, context_demos: int | None = None) -> TaskPrediction:
+        """The task's two attempts per test input, voted over the views; `context_demos` caps the
+        demonstrations each view's context shows (`encode`; None: all)."""
         started = time.perf_counter()
         task = blind(task)
         views = make_views(task.id, self.n_views, self.seed)
-        data, where = self.encode(task, views)
+        data, where = self.encode(task, views, context_demos)
         per_test: dict[int, list[tuple[np.ndarray, float]]] = {j: [] for j in range(len(task.test))}
         canvases: dict[int, list[tuple[int, np.ndarray]]] = {j: [] for j in range(len(task.test))}  # (view, logp)
         features: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
@@ -248,13 +254,14 @@ class TaskSolver:
                  ttt_cfg: ExperimentConfig | None = None) -> None:
         self.predictor = Predictor(loaded, device, n_views, seed, batch_size)
         self.trainer = None if ttt_cfg is None else TestTimeTrainer(loaded.model, ttt_cfg, device)
+        self.answer_context_demos = None if ttt_cfg is None else ttt_cfg.ttt.answer_context_demos
 
     def solve(self, task: Task) -> TaskOutcome:
         plain = self.predictor.predict(task)
         if self.trainer is None:
             return TaskOutcome(plain)
         with self.trainer.tuned(blind(task)) as stats:
-            tuned = self.predictor.predict(task)
+            tuned = self.predictor.predict(task, self.answer_context_demos)
         return TaskOutcome(plain, tuned, stats)
 
 

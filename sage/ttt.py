@@ -108,6 +108,9 @@ def describe_tuning(ttt: TTTConfig) -> str:
         text += ", no demonstrations in the context (the query input alone)"
     elif ttt.context_demos is not None:
         text += f", contexts of at most {ttt.context_demos} demonstration(s)"
+    if ttt.answer_context_demos is not None:
+        text += (f"; answers on contexts of at most {ttt.answer_context_demos} demonstration(s), "
+                 "view v from demonstration v mod n")
     return text
 
 

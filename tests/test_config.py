@@ -20,7 +20,7 @@ def write(tmp_path, text, name="exp.yaml"):
     return path
 
 
-@pytest.mark.parametrize("name", ["quickstart", "sage_44m", "smoke", "probe_groot", "arc_cpu", "kd_oracle"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert cfg.run.name == name

@@ -173,6 +173,32 @@ def test_context_demos_caps_each_context_and_draws_another_subset_each_time(work
         assert demos == (set(inputs) - {query} if cap else {b""}), "each other demonstration is drawn as the context"
 
 
+def test_answer_context_demos_shares_the_demonstrations_out_over_the_views(workspace, monkeypatch):
+    """ttt.answer_context_demos=1: after tuning, view v answers from demonstration v mod n alone (so
+    every demonstration serves as many views); the checkpoint's own answers still read all that fit."""
+    import sage.predict
+
+    task = workspace["tasks"][0]  # 3 demonstrations
+    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=2", "ttt.answer_context_demos=1")
+    shown = []
+    real_encode = sage.predict.Predictor.encode
+
+    def spy(self, task, views, context_demos=None):
+        data, where = real_encode(self, task, views, context_demos)
+        shown.append([data.kept_demos[i] for i in range(len(where))])
+        return data, where
+
+    monkeypatch.setattr(sage.predict.Predictor, "encode", spy)
+    outcome = sage.predict.TaskSolver(loaded, CPU, n_views=4, seed=0, batch_size=4, ttt_cfg=cfg).solve(task)
+    assert outcome.tuned is not None and outcome.ttt.steps == 2
+    tests = len(task.test)
+    plain = shown[0]  # the checkpoint as it is: as many demonstrations as the context cap lets in, in every view
+    assert len(plain) == 4 * tests and len(plain[0]) > 1 and plain == [plain[0]] * len(plain)
+    assert shown[1] == [(v % 3,) for v in range(4) for _ in range(tests)]
+    with pytest.raises(ConfigError, match=r"ttt\.answer_context_demos must be >= 0"):
+        with_overrides(loaded.cfg, ["ttt.answer_context_demos=-1"], sections=("ttt",))
+
+
 def test_stop_loss_ends_a_converged_task_in_steps(workspace):
     """ttt.stop_loss stops once the mean loss of the last 10 steps is below it: with a threshold no
     loss can miss, after exactly 10 steps; off (0), all the steps."""
