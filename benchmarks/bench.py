@@ -40,6 +40,7 @@ are small (1 warm-up + 3 timed steps, 1 speed task); the whole run takes about 1
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import multiprocessing
@@ -74,7 +75,7 @@ from sage.encoding import PAD, ARCExamples, LengthBucketSampler, collate  # noqa
 from sage.model import build_model  # noqa: E402
 from sage.recovery import FaultInjection, MicroBatch  # noqa: E402
 from sage.step import Autocast, compute_losses, make_optimizer, read_steps, to_device, train_step, unwrap  # noqa: E402
-from sage.training import Splits, load_splits, make_datasets  # noqa: E402
+from sage.training import Splits, load_splits, make_datasets, uses_shape_buckets  # noqa: E402
 from sage.validation import validate  # noqa: E402
 
 SECTIONS = ("train", "memory", "cache", "speed")  # run by default, in this order
@@ -182,7 +183,8 @@ def training_setup(cfg: ExperimentConfig, device: torch.device, data: Data,
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(device).train()
     sampler = epoch_batches(cfg, data) if batches is None else batches
-    loader = torch.utils.data.DataLoader(data.train_set, batch_sampler=sampler, collate_fn=collate,
+    batch_of = functools.partial(collate, shape_buckets=uses_shape_buckets(device))  # as training pads them
+    loader = torch.utils.data.DataLoader(data.train_set, batch_sampler=sampler, collate_fn=batch_of,
                                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     # Measured wherever asked (training itself compiles on CUDA only): the CPU figure is the reason.

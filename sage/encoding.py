@@ -457,7 +457,10 @@ def collate(items: Sequence[dict[str, np.ndarray]], pad_to_multiple: int = 8,
     batch["answer_rows"] = torch.from_numpy(np.broadcast_to(rows, (B, R * C)).copy())
     batch["answer_cols"] = torch.from_numpy(np.broadcast_to(cols, (B, R * C)).copy())
     own = (rows[None, :] < shapes[:, :1]) & (cols[None, :] < shapes[:, 1:])
-    if not own.all():
+    # A compiled model guards on which keys the batch has: with shape buckets the mask is always
+    # there (all true where every canvas is full), else each mix of full and partial canvases
+    # recompiles (the GPU check hit dynamo's recompile limit on batch['answer_mask']).
+    if shape_buckets or not own.all():
         batch["answer_mask"] = torch.from_numpy(own)
         batch["target"][~batch["answer_mask"]] = PAD
     if (R, C) != (grid_size, grid_size):  # scoring needs the whole target, also where it does not fit

@@ -276,8 +276,7 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
     # Workers persist across epochs (no restart per epoch); the epoch travels with each index.
     loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                        persistent_workers=cfg.data.num_workers > 0)
-    # A compiled model recompiles for new shapes: give it a few (sage.encoding.bucketed_length).
-    train_collate = functools.partial(collate, shape_buckets=compiles(cfg, device))
+    train_collate = functools.partial(collate, shape_buckets=uses_shape_buckets(device))
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=EpochTaggedBatches(train_sampler),
                                                collate_fn=train_collate, **loader_args)
     val_loader = torch.utils.data.DataLoader(val_set, batch_sampler=val_sampler, collate_fn=collate, **loader_args)
@@ -360,6 +359,14 @@ def restore(checkpoint: Checkpoint, model: SageStudent, optimizer: torch.optim.O
     log.info(f"resumed from {checkpoint.path} at step {state.step} (epoch {state.epoch + 1}, "
              f"batch {state.batch_in_epoch}/{steps_per_epoch})")
     return state
+
+
+def uses_shape_buckets(device: torch.device) -> bool:
+    """Training batches are padded to a few shapes (sage.encoding.bucketed_length) on CUDA: there
+    each new (context, canvas) shape cost 0.2-0.4 s once and a repeated one ran 5-10x faster (the
+    H200 GPU check, docs/results/gpu_check_h200.md), and a compiled model recompiles for new shapes.
+    On the CPU a new shape costs nothing extra and the padding would."""
+    return device.type == "cuda"
 
 
 def compiles(cfg: ExperimentConfig, device: torch.device) -> bool:

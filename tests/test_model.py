@@ -249,6 +249,15 @@ def test_shape_buckets_give_a_compiled_model_few_shapes_and_the_same_loss():
         loss = [answer_cross_entropy(x, batch["target"]) for x, batch in ((a, plain), (b, bucketed))]
         torch.testing.assert_close(loss[0], loss[1], atol=1e-5, rtol=1e-5)
         assert score_batch(a, plain, 30) == score_batch(b, bucketed, 30)
+    # The keys the model reads do not depend on the batch (a compiled model guards on them), also
+    # where every answer fills its canvas: then the mask is all true.
+    tasks = load_dataset("arc-agi-1/training")
+    every = ARCExamples(tasks, training_examples(tasks), grid_size=30, max_demos=3, max_context_tokens=4096,
+                        answer_canvas="batch", fit_answer=True)
+    fills = next(i for i, (r, c) in enumerate(every.shapes) if r % CANVAS_BUCKET == c % CANVAS_BUCKET == 0)
+    full = [every[fills]]
+    bucketed = collate(full, shape_buckets=True)
+    assert "answer_mask" in bucketed and bucketed["answer_mask"].all() and "answer_mask" not in collate(full)
 
 
 def test_flops_estimate_agrees_with_torch_counting_real_batches():
