@@ -365,7 +365,7 @@ def uses_shape_buckets(device: torch.device) -> bool:
     """Training batches are padded to a few shapes (sage.encoding.bucketed_length) on CUDA: there
     each new (context, canvas) shape cost 0.2-0.4 s once and a repeated one ran 5-10x faster (the
     H200 GPU check, docs/results/gpu_check_h200.md), and a compiled model recompiles for new shapes.
-    On the CPU a new shape costs nothing extra and the padding would."""
+    On the CPU no such cost was seen, and the padding would add work."""
     return device.type == "cuda"
 
 
