@@ -261,6 +261,7 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
     batches = iter(loader)
     timed: list[dict[str, Any]] = []
     slices: list[dict[str, torch.Tensor]] = []
+    seen_shapes: set[tuple[int, ...]] = set()  # a first-time shape may cost far more (kernel plans, allocator)
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         with record_function("data"):
@@ -276,11 +277,14 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
         sync(device)
         t2 = time.perf_counter()
         B, L = batch["tokens"].shape
+        shape = (B, L, *batch["query"].shape[1:])
+        new_shape = shape not in seen_shapes
+        seen_shapes.add(shape)
         if i >= warmup:
             timed.append({
                 "examples": B, "padded_context": L, "context_tokens": int(batch["context_mask"].sum()),
                 "answer_cells": B * batch["query"].shape[1], "loss_cells": int((batch["target"] != PAD).sum()),
-                "data_s": t1 - t0, "step_s": t2 - t1,
+                "data_s": t1 - t0, "step_s": t2 - t1, "new_shape": new_shape,
             })
             slices.append(first_example(batch))
         log(f"train: step {i + 1}/{warmup + steps} ({'warm-up' if i < warmup else 'timed'}) {B}x{L} context: "
@@ -305,6 +309,7 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
     flops = sum(r["flops"] for r in timed)
     tokens = sum(r["context_tokens"] + r["answer_cells"] for r in timed)
     examples = sum(r["examples"] for r in timed)
+    repeated = [r for r in timed if not r["new_shape"]]
     return {
         "steps": steps, "warmup": warmup, "batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers,
         "teacher_targets": data.teacher,
@@ -315,6 +320,11 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
         "achieved_flops_per_second": flops / total_s,
         "compute_only_flops_per_second": flops / sum(r["step_s"] for r in timed),
         "data_wait_share": sum(r["data_s"] for r in timed) / total_s,
+        "new_shape_steps": steps - len(repeated),
+        "repeated_shape_step_seconds_mean": (sum(r["data_s"] + r["step_s"] for r in repeated) / len(repeated)
+                                             if repeated else None),
+        "repeated_shape_flops_per_second": (sum(r["flops"] for r in repeated)
+                                            / sum(r["data_s"] + r["step_s"] for r in repeated) if repeated else None),
         "context_padding_share": 1 - sum(r["context_tokens"] for r in timed) / sum(
             r["examples"] * r["padded_context"] for r in timed),
         "answer_cells_with_loss_share": sum(r["loss_cells"] for r in timed) / sum(r["answer_cells"] for r in timed),
@@ -597,6 +607,10 @@ def summary_rows(results: dict[str, Any]) -> tuple[list[tuple[str, str, str, str
             ("train", "teacher targets", t["teacher_targets"].split(" (")[0], "", ""),
             ("train", f"step time (mean of {t['steps']}, batch {t['batch_size']})",
              f"{t['step_seconds_mean']:.2f} s", "", ""),
+            ("train", "steps with a shape not seen before in the run", f"{t['new_shape_steps']} of {t['steps']}",
+             "", ""),
+            ("train", "step time, shapes seen before (mean)", f"{t['repeated_shape_step_seconds_mean']:.2f} s"
+             if t["repeated_shape_step_seconds_mean"] is not None else "none", "", ""),
             ("train", "throughput, context + answer tokens", f"{t['tokens_per_second']:,.0f} tokens/s", "", ""),
             ("train", "throughput, examples", f"{t['examples_per_second']:.2f} examples/s", "", ""),
             ("train", "FLOPs per step (counted, mean)", f"{t['flops_per_step_mean'] / 1e12:.2f} TFLOP", "", ""),

@@ -69,7 +69,7 @@ class Sizes:
     speed_tasks: int
 
 
-GPU = Sizes("configs/sage_44m.yaml", TINY_TEACHER, (5, 20), 4.0, 20, "inductor", 32,
+GPU = Sizes("configs/sage_44m.yaml", TINY_TEACHER, (5, 120), 4.0, 20, "inductor", 32,
             ["--limit", "8", "--set", "ttt.steps=100"], (1, 4), "groot-n1.5", 3)
 SMOKE = Sizes("configs/quickstart.yaml", SMOKE_MODEL, (1, 2), 0.5, 4, "eager", 8,
               ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=3", "--set", "ttt.batch_size=2"], (2,),
@@ -109,7 +109,9 @@ class Check:
             log.flush()
             try:
                 done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as timeout:  # keep what it printed before the limit
+                for part in (timeout.stdout, timeout.stderr):
+                    log.write(part.decode(errors="replace") if isinstance(part, bytes) else part or "")
                 raise StageFailed(f"timed out after {limit:.0f} s") from None
             log.write(done.stdout + done.stderr)
         if done.returncode != 0:
@@ -147,7 +149,10 @@ def stage_throughput(check: Check) -> dict[str, Any]:
             "measured_peak_tflops": peak["flops_per_second"] / 1e12, "mfu_vs_measured_peak": train["mfu"],
             "spec_peak_tflops": spec / 1e12 if spec else None,
             "mfu_vs_spec_peak": train["achieved_flops_per_second"] / spec if spec else None,
-            "data_wait_share": train["data_wait_share"]}
+            "data_wait_share": train["data_wait_share"], "timed_steps": train["steps"],
+            "new_shape_steps": train["new_shape_steps"],
+            "repeated_shape_step_seconds": train["repeated_shape_step_seconds_mean"],
+            "repeated_shape_tflops": (train["repeated_shape_flops_per_second"] or 0) / 1e12}
 
 
 def stage_compile(check: Check) -> dict[str, Any]:
@@ -259,7 +264,7 @@ def child_compile(smoke: bool, out: Path) -> dict[str, Any]:
     sampler = LengthBucketSampler(train_set.lengths, cfg.train.batch_size, shuffle=True, seed=0, sides=train_set.sides)
     batches = list(sampler)[: sizes.compile_batches]
     figures = {}
-    for buckets in (False, True):
+    for buckets in (True, False):  # buckets first: what training uses on a GPU, and free shapes may time out
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         model = build_model(cfg.model).to(device)
@@ -275,6 +280,7 @@ def child_compile(smoke: bool, out: Path) -> dict[str, Any]:
         figures["shape_buckets" if buckets else "free_shapes"] = {
             "batches": len(batches), "distinct_shapes": len(shapes), "graphs_compiled": graphs,
             "seconds": round(time.time() - started, 1)}
+        print(json.dumps(figures), file=sys.stderr, flush=True)  # in the stage's log even if the next arm times out
     figures["backend"] = sizes.compile_backend
     return figures
 
