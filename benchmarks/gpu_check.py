@@ -69,7 +69,7 @@ class Sizes:
     speed_tasks: int
 
 
-GPU = Sizes("configs/sage_44m.yaml", TINY_TEACHER, (5, 120), 4.0, 20, "inductor", 32,
+GPU = Sizes("configs/sage_44m.yaml", TINY_TEACHER, (5, 120), 4.0, 12, "inductor", 32,
             ["--limit", "8", "--set", "ttt.steps=100"], (1, 4), "groot-n1.5", 3)
 SMOKE = Sizes("configs/quickstart.yaml", SMOKE_MODEL, (1, 2), 0.5, 4, "eager", 8,
               ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=3", "--set", "ttt.batch_size=2"], (2,),
