@@ -310,6 +310,7 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
     tokens = sum(r["context_tokens"] + r["answer_cells"] for r in timed)
     examples = sum(r["examples"] for r in timed)
     repeated = [r for r in timed if not r["new_shape"]]
+    repeated_s = sum(r["data_s"] + r["step_s"] for r in repeated)
     return {
         "steps": steps, "warmup": warmup, "batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers,
         "teacher_targets": data.teacher,
@@ -321,10 +322,8 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
         "compute_only_flops_per_second": flops / sum(r["step_s"] for r in timed),
         "data_wait_share": sum(r["data_s"] for r in timed) / total_s,
         "new_shape_steps": steps - len(repeated),
-        "repeated_shape_step_seconds_mean": (sum(r["data_s"] + r["step_s"] for r in repeated) / len(repeated)
-                                             if repeated else None),
-        "repeated_shape_flops_per_second": (sum(r["flops"] for r in repeated)
-                                            / sum(r["data_s"] + r["step_s"] for r in repeated) if repeated else None),
+        "repeated_shape_step_seconds_mean": repeated_s / len(repeated) if repeated else None,
+        "repeated_shape_flops_per_second": sum(r["flops"] for r in repeated) / repeated_s if repeated else None,
         "context_padding_share": 1 - sum(r["context_tokens"] for r in timed) / sum(
             r["examples"] * r["padded_context"] for r in timed),
         "answer_cells_with_loss_share": sum(r["loss_cells"] for r in timed) / sum(r["answer_cells"] for r in timed),

@@ -152,7 +152,8 @@ def stage_throughput(check: Check) -> dict[str, Any]:
             "data_wait_share": train["data_wait_share"], "timed_steps": train["steps"],
             "new_shape_steps": train["new_shape_steps"],
             "repeated_shape_step_seconds": train["repeated_shape_step_seconds_mean"],
-            "repeated_shape_tflops": (train["repeated_shape_flops_per_second"] or 0) / 1e12}
+            "repeated_shape_tflops": (train["repeated_shape_flops_per_second"] / 1e12
+                                      if train["repeated_shape_flops_per_second"] is not None else None)}
 
 
 def stage_compile(check: Check) -> dict[str, Any]:
