@@ -157,7 +157,7 @@ class TTTConfig:
     # cell, averaged as train.loss_normalization says), checked every 10 steps (reading the loss is
     # a host sync); counted in steps, so reproducible. 0: never.
     stop_loss: float = 0.0
-    # Optional safety cap in seconds per task (0: none). A clock makes the steps taken, and so the
+    # Optional safety cap in seconds per task and run (0: none). A clock makes the steps taken, and so the
     # answers, depend on the machine and what else runs on it: recipes leave it off.
     seconds: float = 0.0
     batch_size: int = 8  # leave-one-out examples per step (the task's demonstrations, cycled)
@@ -187,6 +187,10 @@ class TTTConfig:
     augment_probability: float = 1.0  # share of examples under a dihedral transform + colour permutation
     shuffle_demos: bool = True  # context demonstrations in a random order
     seed: int = 0  # with the task's id, seeds its augmentations and demonstration orders
+    # Independent runs per task, each from the pretrained weights on its own stream of draws, sharing
+    # the task's step budget (each takes 1/runs of its steps); the answers pool every run's votes over
+    # the views. One run's draws can fit a task's demonstrations or miss them (docs/results/ttt.md).
+    runs: int = 1
 
 
 @dataclass
@@ -503,6 +507,7 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
          f"ttt.flops and ttt.min_steps must be >= 0 (0: no budget, no minimum), got {tt.flops}, {tt.min_steps}")
     need(tt.batch_size >= 1, f"ttt.batch_size must be >= 1, got {tt.batch_size}")
     need(tt.stop_loss >= 0, f"ttt.stop_loss must be >= 0, got {tt.stop_loss}")
+    need(tt.runs >= 1, f"ttt.runs must be >= 1 (independent tuning runs per task), got {tt.runs}")
     need(tt.context_demos is None or tt.context_demos >= 0,
          f"ttt.context_demos must be >= 0 or null (every other demonstration), got {tt.context_demos}")
     need(tt.answer_context_demos is None or tt.answer_context_demos >= 0,

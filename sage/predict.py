@@ -5,7 +5,8 @@ config) the same again after test-time training on each task, in one process or 
     blind(task)               the task with its test outputs removed: all a predictor ever sees
     Predictor.predict(task)   augmented views -> student -> decode -> undo each view -> vote -> 2 attempts
     TaskSolver.solve(task)    the checkpoint's answer, then (--ttt) the answer after sage/ttt.py tuned a
-                              copy on the task's demonstrations; the original weights come back
+                              copy on the task's demonstrations (ttt.runs times, their views' votes
+                              pooled); the original weights come back
     solve_tasks(...)          every task, one at a time or spread over worker processes (a small model
                               on a CPU uses the cores better as 1-thread processes than as one
                               multi-thread process)
@@ -33,7 +34,7 @@ from sage.encoding import COLOUR_OFFSET, EOS, ARCExamples, ExampleRef, answer_ca
 from sage.errors import CheckpointError
 from sage.model import PREDATING_DEFAULTS, build_model
 from sage.step import Autocast, to_device
-from sage.ttt import TestTimeTrainer, TTTStats
+from sage.ttt import TestTimeTrainer, TTTStats, pooled_stats
 from sage.voting import Candidate, vote
 from sage.voting import attempts as top_attempts
 from sage.voting import views as make_views
@@ -110,6 +111,16 @@ class TaskPrediction:
     seconds: float  # encode + forward + decode + vote, all views
 
 
+@dataclass
+class ViewAnswers:
+    """One model's answers to every view of a task's test inputs, before the vote (per test index)."""
+
+    grids: dict[int, list[tuple[np.ndarray, float]]]  # (grid in the task's frame, confidence) per view
+    canvases: dict[int, list[tuple[int, np.ndarray]]]  # (view index, log-probability canvas) per view
+    features: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]  # identity view: for feature fidelity
+    seconds: float = 0.0
+
+
 class Predictor:
     """Runs a model over the augmented views of one task at a time and votes."""
 
@@ -171,44 +182,56 @@ class Predictor:
     def predict(self, task: Task, context_demos: int | None = None) -> TaskPrediction:
         """The task's two attempts per test input, voted over the views; `context_demos` caps the
         demonstrations each view's context shows (`encode`; None: all)."""
+        return self.decide(task, [self.answer_views(task, context_demos)])
+
+    def answer_views(self, task: Task, context_demos: int | None = None) -> ViewAnswers:
+        """The model's answer to every augmented view of every test input, undone to the task's frame."""
         started = time.perf_counter()
         task = blind(task)
         views = make_views(task.id, self.n_views, self.seed)
         data, where = self.encode(task, views, context_demos)
-        per_test: dict[int, list[tuple[np.ndarray, float]]] = {j: [] for j in range(len(task.test))}
-        canvases: dict[int, list[tuple[int, np.ndarray]]] = {j: [] for j in range(len(task.test))}  # (view, logp)
-        features: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
+        answers = ViewAnswers({j: [] for j in range(len(task.test))}, {j: [] for j in range(len(task.test))}, {})
         for start in range(0, len(data), self.batch_size):
             idx = list(range(start, min(start + self.batch_size, len(data))))
             items = [data[i] for i in idx]
             tokens, logp, grid_features, grid_mask = self.forward(items)
             for b, i in enumerate(idx):
                 v, j = where[i]
-                canvases[j].append((v, logp[b]))
+                answers.canvases[j].append((v, logp[b]))
                 if v == 0 and grid_features is not None:
-                    features[j] = (grid_features[b], grid_mask[b], data.kept_demos[i])
+                    answers.features[j] = (grid_features[b], grid_mask[b], data.kept_demos[i])
                 grid = canvas_to_grid(tokens[b])
                 if grid.size == 0:  # no answer from this view; sage.voting ignores it
-                    per_test[j].append((grid, -math.inf))
+                    answers.grids[j].append((grid, -math.inf))
                     continue
                 h, w = grid.shape
                 confidence = float(logp[b, :h, :w].max(-1).mean())  # mean log-probability of the grid's cells
-                per_test[j].append((views[v].invert(grid), confidence))
+                answers.grids[j].append((views[v].invert(grid), confidence))
+        answers.seconds = time.perf_counter() - started
+        return answers
+
+    def decide(self, task: Task, answers: Sequence[ViewAnswers]) -> TaskPrediction:
+        """Two attempts per test input from the view answers of one model or of several (the runs
+        of ttt.runs): every view's grid votes, and a candidate's likelihood sums over every canvas."""
+        started = time.perf_counter()
+        views = make_views(task.id, self.n_views, self.seed)
         tests = []
         for j, pair in enumerate(task.test):
-            ranked = [replace(c, likelihood=likelihood_over_views(c.grid, views, canvases[j]))
-                      for c in vote(per_test[j])]
-            feats = features.get(j)
+            grids = [g for a in answers for g in a.grids[j]]
+            canvases = [c for a in answers for c in a.canvases[j]]
+            ranked = [replace(c, likelihood=likelihood_over_views(c.grid, views, canvases)) for c in vote(grids)]
+            feats = answers[0].features.get(j)  # the first model's, for feature fidelity
             tests.append(OutputPrediction(
                 candidates=ranked,
                 attempts=top_attempts(ranked),
                 answerable=self.fits(pair.input),
-                views=sum(g.size > 0 for g, _ in per_test[j]),
+                views=sum(g.size > 0 for g, _ in grids),
                 grid_features=None if feats is None else feats[0],
                 grid_mask=None if feats is None else feats[1],
                 kept_demos=() if feats is None else feats[2],
             ))
-        return TaskPrediction(task.id, tests, time.perf_counter() - started)
+        seconds = time.perf_counter() - started + sum(a.seconds for a in answers)
+        return TaskPrediction(task.id, tests, seconds)
 
 
 def grid_log_likelihood(grid: np.ndarray, logp: np.ndarray) -> float:
@@ -260,9 +283,14 @@ class TaskSolver:
         plain = self.predictor.predict(task)
         if self.trainer is None:
             return TaskOutcome(plain)
-        with self.trainer.tuned(blind(task)) as stats:
-            tuned = self.predictor.predict(task, self.answer_context_demos)
-        return TaskOutcome(plain, tuned, stats)
+        answers, stats = [], []
+        for run in range(self.trainer.cfg.ttt.runs):
+            with self.trainer.tuned(blind(task), run) as run_stats:
+                answers.append(self.predictor.answer_views(task, self.answer_context_demos))
+            stats.append(run_stats)
+            if not run_stats.steps:
+                break  # nothing tuned: another run would answer exactly as this one did
+        return TaskOutcome(plain, self.predictor.decide(task, answers), pooled_stats(stats))
 
 
 _worker_solver: TaskSolver | None = None  # each worker process's own

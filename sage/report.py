@@ -117,6 +117,8 @@ def per_task_rows(result: EvaluationResult) -> list[dict[str, Any]]:
             row.update(ttt_steps=stats.steps, ttt_seconds=round(stats.seconds, 2), ttt_examples=stats.examples,
                        ttt_first_loss=round(stats.first_loss, 4), ttt_last_loss=round(stats.last_loss, 4),
                        ttt_micro_batch=stats.micro_batch)
+            if stats.run_last_losses:  # ttt.runs > 1: each run's (ttt_last_loss is their mean)
+                row["ttt_run_last_losses"] = ";".join(f"{loss:.4f}" for loss in stats.run_last_losses)
         for name in result.systems:
             if name != "student":
                 row[f"{name}_score"] = task_score(result.systems[name].scores[task.id], 2)
@@ -344,7 +346,8 @@ def write_report(result: EvaluationResult, out_dir: str | Path, pictures: int = 
     (tmp / files["submission"]).write_text(json.dumps(submission(result)))
     rows = per_task_rows(result)
     with open(tmp / files["per_task"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # Every column any row has (a task answered without TTT runs has no ttt_run_last_losses).
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)), restval="")
         writer.writeheader()
         writer.writerows(rows)
 

@@ -20,6 +20,9 @@ task's demonstrations, then the original weights come back.
          many demonstrations a tuning example's context shows (a fresh random subset per draw)
       -> the tuned model answers the test inputs with the usual augmentation voting
       -> `TestTimeTrainer.tuned` puts the original weights back, whatever happened
+      -> `ttt.runs` > 1: the task's step budget is shared out between that many runs from the
+         original weights, each on its own stream of draws (`run`); sage.predict pools their
+         views' votes into one pair of attempts (one run's luck in its draws counts for less)
 
 The ARC rules allow any use of a test task's demonstration pairs at test time; its test outputs
 are off limits, and `finetune` refuses a task that still carries one.
@@ -57,6 +60,7 @@ class TTTStats:
     first_loss: float  # answer loss of the first step (nan without steps)
     last_loss: float  # mean answer loss of the last min(10, steps) steps
     micro_batch: int = 0  # examples per forward pass after out-of-memory halvings (0: never halved)
+    run_last_losses: tuple[float, ...] = ()  # with ttt.runs > 1: each run's last_loss (last_loss is their mean)
 
 
 def ttt_examples(task: Task) -> list[ExampleRef]:
@@ -108,6 +112,8 @@ def describe_tuning(ttt: TTTConfig) -> str:
         text += ", no demonstrations in the context (the query input alone)"
     elif ttt.context_demos is not None:
         text += f", contexts of at most {ttt.context_demos} demonstration(s)"
+    if ttt.runs > 1:
+        text += f"; {ttt.runs} runs per task from the pretrained weights, sharing its steps, their votes pooled"
     if ttt.answer_context_demos is not None:
         text += (f"; answers on contexts of at most {ttt.answer_context_demos} demonstration(s), "
                  "view v from demonstration v mod n")
@@ -132,11 +138,13 @@ def budgeted_steps(ttt: TTTConfig, first_step_flops: float) -> int:
     return steps if steps >= ttt.min_steps else 0
 
 
-def tuning_data(task: Task, refs: list[ExampleRef], cfg: ExperimentConfig) -> ARCExamples:
-    """The task's stream of augmented leave-one-out examples (`step_examples` reads it by draw)."""
+def tuning_data(task: Task, refs: list[ExampleRef], cfg: ExperimentConfig, run: int = 0) -> ARCExamples:
+    """Run `run`'s stream of the task's augmented leave-one-out examples (`step_examples` reads it
+    by draw)."""
     ttt, m = cfg.ttt, cfg.model
-    # Each draw's augmentation depends on (seed, task, draw) only: a task tunes the same way wherever it runs.
-    seed = zlib.crc32(f"{ttt.seed}/{task.id}".encode())
+    # Each draw's augmentation depends on (seed, task, run, draw) only: a task tunes the same way
+    # wherever it runs. Run 0 keeps the key it had before ttt.runs existed.
+    seed = zlib.crc32((f"{ttt.seed}/{task.id}" + (f"/run{run}" if run else "")).encode())
     return ARCExamples([task], refs, m.grid_size, m.max_demos, cfg.data.max_context_tokens, augment=True,
                        seed=seed, augment_probability=ttt.augment_probability, answer_canvas=m.answer_canvas,
                        fit_answer=True, shuffle_demos=ttt.shuffle_demos, context_demos=ttt.context_demos,
@@ -152,7 +160,8 @@ class TaskBudget:
 
 
 def task_budget(task: Task, cfg: ExperimentConfig) -> TaskBudget:
-    """The steps `finetune` will take on `task` at most, from the same first batch it reads."""
+    """The steps `finetune` will take on `task` at most (all its ttt.runs together), from the same
+    first batch it reads."""
     refs = ttt_examples(task)
     if not refs or cfg.ttt.steps == 0:
         return TaskBudget(0, 0.0)
@@ -162,9 +171,10 @@ def task_budget(task: Task, cfg: ExperimentConfig) -> TaskBudget:
 
 
 def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: torch.device,
-             faults: FaultInjection | None = None) -> TTTStats:
-    """Fine-tune `model` in place on `task`'s demonstrations as cfg.ttt says (module docstring).
-    `faults` simulates out-of-memory errors (tests; sage/recovery.py)."""
+             faults: FaultInjection | None = None, run: int = 0) -> TTTStats:
+    """Fine-tune `model` in place on `task`'s demonstrations as cfg.ttt says (module docstring):
+    run `run` of ttt.runs, with its share of the task's steps. `faults` simulates out-of-memory
+    errors (tests; sage/recovery.py)."""
     if any(p.output is not None for p in task.test):
         raise TestOutputVisible(f"task {task.id}: test-time training was given the task's test outputs; "
                                 "pass it through sage.predict.blind first")
@@ -173,7 +183,7 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
     refs = ttt_examples(task)
     if not refs or ttt.steps == 0:
         return TTTStats(0, time.perf_counter() - started, len(refs), math.nan, math.nan)
-    data = tuning_data(task, refs, cfg)
+    data = tuning_data(task, refs, cfg, run)
     autocast = Autocast(device, cfg.run.precision)
     micro = MicroBatch("test-time training", ttt.batch_size, None, lambda _: None, accumulates=True,
                        scope=f"task {task.id}")
@@ -186,7 +196,9 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
         losses: list[torch.Tensor] = []
         # Step 0's batch, read first for the budget, then trained on.
         first = collate(step_examples(data, 0, ttt.batch_size)) if pool is None else pool.batch(0)
-        steps = budgeted_steps(ttt, step_flops(first if pool is None else first[0], m, ttt))
+        # Every run gets the same share, of the budget that run 0's first batch sets.
+        steps = (budgeted_steps(ttt, step_flops(first if pool is None else first[0], m, ttt)) if run == 0
+                 else task_budget(task, cfg).steps) // ttt.runs
         for step in range(steps):
             spent = time.perf_counter() - started
             if ttt.seconds and spent >= ttt.seconds:
@@ -270,12 +282,25 @@ class TestTimeTrainer:
         self.original = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @contextlib.contextmanager
-    def tuned(self, task: Task) -> Iterator[TTTStats]:
-        """`model` fine-tuned on `task` (test outputs removed) inside the block; the original after."""
+    def tuned(self, task: Task, run: int = 0) -> Iterator[TTTStats]:
+        """`model` fine-tuned on `task` (test outputs removed) by run `run` of ttt.runs inside the
+        block; the original after."""
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                stats = finetune(self.model, task, self.cfg, self.device, self.faults)
+                stats = finetune(self.model, task, self.cfg, self.device, self.faults, run)
             yield stats
         finally:
             self.model.load_state_dict(self.original)
             self.model.eval()
+
+
+def pooled_stats(runs: list[TTTStats]) -> TTTStats:
+    """One task's stats over its ttt.runs runs: steps and seconds summed, the first run's first loss,
+    the mean of the runs' last losses (each kept in run_last_losses)."""
+    if len(runs) == 1:
+        return runs[0]
+    tuned = [r.last_loss for r in runs if not math.isnan(r.last_loss)]
+    halved = [r.micro_batch for r in runs if r.micro_batch]
+    return TTTStats(sum(r.steps for r in runs), sum(r.seconds for r in runs), runs[0].examples, runs[0].first_loss,
+                    sum(tuned) / len(tuned) if tuned else math.nan, min(halved) if halved else 0,
+                    tuple(r.last_loss for r in runs))

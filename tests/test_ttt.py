@@ -317,6 +317,50 @@ def test_the_same_command_gives_the_same_submission_on_a_busy_machine_and_after_
     assert steps[0] == steps[1] == ["80"] * len(workspace["tasks"])
 
 
+def test_runs_share_the_steps_draw_their_own_examples_and_pool_their_votes(workspace, tmp_path):
+    """ttt.runs=2: each run tunes from the pretrained weights on its own stream of draws with half
+    the task's steps; the answers pool both runs' views (twice the votes), and per_task.csv keeps
+    each run's loss. Run 0 draws exactly what a single run draws, so runs=1 answers as before."""
+    from sage.report import write_report
+    from sage.ttt import tuning_data
+
+    _, one = loaded_with(workspace["checkpoint"], *TTT)
+    _, two = loaded_with(workspace["checkpoint"], *TTT, "ttt.runs=2")
+    task = blind(workspace["tasks"][1])
+    refs = ttt_examples(task)
+    draw = (0, 0)  # the first draw of each stream: its augmentation differs between runs, not between configs
+    first = [tuning_data(task, refs, cfg, run)[draw] for cfg, run in ((one, 0), (two, 0), (two, 1))]
+    same = [all(np.array_equal(first[0][k], other[k]) for k in first[0]) for other in first[1:]]
+    assert same == [True, False]
+
+    settings = EvalSettings(split=str(workspace["split"]), views=2, speed_tasks=0, ttt=True, ttt_overrides=TTT,
+                            limit=2)
+    single = evaluate(workspace["checkpoint"], settings, progress=False, log=lambda _: None)
+    pooled = evaluate(workspace["checkpoint"], replace(settings, ttt_overrides=[*TTT, "ttt.runs=2"]),
+                      progress=False, log=lambda _: None)
+    for task_id, stats in pooled.ttt_stats.items():
+        assert (stats.steps, single.ttt_stats[task_id].steps) == (24, 25)  # 25 // 2 = 12 a run
+        assert len(stats.run_last_losses) == 2 and stats.last_loss == pytest.approx(sum(stats.run_last_losses) / 2)
+        for test in pooled.ttt_predictions[task_id].tests:
+            assert test.views == 2 * 2 and sum(c.votes for c in test.candidates) == 4
+    rows = list(csv.DictReader(write_report(pooled, tmp_path / "report", pictures=0)["per_task"].read_text().splitlines()))
+    assert all(len(r["ttt_run_last_losses"].split(";")) == 2 for r in rows)
+
+
+def test_pooling_two_identical_runs_doubles_votes_and_likelihood_and_keeps_the_attempts(workspace):
+    from sage.predict import Predictor
+
+    loaded = load_model(workspace["checkpoint"], CPU)
+    predictor = Predictor(loaded, CPU, n_views=4, seed=0, batch_size=8)
+    task = workspace["tasks"][3]
+    answers = predictor.answer_views(task)
+    alone, twice = predictor.decide(task, [answers]), predictor.decide(task, [answers, answers])
+    for a, b in zip(alone.tests, twice.tests):
+        assert [c.votes * 2 for c in a.candidates] == [c.votes for c in b.candidates]
+        assert [2 * c.likelihood for c in a.candidates] == pytest.approx([c.likelihood for c in b.candidates])
+        assert all(np.array_equal(x, y) for x, y in zip(a.attempts, b.attempts)) and b.views == 2 * a.views
+
+
 def test_resume_refuses_answers_made_with_other_settings(tmp_path):
     from sage.errors import EvaluationError
     from sage.finished_tasks import FinishedTasks
@@ -372,6 +416,8 @@ def test_ttt_overrides_are_checked(workspace):
         with_overrides(loaded.cfg, ["model.d_model=8"], sections=("ttt",))
     with pytest.raises(ConfigError, match="ttt.batch_size"):
         with_overrides(loaded.cfg, ["ttt.batch_size=0"], sections=("ttt",))
+    with pytest.raises(ConfigError, match="ttt.runs"):
+        with_overrides(loaded.cfg, ["ttt.runs=0"], sections=("ttt",))
     done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(workspace["checkpoint"]),
                            "--set", "ttt.steps=3"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2 and "add --ttt" in done.stderr
