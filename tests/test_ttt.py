@@ -343,7 +343,8 @@ def test_runs_share_the_steps_draw_their_own_examples_and_pool_their_votes(works
         assert len(stats.run_last_losses) == 2 and stats.last_loss == pytest.approx(sum(stats.run_last_losses) / 2)
         for test in pooled.ttt_predictions[task_id].tests:
             assert test.views == 2 * 2 and sum(c.votes for c in test.candidates) == 4
-    rows = list(csv.DictReader(write_report(pooled, tmp_path / "report", pictures=0)["per_task"].read_text().splitlines()))
+    per_task = write_report(pooled, tmp_path / "report", pictures=0)["per_task"]
+    rows = list(csv.DictReader(per_task.read_text().splitlines()))
     assert all(len(r["ttt_run_last_losses"].split(";")) == 2 for r in rows)
 
 
