@@ -189,7 +189,8 @@ class TTTConfig:
     seed: int = 0  # with the task's id, seeds its augmentations and demonstration orders
     # Independent runs per task, each from the pretrained weights on its own stream of draws, sharing
     # the task's step budget (each takes 1/runs of its steps); the answers pool every run's votes over
-    # the views. One run's draws can fit a task's demonstrations or miss them (docs/results/ttt.md).
+    # the views. One run's draws can fit a task's demonstrations or miss them, but two runs of half
+    # the recipe's steps underfit and lost held-out tasks (docs/results/ttt.md): raise steps with runs.
     runs: int = 1
 
 
