@@ -32,6 +32,7 @@ from sage.teacher.settings import LEAKING_VIEWS, TeacherConfig, teacher_problems
 
 PRECISIONS = ("auto", "bf16", "fp32")  # run.precision
 TTT_TUNES = ("all", "decoder")  # ttt.tune
+RUNS_CHOICES = ("votes", "lowest_loss")  # ttt.runs_choice
 
 
 @dataclass
@@ -192,6 +193,10 @@ class TTTConfig:
     # the views. One run's draws can fit a task's demonstrations or miss them, but two runs of half
     # the recipe's steps underfit and lost held-out tasks (docs/results/ttt.md): raise steps with runs.
     runs: int = 1
+    # How ttt.runs > 1 become one answer. votes: every run's views vote together. lowest_loss: the
+    # answers of the run whose last 10 steps fitted the demonstrations best, the others dropped.
+    runs_choice: str = "votes"
+
 
 
 @dataclass
@@ -509,6 +514,8 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
     need(tt.batch_size >= 1, f"ttt.batch_size must be >= 1, got {tt.batch_size}")
     need(tt.stop_loss >= 0, f"ttt.stop_loss must be >= 0, got {tt.stop_loss}")
     need(tt.runs >= 1, f"ttt.runs must be >= 1 (independent tuning runs per task), got {tt.runs}")
+    need(tt.runs_choice in RUNS_CHOICES,
+         f"ttt.runs_choice must be one of {', '.join(RUNS_CHOICES)}, got {tt.runs_choice!r}")
     need(tt.context_demos is None or tt.context_demos >= 0,
          f"ttt.context_demos must be >= 0 or null (every other demonstration), got {tt.context_demos}")
     need(tt.answer_context_demos is None or tt.answer_context_demos >= 0,

@@ -5,8 +5,8 @@ config) the same again after test-time training on each task, in one process or 
     blind(task)               the task with its test outputs removed: all a predictor ever sees
     Predictor.predict(task)   augmented views -> student -> decode -> undo each view -> vote -> 2 attempts
     TaskSolver.solve(task)    the checkpoint's answer, then (--ttt) the answer after sage/ttt.py tuned a
-                              copy on the task's demonstrations (ttt.runs times, their views' votes
-                              pooled); the original weights come back
+                              copy on the task's demonstrations (ttt.runs times: their views' votes
+                              pooled, or the run that fitted best); the original weights come back
     solve_tasks(...)          every task, one at a time or spread over worker processes (a small model
                               on a CPU uses the cores better as 1-thread processes than as one
                               multi-thread process)
@@ -290,6 +290,9 @@ class TaskSolver:
             stats.append(run_stats)
             if not run_stats.steps:
                 break  # nothing tuned: another run would answer exactly as this one did
+        if self.trainer.cfg.ttt.runs_choice == "lowest_loss":  # nan (no steps) never wins over a loss
+            best = min(range(len(stats)), key=lambda r: (math.isnan(stats[r].last_loss), stats[r].last_loss))
+            answers = [answers[best]]
         return TaskOutcome(plain, self.predictor.decide(task, answers), pooled_stats(stats))
 
 

@@ -22,7 +22,8 @@ task's demonstrations, then the original weights come back.
       -> `TestTimeTrainer.tuned` puts the original weights back, whatever happened
       -> `ttt.runs` > 1: the task's step budget is shared out between that many runs from the
          original weights, each on its own stream of draws (`run`); sage.predict pools their
-         views' votes into one pair of attempts (one run's luck in its draws counts for less)
+         views' votes into one pair of attempts, or keeps the answers of the run that fitted the
+         demonstrations best (`ttt.runs_choice`)
 
 The ARC rules allow any use of a test task's demonstration pairs at test time; its test outputs
 are off limits, and `finetune` refuses a task that still carries one.
@@ -113,7 +114,8 @@ def describe_tuning(ttt: TTTConfig) -> str:
     elif ttt.context_demos is not None:
         text += f", contexts of at most {ttt.context_demos} demonstration(s)"
     if ttt.runs > 1:
-        text += f"; {ttt.runs} runs per task from the pretrained weights, sharing its steps, their votes pooled"
+        text += (f"; {ttt.runs} runs per task from the pretrained weights, sharing its steps, "
+                 + ("their votes pooled" if ttt.runs_choice == "votes" else "the answers of the run with the lowest loss"))
     if ttt.answer_context_demos is not None:
         text += (f"; answers on contexts of at most {ttt.answer_context_demos} demonstration(s), "
                  "view v from demonstration v mod n")

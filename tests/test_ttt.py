@@ -348,6 +348,28 @@ def test_runs_share_the_steps_draw_their_own_examples_and_pool_their_votes(works
     assert all(len(r["ttt_run_last_losses"].split(";")) == 2 for r in rows)
 
 
+def test_lowest_loss_keeps_the_answers_of_the_run_that_fitted_best(workspace):
+    """ttt.runs_choice=lowest_loss: the answers are one run's views, those of the run with the lower
+    last loss; where that is run 0, they are exactly a single run's (run 0 draws what it draws)."""
+    settings = EvalSettings(split=str(workspace["split"]), views=2, speed_tasks=0, ttt=True,
+                            ttt_overrides=[*TTT, "ttt.steps=24"])
+    single = evaluate(workspace["checkpoint"], replace(settings, ttt_overrides=[*TTT, "ttt.steps=12"]),
+                      progress=False, log=lambda _: None)
+    chosen = evaluate(workspace["checkpoint"], replace(settings, ttt_overrides=[
+        *TTT, "ttt.steps=24", "ttt.runs=2", "ttt.runs_choice=lowest_loss"]), progress=False, log=lambda _: None)
+    winners = []
+    for task in workspace["tasks"]:
+        losses = chosen.ttt_stats[task.id].run_last_losses
+        assert len(losses) == 2 and losses[0] == single.ttt_stats[task.id].last_loss
+        assert all(test.views == 2 for test in chosen.ttt_predictions[task.id].tests)  # one run's views
+        winners.append(0 if losses[0] <= losses[1] else 1)
+        same = all(np.array_equal(a, b) for x, y in zip(chosen.systems["student_ttt"].attempts[task.id],
+                                                        single.systems["student_ttt"].attempts[task.id])
+                   for a, b in zip(x, y))
+        assert same or winners[-1] == 1
+    assert 0 in winners
+
+
 def test_pooling_two_identical_runs_doubles_votes_and_likelihood_and_keeps_the_attempts(workspace):
     from sage.predict import Predictor
 
@@ -419,6 +441,8 @@ def test_ttt_overrides_are_checked(workspace):
         with_overrides(loaded.cfg, ["ttt.batch_size=0"], sections=("ttt",))
     with pytest.raises(ConfigError, match="ttt.runs"):
         with_overrides(loaded.cfg, ["ttt.runs=0"], sections=("ttt",))
+    with pytest.raises(ConfigError, match="ttt.runs_choice"):
+        with_overrides(loaded.cfg, ["ttt.runs_choice=best"], sections=("ttt",))
     done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(workspace["checkpoint"]),
                            "--set", "ttt.steps=3"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2 and "add --ttt" in done.stderr
