@@ -198,7 +198,6 @@ class TTTConfig:
     runs_choice: str = "votes"
 
 
-
 @dataclass
 class ValConfig:
     """Validation during training, on the held-out tasks' test outputs."""

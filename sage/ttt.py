@@ -114,8 +114,8 @@ def describe_tuning(ttt: TTTConfig) -> str:
     elif ttt.context_demos is not None:
         text += f", contexts of at most {ttt.context_demos} demonstration(s)"
     if ttt.runs > 1:
-        text += (f"; {ttt.runs} runs per task from the pretrained weights, sharing its steps, "
-                 + ("their votes pooled" if ttt.runs_choice == "votes" else "the answers of the run with the lowest loss"))
+        choice = "their votes pooled" if ttt.runs_choice == "votes" else "the answers of the run with the lowest loss"
+        text += f"; {ttt.runs} runs per task from the pretrained weights, sharing its steps, {choice}"
     if ttt.answer_context_demos is not None:
         text += (f"; answers on contexts of at most {ttt.answer_context_demos} demonstration(s), "
                  "view v from demonstration v mod n")
