@@ -7,6 +7,8 @@
     per_task.csv         one row per task: the student's and the baselines' scores, votes, time, TTT steps
     pictures/*.png       a sample of tasks: demonstration pairs, then test input, target, attempt 1, attempt 2
     training_curves.png  the run's curves from its metrics.jsonl (when the log is still there)
+    ttt_curves.png       with --ttt: each tuned task's loss on its demonstrations, step by step
+    ttt_curves.json      the same numbers: {"steps_per_point": 10, "tasks": {task_id: [[loss, ...] per run]}}
 
 The folder is written under a temporary name and renamed into place, so it never holds a mix of
 two evaluations.
@@ -29,8 +31,8 @@ from sage.evaluation import EvaluationResult
 from sage.metrics import size_band, summarize_by_size_band, task_score
 from sage.overlap import describe
 from sage.pictures import draw_task
-from sage.runlog import plot_training_curves
-from sage.ttt import describe_budget, describe_tuning
+from sage.runlog import plot_training_curves, plot_ttt_curves
+from sage.ttt import STOP_WINDOW, describe_budget, describe_tuning
 
 SCORING = ("official ARC Prize: 2 attempts per test output, solved when either equals the target exactly; "
            "a task scores the fraction of its test outputs solved; the score is the mean over tasks")
@@ -134,11 +136,13 @@ def _time(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def markdown(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[str], curves: str | None) -> str:
+def markdown(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[str], curves: str | None,
+             ttt_curves: str | None = None) -> str:
     """report.md: the protocol, the scores beside the baselines, the student against GR00T, voting,
-    the tasks solved, pictures and training curves."""
+    the tasks solved, pictures, training curves and test-time training curves."""
     lines = (_protocol_lines(record) + _score_lines(record) + _student_vs_teacher_lines(record)
-             + _speed_lines(record["student_vs_teacher"]["speed"]) + _task_lines(record, rows, pictures, curves))
+             + _speed_lines(record["student_vs_teacher"]["speed"])
+             + _task_lines(record, rows, pictures, curves, ttt_curves))
     return "\n".join(lines) + "\n"
 
 
@@ -279,7 +283,7 @@ def _speed_lines(speed: dict[str, Any]) -> list[str]:
 
 
 def _task_lines(record: dict[str, Any], rows: list[dict[str, Any]], pictures: list[str],
-                curves: str | None) -> list[str]:
+                curves: str | None, ttt_curves: str | None = None) -> list[str]:
     lines: list[str] = []
     v = record["voting"]
     lines += ["", "## Voting", "",
@@ -305,6 +309,10 @@ def _task_lines(record: dict[str, Any], rows: list[dict[str, Any]], pictures: li
                   + ", ".join(f"[{Path(p).stem}]({p})" for p in pictures)]
     if curves:
         lines += ["", "## Training curves", "", f"![training curves]({curves})"]
+    if ttt_curves:
+        lines += ["", "## Test-time training curves", "",
+                  "Each tuned task's answer loss on its demonstrations (numbers: `ttt_curves.json`).", "",
+                  f"![test-time training curves]({ttt_curves})"]
     m = record["machine"]
     lines += ["", f"Evaluated in {record['seconds']:.1f} s on {m['device']} ({m.get('gpu', m['cpu'])}), "
               f"torch {m['torch']}, Python {m['python']}."]
@@ -330,6 +338,20 @@ def check_out_dir(out_dir: Path) -> None:
             p.name != "finished_tasks" for p in out_dir.iterdir()):
         raise EvaluationError(f"{out_dir}: exists and is not an earlier evaluation (no report.json); "
                               "choose another --out or empty it")
+
+
+def write_ttt_curves(result: EvaluationResult, directory: Path) -> str | None:
+    """ttt_curves.json and ttt_curves.png (module docstring) in `directory`; the PNG's name, or None
+    when no task was tuned."""
+    curves = {task_id: stats.loss_curves for task_id, stats in result.ttt_stats.items() if stats.loss_curves}
+    if not curves:
+        return None
+    (directory / "ttt_curves.json").write_text(json.dumps({"steps_per_point": STOP_WINDOW, "tasks": curves}))
+    tuned = result.systems.get("student_ttt")
+    scores = {task_id: task_score(tuned.scores[task_id], 2) for task_id in curves} if tuned else {}
+    drawn = plot_ttt_curves(curves, scores, STOP_WINDOW, directory / "ttt_curves.png",
+                            title=f"{result.run}: test-time training")
+    return "ttt_curves.png" if drawn else None
 
 
 def write_report(result: EvaluationResult, out_dir: str | Path, pictures: int = 12) -> dict[str, Path]:
@@ -368,11 +390,12 @@ def write_report(result: EvaluationResult, out_dir: str | Path, pictures: int = 
         metrics, tmp / "training_curves.png", title=f"{result.run} (training)") else None
     if curves is None:
         result.notes.append(f"training curves not drawn: no training records in {metrics} (the run's log)")
+    ttt_curves = write_ttt_curves(result, tmp)
 
     record = report_record(result)
-    record["files"] = {**files, "pictures": picture_files, "training_curves": curves}
+    record["files"] = {**files, "pictures": picture_files, "training_curves": curves, "ttt_curves": ttt_curves}
     (tmp / files["report_json"]).write_text(json.dumps(record, indent=2, default=str))
-    (tmp / files["report_md"]).write_text(markdown(record, rows, picture_files, curves))
+    (tmp / files["report_md"]).write_text(markdown(record, rows, picture_files, curves, ttt_curves))
 
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

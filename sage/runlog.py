@@ -204,6 +204,50 @@ def plot_training_curves(metrics_path: str | Path, png_path: str | Path, title: 
     return png_path
 
 
+def ttt_curves_figure(curves: dict[str, tuple[tuple[float, ...], ...]], scores: dict[str, float],
+                      steps_per_point: int, title: str = "") -> Figure | None:
+    """Each tuned task's test-time training loss on its demonstrations, one line per run (a point per
+    `steps_per_point` steps, log scale): tasks that `scores` marks solved (> 0) in colour with their
+    ids, the rest grey, so that a reader sees how far the solved tasks' losses went and the others'
+    did not. None when no task was tuned."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    tuned = {task: runs for task, runs in curves.items() if any(runs)}
+    if not tuned:
+        return None
+    fig = Figure(figsize=(9, 5))
+    ax = fig.subplots()
+    solved = sorted(task for task in tuned if scores.get(task, 0.0) > 0)
+    for task, runs in tuned.items():
+        if task in solved:
+            continue
+        for run in runs:
+            ax.plot([steps_per_point * (i + 0.5) for i in range(len(run))], run, color="grey", alpha=0.3, linewidth=0.7)
+    for i, task in enumerate(solved):
+        for r, run in enumerate(tuned[task]):
+            ax.plot([steps_per_point * (k + 0.5) for k in range(len(run))], run, color=f"C{i % 10}", linewidth=1.3,
+                    label=f"{task} (score {scores[task]:.2f})" if r == 0 else None)
+    ax.set_yscale("log")
+    ax.set(xlabel="TTT step", ylabel="answer loss on the demonstrations (nats per cell)",
+           title=f"{len(tuned)} tasks tuned; grey: not solved" + (f"; {len(solved)} solved, in colour" if solved else ""))
+    ax.grid(alpha=0.3, which="both")
+    if solved:
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ttt_curves(curves: dict[str, tuple[tuple[float, ...], ...]], scores: dict[str, float], steps_per_point: int,
+                    png_path: str | Path, title: str = "") -> Path | None:
+    """Draw ttt_curves_figure to a PNG; None when no task was tuned."""
+    fig = ttt_curves_figure(curves, scores, steps_per_point, title)
+    if fig is None:
+        return None
+    fig.savefig(png_path, dpi=100)
+    return Path(png_path)
+
+
 class SilentLog(RunLog):
     """The log of a data-parallel rank other than 0: rank 0 writes for everyone."""
 

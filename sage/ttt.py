@@ -62,6 +62,8 @@ class TTTStats:
     last_loss: float  # mean answer loss of the last min(10, steps) steps
     micro_batch: int = 0  # examples per forward pass after out-of-memory halvings (0: never halved)
     run_last_losses: tuple[float, ...] = ()  # with ttt.runs > 1: each run's last_loss (last_loss is their mean)
+    # Each run's loss curve: the mean answer loss of every STOP_WINDOW steps in order (the report draws them).
+    loss_curves: tuple[tuple[float, ...], ...] = ()
 
 
 def ttt_examples(task: Task) -> list[ExampleRef]:
@@ -219,7 +221,15 @@ def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: 
     values = torch.stack(losses).tolist() if losses else []
     tail = values[-STOP_WINDOW:]
     return TTTStats(len(values), time.perf_counter() - started, len(refs), values[0] if values else math.nan,
-                    sum(tail) / len(tail) if tail else math.nan, micro.size if micro.size < ttt.batch_size else 0)
+                    sum(tail) / len(tail) if tail else math.nan, micro.size if micro.size < ttt.batch_size else 0,
+                    loss_curves=(window_means(values),))
+
+
+def window_means(values: list[float]) -> tuple[float, ...]:
+    """The mean of every STOP_WINDOW values in order (the last window may be shorter), rounded: a
+    loss curve small enough to keep with each task's answers."""
+    windows = (values[i:i + STOP_WINDOW] for i in range(0, len(values), STOP_WINDOW))
+    return tuple(round(sum(w) / len(w), 5) for w in windows)
 
 
 def converged(losses: list[torch.Tensor], stop_loss: float) -> bool:
@@ -298,11 +308,11 @@ class TestTimeTrainer:
 
 def pooled_stats(runs: list[TTTStats]) -> TTTStats:
     """One task's stats over its ttt.runs runs: steps and seconds summed, the first run's first loss,
-    the mean of the runs' last losses (each kept in run_last_losses)."""
+    the mean of the runs' last losses (each kept in run_last_losses), every run's loss curve."""
     if len(runs) == 1:
         return runs[0]
     tuned = [r.last_loss for r in runs if not math.isnan(r.last_loss)]
     halved = [r.micro_batch for r in runs if r.micro_batch]
     return TTTStats(sum(r.steps for r in runs), sum(r.seconds for r in runs), runs[0].examples, runs[0].first_loss,
                     sum(tuned) / len(tuned) if tuned else math.nan, min(halved) if halved else 0,
-                    tuple(r.last_loss for r in runs))
+                    tuple(r.last_loss for r in runs), tuple(c for r in runs for c in r.loss_curves))

@@ -3,6 +3,7 @@ cannot see the task's test outputs, and the checkpoint's weights come back after
 
 import csv
 import json
+import math
 import subprocess
 import sys
 import time
@@ -341,6 +342,7 @@ def test_runs_share_the_steps_draw_their_own_examples_and_pool_their_votes(works
     for task_id, stats in pooled.ttt_stats.items():
         assert (stats.steps, single.ttt_stats[task_id].steps) == (24, 25)  # 25 // 2 = 12 a run
         assert len(stats.run_last_losses) == 2 and stats.last_loss == pytest.approx(sum(stats.run_last_losses) / 2)
+        assert [len(curve) for curve in stats.loss_curves] == [2, 2]  # 12 steps a run: windows of 10 and 2
         for test in pooled.ttt_predictions[task_id].tests:
             assert test.views == 2 * 2 and sum(c.votes for c in test.candidates) == 4
     per_task = write_report(pooled, tmp_path / "report", pictures=0)["per_task"]
@@ -426,6 +428,14 @@ def test_cli_scores_with_and_without_ttt_side_by_side(workspace):
     assert {r["task_id"] for r in rows} == {t.id for t in small}
     assert all(int(r["ttt_steps"]) == 25 and float(r["ttt_seconds"]) > 0 for r in rows)
     assert "SAGE student + test-time training" in (out / "report.md").read_text()
+    # Each task's loss curve: a point per 10 steps (10, 10, 5), drawn; the first point averages the
+    # steps whose first is ttt_first_loss.
+    curves = json.loads((out / "ttt_curves.json").read_text())
+    assert curves["steps_per_point"] == 10 and set(curves["tasks"]) == {t.id for t in small}
+    for r in rows:
+        [curve] = curves["tasks"][r["task_id"]]
+        assert len(curve) == 3 and all(math.isfinite(v) and v > 0 for v in curve)
+    assert (out / "ttt_curves.png").stat().st_size > 0 and "ttt_curves.png" in (out / "report.md").read_text()
     # The submission holds the tuned student's attempts: rescored from the rules, it gives its score.
     submission = json.loads((out / "submission.json").read_text())
     solutions = {t.id: [p.output.tolist() for p in t.test] for t in small}
