@@ -196,12 +196,6 @@ class TTTConfig:
     # How ttt.runs > 1 become one answer. votes: every run's views vote together. lowest_loss: the
     # answers of the run whose last 10 steps fitted the demonstrations best, the others dropped.
     runs_choice: str = "votes"
-    # Probes per task: each from the pretrained weights on its own stream of draws (as ttt.runs draws)
-    # takes the first probe_fraction of a run's schedule; the one whose last 10 steps had the lowest
-    # loss on the demonstrations continues to the end, the others are dropped. The task's step budget
-    # pays for all: the schedule is budget / (1 + (probes - 1) * probe_fraction) steps. 1: no probes.
-    probes: int = 1
-    probe_fraction: float = 0.25
 
 
 @dataclass
@@ -519,10 +513,6 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
     need(tt.batch_size >= 1, f"ttt.batch_size must be >= 1, got {tt.batch_size}")
     need(tt.stop_loss >= 0, f"ttt.stop_loss must be >= 0, got {tt.stop_loss}")
     need(tt.runs >= 1, f"ttt.runs must be >= 1 (independent tuning runs per task), got {tt.runs}")
-    need(tt.probes >= 1 and 0 < tt.probe_fraction < 1,
-         f"ttt.probes must be >= 1 and ttt.probe_fraction in (0, 1), got {tt.probes}, {tt.probe_fraction}")
-    need(tt.probes == 1 or tt.runs == 1,
-         f"ttt.probes ({tt.probes}) and ttt.runs ({tt.runs}) cannot both be above 1: choose probes or runs")
     need(tt.runs_choice in RUNS_CHOICES,
          f"ttt.runs_choice must be one of {', '.join(RUNS_CHOICES)}, got {tt.runs_choice!r}")
     need(tt.context_demos is None or tt.context_demos >= 0,

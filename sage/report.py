@@ -121,9 +121,6 @@ def per_task_rows(result: EvaluationResult) -> list[dict[str, Any]]:
                        ttt_micro_batch=stats.micro_batch)
             if stats.run_last_losses:  # ttt.runs > 1: each run's (ttt_last_loss is their mean)
                 row["ttt_run_last_losses"] = ";".join(f"{loss:.4f}" for loss in stats.run_last_losses)
-            if stats.probe_losses:  # ttt.probes > 1: each probe's loss when one was chosen, and which
-                row["ttt_probe_losses"] = ";".join(f"{loss:.4f}" for loss in stats.probe_losses)
-                row["ttt_chosen_probe"] = stats.chosen_probe
         for name in result.systems:
             if name != "student":
                 row[f"{name}_score"] = task_score(result.systems[name].scores[task.id], 2)

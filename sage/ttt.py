@@ -20,10 +20,6 @@ task's demonstrations, then the original weights come back.
          many demonstrations a tuning example's context shows (a fresh random subset per draw)
       -> the tuned model answers the test inputs with the usual augmentation voting
       -> `TestTimeTrainer.tuned` puts the original weights back, whatever happened
-      -> `ttt.probes` > 1: that many probes from the original weights, each on its own stream of
-         draws, take the first `ttt.probe_fraction` of a run's schedule; the one whose last steps
-         fitted the demonstrations best continues to the end, exactly as if it had run alone (all
-         within the task's step budget: the schedule shrinks to make room for the probes)
       -> `ttt.runs` > 1: the task's step budget is shared out between that many runs from the
          original weights, each on its own stream of draws (`run`); sage.predict pools their
          views' votes into one pair of attempts, or keeps the answers of the run that fitted the
@@ -68,8 +64,6 @@ class TTTStats:
     run_last_losses: tuple[float, ...] = ()  # with ttt.runs > 1: each run's last_loss (last_loss is their mean)
     # Each run's loss curve: the mean answer loss of every STOP_WINDOW steps in order (the report draws them).
     loss_curves: tuple[tuple[float, ...], ...] = ()
-    probe_losses: tuple[float, ...] = ()  # with ttt.probes > 1: each probe's loss when the winner was chosen
-    chosen_probe: int = 0  # with ttt.probes > 1: the probe that continued
 
 
 def ttt_examples(task: Task) -> list[ExampleRef]:
@@ -121,9 +115,6 @@ def describe_tuning(ttt: TTTConfig) -> str:
         text += ", no demonstrations in the context (the query input alone)"
     elif ttt.context_demos is not None:
         text += f", contexts of at most {ttt.context_demos} demonstration(s)"
-    if ttt.probes > 1:
-        text += (f"; {ttt.probes} probes per task from the pretrained weights, each the first "
-                 f"{ttt.probe_fraction:g} of a run, the one with the lowest loss continued (all within its steps)")
     if ttt.runs > 1:
         choice = "their votes pooled" if ttt.runs_choice == "votes" else "the answers of the run with the lowest loss"
         text += f"; {ttt.runs} runs per task from the pretrained weights, sharing its steps, {choice}"
@@ -186,134 +177,52 @@ def task_budget(task: Task, cfg: ExperimentConfig) -> TaskBudget:
 def finetune(model: torch.nn.Module, task: Task, cfg: ExperimentConfig, device: torch.device,
              faults: FaultInjection | None = None, run: int = 0) -> TTTStats:
     """Fine-tune `model` in place on `task`'s demonstrations as cfg.ttt says (module docstring):
-    run `run` of ttt.runs, with its share of the task's steps; with ttt.probes > 1, the probe that
-    fitted best continues. `faults` simulates out-of-memory errors (tests; sage/recovery.py)."""
+    run `run` of ttt.runs, with its share of the task's steps. `faults` simulates out-of-memory
+    errors (tests; sage/recovery.py)."""
     if any(p.output is not None for p in task.test):
         raise TestOutputVisible(f"task {task.id}: test-time training was given the task's test outputs; "
                                 "pass it through sage.predict.blind first")
     started = time.perf_counter()
-    ttt = cfg.ttt
+    ttt, m = cfg.ttt, cfg.model
     refs = ttt_examples(task)
     if not refs or ttt.steps == 0:
         return TTTStats(0, time.perf_counter() - started, len(refs), math.nan, math.nan)
+    data = tuning_data(task, refs, cfg, run)
+    autocast = Autocast(device, cfg.run.precision)
     micro = MicroBatch("test-time training", ttt.batch_size, None, lambda _: None, accumulates=True,
                        scope=f"task {task.id}")
     model.train()
     with tuned_parameters(model, ttt.tune):
-        tuning = TuningRun(model, tuning_data(task, refs, cfg, run), cfg, device, micro, faults, started)
-        # Every run gets the same share, of the budget that run 0's first batch sets.
-        budget = budgeted_steps(ttt, tuning.first_step_flops()) if run == 0 else task_budget(task, cfg).steps
-        schedule, probe_steps = run_schedule(budget, ttt)
-        probes = [tuning]
-        if ttt.probes > 1 and probe_steps:
-            tuning, probes = best_probe(tuning, task, refs, cfg, probe_steps, schedule)
-        tuning.advance(schedule, schedule)
-    model.eval()
-    values, first = tuning.loss_values(), probes[0].loss_values()
-    tail = values[-STOP_WINDOW:]
-    probe_losses = tuple(p.probe_loss for p in probes) if len(probes) > 1 else ()
-    return TTTStats(sum(len(p.losses) for p in probes), time.perf_counter() - started, len(refs),
-                    first[0] if first else math.nan,
-                    sum(tail) / len(tail) if tail else math.nan, micro.size if micro.size < ttt.batch_size else 0,
-                    loss_curves=tuple(window_means(p.loss_values()) for p in probes),
-                    probe_losses=probe_losses, chosen_probe=probes.index(tuning))
-
-
-def run_schedule(budget: int, ttt: TTTConfig) -> tuple[int, int]:
-    """(the steps of a run's learning-rate schedule, the steps a probe takes of it) for a task whose
-    budget is `budget` steps: the budget is shared by ttt.runs runs, or by ttt.probes probes of
-    ttt.probe_fraction of a schedule each plus the winner's remaining steps (0 probe steps: no probes)."""
-    if ttt.probes == 1:
-        return budget // ttt.runs, 0
-    schedule = int(budget / (1 + (ttt.probes - 1) * ttt.probe_fraction))
-    return schedule, max(1, round(ttt.probe_fraction * schedule)) if schedule else 0
-
-
-def best_probe(first: TuningRun, task: Task, refs: list[ExampleRef], cfg: ExperimentConfig, probe_steps: int,
-               schedule: int) -> tuple[TuningRun, list[TuningRun]]:
-    """ttt.probes: each probe, from the weights `first` started from on its own stream of draws,
-    takes the first `probe_steps` of the schedule; the one whose last STOP_WINDOW steps had the
-    lowest loss (nan never wins) is returned with the model holding its weights, beside every probe."""
-    model = first.model
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    probes, best, best_weights = [], None, None
-    for probe in range(cfg.ttt.probes):
-        if probe:
-            model.load_state_dict(start)  # in place: every probe's optimiser still holds the same parameters
-        tuning = first if probe == 0 else TuningRun(model, tuning_data(task, refs, cfg, probe), cfg, first.device,
-                                                     first.micro, first.faults, first.started)
-        tuning.advance(probe_steps, schedule)
-        tuning.probe_loss = tuning.tail_loss()
-        probes.append(tuning)
-        if best is None or better(tuning.probe_loss, best.probe_loss):
-            if best is not None:
-                best.optimizer = None  # a dropped probe's optimiser state is freed
-            best, best_weights = tuning, {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            tuning.optimizer = None
-    model.load_state_dict(best_weights)
-    return best, probes
-
-
-def better(loss: float, than: float) -> bool:
-    """`loss` beats `than`: lower, and a number beats nan (ties keep the earlier)."""
-    return not math.isnan(loss) and (math.isnan(than) or loss < than)
-
-
-class TuningRun:
-    """One stream of tuning draws on `model` with its own optimiser: `advance` takes its steps, in
-    order, of a learning-rate schedule of a given length, so that a run stopped part way and
-    continued later takes exactly the steps it would have taken in one go."""
-
-    def __init__(self, model: torch.nn.Module, data: ARCExamples, cfg: ExperimentConfig, device: torch.device,
-                 micro: MicroBatch, faults: FaultInjection | None, started: float) -> None:
-        ttt = cfg.ttt
-        self.model, self.data, self.cfg, self.device, self.micro, self.faults = model, data, cfg, device, micro, faults
-        self.started = started  # the task's clock, for the optional ttt.seconds
-        self.autocast = Autocast(device, cfg.run.precision)
-        self.optimizer: torch.optim.Optimizer | None = make_optimizer(model, ttt.lr, ttt.weight_decay,
-                                                                       cfg.train.betas, ttt.fused_adamw)
-        self.pool = (EncodedPool(model, data, ttt.pool, ttt.batch_size, device, self.autocast)
-                     if ttt.tune == "decoder" else None)
-        # Step 0's batch, read first for the budget, then trained on.
-        self.first = collate(step_examples(data, 0, ttt.batch_size)) if self.pool is None else self.pool.batch(0)
+        optimizer = make_optimizer(model, ttt.lr, ttt.weight_decay, cfg.train.betas, ttt.fused_adamw)
+        pool = EncodedPool(model, data, ttt.pool, ttt.batch_size, device, autocast) if ttt.tune == "decoder" else None
         # Losses stay on the device: reading one is a host sync, done only every STOP_WINDOW steps
         # when ttt.stop_loss asks, so a GPU is never kept waiting for the next batch.
-        self.losses: list[torch.Tensor] = []
-        self.stopped = False  # converged, or out of time
-        self.probe_loss = math.nan  # with ttt.probes: the loss it was chosen (or dropped) by
-
-    def first_step_flops(self) -> float:
-        return step_flops(self.first if self.pool is None else self.first[0], self.cfg.model, self.cfg.ttt)
-
-    def advance(self, until: int, schedule: int) -> None:
-        """Take steps up to step `until` (exclusive) of a schedule whose learning rate reaches zero at
-        step `schedule`, unless the loss converged or the clock ran out."""
-        ttt = self.cfg.ttt
-        for step in range(len(self.losses), until):
-            spent = time.perf_counter() - self.started
-            if self.stopped or (ttt.seconds and spent >= ttt.seconds):
-                self.stopped = True
-                return
-            set_lr(self.optimizer, ttt_lr(step, spent, ttt, schedule))
-            if self.pool is None:
-                examples = self.first if step == 0 else collate(step_examples(self.data, step, ttt.batch_size))
-                batch, context = to_device(pinned(examples, self.device), self.device), None
+        losses: list[torch.Tensor] = []
+        # Step 0's batch, read first for the budget, then trained on.
+        first = collate(step_examples(data, 0, ttt.batch_size)) if pool is None else pool.batch(0)
+        # Every run gets the same share, of the budget that run 0's first batch sets.
+        steps = (budgeted_steps(ttt, step_flops(first if pool is None else first[0], m, ttt)) if run == 0
+                 else task_budget(task, cfg).steps) // ttt.runs
+        for step in range(steps):
+            spent = time.perf_counter() - started
+            if ttt.seconds and spent >= ttt.seconds:
+                break
+            set_lr(optimizer, ttt_lr(step, spent, ttt, steps))
+            if pool is None:
+                examples = first if step == 0 else collate(step_examples(data, step, ttt.batch_size))
+                batch, context = to_device(pinned(examples, device), device), None
             else:
-                batch, context = self.first if step == 0 else self.pool.batch(step)
-            self.losses.append(tuning_step(self.model, self.optimizer, batch, self.autocast,
-                                           self.cfg.train.loss_normalization, ttt.grad_clip, context, self.micro,
-                                           self.faults))
-            if len(self.losses) % STOP_WINDOW == 0 and converged(self.losses, ttt.stop_loss):
-                self.stopped = True  # counted in steps: the same on any machine
-
-    def loss_values(self) -> list[float]:
-        return torch.stack(self.losses).tolist() if self.losses else []
-
-    def tail_loss(self) -> float:
-        """The mean loss of the last STOP_WINDOW steps (nan before any)."""
-        tail = self.loss_values()[-STOP_WINDOW:]
-        return sum(tail) / len(tail) if tail else math.nan
+                batch, context = first if step == 0 else pool.batch(step)
+            losses.append(tuning_step(model, optimizer, batch, autocast, cfg.train.loss_normalization,
+                                      ttt.grad_clip, context, micro, faults))
+            if len(losses) % STOP_WINDOW == 0 and converged(losses, ttt.stop_loss):
+                break  # counted in steps: the same on any machine
+    model.eval()
+    values = torch.stack(losses).tolist() if losses else []
+    tail = values[-STOP_WINDOW:]
+    return TTTStats(len(values), time.perf_counter() - started, len(refs), values[0] if values else math.nan,
+                    sum(tail) / len(tail) if tail else math.nan, micro.size if micro.size < ttt.batch_size else 0,
+                    loss_curves=(window_means(values),))
 
 
 def window_means(values: list[float]) -> tuple[float, ...]:

@@ -372,30 +372,6 @@ def test_lowest_loss_keeps_the_answers_of_the_run_that_fitted_best(workspace):
     assert 0 in winners
 
 
-def test_probes_continue_the_one_that_fitted_best_exactly_as_a_run_of_its_own(workspace):
-    """ttt.probes=3 at probe_fraction 0.5 within 24 steps: a schedule of 12, probes of 6 steps, the
-    one with the lowest loss continued to step 12 (24 steps in all). The winner's loss curve and
-    final weights equal those of a single run of 12 steps on the winner's stream, and the answers'
-    stats say which probe won and by what loss."""
-    import sage.ttt
-
-    task = blind(workspace["tasks"][1])
-    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=24", "ttt.probes=3", "ttt.probe_fraction=0.5")
-    stats = finetune(loaded.model, task, cfg, CPU)
-    probed = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    assert stats.steps == 24 and len(stats.probe_losses) == 3
-    assert stats.chosen_probe == min(range(3), key=lambda p: stats.probe_losses[p])
-    assert [len(curve) for curve in stats.loss_curves] == [
-        2 if p == stats.chosen_probe else 1 for p in range(3)]  # 12 steps: windows of 10 and 2; 6 steps: one
-
-    alone, one = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=12")
-    single = finetune(alone.model, task, one, CPU, run=stats.chosen_probe)  # run r draws probe r's stream
-    assert single.steps == 12 and single.loss_curves[0] == stats.loss_curves[stats.chosen_probe]
-    assert single.last_loss == stats.last_loss
-    assert all(torch.equal(v, probed[k]) for k, v in alone.model.state_dict().items())
-    assert sage.ttt.run_schedule(100, cfg.ttt) == (50, 25)  # 50 + 2 probes x 25 = the budget of 100
-
-
 def test_pooling_two_identical_runs_doubles_votes_and_likelihood_and_keeps_the_attempts(workspace):
     from sage.predict import Predictor
 
@@ -477,10 +453,6 @@ def test_ttt_overrides_are_checked(workspace):
         with_overrides(loaded.cfg, ["ttt.runs=0"], sections=("ttt",))
     with pytest.raises(ConfigError, match="ttt.runs_choice"):
         with_overrides(loaded.cfg, ["ttt.runs_choice=best"], sections=("ttt",))
-    with pytest.raises(ConfigError, match="ttt.probe_fraction"):
-        with_overrides(loaded.cfg, ["ttt.probes=2", "ttt.probe_fraction=1"], sections=("ttt",))
-    with pytest.raises(ConfigError, match="choose probes or runs"):
-        with_overrides(loaded.cfg, ["ttt.probes=2", "ttt.runs=2"], sections=("ttt",))
     done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(workspace["checkpoint"]),
                            "--set", "ttt.steps=3"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2 and "add --ttt" in done.stderr
