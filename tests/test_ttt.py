@@ -428,8 +428,7 @@ def test_cli_scores_with_and_without_ttt_side_by_side(workspace):
     assert {r["task_id"] for r in rows} == {t.id for t in small}
     assert all(int(r["ttt_steps"]) == 25 and float(r["ttt_seconds"]) > 0 for r in rows)
     assert "SAGE student + test-time training" in (out / "report.md").read_text()
-    # Each task's loss curve: a point per 10 steps (10, 10, 5), drawn; the first point averages the
-    # steps whose first is ttt_first_loss.
+    # Each task's loss curve: a point per 10 steps (windows of 10, 10 and 5 of its 25 steps), drawn.
     curves = json.loads((out / "ttt_curves.json").read_text())
     assert curves["steps_per_point"] == 10 and set(curves["tasks"]) == {t.id for t in small}
     for r in rows:
@@ -521,7 +520,7 @@ def test_finished_outcomes_round_trip_exactly_without_pickle(tmp_path):
     test = OutputPrediction([Candidate(grid, 3, np.float32(0.25), 1)], [grid, grid.T], True, 8,
                             torch.randn(2, 4), torch.tensor([True, False]), (0, 2))
     outcome = TaskOutcome(TaskPrediction("abc", [test], 0.5), TaskPrediction("abc", [test], 0.7),
-                          TTTStats(10, 1.5, 3, 2.0, 0.5))
+                          TTTStats(10, 1.5, 3, 2.0, 0.5, loss_curves=((2.0, 0.75), (1.5,))))
     store = FinishedTasks(tmp_path, {"views": 8})
     store.start(resume=False)
     store.add("abc", outcome)
