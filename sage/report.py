@@ -343,7 +343,8 @@ def check_out_dir(out_dir: Path) -> None:
 def write_ttt_curves(result: EvaluationResult, directory: Path) -> str | None:
     """ttt_curves.json and ttt_curves.png (module docstring) in `directory`; the PNG's name, or None
     when no task was tuned."""
-    curves = {task_id: stats.loss_curves for task_id, stats in result.ttt_stats.items() if stats.loss_curves}
+    # A task whose budget bought no steps went through TTT with an empty curve: not a tuned task.
+    curves = {task_id: stats.loss_curves for task_id, stats in result.ttt_stats.items() if any(stats.loss_curves)}
     if not curves:
         return None
     (directory / "ttt_curves.json").write_text(json.dumps({"steps_per_point": STOP_WINDOW, "tasks": curves}))

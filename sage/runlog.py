@@ -209,27 +209,24 @@ def ttt_curves_figure(curves: dict[str, tuple[tuple[float, ...], ...]], scores: 
     """Each tuned task's test-time training loss on its demonstrations, one line per run (a point per
     `steps_per_point` steps, log scale): tasks that `scores` marks solved (> 0) in colour with their
     ids, the rest grey, so that a reader sees how far the solved tasks' losses went and the others'
-    did not. None when no task was tuned."""
+    did not. `curves` holds tuned tasks only. None when there are none."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    tuned = {task: runs for task, runs in curves.items() if any(runs)}
-    if not tuned:
+    if not curves:
         return None
     fig = Figure(figsize=(9, 5))
     ax = fig.subplots()
-    solved = sorted(task for task in tuned if scores.get(task, 0.0) > 0)
-    for task, runs in tuned.items():
-        if task in solved:
-            continue
-        for run in runs:
-            ax.plot([steps_per_point * (i + 0.5) for i in range(len(run))], run, color="grey", alpha=0.3, linewidth=0.7)
-    for i, task in enumerate(solved):
-        for r, run in enumerate(tuned[task]):
-            ax.plot([steps_per_point * (k + 0.5) for k in range(len(run))], run, color=f"C{i % 10}", linewidth=1.3,
-                    label=f"{task} (score {scores[task]:.2f})" if r == 0 else None)
+    solved = sorted(task for task in curves if scores.get(task, 0.0) > 0)
+    for task, runs in curves.items():
+        colour = solved.index(task) if task in solved else None
+        for r, run in enumerate(runs):
+            style = ({"color": "grey", "alpha": 0.3, "linewidth": 0.7} if colour is None else  # solved ones on top
+                     {"color": f"C{colour % 10}", "linewidth": 1.3, "zorder": 3,
+                      "label": f"{task} (score {scores[task]:.2f})" if r == 0 else None})
+            ax.plot([steps_per_point * (i + 0.5) for i in range(len(run))], run, **style)
     ax.set_yscale("log")
     ax.set(xlabel="TTT step", ylabel="answer loss on the demonstrations (nats per cell)",
-           title=f"{len(tuned)} tasks tuned; grey: not solved" + (f"; {len(solved)} solved, in colour" if solved else ""))
+           title=f"{len(curves)} tasks tuned; grey: not solved" + (f"; {len(solved)} solved, in colour" if solved else ""))
     ax.grid(alpha=0.3, which="both")
     if solved:
         ax.legend(fontsize=7, ncol=2)

@@ -348,6 +348,13 @@ def test_runs_share_the_steps_draw_their_own_examples_and_pool_their_votes(works
     per_task = write_report(pooled, tmp_path / "report", pictures=0)["per_task"]
     rows = list(csv.DictReader(per_task.read_text().splitlines()))
     assert all(len(r["ttt_run_last_losses"].split(";")) == 2 for r in rows)
+    # ttt_curves.json holds each tuned task's two curves; a task whose budget bought no steps (an
+    # empty curve) is left out, not written as a curve of nothing.
+    untuned = next(iter(pooled.ttt_stats))
+    pooled.ttt_stats[untuned] = replace(pooled.ttt_stats[untuned], steps=0, loss_curves=((),))
+    write_report(pooled, tmp_path / "report", pictures=0)
+    curves = json.loads((tmp_path / "report" / "ttt_curves.json").read_text())["tasks"]
+    assert set(curves) == set(pooled.ttt_stats) - {untuned} and all(len(c) == 2 for c in curves.values())
 
 
 def test_lowest_loss_keeps_the_answers_of_the_run_that_fitted_best(workspace):
