@@ -84,6 +84,12 @@ class DataConfig:
     # every data.train task sharing a pair (under any dihedral transform) or a test input with one of
     # their tasks is dropped before the split (sage/overlap.py); the log says how many. "": none.
     exclude: str = ""
+    # Datasets (joined by "+") whose tasks' demonstration pairs are pretrained on too, their test pairs
+    # never: each task's demonstrations become a task of their own (id + ":demonstrations"), a query in
+    # turn with the others as context. The HRM/TRM protocol, off by default (docs/training.md); every
+    # report of a checkpoint trained so says it. "holdout": the run's own held-out tasks, to measure
+    # the protocol where the scored split would be its evaluation set. "": none.
+    demonstrations_of: str = ""
     val: str = "holdout"  # 'holdout': val_fraction of the training tasks, held out whole; or a dataset
     val_fraction: float = 0.1  # share of the training tasks held out whole for validation ('holdout')
     use_test_pairs: bool = True  # training tasks' test pairs also serve as training queries
@@ -504,6 +510,11 @@ def _check_teacher(cfg: ExperimentConfig, problems: _Problems) -> None:
 def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
     need, d, t = problems.need, cfg.data, cfg.train
     need(1 <= d.max_grid_side <= 30, f"data.max_grid_side must be 1..30, got {d.max_grid_side}")
+    need(not d.demonstrations_of or not cfg.uses_teacher,
+         "data.demonstrations_of works without a teacher only (its cache covers data.train's tasks): "
+         "set distill.weight=0 or data.demonstrations_of=''")
+    need(d.demonstrations_of != "holdout" or d.val == "holdout",
+         f"data.demonstrations_of=holdout needs data.val=holdout (held-out tasks), got data.val={d.val!r}")
     need(t.loss_normalization in LOSS_NORMALIZATIONS, f"train.loss_normalization must be one of "
          f"{', '.join(LOSS_NORMALIZATIONS)}, got {t.loss_normalization!r}")
     tt = cfg.ttt

@@ -12,7 +12,8 @@
       their tasks in order; a task whose id an earlier dataset already has is left out (ARC-AGI-2
       training repeats 391 ARC-AGI-1 training tasks under their ids)
 
-`training_tasks(data)` is the part of data.train a run uses (data.max_grid_side, data.exclude).
+`training_tasks(data)` is the part of data.train a run uses (data.max_grid_side, data.exclude);
+`demonstration_tasks(data, held_out)` what data.demonstrations_of adds to it.
 """
 
 from __future__ import annotations
@@ -117,6 +118,24 @@ def training_tasks(data: DataConfig) -> TrainingTasks:
                            f"{data.max_grid_side}" + (f" and nothing shared with data.exclude {data.exclude!r}"
                                                       if data.exclude else "") + "; raise data.max_grid_side")
     return TrainingTasks(kept, repeated, too_large, excluded, sorted(dropped))
+
+
+DEMONSTRATIONS_SUFFIX = ":demonstrations"
+
+
+def demonstration_tasks(data: DataConfig, held_out: Sequence[Task]) -> list[Task]:
+    """The tasks data.demonstrations_of adds to pretraining: each named task's demonstration pairs as a
+    task of its own (id + DEMONSTRATIONS_SUFFIX, no test pair), so that training queries each in turn
+    with the others as context and never sees a test pair. "holdout" names `held_out`, the run's
+    held-out tasks; a dataset counts its tasks within data.max_grid_side."""
+    if not data.demonstrations_of:
+        return []
+    if data.demonstrations_of == "holdout":
+        named = list(held_out)
+    else:
+        named = tasks_up_to_side(load_dataset(data.demonstrations_of, dataclasses.asdict(data.synthetic)),
+                                 data.max_grid_side)
+    return [Task(t.id + DEMONSTRATIONS_SUFFIX, t.train, (), t.source + " (demonstrations only)") for t in named]
 
 
 def training_dataset(data: DataConfig) -> list[Task]:

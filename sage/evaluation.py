@@ -30,7 +30,7 @@ import torch
 
 from sage.arc import Task, tasks_up_to_side
 from sage.config import PRECISIONS, ExperimentConfig, with_overrides
-from sage.datasets import load_dataset, run_tasks, training_dataset
+from sage.datasets import demonstration_tasks, load_dataset, run_tasks, training_dataset
 from sage.device import resolve_device
 from sage.distill import TeacherTargets, teacher_targets
 from sage.encoding import ARCExamples, evaluation_examples
@@ -95,6 +95,7 @@ def split_tasks(cfg: ExperimentConfig, meta: dict[str, Any], split: str) -> tupl
     train_all = training_dataset(cfg.data)
     held_out_ids = set(meta.get("val_task_ids") or []) if cfg.data.val == HOLDOUT else set()
     trained = [t for t in train_all if t.id not in held_out_ids]
+    trained += demonstration_tasks(cfg.data, [t for t in train_all if t.id in held_out_ids])
     if split == HOLDOUT:
         if cfg.data.val != HOLDOUT:
             raise EvaluationError(
@@ -125,7 +126,9 @@ def split_tasks(cfg: ExperimentConfig, meta: dict[str, Any], split: str) -> tupl
         "scored_on": "test outputs (each answered from its task's demonstration pairs)",
         "trained_on": cfg.data.train + (f" minus what shares a pair or test input with {cfg.data.exclude}"
                                         if cfg.data.exclude else "")
-        + (" minus the held-out validation tasks" if held_out_ids else ""),
+        + (" minus the held-out validation tasks" if held_out_ids else "")
+        + (f", plus the demonstration pairs of {cfg.data.demonstrations_of}'s tasks" if cfg.data.demonstrations_of
+           else ""),
         "tasks_scored": len(tasks),
         "excluded_as_trained": [o.as_dict() for o in left_out],
         "evaluation_tasks_trained_on": len(kept),  # scored tasks sharing demonstrations or test inputs
@@ -135,6 +138,7 @@ def split_tasks(cfg: ExperimentConfig, meta: dict[str, Any], split: str) -> tupl
                         "test pair is in the training data",
         "split_selected_the_checkpoint": split == selected_by,
         "training_config": {"train": cfg.data.train, "exclude": cfg.data.exclude, "val": cfg.data.val,
+                            "demonstrations_of": cfg.data.demonstrations_of,
                             "augment": cfg.data.augment,
                             "use_test_pairs": cfg.data.use_test_pairs},
     }
@@ -581,6 +585,20 @@ def ranking_scores(tasks: Sequence[Task], predictions: dict[str, TaskPrediction]
     systems = {"student": predictions, **({"student_ttt": ttt_predictions} if ttt_predictions else {})}
     return {name: {rank: score_system(name, ranked_attempts(preds, rank), tasks).summary for rank in RANKINGS}
             for name, preds in systems.items()}
+
+
+def candidate_ceiling(tasks: Sequence[Task], predictions: dict[str, TaskPrediction]) -> dict[str, float]:
+    """How often the right grid is among a system's candidates at all (any view's answer): the
+    ceiling of every ranking of those candidates, task-weighted as the ARC Prize score is. Far above
+    pass@2, ranking is the lever; near it, the views must answer right more often."""
+    per_task, hits = [], 0
+    for task in tasks:
+        found = [any(np.array_equal(c.grid, pair.output) for c in test.candidates)
+                 for test, pair in zip(predictions[task.id].tests, task.test, strict=True)]
+        per_task.append(sum(found) / len(found))
+        hits += sum(found)
+    return {"score": float(np.mean(per_task)) if per_task else 0.0, "outputs_found": hits,
+            "test_outputs": sum(len(t.test) for t in tasks)}
 
 
 def _task_score(prediction: TaskPrediction, task: Task) -> float:

@@ -27,7 +27,7 @@ import numpy as np
 
 from sage.config import TTTConfig
 from sage.errors import EvaluationError
-from sage.evaluation import EvaluationResult
+from sage.evaluation import EvaluationResult, candidate_ceiling
 from sage.metrics import size_band, summarize_by_size_band, task_score
 from sage.overlap import describe
 from sage.pictures import draw_task
@@ -87,6 +87,8 @@ def report_record(result: EvaluationResult) -> dict[str, Any]:
             "mean_votes_of_attempt_1": float(np.mean([t.candidates[0].votes for t in tests if t.candidates]))
             if any(t.candidates for t in tests) else 0.0,
             "test_inputs_without_any_prediction": sum(not t.candidates for t in tests),
+            "candidate_ceiling": {name: candidate_ceiling(result.tasks, preds) for name, preds in
+                                  (("student", result.predictions), ("student_ttt", result.ttt_predictions)) if preds},
         },
         "student_seconds_per_task_all_views": float(np.mean([p.seconds for p in preds])) if tests else 0.0,
         "machine": result.machine,
@@ -207,6 +209,12 @@ def _rank_lines(record: dict[str, Any]) -> list[str]:
     lines += ["", ("votes: the grids most of the views predicted (ties: mean confidence). likelihood: the "
                    "log-probability each distinct grid gets, its cells and the border that fixes its size, summed "
                    "over every view.")]
+    ceiling = voting.get("candidate_ceiling", {})
+    if ceiling:
+        lines += ["", "The right grid among all the distinct grids the views gave (the ceiling of any ranking, "
+                  "ARC Prize weighting): " + "; ".join(
+                      f"{LABELS.get(name, name)} {_pct(c['score'])} ({c['outputs_found']}/{c['test_outputs']} "
+                      "test outputs)" for name, c in ceiling.items()) + "."]
     return lines
 
 

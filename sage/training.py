@@ -26,7 +26,7 @@ from tqdm import tqdm
 from sage.arc import Task, split_by_task
 from sage.checkpoint import Checkpoint, load_checkpoint, load_weights_into, save_checkpoint
 from sage.config import ExperimentConfig, save_config
-from sage.datasets import load_dataset, training_tasks
+from sage.datasets import DEMONSTRATIONS_SUFFIX, demonstration_tasks, load_dataset, training_tasks
 from sage.device import resolve_device
 from sage.distill import TeacherTargets, ensure_teacher_cache, feature_statistics, teacher_targets, teacher_views
 from sage.distributed import (
@@ -91,10 +91,15 @@ def load_splits(cfg: ExperimentConfig) -> Splits:
     else:
         train, val = tasks, load_dataset(cfg.data.val, synthetic)
         val_dataset = val
+    demonstrations = demonstration_tasks(cfg.data, val)
+    train = train + demonstrations
     # Held-out tasks whose test pairs training holds (another id, reordered, rotated) are no test.
     val, left_out, kept = drop_trained_tasks(train, val, "validation")
+    source = given.describe(cfg.data) + (
+        f"; plus the demonstration pairs of {len(demonstrations)} tasks of {cfg.data.demonstrations_of} as tasks "
+        "of their own (data.demonstrations_of: the HRM/TRM protocol; their test pairs never)" if demonstrations else "")
     return Splits(train, val, tasks, val_dataset, {o.task: ", ".join(o.training_tasks) for o in left_out}, kept,
-                  given.describe(cfg.data))
+                  source)
 
 
 def make_datasets(
@@ -397,7 +402,10 @@ def log_header(run: Run) -> None:
     log.info(f"run '{cfg.run.name}' on {run.device} ({run.autocast.name}): {m.kind} {run.parameters:,} parameters "
              f"({', '.join(f'{k} {v:,}' for k, v in parameter_breakdown(run.model).items())})")
     log.info(f"data.train {cfg.data.train}: {run.splits.source}")
-    log.info(f"data: train {len(train_tasks)} tasks from {cfg.data.train} ({len(train_set)} examples, "
+    demonstrations_only = sum(t.id.endswith(DEMONSTRATIONS_SUFFIX) for t in train_tasks)
+    log.info(f"data: train {len(train_tasks) - demonstrations_only} tasks from {cfg.data.train}"
+             + (f" + the demonstrations of {demonstrations_only} of {cfg.data.demonstrations_of}"
+                if demonstrations_only else "") + f" ({len(train_set)} examples, "
              f"augment={cfg.data.augment} p={train_set.augment_probability}); validation {len(val_tasks)} held-out tasks "
              f"({'holdout of ' + cfg.data.train if cfg.data.val == 'holdout' else cfg.data.val}, "
              f"{len(val_set)} test outputs); splits are by task")

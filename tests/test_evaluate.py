@@ -386,3 +386,25 @@ def test_candidates_ranked_by_likelihood_make_the_attempts_and_both_rankings_are
     assert by_likelihood.rankings == by_votes.rankings
     assert by_likelihood.rankings["student"]["votes"] == by_votes.systems["student"].summary
     assert by_likelihood.rankings["student"]["likelihood"] == by_likelihood.systems["student"].summary
+
+
+@pytest.mark.slow
+def test_a_run_pretrained_on_held_out_demonstrations_trains_on_them_and_every_report_says_so(tmp_path):
+    """data.demonstrations_of=holdout end to end: training takes the held-out tasks' demonstrations as
+    tasks of their own (the log counts them), validation still scores their test outputs, and the
+    evaluation of those tasks scores them all and states the protocol in its report."""
+    from test_training import tiny_config
+
+    cfg = tiny_config(tmp_path, "demos", "data.demonstrations_of=holdout", "train.epochs=1")
+    summary = train(cfg, echo=False)
+    log = (tmp_path / "logs" / "demos" / "train.log").read_text()
+    meta = json.loads((tmp_path / "checkpoints" / "demos" / "best" / "meta.json").read_text())
+    held_out = len(meta["val_task_ids"])
+    assert f"train 48 tasks from synthetic + the demonstrations of {held_out} of holdout" in log and held_out == 12
+    assert "validation tasks that share demonstrations or test inputs with training (kept)" in log
+    assert f"validation {held_out} held-out tasks" in log and "val_loss" in summary["last"]  # none dropped
+    result = evaluate(tmp_path / "checkpoints" / "demos" / "best",
+                      EvalSettings(split="holdout", views=1, speed_tasks=0), progress=False, log=lambda _: None)
+    assert len(result.tasks) == held_out and result.protocol["evaluation_demonstrations_trained_on"]
+    report = write_report(result, tmp_path / "report", pictures=0)["report_md"].read_text()
+    assert "trained on the evaluation tasks' demonstrations" in report

@@ -173,3 +173,25 @@ def test_size_bands_partition_the_evaluation_tasks_as_max_grid_side_counts_them(
     assert sum(b["tasks"] for b in by_band.values()) == 400
     assert by_band["<=10"]["arc_prize_score"] == 1.0 and by_band["<=10"]["tasks_solved_count"] == 77
     assert all(b["tasks_solved_count"] == 0 for name, b in by_band.items() if name != "<=10")
+
+
+def test_the_candidate_ceiling_counts_the_right_grid_among_every_candidate_not_only_the_top_two():
+    """candidate_ceiling: a right grid ranked third still counts (the ceiling of any ranking); tasks
+    weigh alike, a test output of two counting half."""
+    from sage.evaluation import candidate_ceiling
+    from sage.predict import OutputPrediction, TaskPrediction
+
+    right = np.array([[1, 2], [3, 4]], dtype=np.uint8)
+    wrong = [np.full((2, 2), k, dtype=np.uint8) for k in range(3)]
+    one = Task("one", (Pair(right, right),), (Pair(right, right),), "test")
+    two = Task("two", (Pair(right, right),), (Pair(right, right), Pair(right, right)), "test")
+
+    def predicted(task_id, *grid_lists):
+        tests = [OutputPrediction(vote([(g, 0.5) for g in grids]), [grids[0]], True, len(grids))
+                 for grids in grid_lists]
+        return TaskPrediction(task_id, tests, 0.0)
+
+    third = [wrong[0], wrong[0], wrong[1], wrong[1], right]  # two grids outvote it
+    predictions = {"one": predicted("one", third), "two": predicted("two", wrong, [right])}
+    assert candidate_ceiling([one, two], predictions) == {"score": 0.75, "outputs_found": 2, "test_outputs": 3}
+    assert candidate_ceiling([one], {"one": predicted("one", wrong)})["score"] == 0.0

@@ -18,6 +18,7 @@ from sage.training import load_splits
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL = "arc-agi-1/evaluation"
+JOINED = REPO / "configs" / "arc_joined_fp32.yaml"  # no teacher
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +180,56 @@ def test_several_training_datasets_join_and_drop_what_the_scored_split_shares(ar
     ids = [t.id for t in train[:5]]
     assert [t.id for t in both] == sorted(ids[:3]) + sorted(set(ids[3:]))
     assert next(t for t in both if t.id == ids[2]).source.startswith(str(first))
+
+
+def test_demonstrations_of_pretrains_on_the_demonstrations_never_the_test_pairs(arc1):
+    """data.demonstrations_of (the HRM/TRM protocol as an explicit option): each named task's
+    demonstrations become a training task of their own, every demonstration a query in turn; the
+    held-out tasks stay the same, none is dropped, and evaluation records the protocol. Without the
+    option nothing of theirs is trained on."""
+    from sage.datasets import DEMONSTRATIONS_SUFFIX
+    from sage.encoding import training_examples
+
+    base = ["data.train=arc-agi-1/training", "data.exclude=''", "data.max_grid_side=10"]
+    plain = load_splits(load_config(JOINED, base))
+    cfg = load_config(JOINED, [*base, "data.demonstrations_of=holdout"])
+    splits = load_splits(cfg)
+    assert [t.id for t in splits.val] == [t.id for t in plain.val] and splits.shared == {}
+    added = {t.id: t for t in splits.train if t.id.endswith(DEMONSTRATIONS_SUFFIX)}
+    assert sorted(added) == sorted(t.id + DEMONSTRATIONS_SUFFIX for t in splits.val)
+    for held in splits.val:
+        own = added[held.id + DEMONSTRATIONS_SUFFIX]
+        assert own.train == held.train and own.test == ()
+    # Every demonstration is a query once, with the others as context; no test pair is anywhere.
+    refs = training_examples(splits.train)
+    index = {t.id: i for i, t in enumerate(splits.train)}
+    for held in splits.val:
+        queries = sorted(r.query for r in refs if r.task_index == index[held.id + DEMONSTRATIONS_SUFFIX])
+        assert queries == list(range(len(held.train)))
+    assert {o.task for o in splits.overlap} == {t.id for t in splits.val}
+    assert all(WHOLE_TASK not in o.kinds and DEMONSTRATIONS in o.kinds for o in splits.overlap)
+    assert not any(DEMONSTRATIONS in o.kinds for o in find_overlap(plain.train, plain.val))
+
+    # Evaluation rebuilds the same training data and states the protocol; without it, it says no.
+    meta = {"val_task_ids": [t.id for t in splits.val]}
+    tasks, protocol = split_tasks(cfg, meta, "holdout")
+    assert len(tasks) == len(splits.val) and protocol["evaluation_demonstrations_trained_on"]
+    assert protocol["evaluation_tasks_trained_on"] == len(splits.val) and "demonstration pairs of holdout" in \
+        protocol["trained_on"]
+    assert not split_tasks(load_config(JOINED, base), meta, "holdout")[1][
+        "evaluation_demonstrations_trained_on"]
+    # A dataset name adds its tasks within data.max_grid_side; the evaluation split scores them all.
+    on_eval = load_config(JOINED, [*base, f"data.demonstrations_of={EVAL}"])
+    tasks, protocol = split_tasks(on_eval, meta, EVAL)
+    small = [t for t in arc1[1] if max(max(g.shape) for g in t.grids()) <= 10]
+    assert protocol["evaluation_tasks_trained_on"] >= len(small) and len(tasks) == 400  # 070dd51e: over 10x10
+    assert {o["task"] for o in protocol["evaluation_overlap"] if DEMONSTRATIONS in o["kinds"]} == {t.id for t in small}
+
+
+def test_demonstrations_of_refuses_what_it_cannot_honour():
+    from sage.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.demonstrations_of works without a teacher only"):
+        load_config(JOINED, ["data.demonstrations_of=holdout", "distill.weight=0.5"])
+    with pytest.raises(ConfigError, match="data.demonstrations_of=holdout needs data.val=holdout"):
+        load_config(JOINED, ["data.demonstrations_of=holdout", f"data.val={EVAL}"])

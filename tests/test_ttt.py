@@ -435,6 +435,12 @@ def test_cli_scores_with_and_without_ttt_side_by_side(workspace):
     assert {r["task_id"] for r in rows} == {t.id for t in small}
     assert all(int(r["ttt_steps"]) == 25 and float(r["ttt_seconds"]) > 0 for r in rows)
     assert "SAGE student + test-time training" in (out / "report.md").read_text()
+    # The ceiling of any ranking: no ranking of the same candidates can score above it.
+    for name in ("student", "student_ttt"):
+        ceiling = report["voting"]["candidate_ceiling"][name]
+        assert ceiling["test_outputs"] == sum(len(t.test) for t in small)
+        assert ceiling["score"] >= max(m["arc_prize_score"] for m in report["voting"]["scores_by_rank"][name].values())
+    assert "The right grid among all the distinct grids the views gave" in (out / "report.md").read_text()
     # Each task's loss curve: a point per 10 steps (windows of 10, 10 and 5 of its 25 steps), drawn.
     curves = json.loads((out / "ttt_curves.json").read_text())
     assert curves["steps_per_point"] == 10 and set(curves["tasks"]) == {t.id for t in small}
