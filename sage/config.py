@@ -90,6 +90,9 @@ class DataConfig:
     # report of a checkpoint trained so says it. "holdout": the run's own held-out tasks, to measure
     # the protocol where the scored split would be its evaluation set. "": none.
     demonstrations_of: str = ""
+    # Each example of those tasks counts this many times an epoch (each time under its own
+    # augmentation): how much of pretraining goes to them.
+    demonstrations_repeat: int = 1
     val: str = "holdout"  # 'holdout': val_fraction of the training tasks, held out whole; or a dataset
     val_fraction: float = 0.1  # share of the training tasks held out whole for validation ('holdout')
     use_test_pairs: bool = True  # training tasks' test pairs also serve as training queries
@@ -513,6 +516,7 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
     need(not d.demonstrations_of or not cfg.uses_teacher,
          "data.demonstrations_of works without a teacher only (its cache covers data.train's tasks): "
          "set distill.weight=0 or data.demonstrations_of=''")
+    need(d.demonstrations_repeat >= 1, f"data.demonstrations_repeat must be >= 1, got {d.demonstrations_repeat}")
     need(d.demonstrations_of != "holdout" or d.val == "holdout",
          f"data.demonstrations_of=holdout needs data.val=holdout (held-out tasks), got data.val={d.val!r}")
     need(t.loss_normalization in LOSS_NORMALIZATIONS, f"train.loss_normalization must be one of "

@@ -97,7 +97,8 @@ def load_splits(cfg: ExperimentConfig) -> Splits:
     val, left_out, kept = drop_trained_tasks(train, val, "validation")
     source = given.describe(cfg.data) + (
         f"; plus the demonstration pairs of {len(demonstrations)} tasks of {cfg.data.demonstrations_of} as tasks "
-        "of their own (data.demonstrations_of: the HRM/TRM protocol; their test pairs never)" if demonstrations else "")
+        f"of their own, {cfg.data.demonstrations_repeat}x an epoch (data.demonstrations_of: the HRM/TRM protocol; "
+        "their test pairs never)" if demonstrations else "")
     return Splits(train, val, tasks, val_dataset, {o.task: ", ".join(o.training_tasks) for o in left_out}, kept,
                   source)
 
@@ -106,11 +107,14 @@ def make_datasets(
     cfg: ExperimentConfig, splits: Splits, train_teacher: TeacherTargets | None = None,
     val_teacher: TeacherTargets | None = None, ctx: DistributedContext = DistributedContext(),
 ) -> tuple[ARCExamples, ARCExamples]:
-    """Training examples (each pair of a training task once as the query, augmented as configured)
-    and validation examples (the held-out tasks' test outputs; under torchrun, this rank's tasks)."""
+    """Training examples (each pair of a training task once as the query, those of data.demonstrations_of
+    data.demonstrations_repeat times, augmented as configured) and validation examples (the held-out tasks' test outputs; under torchrun, this rank's tasks)."""
     m, d = cfg.model, cfg.data
+    refs = training_examples(splits.train, d.use_test_pairs)
+    refs += [r for r in refs if splits.train[r.task_index].id.endswith(DEMONSTRATIONS_SUFFIX)] * (
+        d.demonstrations_repeat - 1)
     train_set = ARCExamples(
-        splits.train, training_examples(splits.train, d.use_test_pairs), m.grid_size, m.max_demos,
+        splits.train, refs, m.grid_size, m.max_demos,
         d.max_context_tokens, augment=d.augment, seed=cfg.run.seed, augment_probability=d.augment_probability,
         teacher=train_teacher, answer_canvas=m.answer_canvas, fit_answer=True, shuffle_demos=d.shuffle_demos,
         resample_demos=d.resample_demos, teacher_views=teacher_views(cfg),

@@ -206,6 +206,14 @@ def test_demonstrations_of_pretrains_on_the_demonstrations_never_the_test_pairs(
     for held in splits.val:
         queries = sorted(r.query for r in refs if r.task_index == index[held.id + DEMONSTRATIONS_SUFFIX])
         assert queries == list(range(len(held.train)))
+    # data.demonstrations_repeat counts those examples k times an epoch, the others once.
+    from sage.training import make_datasets
+
+    once, thrice = (make_datasets(load_config(JOINED, [*base, "data.demonstrations_of=holdout",
+                                                       f"data.demonstrations_repeat={k}"]), splits)[0]
+                    for k in (1, 3))
+    added_refs = sum(len(t.train) for t in splits.val)
+    assert len(once) == len(refs) and len(thrice) == len(refs) + 2 * added_refs
     assert {o.task for o in splits.overlap} == {t.id for t in splits.val}
     assert all(WHOLE_TASK not in o.kinds and DEMONSTRATIONS in o.kinds for o in splits.overlap)
     assert not any(DEMONSTRATIONS in o.kinds for o in find_overlap(plain.train, plain.val))
