@@ -108,7 +108,8 @@ def make_datasets(
     val_teacher: TeacherTargets | None = None, ctx: DistributedContext = DistributedContext(),
 ) -> tuple[ARCExamples, ARCExamples]:
     """Training examples (each pair of a training task once as the query, those of data.demonstrations_of
-    data.demonstrations_repeat times, augmented as configured) and validation examples (the held-out tasks' test outputs; under torchrun, this rank's tasks)."""
+    data.demonstrations_repeat times, augmented as configured) and validation examples (the held-out
+    tasks' test outputs; under torchrun, this rank's tasks)."""
     m, d = cfg.model, cfg.data
     refs = training_examples(splits.train, d.use_test_pairs)
     refs += [r for r in refs if splits.train[r.task_index].id.endswith(DEMONSTRATIONS_SUFFIX)] * (

@@ -14,7 +14,7 @@ from sage.datasets import load_dataset
 from sage.errors import ARCDataError
 from sage.evaluation import split_tasks
 from sage.overlap import DEMONSTRATIONS, TEST_INPUT, WHOLE_TASK, drop_trained_tasks, find_overlap
-from sage.training import load_splits
+from sage.training import load_splits, make_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL = "arc-agi-1/evaluation"
@@ -200,15 +200,13 @@ def test_demonstrations_of_pretrains_on_the_demonstrations_never_the_test_pairs(
     for held in splits.val:
         own = added[held.id + DEMONSTRATIONS_SUFFIX]
         assert own.train == held.train and own.test == ()
-    # Every demonstration is a query once, with the others as context; no test pair is anywhere.
+    # Every demonstration is a query once, with the others as context (no test pair: checked below).
     refs = training_examples(splits.train)
     index = {t.id: i for i, t in enumerate(splits.train)}
     for held in splits.val:
         queries = sorted(r.query for r in refs if r.task_index == index[held.id + DEMONSTRATIONS_SUFFIX])
         assert queries == list(range(len(held.train)))
     # data.demonstrations_repeat counts those examples k times an epoch, the others once.
-    from sage.training import make_datasets
-
     once, thrice = (make_datasets(load_config(JOINED, [*base, "data.demonstrations_of=holdout",
                                                        f"data.demonstrations_repeat={k}"]), splits)[0]
                     for k in (1, 3))
