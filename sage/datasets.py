@@ -138,6 +138,11 @@ def demonstration_tasks(data: DataConfig, held_out: Sequence[Task]) -> list[Task
     return [Task(t.id + DEMONSTRATIONS_SUFFIX, t.train, (), t.source + " (demonstrations only)") for t in named]
 
 
+def is_demonstrations_only(task: Task) -> bool:
+    """Whether `task` is one of `demonstration_tasks`' (a scored task's demonstrations, not data.train's)."""
+    return task.id.endswith(DEMONSTRATIONS_SUFFIX)
+
+
 def training_dataset(data: DataConfig) -> list[Task]:
     """The tasks of `training_tasks(data)`."""
     return training_tasks(data).tasks

@@ -94,15 +94,15 @@ def split_tasks(cfg: ExperimentConfig, meta: dict[str, Any], split: str) -> tupl
     synthetic = asdict(cfg.data.synthetic)
     train_all = training_dataset(cfg.data)
     held_out_ids = set(meta.get("val_task_ids") or []) if cfg.data.val == HOLDOUT else set()
-    trained = [t for t in train_all if t.id not in held_out_ids]
-    trained += demonstration_tasks(cfg.data, [t for t in train_all if t.id in held_out_ids])
+    held_out = [t for t in train_all if t.id in held_out_ids]
+    trained = [t for t in train_all if t.id not in held_out_ids] + demonstration_tasks(cfg.data, held_out)
     if split == HOLDOUT:
         if cfg.data.val != HOLDOUT:
             raise EvaluationError(
                 f"--split holdout: this checkpoint validated on {cfg.data.val!r}, not on held-out tasks of "
                 f"{cfg.data.train!r}; name a split instead (e.g. --split {DEFAULT_SPLIT})"
             )
-        tasks = [t for t in train_all if t.id in held_out_ids]
+        tasks = held_out
         if not tasks:
             raise EvaluationError("--split holdout: the checkpoint's meta.json lists no held-out task ids")
     else:

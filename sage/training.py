@@ -26,7 +26,7 @@ from tqdm import tqdm
 from sage.arc import Task, split_by_task
 from sage.checkpoint import Checkpoint, load_checkpoint, load_weights_into, save_checkpoint
 from sage.config import ExperimentConfig, save_config
-from sage.datasets import DEMONSTRATIONS_SUFFIX, demonstration_tasks, load_dataset, training_tasks
+from sage.datasets import demonstration_tasks, is_demonstrations_only, load_dataset, training_tasks
 from sage.device import resolve_device
 from sage.distill import TeacherTargets, ensure_teacher_cache, feature_statistics, teacher_targets, teacher_views
 from sage.distributed import (
@@ -112,7 +112,7 @@ def make_datasets(
     tasks' test outputs; under torchrun, this rank's tasks)."""
     m, d = cfg.model, cfg.data
     refs = training_examples(splits.train, d.use_test_pairs)
-    refs += [r for r in refs if splits.train[r.task_index].id.endswith(DEMONSTRATIONS_SUFFIX)] * (
+    refs += [r for r in refs if is_demonstrations_only(splits.train[r.task_index])] * (
         d.demonstrations_repeat - 1)
     train_set = ARCExamples(
         splits.train, refs, m.grid_size, m.max_demos,
@@ -407,7 +407,7 @@ def log_header(run: Run) -> None:
     log.info(f"run '{cfg.run.name}' on {run.device} ({run.autocast.name}): {m.kind} {run.parameters:,} parameters "
              f"({', '.join(f'{k} {v:,}' for k, v in parameter_breakdown(run.model).items())})")
     log.info(f"data.train {cfg.data.train}: {run.splits.source}")
-    demonstrations_only = sum(t.id.endswith(DEMONSTRATIONS_SUFFIX) for t in train_tasks)
+    demonstrations_only = sum(map(is_demonstrations_only, train_tasks))
     log.info(f"data: train {len(train_tasks) - demonstrations_only} tasks from {cfg.data.train}"
              + (f" + the demonstrations of {demonstrations_only} of {cfg.data.demonstrations_of}"
                 if demonstrations_only else "") + f" ({len(train_set)} examples, "
