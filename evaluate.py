@@ -15,6 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # sage is imported once the command line is parsed: --help stays quick
+    from sage.evaluation import EvalSettings, EvaluationResult
 
 
 def default_out(checkpoint: str, split: str) -> Path:
@@ -25,6 +29,35 @@ def default_out(checkpoint: str, split: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from sage.errors import INPUT_ERRORS, EvaluationError
+    from sage.evaluation import evaluate
+    from sage.report import check_out_dir, write_report
+
+    settings = eval_settings(args)
+    out = Path(args.out) if args.out else default_out(args.checkpoint, args.split)
+    finished = out / "finished_tasks"
+    try:
+        if args.batch_size is not None and args.batch_size < 1:
+            raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
+        check_out_dir(out)  # before any work: a folder it may not write to fails now, not at the end
+        result = evaluate(args.checkpoint, settings, progress=not args.no_progress, finished_dir=finished,
+                          resume=args.resume)
+        files = write_report(result, out, pictures=args.pictures)  # replaces the folder, finished_tasks/ too
+    except INPUT_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the tasks finished so far are kept in {finished}; continue with the same command "
+              "and --resume", file=sys.stderr)
+        return 130
+    print(score_line(result, args.split))
+    print(f"report: {files['report_md']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory, e.g. checkpoints/quickstart/best")
     parser.add_argument("--split", default="arc-agi-1/evaluation",
@@ -71,45 +104,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue an evaluation that was killed or crashed: the tasks it finished (kept in "
                              "<out>/finished_tasks/) are not answered again; the command must be the same")
-    args = parser.parse_args(argv)
+    return parser
 
-    from sage.errors import INPUT_ERRORS, EvaluationError
-    from sage.evaluation import EvalSettings, evaluate
-    from sage.report import check_out_dir, write_report
 
-    settings = EvalSettings(
+def eval_settings(args: argparse.Namespace) -> EvalSettings:
+    from sage.evaluation import EvalSettings
+
+    return EvalSettings(
         split=args.split, views=args.views, rank=args.rank, seed=args.seed, batch_size=args.batch_size, device=args.device,
         limit=args.limit, speed_tasks=args.speed_tasks, speed_teacher=args.speed_teacher,
         feature_cache_dir=args.feature_cache_dir, extract_features=args.extract_features,
         teacher_probe=args.teacher_probe, ttt=args.ttt, ttt_overrides=args.overrides,
         max_grid_side=args.max_grid_side, workers=args.workers, precision=args.precision,
     )
-    out = Path(args.out) if args.out else default_out(args.checkpoint, args.split)
-    finished = out / "finished_tasks"
-    try:
-        if args.batch_size is not None and args.batch_size < 1:
-            raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
-        check_out_dir(out)  # before any work: a folder it may not write to fails now, not at the end
-        result = evaluate(args.checkpoint, settings, progress=not args.no_progress, finished_dir=finished,
-                          resume=args.resume)
-        files = write_report(result, out, pictures=args.pictures)  # replaces the folder, finished_tasks/ too
-    except INPUT_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: the tasks finished so far are kept in {finished}; continue with the same command "
-              "and --resume", file=sys.stderr)
-        return 130
+
+
+def score_line(result: EvaluationResult, split: str) -> str:
+    """The student's ARC Prize score (and after test-time training, if run) beside the baselines'."""
     s = result.systems["student"].summary
     tuned = result.systems.get("student_ttt")
-    print(f"ARC Prize score (pass@2) {s['arc_prize_score']:.4f} on {s['tasks']} tasks of {args.split} "
-          f"({s['tasks_solved_count']} fully solved)"
-          + (f"; with test-time training {tuned.summary['arc_prize_score']:.4f} "
-             f"({tuned.summary['tasks_solved_count']} fully solved)" if tuned else "") + "; baselines: "
-          + ", ".join(f"{k} {result.systems[k].summary['arc_prize_score']:.4f}"
-                      for k in ("copy_input", "most_frequent_colour", "all_zeros")))
-    print(f"report: {files['report_md']}")
-    return 0
+    return (f"ARC Prize score (pass@2) {s['arc_prize_score']:.4f} on {s['tasks']} tasks of {split} "
+            f"({s['tasks_solved_count']} fully solved)"
+            + (f"; with test-time training {tuned.summary['arc_prize_score']:.4f} "
+               f"({tuned.summary['tasks_solved_count']} fully solved)" if tuned else "") + "; baselines: "
+            + ", ".join(f"{k} {result.systems[k].summary['arc_prize_score']:.4f}"
+                        for k in ("copy_input", "most_frequent_colour", "all_zeros")))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@
              (no real weights here; speed does not depend on them): sage.speed.measure_speed
     profile  (opt-in) torch.profiler over a few training steps: the top ops and the time per phase
 
-Everything reuses the sage package: real ARC tasks and splits (sage.training.load_splits), the
+Everything reuses the sage package: real ARC tasks and splits (sage.splits.load_splits), the
 dataset, collate and LengthBucketSampler of sage.encoding, build_model, and the training loop's own
 step (sage.step.train_step) and validation (sage.validation.validate).
 With distillation on (distill.weight > 0) the examples carry RANDOM teacher targets of the real
@@ -75,7 +75,9 @@ from sage.encoding import PAD, ARCExamples, LengthBucketSampler, collate  # noqa
 from sage.model import build_model  # noqa: E402
 from sage.recovery import FaultInjection, MicroBatch  # noqa: E402
 from sage.step import Autocast, compute_losses, make_optimizer, read_steps, to_device, train_step, unwrap  # noqa: E402
-from sage.training import Splits, load_splits, make_datasets, uses_shape_buckets  # noqa: E402
+from sage.teacher.settings import TeacherConfig  # noqa: E402
+from sage.splits import Splits, load_splits, make_datasets  # noqa: E402
+from sage.training import uses_shape_buckets  # noqa: E402
 from sage.validation import validate  # noqa: E402
 
 SECTIONS = ("train", "memory", "cache", "speed")  # run by default, in this order
@@ -155,7 +157,7 @@ class Data:
 
 
 def build_data(cfg: ExperimentConfig) -> Data:
-    """Training and validation examples from sage.training.make_datasets, as training builds them,
+    """Training and validation examples from sage.splits.make_datasets, as training builds them,
     with random teacher targets in place of the cache when the config uses a teacher."""
     splits, m = load_splits(cfg), cfg.model
     targets, teacher = None, "none (distill.weight 0)"
@@ -250,6 +252,16 @@ def matmul_peak(device: torch.device, bf16: bool, seconds: float = 4.0) -> dict[
     return {"flops_per_second": best, "n": n, "dtype": str(dtype).replace("torch.", ""), "reps_per_trial": reps}
 
 
+@dataclass
+class TimedSteps:
+    """What the training section's loop records: one row per timed step with that step's example 0,
+    and the first warm-up step's batch with its FLOPs counted in full."""
+    rows: list[dict[str, Any]]
+    first_examples: list[dict[str, torch.Tensor]]
+    check_batch: dict[str, torch.Tensor]
+    check_batch_flops: int
+
+
 def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps: int, warmup: int,
                   log: Log, batches: list[list[int]] | None = None) -> dict[str, Any]:
     model, optimizer, loader = training_setup(cfg, device, data, batches)
@@ -258,6 +270,14 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
         raise SystemExit(f"error: need 1 <= --warmup and --warmup + --steps <= {len(loader)} (one epoch)")
     log(f"train: {warmup} warm-up + {steps} timed steps, batch {cfg.train.batch_size}, "
         f"{cfg.data.num_workers} data workers, teacher targets: {data.teacher}")
+    run = take_timed_steps(model, optimizer, loader, cfg, device, autocast, steps, warmup, log)
+    components, check = count_timed_step_flops(run, unwrap(model), cfg, autocast, log)
+    return train_figures(cfg, data, steps, warmup, run.rows, components, check)
+
+
+def take_timed_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any, cfg: ExperimentConfig,
+                     device: torch.device, autocast: Autocast, steps: int, warmup: int, log: Log) -> TimedSteps:
+    """`warmup` + `steps` real training steps off the loader, each timed (data wait and step apart)."""
     batches = iter(loader)
     timed: list[dict[str, Any]] = []
     slices: list[dict[str, torch.Tensor]] = []
@@ -290,21 +310,34 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
         log(f"train: step {i + 1}/{warmup + steps} ({'warm-up' if i < warmup else 'timed'}) {B}x{L} context: "
             f"{t2 - t0:.2f}s (data {t1 - t0:.3f}s)")
     del batches  # stop the workers
+    return TimedSteps(timed, slices, check_batch, full_batch_flops)
 
-    # FLOPs of a step are linear in the batch size at a fixed padded length (every counted op is a
-    # matmul or attention over the batch), so each timed step is counted exactly on its example 0,
-    # times its batch size; the full count of the first step checks this.
+
+def count_timed_step_flops(run: TimedSteps, model: torch.nn.Module, cfg: ExperimentConfig, autocast: Autocast,
+                           log: Log) -> tuple[dict[str, int], dict[str, Any]]:
+    """Sets each timed row's "flops"; returns the forward FLOPs by component and the count's check.
+
+    FLOPs of a step are linear in the batch size at a fixed padded length (every counted op is a
+    matmul or attention over the batch), so each timed step is counted exactly on its example 0,
+    times its batch size; the full count of the first step checks this."""
     log("train: counting the FLOPs of the timed steps (FlopCounterMode)")
     per_shape: dict[tuple[int, int], int] = {}  # (padded context, answer cells) -> FLOPs of one example
-    for row, one in zip(timed, slices):
+    for row, one in zip(run.rows, run.first_examples):
         shape = (row["padded_context"], row["answer_cells"] // row["examples"])
         if shape not in per_shape:
-            per_shape[shape] = forward_backward_flops(unwrap(model), one, cfg, autocast)
+            per_shape[shape] = forward_backward_flops(model, one, cfg, autocast)
         row["flops"] = row["examples"] * per_shape[shape]
-    scaled = check_batch["tokens"].shape[0] * forward_backward_flops(unwrap(model), first_example(check_batch), cfg,
-                                                                     autocast)
-    components = forward_flops_by_component(unwrap(model), first_example(check_batch), autocast)
+    full = run.check_batch_flops
+    scaled = run.check_batch["tokens"].shape[0] * forward_backward_flops(model, first_example(run.check_batch), cfg,
+                                                                         autocast)
+    components = forward_flops_by_component(model, first_example(run.check_batch), autocast)
+    return components, {"full_first_step": full, "batch_size_x_example_0": scaled,
+                        "relative_difference": abs(scaled - full) / max(full, 1)}
 
+
+def train_figures(cfg: ExperimentConfig, data: Data, steps: int, warmup: int, timed: list[dict[str, Any]],
+                  components: dict[str, int], flop_count_check: dict[str, Any]) -> dict[str, Any]:
+    """The training section's figures from its timed steps' rows (FLOPs counted)."""
     total_s = sum(r["data_s"] + r["step_s"] for r in timed)
     flops = sum(r["flops"] for r in timed)
     tokens = sum(r["context_tokens"] + r["answer_cells"] for r in timed)
@@ -328,8 +361,7 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
             r["examples"] * r["padded_context"] for r in timed),
         "answer_cells_with_loss_share": sum(r["loss_cells"] for r in timed) / sum(r["answer_cells"] for r in timed),
         "forward_flops_by_component_first_step": components,
-        "flop_count_check": {"full_first_step": full_batch_flops, "batch_size_x_example_0": scaled,
-                             "relative_difference": abs(scaled - full_batch_flops) / max(full_batch_flops, 1)},
+        "flop_count_check": flop_count_check,
         "tokens_counted": "real (unpadded) context tokens + the batch's answer canvas cells per example",
         "flops_counted": "FlopCounterMode, forward + loss + backward (matmuls and attention, incl. padding); "
                          "the optimiser's elementwise work is not counted",
@@ -422,14 +454,9 @@ def memory_section(cfg: ExperimentConfig, device: torch.device, log: Log) -> dic
 
 def cache_section(cfg: ExperimentConfig, data: Data, n_tasks: int, log: Log) -> dict[str, Any]:
     from sage.distill import prompts_for_dataset
-    from sage.extraction import run_extraction
-    from sage.features import CacheWriter, EntryFeatures, FeatureCache, build_spec, finalize
-    from sage.teacher.groot import Teacher
     from sage.teacher.presets import get_preset
-    from sage.teacher.prompt import instruction_for
-    from sage.teacher.tokenizer import load_tokenizer
 
-    tc, m = cfg.teacher, cfg.model
+    tc = cfg.teacher
     dataset, tasks = cfg.data.train, data.splits.train_dataset
     real_dim = get_preset(tc.preset).feature_dim
     value_bytes = torch.empty((), dtype=getattr(torch, tc.feature_dtype)).element_size()
@@ -438,79 +465,110 @@ def cache_section(cfg: ExperimentConfig, data: Data, n_tasks: int, log: Log) -> 
     with tempfile.TemporaryDirectory(prefix="sage-bench-cache-") as tmp:
         tiny = replace(tc, preset="groot-n1.5-tiny", checkpoint_dir=None, tokenizer_dir=None, cache_dir=tmp,
                        dataset=dataset, token_features=False)
-        measured = {}
-        for tokens in (False, True):
-            what = "pooled + token features" if tokens else "pooled features"
-            log(f"cache: extracting the tiny teacher's {what} of the first {n_tasks} tasks of {dataset}")
-            run = replace(cfg, teacher=replace(tiny, token_features=tokens))
-            prompts = prompts_for_dataset(run, dataset, tasks[:n_tasks])
-            ex = run_extraction(run.teacher, run.data, prompts, limit=n_tasks, progress=False, log=lambda s: None,
-                                device=run.run.device)
-            manifest = json.loads((ex.directory / "manifest.json").read_text())
-            dim = manifest["spec"]["identity"]["features"]["dim"]
-            entries = manifest["entries"].values()
-            data_bytes = sum((len(e["roles"]) + (e["n_tokens"] if tokens else 0)) * dim * value_bytes for e in entries)
-            file_bytes = sum(p.stat().st_size for p in ex.directory.rglob("*") if p.is_file())
-            measured["tokens" if tokens else "pooled"] = {
-                "entries": len(manifest["entries"]), "dim": dim, "file_bytes": file_bytes, "tensor_bytes": data_bytes,
-                "overhead_bytes_per_entry": (file_bytes - data_bytes) / len(manifest["entries"]),
-                "tokens_per_entry_mean": statistics.mean(e["n_tokens"] for e in entries),
-                "extraction_seconds": ex.seconds,
-            }
-        result["tiny_measured"] = measured
-
-        # Every prompt of the dataset at the configured teacher's width: tensor bytes from the
-        # prompt's grids (pooled) and tokens, plus the per-entry overhead measured above (headers,
-        # manifest: independent of the width).
+        measured = result["tiny_measured"] = tiny_cache_sizes(cfg, tiny, tasks, n_tasks, value_bytes, log)
         prompts = prompts_for_dataset(cfg, dataset, tasks)
-        real_tokenizer = tc.tokenizer_dir is not None and Path(tc.tokenizer_dir).expanduser().is_dir()
-        tokenizer = load_tokenizer(tc.tokenizer_dir if real_tokenizer else None, allow_builtin=True)
-        arch = get_preset(tc.preset)
-        # Teacher.prompt_ids needs only the tokenizer: no backbone is built for counting tokens.
-        counter = Teacher(arch, None, tokenizer, instruction_for(tc.view, tc.instruction), torch.device("cpu"))
-        grids = [len(p.grids) for p in prompts]
-        n_tokens = [len(counter.prompt_ids(g)) for g in grids]
-        pooled = [measured["pooled"]["overhead_bytes_per_entry"] + g * real_dim * value_bytes for g in grids]
-        token = [measured["tokens"]["overhead_bytes_per_entry"] + (g + t) * real_dim * value_bytes
-                 for g, t in zip(grids, n_tokens)]
-        result["scaled"] = {
-            "prompts": len(prompts),
-            "grids_per_prompt_mean": statistics.mean(grids), "grids_per_prompt_max": max(grids),
-            "tokens_per_prompt_mean": statistics.mean(n_tokens),
-            "tokenizer": "the real one" if real_tokenizer else
-                         "built-in byte-level (instruction spelt one token per byte: a few hundred tokens more per "
-                         "prompt than the real tokenizer; 256 per image either way)",
-            "pooled_bytes_per_prompt_mean": statistics.mean(pooled), "pooled_bytes_per_prompt_max": max(pooled),
-            "tokens_bytes_per_prompt_mean": statistics.mean(token), "tokens_bytes_per_prompt_max": max(token),
-            "tokens_bytes_total": sum(token),
-        }
-
-        # The pooled cache of every prompt at the real width, written through the cache writer.
-        # The tiny teacher's spec stands in (the real preset's needs its weights) with the width set.
-        log(f"cache: writing a {real_dim}-d {tc.feature_dtype} pooled cache of all {len(prompts)} prompts "
-            "(random values) and reading it back")
-        spec = build_spec(tiny, dataset, tasks)
-        spec["identity"]["features"].update(dim=real_dim, dtype=tc.feature_dtype)
-        directory = Path(tmp) / "real-width"
-        writer = CacheWriter(directory, spec, shard_entries=tc.shard_entries)
-        for p in prompts:
-            writer.add(EntryFeatures(p.key, p.task_id, p.query, p.demos, p.roles, torch.randn(len(p.grids), real_dim)))
-        writer.flush()
-        finalize(directory, spec, [p.key for p in prompts])
-        file_bytes = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-        targets = TeacherTargets(FeatureCache(directory), m.num_grid_slots)
-        examples = data.train_set
-        started = time.perf_counter()
-        for ref, demos in zip(examples.refs, examples.kept_demos):
-            targets.for_example(examples.tasks[ref.task_index], demos, ref.query, m.max_demos)
-        read_s = time.perf_counter() - started
-        result["real_width_pooled"] = {
-            "prompts": len(prompts), "file_bytes": file_bytes, "bytes_per_prompt_mean": file_bytes / len(prompts),
-            "read_examples": len(examples), "read_seconds": read_s, "read_examples_per_second": len(examples) / read_s,
-            "read_path": "sage.distill.TeacherTargets.for_example over the training examples (memory-mapped "
-                         "safetensors, page cache warm: the files were just written)",
-        }
+        result["scaled"] = scaled_cache_sizes(cfg, prompts, measured, real_dim, value_bytes)
+        result["real_width_pooled"] = real_width_pooled_cache(cfg, data, tiny, tasks, prompts, Path(tmp) / "real-width",
+                                                              log)
     return result
+
+
+def tiny_cache_sizes(cfg: ExperimentConfig, tiny: TeacherConfig, tasks: list, n_tasks: int, value_bytes: int,
+                     log: Log) -> dict[str, Any]:
+    """Caches of the first `n_tasks` tasks extracted by the tiny teacher, pooled features only and
+    with token features: their file and tensor bytes, and so each entry's overhead (headers, manifest)."""
+    from sage.distill import prompts_for_dataset
+    from sage.extraction import run_extraction
+
+    dataset = cfg.data.train
+    measured = {}
+    for tokens in (False, True):
+        what = "pooled + token features" if tokens else "pooled features"
+        log(f"cache: extracting the tiny teacher's {what} of the first {n_tasks} tasks of {dataset}")
+        run = replace(cfg, teacher=replace(tiny, token_features=tokens))
+        prompts = prompts_for_dataset(run, dataset, tasks[:n_tasks])
+        ex = run_extraction(run.teacher, run.data, prompts, limit=n_tasks, progress=False, log=lambda s: None,
+                            device=run.run.device)
+        manifest = json.loads((ex.directory / "manifest.json").read_text())
+        dim = manifest["spec"]["identity"]["features"]["dim"]
+        entries = manifest["entries"].values()
+        data_bytes = sum((len(e["roles"]) + (e["n_tokens"] if tokens else 0)) * dim * value_bytes for e in entries)
+        file_bytes = sum(p.stat().st_size for p in ex.directory.rglob("*") if p.is_file())
+        measured["tokens" if tokens else "pooled"] = {
+            "entries": len(manifest["entries"]), "dim": dim, "file_bytes": file_bytes, "tensor_bytes": data_bytes,
+            "overhead_bytes_per_entry": (file_bytes - data_bytes) / len(manifest["entries"]),
+            "tokens_per_entry_mean": statistics.mean(e["n_tokens"] for e in entries),
+            "extraction_seconds": ex.seconds,
+        }
+    return measured
+
+
+def scaled_cache_sizes(cfg: ExperimentConfig, prompts: list, measured: dict[str, Any], real_dim: int,
+                       value_bytes: int) -> dict[str, Any]:
+    """Every prompt of the dataset at the configured teacher's width: tensor bytes from the prompt's
+    grids (pooled) and tokens, plus the per-entry overhead `measured` on the tiny teacher's caches
+    (headers, manifest: independent of the width)."""
+    from sage.teacher.groot import Teacher
+    from sage.teacher.presets import get_preset
+    from sage.teacher.prompt import instruction_for
+    from sage.teacher.tokenizer import load_tokenizer
+
+    tc = cfg.teacher
+    real_tokenizer = tc.tokenizer_dir is not None and Path(tc.tokenizer_dir).expanduser().is_dir()
+    tokenizer = load_tokenizer(tc.tokenizer_dir if real_tokenizer else None, allow_builtin=True)
+    arch = get_preset(tc.preset)
+    # Teacher.prompt_ids needs only the tokenizer: no backbone is built for counting tokens.
+    counter = Teacher(arch, None, tokenizer, instruction_for(tc.view), torch.device("cpu"))
+    grids = [len(p.grids) for p in prompts]
+    n_tokens = [len(counter.prompt_ids(g)) for g in grids]
+    pooled = [measured["pooled"]["overhead_bytes_per_entry"] + g * real_dim * value_bytes for g in grids]
+    token = [measured["tokens"]["overhead_bytes_per_entry"] + (g + t) * real_dim * value_bytes
+             for g, t in zip(grids, n_tokens)]
+    return {
+        "prompts": len(prompts),
+        "grids_per_prompt_mean": statistics.mean(grids), "grids_per_prompt_max": max(grids),
+        "tokens_per_prompt_mean": statistics.mean(n_tokens),
+        "tokenizer": "the real one" if real_tokenizer else
+                     "built-in byte-level (instruction spelt one token per byte: a few hundred tokens more per "
+                     "prompt than the real tokenizer; 256 per image either way)",
+        "pooled_bytes_per_prompt_mean": statistics.mean(pooled), "pooled_bytes_per_prompt_max": max(pooled),
+        "tokens_bytes_per_prompt_mean": statistics.mean(token), "tokens_bytes_per_prompt_max": max(token),
+        "tokens_bytes_total": sum(token),
+    }
+
+
+def real_width_pooled_cache(cfg: ExperimentConfig, data: Data, tiny: TeacherConfig, tasks: list, prompts: list,
+                            directory: Path, log: Log) -> dict[str, Any]:
+    """The pooled cache of every prompt at the real width (random values), written through the cache
+    writer into `directory`, then read back through TeacherTargets over the training examples. The
+    tiny teacher's spec stands in (the real preset's needs its weights) with the width set."""
+    from sage.features import CacheWriter, EntryFeatures, FeatureCache, build_spec, finalize
+    from sage.teacher.presets import get_preset
+
+    tc, m = cfg.teacher, cfg.model
+    real_dim = get_preset(tc.preset).feature_dim
+    log(f"cache: writing a {real_dim}-d {tc.feature_dtype} pooled cache of all {len(prompts)} prompts "
+        "(random values) and reading it back")
+    spec = build_spec(tiny, cfg.data.train, tasks)
+    spec["identity"]["features"].update(dim=real_dim, dtype=tc.feature_dtype)
+    writer = CacheWriter(directory, spec, shard_entries=tc.shard_entries)
+    for p in prompts:
+        writer.add(EntryFeatures(p.key, p.task_id, p.query, p.demos, p.roles, torch.randn(len(p.grids), real_dim)))
+    writer.flush()
+    finalize(directory, spec, [p.key for p in prompts])
+    file_bytes = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    targets = TeacherTargets(FeatureCache(directory), m.num_grid_slots)
+    examples = data.train_set
+    started = time.perf_counter()
+    for ref, demos in zip(examples.refs, examples.kept_demos):
+        targets.for_example(examples.tasks[ref.task_index], demos, ref.query, m.max_demos)
+    read_s = time.perf_counter() - started
+    return {
+        "prompts": len(prompts), "file_bytes": file_bytes, "bytes_per_prompt_mean": file_bytes / len(prompts),
+        "read_examples": len(examples), "read_seconds": read_s, "read_examples_per_second": len(examples) / read_s,
+        "read_path": "sage.distill.TeacherTargets.for_example over the training examples (memory-mapped "
+                     "safetensors, page cache warm: the files were just written)",
+    }
 
 
 def speed_section(cfg: ExperimentConfig, device: torch.device, n_tasks: int, split: str, teacher: str,
@@ -588,89 +646,107 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def summary_rows(results: dict[str, Any]) -> tuple[list[tuple[str, str, str, str, str]], dict[str, Any]]:
+Row = tuple[str, str, str, str, str]  # section, metric, value, target, PASS/FAIL
+
+
+def summary_rows(results: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
     """(section, metric, value, target, PASS/FAIL) rows, and the targets' verdicts for the JSON."""
     rows, targets = [], {}
     s = results["sections"]
-    if "peak" in s:
-        p = s["peak"]
-        rows.append(("peak", f"dense matmul ({p['dtype']}, {p['n']}^3, best)", fmt_flops(p["flops_per_second"]),
-                     "", ""))
-    if "train" in s:
-        t = s["train"]
-        mfu = t["achieved_flops_per_second"] / s["peak"]["flops_per_second"]
-        targets["mfu"] = {"value": mfu, "target": f">= {TARGET_MFU:.0%}", "pass": mfu >= TARGET_MFU}
-        targets["data_wait"] = {"value": t["data_wait_share"], "target": f"<= {TARGET_DATA_WAIT:.0%}",
-                                "pass": t["data_wait_share"] <= TARGET_DATA_WAIT}
-        rows += [
-            ("train", "teacher targets", t["teacher_targets"].split(" (")[0], "", ""),
-            ("train", f"step time (mean of {t['steps']}, batch {t['batch_size']})",
-             f"{t['step_seconds_mean']:.2f} s", "", ""),
-            ("train", "steps with a shape not seen before in the run", f"{t['new_shape_steps']} of {t['steps']}",
-             "", ""),
-            ("train", "step time, shapes seen before (mean)", f"{t['repeated_shape_step_seconds_mean']:.2f} s"
-             if t["repeated_shape_step_seconds_mean"] is not None else "none", "", ""),
-            ("train", "throughput, context + answer tokens", f"{t['tokens_per_second']:,.0f} tokens/s", "", ""),
-            ("train", "throughput, examples", f"{t['examples_per_second']:.2f} examples/s", "", ""),
-            ("train", "FLOPs per step (counted, mean)", f"{t['flops_per_step_mean'] / 1e12:.2f} TFLOP", "", ""),
-            ("train", "achieved (wall time)", fmt_flops(t["achieved_flops_per_second"]), "", ""),
-            ("train", "MFU (of measured matmul peak)", f"{mfu:.1%}", f">= {TARGET_MFU:.0%}",
-             verdict(mfu >= TARGET_MFU)),
-            ("train", "MFU, without data wait",
-             f"{t['compute_only_flops_per_second'] / s['peak']['flops_per_second']:.1%}", "", ""),
-            ("train", f"data wait ({t['num_workers']} workers)", f"{t['data_wait_share']:.2%}",
-             f"<= {TARGET_DATA_WAIT:.0%}", verdict(t["data_wait_share"] <= TARGET_DATA_WAIT)),
-            ("train", "answer cells with a loss (of grid^2)", f"{t['answer_cells_with_loss_share']:.1%}", "", ""),
-            ("train", "context padding", f"{t['context_padding_share']:.1%}", "", ""),
-            ("train", "FLOP count check (B x ex. 0 vs full)",
-             f"{t['flop_count_check']['relative_difference']:.1e} rel. diff", "", ""),
-        ]
-        parts = t["forward_flops_by_component_first_step"]
-        top = sorted(parts.items(), key=lambda kv: -kv[1])[:4]
-        rows.append(("train", "forward FLOPs by component (1st step)",
-                     ", ".join(f"{k} {v / sum(parts.values()):.0%}" for k, v in top), "", ""))
-    if "memory" in s:
-        mem, key = s["memory"], s["memory"]["compared"]
-        what = "CUDA max allocated" if key.startswith("cuda") else "peak RSS"
-        for phase in ("train", "val"):
-            r = mem[phase]
-            rows.append(("memory", f"{phase} {what} (batch {r['batch'][0]}x{r['batch'][1]})", fmt_bytes(r[key]),
-                         "<= train" if phase == "val" else "",
-                         verdict(r[key] <= mem["train"][key]) if phase == "val" else ""))
-        ok = mem["val"][key] <= mem["train"][key]
-        targets["val_memory_le_train"] = {"value": mem["val"][key], "target": "<= train peak", "pass": ok}
-    if "cache" in s:
-        c = s["cache"]
-        sc, rw = c["scaled"], c["real_width_pooled"]
-        pooled = rw["bytes_per_prompt_mean"]
-        targets["pooled_cache"] = {"value": pooled, "target": f"<= {fmt_bytes(TARGET_POOLED_BYTES)}",
-                                   "pass": pooled <= TARGET_POOLED_BYTES}
-        w = f"{c['feature_dim']}-d {c['feature_dtype']}"
-        mean_max = lambda kind: (f"{fmt_bytes(sc[f'{kind}_bytes_per_prompt_mean'])}, "  # noqa: E731
-                                 f"max {fmt_bytes(sc[f'{kind}_bytes_per_prompt_max'])}")
-        rows += [
-            ("cache", f"pooled per prompt, {w} (written)", fmt_bytes(pooled), f"<= {fmt_bytes(TARGET_POOLED_BYTES)}",
-             verdict(pooled <= TARGET_POOLED_BYTES)),
-            ("cache", f"pooled per prompt, {w} (scaled), max", mean_max("pooled"), "", ""),
-            ("cache", f"tokens per prompt, {w} (scaled), max", mean_max("tokens"), "", ""),
-            ("cache", f"tokens, all {sc['prompts']} prompts (scaled)", fmt_bytes(sc["tokens_bytes_total"]), "", ""),
-            ("cache", "pooled read (TeacherTargets)", f"{rw['read_examples_per_second']:,.0f} examples/s", "", ""),
-        ]
-    if "speed" in s:
-        sp = s["speed"]
-        if sp.get("measured"):
-            ok = sp["speedup"] >= TARGET_SPEEDUP
-            targets["speedup"] = {"value": sp["speedup"], "target": f">= {TARGET_SPEEDUP:.0f}x", "pass": ok}
-            rows += [
-                ("speed", f"student per task (random weights, {len(sp['tasks'])} task)",
-                 f"{sp['student_seconds_per_task'] * 1e3:.1f} ms", "", ""),
-                ("speed", f"{sp['teacher']['preset']} backbone per task (RANDOM weights)",
-                 f"{sp['teacher_seconds_per_task']:.2f} s", "", ""),
-                ("speed", "student speed-up", f"{sp['speedup']:,.0f}x", f">= {TARGET_SPEEDUP:.0f}x", verdict(ok)),
-            ]
-        else:
-            rows.append(("speed", "not measured", sp.get("reason", ""), "", ""))
+    for section, rows_of in (("peak", peak_rows), ("train", train_rows), ("memory", memory_rows),
+                             ("cache", cache_rows), ("speed", speed_rows)):
+        if section in s:
+            more, verdicts = rows_of(s)
+            rows += more
+            targets.update(verdicts)
     return rows, targets
+
+
+def peak_rows(s: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
+    p = s["peak"]
+    return [("peak", f"dense matmul ({p['dtype']}, {p['n']}^3, best)", fmt_flops(p["flops_per_second"]), "", "")], {}
+
+
+def train_rows(s: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
+    t = s["train"]
+    mfu = t["achieved_flops_per_second"] / s["peak"]["flops_per_second"]
+    targets = {"mfu": {"value": mfu, "target": f">= {TARGET_MFU:.0%}", "pass": mfu >= TARGET_MFU},
+               "data_wait": {"value": t["data_wait_share"], "target": f"<= {TARGET_DATA_WAIT:.0%}",
+                             "pass": t["data_wait_share"] <= TARGET_DATA_WAIT}}
+    rows = [
+        ("train", "teacher targets", t["teacher_targets"].split(" (")[0], "", ""),
+        ("train", f"step time (mean of {t['steps']}, batch {t['batch_size']})",
+         f"{t['step_seconds_mean']:.2f} s", "", ""),
+        ("train", "steps with a shape not seen before in the run", f"{t['new_shape_steps']} of {t['steps']}",
+         "", ""),
+        ("train", "step time, shapes seen before (mean)", f"{t['repeated_shape_step_seconds_mean']:.2f} s"
+         if t["repeated_shape_step_seconds_mean"] is not None else "none", "", ""),
+        ("train", "throughput, context + answer tokens", f"{t['tokens_per_second']:,.0f} tokens/s", "", ""),
+        ("train", "throughput, examples", f"{t['examples_per_second']:.2f} examples/s", "", ""),
+        ("train", "FLOPs per step (counted, mean)", f"{t['flops_per_step_mean'] / 1e12:.2f} TFLOP", "", ""),
+        ("train", "achieved (wall time)", fmt_flops(t["achieved_flops_per_second"]), "", ""),
+        ("train", "MFU (of measured matmul peak)", f"{mfu:.1%}", f">= {TARGET_MFU:.0%}",
+         verdict(mfu >= TARGET_MFU)),
+        ("train", "MFU, without data wait",
+         f"{t['compute_only_flops_per_second'] / s['peak']['flops_per_second']:.1%}", "", ""),
+        ("train", f"data wait ({t['num_workers']} workers)", f"{t['data_wait_share']:.2%}",
+         f"<= {TARGET_DATA_WAIT:.0%}", verdict(t["data_wait_share"] <= TARGET_DATA_WAIT)),
+        ("train", "answer cells with a loss (of grid^2)", f"{t['answer_cells_with_loss_share']:.1%}", "", ""),
+        ("train", "context padding", f"{t['context_padding_share']:.1%}", "", ""),
+        ("train", "FLOP count check (B x ex. 0 vs full)",
+         f"{t['flop_count_check']['relative_difference']:.1e} rel. diff", "", ""),
+    ]
+    parts = t["forward_flops_by_component_first_step"]
+    top = sorted(parts.items(), key=lambda kv: -kv[1])[:4]
+    rows.append(("train", "forward FLOPs by component (1st step)",
+                 ", ".join(f"{k} {v / sum(parts.values()):.0%}" for k, v in top), "", ""))
+    return rows, targets
+
+
+def memory_rows(s: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
+    mem, key = s["memory"], s["memory"]["compared"]
+    what = "CUDA max allocated" if key.startswith("cuda") else "peak RSS"
+    rows = []
+    for phase in ("train", "val"):
+        r = mem[phase]
+        rows.append(("memory", f"{phase} {what} (batch {r['batch'][0]}x{r['batch'][1]})", fmt_bytes(r[key]),
+                     "<= train" if phase == "val" else "",
+                     verdict(r[key] <= mem["train"][key]) if phase == "val" else ""))
+    ok = mem["val"][key] <= mem["train"][key]
+    return rows, {"val_memory_le_train": {"value": mem["val"][key], "target": "<= train peak", "pass": ok}}
+
+
+def cache_rows(s: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
+    c = s["cache"]
+    sc, rw = c["scaled"], c["real_width_pooled"]
+    pooled = rw["bytes_per_prompt_mean"]
+    targets = {"pooled_cache": {"value": pooled, "target": f"<= {fmt_bytes(TARGET_POOLED_BYTES)}",
+                                "pass": pooled <= TARGET_POOLED_BYTES}}
+    w = f"{c['feature_dim']}-d {c['feature_dtype']}"
+    mean_max = lambda kind: (f"{fmt_bytes(sc[f'{kind}_bytes_per_prompt_mean'])}, "  # noqa: E731
+                             f"max {fmt_bytes(sc[f'{kind}_bytes_per_prompt_max'])}")
+    return [
+        ("cache", f"pooled per prompt, {w} (written)", fmt_bytes(pooled), f"<= {fmt_bytes(TARGET_POOLED_BYTES)}",
+         verdict(pooled <= TARGET_POOLED_BYTES)),
+        ("cache", f"pooled per prompt, {w} (scaled), max", mean_max("pooled"), "", ""),
+        ("cache", f"tokens per prompt, {w} (scaled), max", mean_max("tokens"), "", ""),
+        ("cache", f"tokens, all {sc['prompts']} prompts (scaled)", fmt_bytes(sc["tokens_bytes_total"]), "", ""),
+        ("cache", "pooled read (TeacherTargets)", f"{rw['read_examples_per_second']:,.0f} examples/s", "", ""),
+    ], targets
+
+
+def speed_rows(s: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
+    sp = s["speed"]
+    if not sp.get("measured"):
+        return [("speed", "not measured", sp.get("reason", ""), "", "")], {}
+    ok = sp["speedup"] >= TARGET_SPEEDUP
+    return [
+        ("speed", f"student per task (random weights, {len(sp['tasks'])} task)",
+         f"{sp['student_seconds_per_task'] * 1e3:.1f} ms", "", ""),
+        ("speed", f"{sp['teacher']['preset']} backbone per task (RANDOM weights)",
+         f"{sp['teacher_seconds_per_task']:.2f} s", "", ""),
+        ("speed", "student speed-up", f"{sp['speedup']:,.0f}x", f">= {TARGET_SPEEDUP:.0f}x", verdict(ok)),
+    ], {"speedup": {"value": sp["speedup"], "target": f">= {TARGET_SPEEDUP:.0f}x", "pass": ok}}
 
 
 def render(rows: list[tuple[str, ...]], header: str) -> str:
@@ -684,6 +760,32 @@ def render(rows: list[tuple[str, ...]], header: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args, sections = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, args.overrides)
+    device = resolve_device(cfg.run.device)
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    machine = describe_machine(device)
+    log(f"{args.config} on {device} ({machine['cpu']}, {torch.get_num_threads()} threads, torch {torch.__version__}); "
+        f"sections: {', '.join(sections)}")
+    results: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "run": cfg.run.name,
+                               "machine": machine, "sections": run_sections(sections, args, cfg, device, log)}
+    machine["load_average_end"] = os.getloadavg()
+    results["seconds"] = time.perf_counter() - started
+    rows, results["targets"] = summary_rows(results)
+    print_report(results, rows, device)
+    path = write_json(results, args.json, device)
+    print(f"\nJSON: {path}")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The command line, and the sections it asks for (in its order)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/sage_44m.yaml", help="experiment YAML (default: sage-44m)")
@@ -705,45 +807,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of matmuls per peak measurement, before and after training (default 4)")
     parser.add_argument("--json", default=None, help="output JSON (default benchmarks/results/<config>-<device>.json)")
     args = parser.parse_args(argv)
-
     sections = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = sorted(set(sections) - set(SECTIONS + OPTIONAL_SECTIONS))
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, args.overrides)
-    device = resolve_device(cfg.run.device)
-    cuda = device.type == "cuda"
-    steps = args.steps or (20 if cuda else 3)
-    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    started = time.perf_counter()
+    return args, sections
 
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
 
+def describe_machine(device: torch.device) -> dict[str, Any]:
+    """sage.speed's description of the machine, with torch's threads and the load average at the start."""
     from sage.speed import machine_description
 
-    machine = {**machine_description(device), "interop_threads": torch.get_num_interop_threads(),
-               "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"), "load_average_start": os.getloadavg()}
-    results: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "run": cfg.run.name,
-                               "machine": machine, "sections": {}}
-    s = results["sections"]
-    log(f"{args.config} on {device} ({machine['cpu']}, {torch.get_num_threads()} threads, torch {torch.__version__}); "
-        f"sections: {', '.join(sections)}")
-    data = build_data(cfg) if {"train", "cache", "profile"} & set(sections) else None
+    return {**machine_description(device), "interop_threads": torch.get_num_interop_threads(),
+            "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"), "load_average_start": os.getloadavg()}
 
+
+def run_sections(sections: list[str], args: argparse.Namespace, cfg: ExperimentConfig, device: torch.device,
+                 log: Log) -> dict[str, Any]:
+    """Each section asked for, in the fixed order of SECTIONS then OPTIONAL_SECTIONS (training adds "peak")."""
+    cuda = device.type == "cuda"
+    s: dict[str, Any] = {}
+    data = build_data(cfg) if {"train", "cache", "profile"} & set(sections) else None
     if "train" in sections:
-        log("peak: dense matmul loop")
-        bf16 = Autocast(device, cfg.run.precision).enabled
-        before = matmul_peak(device, bf16, args.peak_seconds)
-        log(f"peak: {fmt_flops(before['flops_per_second'])}")
-        s["train"] = train_section(cfg, device, data, steps, warmup, log)
-        after = matmul_peak(device, bf16, args.peak_seconds)
-        log(f"peak again after training: {fmt_flops(after['flops_per_second'])}")
-        s["peak"] = max(before, after, key=lambda p: p["flops_per_second"])
-        s["peak"]["before_and_after_training"] = [before["flops_per_second"], after["flops_per_second"]]
-        s["train"]["mfu"] = s["train"]["achieved_flops_per_second"] / s["peak"]["flops_per_second"]
+        steps = args.steps or (20 if cuda else 3)
+        warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+        s["train"], s["peak"] = train_between_peaks(cfg, device, data, steps, warmup, args.peak_seconds, log)
     if "memory" in sections:
         s["memory"] = memory_section(cfg, device, log)
     if "cache" in sections:
@@ -753,28 +841,49 @@ def main(argv: list[str] | None = None) -> int:
         s["speed"] = speed_section(cfg, device, n, args.speed_split, args.speed_teacher, log)
     if "profile" in sections:
         s["profile"] = profile_section(cfg, device, data, args.profile_steps or (10 if cuda else 2), log)
+    return s
 
-    machine["load_average_end"] = os.getloadavg()
-    results["seconds"] = time.perf_counter() - started
-    rows, results["targets"] = summary_rows(results)
-    command = " ".join([args.config, *(f"--set {o}" for o in args.overrides)])
+
+def train_between_peaks(cfg: ExperimentConfig, device: torch.device, data: Data, steps: int, warmup: int,
+                        peak_seconds: float, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The training section between two matmul peak measurements: (train, the higher peak), MFU set."""
+    log("peak: dense matmul loop")
+    bf16 = Autocast(device, cfg.run.precision).enabled
+    before = matmul_peak(device, bf16, peak_seconds)
+    log(f"peak: {fmt_flops(before['flops_per_second'])}")
+    train = train_section(cfg, device, data, steps, warmup, log)
+    after = matmul_peak(device, bf16, peak_seconds)
+    log(f"peak again after training: {fmt_flops(after['flops_per_second'])}")
+    peak = max(before, after, key=lambda p: p["flops_per_second"])
+    peak["before_and_after_training"] = [before["flops_per_second"], after["flops_per_second"]]
+    train["mfu"] = train["achieved_flops_per_second"] / peak["flops_per_second"]
+    return train, peak
+
+
+def print_report(results: dict[str, Any], rows: list[Row], device: torch.device) -> None:
+    """The table of figures and targets under a header naming the run, then the profile if one was taken."""
+    machine = results["machine"]
+    command = " ".join([results["config"], *(f"--set {o}" for o in results["overrides"])])
     header = (f"SAGE benchmark: {command} on {device} ({machine.get('gpu', machine['cpu'])}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}); "
               f"load average {machine['load_average_start'][0]:.2f} at start, "
               f"{machine['load_average_end'][0]:.2f} at end; {results['seconds'] / 60:.1f} min")
     if rows:
         print(render(rows, header))
-    if "profile" in s:
-        p = s["profile"]
+    if "profile" in results["sections"]:
+        p = results["sections"]["profile"]
         print(f"\nprofile: {p['steps']} training step(s), {p['wall_seconds']:.1f}s; time per phase (s): "
               + ", ".join(f"{k} {v:.2f}" for k, v in sorted(p["phase_seconds"].items(), key=lambda kv: -kv[1])))
         print(p["table"])
-    default = REPO / "benchmarks" / "results" / f"{Path(args.config).stem}-{device.type}.json"
-    path = Path(args.json) if args.json else default
+
+
+def write_json(results: dict[str, Any], json_path: str | None, device: torch.device) -> Path:
+    """Writes the results to --json, or by default to benchmarks/results/<config>-<device>.json."""
+    default = REPO / "benchmarks" / "results" / f"{Path(results['config']).stem}-{device.type}.json"
+    path = Path(json_path) if json_path else default
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, default=str))
-    print(f"\nJSON: {path}")
-    return 0
+    return path
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Could a short probe tell which TTT run will fit? Reads two or more evaluations of the same tasks
 that differ only in their TTT draws (`ttt.seed`), and scores, for each fraction f of a run, the
 choice that keeps per task the run whose mean loss on the demonstrations over the 10 steps up to
-f was lowest. f = 1 is `ttt.runs_choice: lowest_loss` at the end of full runs; a choice made early
+f was lowest. f = 1 is what `ttt.runs` > 1 does at the end of full runs; a choice made early
 that scores as well would let short probes stand in for full runs.
 
     python -m benchmarks.early_choice reports/holdout/seed0 reports/holdout/seed1

@@ -256,7 +256,7 @@ def child_compile(smoke: bool, out: Path) -> dict[str, Any]:
     from sage.losses import answer_cross_entropy
     from sage.model import build_model
     from sage.step import Autocast, to_device
-    from sage.training import load_splits, make_datasets
+    from sage.splits import load_splits, make_datasets
 
     sizes = SMOKE if smoke else GPU
     cfg = load_config(sizes.config, [*sizes.model, "distill.weight=0"])

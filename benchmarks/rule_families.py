@@ -27,7 +27,7 @@ from sage.losses import distillation_slots
 from sage.predict import load_model
 from sage.step import score_batch
 from sage.teacher.presets import ORACLE_PRESET
-from sage.training import load_splits, make_datasets
+from sage.splits import load_splits, make_datasets
 
 
 def family_scores(checkpoint: str, batch_size: int = 64) -> dict[str, dict[str, Any]]:

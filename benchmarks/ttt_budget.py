@@ -10,8 +10,7 @@ same rule and first batch `finetune` uses), and the estimated FLOPs. This is how
 without looking at any answer. With --calibrate K it also times a few real TTT steps on K of the
 tuned tasks, spread by step cost, fits seconds per step = a + b x estimated FLOPs (a: what the
 FLOPs estimate leaves out, numpy encoding, small kernels, the optimiser), and estimates the run's
-TTT time with --workers 1-thread workers. The estimate is an upper bound on steps (a loss that
-converges under ttt.stop_loss stops a task early) and leaves out answering the test inputs.
+TTT time with --workers 1-thread workers. The estimate leaves out answering the test inputs.
 --against compares the plan with a finished evaluation's per_task.csv (steps and TTT seconds).
 Time is a measurement: it holds for this machine at this load, never across machines.
 """
@@ -37,7 +36,7 @@ from sage.config import ExperimentConfig, with_overrides  # noqa: E402
 from sage.datasets import load_dataset  # noqa: E402
 from sage.metrics import SIZE_BANDS, size_band  # noqa: E402
 from sage.predict import blind, load_model  # noqa: E402
-from sage.ttt import TaskBudget, TestTimeTrainer, task_budget  # noqa: E402
+from sage.ttt import TaskBudget, TestTimeTrainer, Tuning, task_budget  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,13 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = with_overrides(loaded.cfg, args.overrides, sections=("ttt",))
     cfg = replace(cfg, run=replace(cfg.run, precision=args.precision))
     tasks = tasks_up_to_side(load_dataset(args.split), args.max_grid_side)
-    budgets = {t.id: task_budget(t, cfg) for t in tasks}
+    tuning = Tuning.of(cfg)
+    budgets = {t.id: task_budget(t, tuning) for t in tasks}
     rate = None
     if args.calibrate:
         rate = calibrate(loaded.model, cfg, tasks, budgets, args.calibrate, args.calibration_steps)
     measured = read_per_task(args.against) if args.against else {}
     print(f"{len(tasks)} tasks of {args.split}; ttt: steps {cfg.ttt.steps}, flops {cfg.ttt.flops:.3g}, "
-          f"min_steps {cfg.ttt.min_steps}, tune {cfg.ttt.tune}, context_demos {cfg.ttt.context_demos}")
+          f"min_steps {cfg.ttt.min_steps}, context_demos {cfg.ttt.context_demos}")
     print_plan(tasks, budgets, cfg, rate, args.workers, measured)
     return 0
 
@@ -78,9 +78,8 @@ def calibrate(model: torch.nn.Module, cfg: ExperimentConfig, tasks: Sequence[Tas
     if not tuned:
         raise SystemExit("no task is tuned under these settings: nothing to calibrate")
     sample = [tuned[round(i * (len(tuned) - 1) / max(k - 1, 1))] for i in range(min(k, len(tuned)))]
-    timed = with_overrides(cfg, [f"ttt.steps={steps}", "ttt.flops=0", "ttt.min_steps=0", "ttt.stop_loss=0",
-                                 "ttt.seconds=0"], sections=("ttt",))
-    trainer = TestTimeTrainer(model, timed, torch.device("cpu"))
+    timed = with_overrides(cfg, [f"ttt.steps={steps}", "ttt.flops=0", "ttt.min_steps=0"], sections=("ttt",))
+    trainer = TestTimeTrainer(model, Tuning.of(timed), torch.device("cpu"))
     with trainer.tuned(blind(sample[-1])):  # untimed: the first steps of a process pay one-off costs
         pass
     points = []

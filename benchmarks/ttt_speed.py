@@ -1,11 +1,11 @@
-"""Test-time training speed: supervised examples per second of each TTT path, same tasks, one run.
+"""Test-time training speed: supervised examples per second of TTT settings, same tasks, one run.
 
     python -m benchmarks.ttt_speed --checkpoint checkpoints/arc_cpu/best
     python -m benchmarks.ttt_speed --config configs/arc_cpu.yaml          # random weights: speed only
 
 Every arm fine-tunes the same checkpoint on the same tasks (ARC-AGI-1 evaluation tasks up to
 --max-grid-side, spread by size) for the same number of steps, one after the other in this process,
-and is timed whole: encoding batches, the encoder pass of ttt.tune=decoder's pool, every step.
+and is timed whole: encoding batches and every step.
 A supervised example is one leave-one-out example in one step's batch (steps x ttt.batch_size).
 Speed is a measurement, not a result: compare the arms' ratio within one run, never figures across
 machines. Writes benchmarks/results/ttt_speed-<name>.json.
@@ -33,7 +33,7 @@ from sage.datasets import load_dataset  # noqa: E402
 from sage.model import build_model  # noqa: E402
 from sage.predict import blind, load_model  # noqa: E402
 from sage.speed import machine_description, speed_sample  # noqa: E402
-from sage.ttt import TestTimeTrainer  # noqa: E402
+from sage.ttt import TestTimeTrainer, Tuning  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,9 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=6, help="tasks, spread over the split by size (default 6)")
     parser.add_argument("--steps", type=int, default=40, help="TTT steps per task and arm (default 40)")
     parser.add_argument("--arm", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                        help="ttt settings of one arm (repeatable); default: the path TTT had before "
-                             "(ttt.tune=all,ttt.fused_adamw=false), ttt.tune=all, ttt.tune=all with one "
-                             "demonstration per context (ttt.context_demos=1) and ttt.tune=decoder")
+                        help="ttt settings of one arm (repeatable); default: whole contexts "
+                             "(ttt.context_demos=null) and one demonstration per context (ttt.context_demos=1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="where to write the figures")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -64,11 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         model, name = build_model(cfg.model).to(device), Path(args.config).stem
     tasks = speed_sample(tasks_up_to_side(load_dataset(args.split), args.max_grid_side), args.tasks)
-    arms = args.arm or ["ttt.tune=all,ttt.fused_adamw=false", "ttt.tune=all", "ttt.tune=all,ttt.context_demos=1",
-                        "ttt.tune=decoder"]
+    arms = args.arm or ["ttt.context_demos=null", "ttt.context_demos=1"]
     results = {}
     for arm in arms:
-        overrides = [f"ttt.steps={args.steps}", "ttt.seconds=0", "ttt.stop_loss=0", *arm.split(",")]
+        overrides = [f"ttt.steps={args.steps}", "ttt.flops=0", "ttt.min_steps=0", *arm.split(",")]
         arm_cfg = with_overrides(cfg, overrides, sections=("ttt",))
         results[arm] = time_arm(model, arm_cfg, tasks, device)
         if args.profile:
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def time_arm(model: torch.nn.Module, cfg: ExperimentConfig, tasks: Sequence[Task], device: torch.device) -> dict:
     """Fine-tune on every task in turn (the original weights back after each); time it all."""
-    trainer = TestTimeTrainer(model, cfg, device)
+    trainer = TestTimeTrainer(model, Tuning.of(cfg), device)
     seconds, examples, last = 0.0, 0, []
     for task in tasks:
         started = time.perf_counter()
@@ -101,7 +99,7 @@ def time_arm(model: torch.nn.Module, cfg: ExperimentConfig, tasks: Sequence[Task
         seconds += time.perf_counter() - started
         examples += stats.steps * cfg.ttt.batch_size
         last.append(stats.last_loss)
-    settings = {k: getattr(cfg.ttt, k) for k in ("tune", "pool", "batch_size", "lr", "fused_adamw")}
+    settings = {k: getattr(cfg.ttt, k) for k in ("batch_size", "context_demos", "lr")}
     return {"seconds": seconds, "examples": examples, "examples_per_second": examples / seconds,
             "median_last_loss": statistics.median(last), "ttt": settings}
 
@@ -116,12 +114,12 @@ def profile_arm(model: torch.nn.Module, cfg: ExperimentConfig, task: Task, devic
     from torch.profiler import ProfilerActivity, profile
 
     warm = with_overrides(cfg, ["ttt.steps=2"], sections=("ttt",))
-    with TestTimeTrainer(model, warm, device).tuned(blind(task)):
+    with TestTimeTrainer(model, Tuning.of(warm), device).tuned(blind(task)):
         pass
     timed = with_overrides(cfg, [f"ttt.steps={steps}"], sections=("ttt",))
     started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        with TestTimeTrainer(model, timed, device).tuned(blind(task)):
+        with TestTimeTrainer(model, Tuning.of(timed), device).tuned(blind(task)):
             pass
     wall = time.perf_counter() - started
     averages = prof.key_averages()

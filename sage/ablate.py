@@ -32,8 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from sage.checkpoint import CHECKPOINT_META
 from sage.config import ExperimentConfig, load_config
 from sage.errors import INPUT_ERRORS, CheckpointError, ConfigError, TrainingError
+from sage.files import read_json
 from sage.runlog import read_metrics
 
 METRICS = {  # column -> key of the epoch record in metrics.jsonl
@@ -83,7 +85,7 @@ def finished_epochs(cfg: ExperimentConfig) -> int | None:
     meta_path = Path(cfg.run.checkpoint_dir) / cfg.run.name / "last" / "meta.json"
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path, CHECKPOINT_META, keys=("config", "train_state"))
     saved, wanted = meta.get("config", {}), cfg.to_dict()
     differ = [f"{section}.{key}" for section, values in wanted.items() for key, value in values.items()
               if saved.get(section, {}).get(key) != value]

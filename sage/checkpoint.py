@@ -17,15 +17,23 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sage.errors import CheckpointError
+from sage.files import FileKind, first_line, load_tensors, read_json
 
 WEIGHTS, STATE, META = "model.safetensors", "training_state.pt", "meta.json"
+
+# A damaged file spoils its checkpoint only: the run's other checkpoints are whole (each is written apart).
+DAMAGED_CHECKPOINT_FIX = ("this checkpoint is damaged: evaluate or resume from another of the run (best, last, "
+                          "epoch_N; to resume from one, copy its folder over last), or train again")
+CHECKPOINT_META = FileKind("the checkpoint's metadata", CheckpointError, DAMAGED_CHECKPOINT_FIX)
+CHECKPOINT_WEIGHTS = FileKind("weights", CheckpointError, DAMAGED_CHECKPOINT_FIX)
+CHECKPOINT_STATE = FileKind("training state", CheckpointError, DAMAGED_CHECKPOINT_FIX)
 
 
 @dataclass
@@ -86,7 +94,11 @@ def save_checkpoint(
     return directory
 
 
-def load_checkpoint(directory: str | Path, with_training_state: bool = True) -> Checkpoint:
+def load_checkpoint(directory: str | Path, with_training_state: bool = True, meta_keys: Sequence[str] = (),
+                    state_keys: Sequence[str] = ()) -> Checkpoint:
+    """The checkpoint in `directory`, whose meta.json must hold `meta_keys` and (`with_training_state`)
+    training_state.pt `state_keys`. A missing, truncated or corrupted file raises CheckpointError
+    naming it."""
     directory = Path(directory)
     if directory.parent.is_dir():
         recover_interrupted_save(directory)
@@ -95,20 +107,12 @@ def load_checkpoint(directory: str | Path, with_training_state: bool = True) -> 
     for name in (WEIGHTS, META) + ((STATE,) if with_training_state else ()):
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory}: incomplete checkpoint, {name} is missing")
-    try:
-        meta = json.loads((directory / META).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{directory / META}: corrupted ({e.msg})") from None
+    meta = read_json(directory / META, CHECKPOINT_META, meta_keys)
     try:
         weights = load_file(directory / WEIGHTS)
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{directory / WEIGHTS}: cannot read weights ({e}); the file is truncated or corrupted") from None
-    state = None
-    if with_training_state:
-        try:
-            state = torch.load(directory / STATE, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for a damaged file
-            raise CheckpointError(f"{directory / STATE}: cannot read training state ({e})") from None
+        raise CHECKPOINT_WEIGHTS.damaged(directory / WEIGHTS, f"truncated or corrupted ({first_line(e)})") from None
+    state = load_tensors(directory / STATE, CHECKPOINT_STATE, state_keys) if with_training_state else None
     return Checkpoint(directory, meta, weights, state)
 
 

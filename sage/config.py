@@ -22,7 +22,7 @@ import yaml
 
 from sage.encoding import ANSWER_CANVASES, min_context_tokens
 from sage.errors import ConfigError
-from sage.files import atomic_write
+from sage.files import FileKind, atomic_write, read_text
 from sage.losses import DISTILL_SLOTS, LOSS_NORMALIZATIONS
 from sage.metric_sinks import WANDB_MODES
 from sage.model import StudentConfig
@@ -31,8 +31,23 @@ from sage.teacher.presets import TEACHER_NAMES, feature_dim
 from sage.teacher.settings import LEAKING_VIEWS, TeacherConfig, teacher_problems
 
 PRECISIONS = ("auto", "bf16", "fp32")  # run.precision
-TTT_TUNES = ("all", "decoder")  # ttt.tune
-RUNS_CHOICES = ("votes", "lowest_loss")  # ttt.runs_choice
+
+# Options removed: measured and not adopted (docs/results/ keeps what each scored), or never used by
+# a config, a protocol or a benchmark. Commit 702e718 is the last that has them. key: its default then, which today's code behaves as (a saved config,
+# a checkpoint's, holding it is read as if the key were absent; `without_removed_keys`).
+REMOVED_KEYS: dict[str, Any] = {
+    "model.demo_views": False,  # docs/results/kd_oracle.md
+    "data.demonstrations_repeat": 1,  # now data.demonstrations_of: <tasks>*<times>
+    "ttt.tune": "all",  # the decoder-only path: docs/results/ttt.md
+    "ttt.pool": 64,
+    "ttt.runs_choice": "votes",  # several runs now keep the run with the lowest loss; pooled votes lost
+    "ttt.answer_context_demos": None,
+    "ttt.stop_loss": 0.0,
+    "ttt.seconds": 0.0,  # a clock made the answers depend on the machine: budgets are in steps and FLOPs
+    "ttt.fused_adamw": True,
+    "teacher.instruction": None,  # the prompt's text after the images: always the view's own now
+}
+REMOVED_IN = "702e718"
 
 
 @dataclass
@@ -88,11 +103,9 @@ class DataConfig:
     # never: each task's demonstrations become a task of their own (id + ":demonstrations"), a query in
     # turn with the others as context. The HRM/TRM protocol, off by default (docs/training.md); every
     # report of a checkpoint trained so says it. "holdout": the run's own held-out tasks, to measure
-    # the protocol where the scored split would be its evaluation set. "": none.
+    # the protocol where the scored split would be its evaluation set. A suffix "*k" (e.g. holdout*8)
+    # counts each of their examples k times an epoch, each time under its own augmentation. "": none.
     demonstrations_of: str = ""
-    # Each example of those tasks counts this many times an epoch (each time under its own
-    # augmentation): how much of pretraining goes to them.
-    demonstrations_repeat: int = 1
     val: str = "holdout"  # 'holdout': val_fraction of the training tasks, held out whole; or a dataset
     val_fraction: float = 0.1  # share of the training tasks held out whole for validation ('holdout')
     use_test_pairs: bool = True  # training tasks' test pairs also serve as training queries
@@ -118,6 +131,18 @@ class DataConfig:
     resample_demos: bool = False
     num_workers: int = 0  # DataLoader worker processes
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+def demonstrations_source(value: str) -> tuple[str, int]:
+    """data.demonstrations_of split into the tasks it names and how many times an epoch their examples
+    count: "holdout*8" -> ("holdout", 8); "" -> ("", 1). ValueError says what is wrong."""
+    named, star, times = value.partition("*")
+    if not star:
+        return value, 1
+    if not times.isdigit() or int(times) < 1 or not named:
+        raise ValueError(f"data.demonstrations_of={value!r}: expected <tasks> or <tasks>*<times> with times >= 1, "
+                         "e.g. holdout*8")
+    return named, int(times)
 
 
 @dataclass
@@ -151,8 +176,7 @@ class TTTConfig:
     """Test-time training (`evaluate.py --ttt`, sage/ttt.py): per task, a copy of the model is
     fine-tuned on examples built from that task's demonstrations only (each demonstration in turn
     as the query, the others as its context), each under a fresh random augmentation. The learning
-    rate warms up linearly, then decays by a cosine to 0 at `steps`, or at `seconds` when that
-    comes first."""
+    rate warms up linearly, then decays by a cosine to 0 at the task's last step."""
 
     steps: int = 200  # AdamW steps per task (at most): the budget, the same on any machine
     # Compute budget per task in estimated FLOPs (sage.model.forward_flops: a training step counts as
@@ -163,33 +187,12 @@ class TTTConfig:
     # A task whose FLOPs budget buys fewer steps than this is answered without TTT: a few steps, mostly
     # at warmup learning rates, cost the most on the largest tasks and change little. 0: any number.
     min_steps: int = 0
-    # Stop a task early once the mean answer loss of its last 10 steps is below this (nats per answer
-    # cell, averaged as train.loss_normalization says), checked every 10 steps (reading the loss is
-    # a host sync); counted in steps, so reproducible. 0: never.
-    stop_loss: float = 0.0
-    # Optional safety cap in seconds per task and run (0: none). A clock makes the steps taken, and so the
-    # answers, depend on the machine and what else runs on it: recipes leave it off.
-    seconds: float = 0.0
     batch_size: int = 8  # leave-one-out examples per step (the task's demonstrations, cycled)
-    # What is tuned. all: every parameter, the context re-encoded at every step. decoder: the decoder
-    # only; the encoder stays frozen, so each of `pool` augmented examples is encoded once and the
-    # steps cycle through them (several times cheaper a step).
-    tune: str = "all"
-    # tune: decoder: augmented leave-one-out examples encoded once per task and cycled through;
-    # 0: each step's own examples, encoded as they come (a forward pass of the frozen encoder a step).
-    pool: int = 64
     # At most this many demonstrations in a tuning example's context, a fresh random subset per draw;
     # 0: none, the query input alone (the tuned weights must hold the task); null: all the others, as
     # model.max_demos and data.max_context_tokens allow. The context is most of a step's work.
-    # Answers read the whole context unless ttt.answer_context_demos says otherwise.
+    # Answers after TTT read the whole context, as the checkpoint answers without TTT.
     context_demos: int | None = None
-    # At most this many demonstrations in the context of each answer after TTT; view v starts from
-    # demonstration v mod n, so the views share the demonstrations out evenly. null: all of them, as
-    # the checkpoint answers without TTT. 1 answers on contexts like those ttt.context_demos=1 tunes on.
-    answer_context_demos: int | None = None
-    # Fused AdamW (one kernel for all parameters; the optimiser step measured 4-6x faster on a CPU).
-    # false: PyTorch's default AdamW, as TTT ran before: kept so benchmarks/ttt_speed.py can compare.
-    fused_adamw: bool = True
     lr: float = 3.0e-4  # peak learning rate
     warmup_steps: int = 10  # steps of linear warmup
     weight_decay: float = 0.0  # AdamW's, as in training (matrices and embeddings only)
@@ -198,13 +201,11 @@ class TTTConfig:
     shuffle_demos: bool = True  # context demonstrations in a random order
     seed: int = 0  # with the task's id, seeds its augmentations and demonstration orders
     # Independent runs per task, each from the pretrained weights on its own stream of draws, sharing
-    # the task's step budget (each takes 1/runs of its steps); the answers pool every run's votes over
-    # the views. One run's draws can fit a task's demonstrations or miss them, but two runs of half
-    # the recipe's steps underfit and lost held-out tasks (docs/results/ttt.md): raise steps with runs.
+    # the task's step budget (each takes 1/runs of its steps); the answers are those of the run whose
+    # last 10 steps fitted the demonstrations best. One run's draws can fit a task's demonstrations or
+    # miss them, but two runs of half the recipe's steps underfit and lost held-out tasks
+    # (docs/results/ttt.md): raise steps with runs.
     runs: int = 1
-    # How ttt.runs > 1 become one answer. votes: every run's views vote together. lowest_loss: the
-    # answers of the run whose last 10 steps fitted the demonstrations best, the others dropped.
-    runs_choice: str = "votes"
 
 
 @dataclass
@@ -298,6 +299,10 @@ class ExperimentConfig:
 # ----------------------------------------------------------------------------- loading
 
 
+CONFIG_FILE = FileKind("the config", ConfigError, "repair it, or give the config the run was started from "
+                                                  "(e.g. configs/<name>.yaml, with the same --set)")
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML config (or start from the defaults when path is None), apply `a.b=value`
     overrides, check everything, and fill in the run name."""
@@ -309,7 +314,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Exper
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found (see configs/ for examples)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(read_text(path, CONFIG_FILE)) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -326,6 +331,30 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Exper
         cfg.teacher.max_demos = cfg.model.max_demos
     check(cfg, where)
     return cfg
+
+
+def without_removed_keys(saved: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
+    """A saved config (a checkpoint's meta.json) without the keys of REMOVED_KEYS, and notes for the
+    evaluation log on any that held another value: data.demonstrations_repeat=k becomes
+    data.demonstrations_of's "*k"; a ttt setting is dropped (evaluate.py --set sets today's); a model
+    that needs a removed option is refused, naming the commit that can still build it."""
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in saved.items()}
+    notes = []
+    for key, default in REMOVED_KEYS.items():
+        section, name = key.split(".")
+        if name not in out.get(section, {}):
+            continue
+        value = out[section].pop(name)
+        if value == default:
+            continue
+        if key == "data.demonstrations_repeat":
+            out[section]["demonstrations_of"] = f"{out[section].get('demonstrations_of', '')}*{value}"
+        elif section == "model":
+            raise ConfigError(f"{where}: the model was trained with {key}={value!r}, an option removed after commit "
+                              f"{REMOVED_IN}; check out that commit to evaluate or resume it")
+        else:
+            notes.append(f"{where}: saved {key}={value!r} ignored (option removed after commit {REMOVED_IN})")
+    return out, notes
 
 
 def with_overrides(cfg: ExperimentConfig, overrides: Sequence[str], sections: Sequence[str]) -> ExperimentConfig:
@@ -352,6 +381,10 @@ def from_dict(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(fields))
+    removed = [k for k in unknown if prefix + k in REMOVED_KEYS]
+    if removed:
+        raise ConfigError(f"{where}: '{prefix}{removed[0]}' was removed after commit {REMOVED_IN} (measured, not "
+                          "adopted: docs/results/ says what it scored); delete it, or check out that commit to use it")
     if unknown:
         raise ConfigError(
             f"{where}: unknown key '{prefix}{unknown[0]}' (known keys here: {', '.join(sorted(fields))})"
@@ -463,7 +496,6 @@ def _check_model_and_distillation(cfg: ExperimentConfig, problems: _Problems) ->
     need(cfg.distill.slots == "grids" or m.task_slot,
          f"distill.slots={cfg.distill.slots} distils the task token: set model.task_slot=true")
     need(not (m.task_slot and m.kind == "probe"), "model.task_slot is the student's: a probe reads teacher features")
-    need(not (m.demo_views and m.kind == "probe"), "model.demo_views is the student's: a probe reads teacher features")
     need(not m.view_agreement or m.task_slot, "model.view_agreement starts the task token: set model.task_slot=true")
 
 
@@ -516,28 +548,22 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
     need(not d.demonstrations_of or not cfg.uses_teacher,
          "data.demonstrations_of works without a teacher only (its cache covers data.train's tasks): "
          "set distill.weight=0 or data.demonstrations_of=''")
-    need(d.demonstrations_repeat >= 1, f"data.demonstrations_repeat must be >= 1, got {d.demonstrations_repeat}")
-    need(d.demonstrations_of != "holdout" or d.val == "holdout",
-         f"data.demonstrations_of=holdout needs data.val=holdout (held-out tasks), got data.val={d.val!r}")
+    try:
+        named, _ = demonstrations_source(d.demonstrations_of)
+        need(named != "holdout" or d.val == "holdout",
+             f"data.demonstrations_of=holdout needs data.val=holdout (held-out tasks), got data.val={d.val!r}")
+    except ValueError as e:
+        problems.append(str(e))
     need(t.loss_normalization in LOSS_NORMALIZATIONS, f"train.loss_normalization must be one of "
          f"{', '.join(LOSS_NORMALIZATIONS)}, got {t.loss_normalization!r}")
     tt = cfg.ttt
-    need(tt.steps >= 0 and tt.seconds >= 0, f"ttt.steps and ttt.seconds must be >= 0, got {tt.steps}, {tt.seconds}")
+    need(tt.steps >= 0, f"ttt.steps must be >= 0, got {tt.steps}")
     need(tt.flops >= 0 and tt.min_steps >= 0,
          f"ttt.flops and ttt.min_steps must be >= 0 (0: no budget, no minimum), got {tt.flops}, {tt.min_steps}")
     need(tt.batch_size >= 1, f"ttt.batch_size must be >= 1, got {tt.batch_size}")
-    need(tt.stop_loss >= 0, f"ttt.stop_loss must be >= 0, got {tt.stop_loss}")
     need(tt.runs >= 1, f"ttt.runs must be >= 1 (independent tuning runs per task), got {tt.runs}")
-    need(tt.runs_choice in RUNS_CHOICES,
-         f"ttt.runs_choice must be one of {', '.join(RUNS_CHOICES)}, got {tt.runs_choice!r}")
     need(tt.context_demos is None or tt.context_demos >= 0,
          f"ttt.context_demos must be >= 0 or null (every other demonstration), got {tt.context_demos}")
-    need(tt.answer_context_demos is None or tt.answer_context_demos >= 0,
-         f"ttt.answer_context_demos must be >= 0 or null (every demonstration), got {tt.answer_context_demos}")
-    need(tt.tune in TTT_TUNES, f"ttt.tune must be one of {', '.join(TTT_TUNES)}, got {tt.tune!r}")
-    need(tt.pool == 0 or tt.pool >= tt.batch_size,
-         f"ttt.pool ({tt.pool}) must be 0 (each step's examples encoded as they come) or >= ttt.batch_size "
-         f"({tt.batch_size})")
     need(tt.lr > 0 and tt.grad_clip > 0 and tt.warmup_steps >= 0 and tt.weight_decay >= 0,
          "ttt.lr and ttt.grad_clip must be > 0, ttt.warmup_steps and ttt.weight_decay >= 0")
     need(0.0 <= tt.augment_probability <= 1.0,

@@ -32,6 +32,7 @@ from sage.arc import (
     load_task_dir,
     tasks_up_to_side,
 )
+from sage.config import demonstrations_source
 from sage.errors import ARCDataError
 from sage.overlap import TaskOverlap, find_overlap
 from sage.synthetic import generate_tasks
@@ -128,13 +129,13 @@ def demonstration_tasks(data: DataConfig, held_out: Sequence[Task]) -> list[Task
     task of its own (id + DEMONSTRATIONS_SUFFIX, no test pair), so that training queries each in turn
     with the others as context and never sees a test pair. "holdout" names `held_out`, the run's
     held-out tasks; a dataset counts its tasks within data.max_grid_side."""
-    if not data.demonstrations_of:
+    source, _ = demonstrations_source(data.demonstrations_of)
+    if not source:
         return []
-    if data.demonstrations_of == "holdout":
+    if source == "holdout":
         named = list(held_out)
     else:
-        named = tasks_up_to_side(load_dataset(data.demonstrations_of, dataclasses.asdict(data.synthetic)),
-                                 data.max_grid_side)
+        named = tasks_up_to_side(load_dataset(source, dataclasses.asdict(data.synthetic)), data.max_grid_side)
     return [Task(t.id + DEMONSTRATIONS_SUFFIX, t.train, (), t.source + " (demonstrations only)") for t in named]
 
 

@@ -16,7 +16,6 @@ teacher.max_demos get mask False and no loss.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -27,7 +26,7 @@ from sage.config import ExperimentConfig
 from sage.datasets import training_dataset
 from sage.encoding import evaluation_examples, fit_demos, training_examples
 from sage.errors import FeatureCacheError
-from sage.features import FeatureCache, cache_path, example_roles, open_cache
+from sage.features import FeatureCache, cache_path, example_roles, open_cache, read_manifest
 from sage.teacher.prompt import TeacherExample, example_key, shown_demos, view_example
 from sage.teacher.settings import LEAKING_VIEWS
 
@@ -90,7 +89,7 @@ def ensure_teacher_cache(
     prompts = prompts_for_dataset(cfg, dataset, tasks)
     manifest = directory / "manifest.json"
     missing = [p.key for p in prompts]
-    if manifest.is_file() and json.loads(manifest.read_text()).get("complete"):
+    if manifest.is_file() and read_manifest(manifest)["complete"]:  # a damaged one is named, never overwritten
         missing = open_cache(teacher, dataset, tasks, allow_leaking=allow_leaking).missing(missing)
     if missing:
         from sage.extraction import run_extraction  # torch + transformers: only when needed

@@ -29,6 +29,10 @@ class EvaluationError(RuntimeError):
     """An evaluation that cannot run as asked; the message says what, where, and what to do."""
 
 
+class RunLogError(ValueError):
+    """A run's log that resuming reads back (metrics.jsonl) is damaged; the message names the file and line."""
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (diverged, or out of memory at one example); the message says what to do."""
 
@@ -41,5 +45,5 @@ class TestOutputVisible(ValueError):
 
 # What a user can fix by changing a command, a config or a file: the scripts exit with status 2.
 INPUT_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError, ARCDataError, CheckpointError, TeacherError, FeatureCacheError, EvaluationError,
+    ConfigError, ARCDataError, CheckpointError, TeacherError, FeatureCacheError, EvaluationError, RunLogError,
 )

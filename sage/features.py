@@ -45,7 +45,7 @@ from safetensors import SafetensorError
 
 from sage.arc import Task
 from sage.errors import FeatureCacheError
-from sage.files import atomic_write
+from sage.files import FileKind, atomic_write, first_line, read_json, require_keys
 from sage.teacher.loading import checkpoint_fingerprint, read_safetensors_header
 from sage.teacher.presets import ORACLE_FEATURE_DIM, ORACLE_PRESET, get_preset, oracle_identity, require_real_files
 from sage.teacher.prompt import EntryFeatures, Role, instruction_for, prompt_template, role_of
@@ -65,6 +65,15 @@ ONE_PROMPT_PER = "student example (its demonstrations in the student's order, th
 SHARD_BYTES = 512 * 2**20  # also flush a shard once its tensors reach this size (token features)
 _SHARD_RE = re.compile(r"^part-(\d+)-of-(\d+)-(\d+)\.safetensors$")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Damage to either costs no recomputation beyond the damaged shard: shards describe themselves, and an
+# extraction without a manifest rescans them and extracts only the prompts they lack.
+MANIFEST_FILE = FileKind("the feature cache's manifest", FeatureCacheError,
+                         "delete this manifest.json and rerun (training, or extract_groot_features.py with the "
+                         "run's config): the shards are kept and rescanned, only prompts they lack are extracted")
+SHARD_FILE = FileKind("this feature-cache shard", FeatureCacheError,
+                      "it is truncated or corrupted: delete it and the cache's manifest.json, then rerun (training, "
+                      "or extract_groot_features.py with the run's config): the other shards are kept, only this "
+                      "shard's prompts are extracted again")
 
 
 # ----------------------------------------------------------------------------- identity
@@ -133,7 +142,7 @@ def build_spec(teacher: TeacherConfig, dataset: str, tasks: Sequence[Task]) -> d
         identity["features"].update(dim=ORACLE_FEATURE_DIM, pooling="one rule feature per grid", token_features=False)
     else:
         arch = get_preset(teacher.preset)
-        instruction = instruction_for(teacher.view, teacher.instruction)
+        instruction = instruction_for(teacher.view)
         identity["prompt"].update(template=prompt_template(instruction, arch.tokens_per_image),
                                   instruction=instruction, tokens_per_image=arch.tokens_per_image)
         identity["image"] = {"size": IMAGE_SIZE, "render": RENDER_ID, "normalise": "(x / 255 - 0.5) / 0.5"}
@@ -172,25 +181,21 @@ def check_spec(directory: Path, have: dict[str, Any], want: dict[str, Any]) -> N
 # ----------------------------------------------------------------------------- writing
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FeatureCacheError(f"{path}: corrupted ({e.msg}); delete the cache directory and extract again") from None
-
-
-def check_format(manifest: Path, record: dict[str, Any]) -> None:
-    if record.get("format") != FORMAT:
-        why = OLD_FORMAT_HELP if record.get("format") == "sage-feature-cache/1" else "delete it and extract again"
-        raise FeatureCacheError(f"{manifest}: cache format {record.get('format')!r}, expected {FORMAT!r}: {why}")
+def read_manifest(manifest: Path) -> dict[str, Any]:
+    """A cache's manifest.json, checked: a damaged one raises FeatureCacheError naming it."""
+    record = read_json(manifest, MANIFEST_FILE, keys=("format",))
+    if record["format"] != FORMAT:
+        why = OLD_FORMAT_HELP if record["format"] == "sage-feature-cache/1" else "delete it and extract again"
+        raise FeatureCacheError(f"{manifest}: cache format {record['format']!r}, expected {FORMAT!r}: {why}")
+    require_keys(record, ("complete", "spec", "entries"), manifest, MANIFEST_FILE)
+    return record
 
 
 def prepare_directory(directory: Path, spec: dict[str, Any]) -> None:
     """Create the cache directory for `spec`, or check that an existing one was made for it."""
     manifest = directory / MANIFEST
     if manifest.is_file():
-        existing = _read_json(manifest)
-        check_format(manifest, existing)
+        existing = read_manifest(manifest)
         check_spec(directory, existing["spec"], spec)
         (directory / SHARDS).mkdir(exist_ok=True)
         return
@@ -224,16 +229,18 @@ def scan_shards(directory: Path, expected_hash: str) -> tuple[dict[str, ShardEnt
     for path in sorted(shard_dir.glob("part-*.safetensors")) if shard_dir.is_dir() else []:
         try:
             meta = read_safetensors_header(path).get("__metadata__", {})
-        except Exception as e:  # a damaged shard: say which, and how to recover
-            raise FeatureCacheError(
-                f"{path}: unreadable shard ({e}); delete this file and rerun to recompute it"
-            ) from None
+        except Exception:  # TeacherError, OSError: a damaged shard, named with how to recover
+            raise SHARD_FILE.damaged(path, "its safetensors header cannot be read") from None
         if meta.get("spec_hash") != expected_hash:
             raise FeatureCacheError(
                 f"{path}: written for another spec (hash {meta.get('spec_hash')}, expected {expected_hash}); "
                 "this shard does not belong in this cache, delete it"
             )
-        for e in json.loads(meta["entries"]):
+        try:
+            stored = json.loads(meta["entries"])
+        except (KeyError, ValueError):
+            raise SHARD_FILE.damaged(path, "its header's list of entries cannot be read") from None
+        for e in stored:
             if e["key"] in entries:
                 duplicates += 1
                 continue
@@ -332,7 +339,7 @@ def finalize(
     if missing:
         return status
     shard_bytes = {p.name: p.stat().st_size for p in (directory / SHARDS).glob("part-*.safetensors")}
-    previous = _read_json(directory / MANIFEST) if (directory / MANIFEST).is_file() else {}
+    previous = read_manifest(directory / MANIFEST) if (directory / MANIFEST).is_file() else {}
     info = {**previous.get("spec", {}).get("info", {}), **spec.get("info", {}), **(info or {})}
     record = {
         "format": FORMAT,
@@ -361,8 +368,7 @@ class FeatureCache:
                 f"{self.directory}: no feature cache here (no {MANIFEST}). Run "
                 "`python extract_groot_features.py --config <your config>` first."
             )
-        record = _read_json(manifest)
-        check_format(manifest, record)
+        record = read_manifest(manifest)
         self.spec: dict[str, Any] = record["spec"]
         if expected_spec is not None:
             check_spec(self.directory, self.spec, expected_spec)
@@ -472,8 +478,7 @@ class FeatureCache:
         try:
             return self._open(shard).get_tensor(name)
         except SafetensorError as e:
-            raise FeatureCacheError(f"{self.directory / shard}: cannot read {name} ({e}); the shard is truncated or "
-                                    "corrupted: delete the cache directory and extract again") from None
+            raise SHARD_FILE.damaged(self.directory / shard, f"no readable {name} ({first_line(e)})") from None
 
     def _open(self, shard: str) -> Any:
         """The shard's safetensors handle (memory-mapped; reading the header checks that the file is whole)."""
@@ -485,12 +490,12 @@ class FeatureCache:
         if handle is None:
             path = self.directory / shard
             if not path.is_file():
-                raise FeatureCacheError(f"{path}: shard listed in the manifest is missing; extract again")
+                raise FeatureCacheError(f"{path}: shard listed in the manifest is missing; delete the cache's "
+                                        f"{MANIFEST} and rerun: only the prompts missing from the shards are extracted")
             try:
                 handle = self._handles[shard] = safe_open(str(path), framework="pt", device="cpu")
             except (SafetensorError, OSError) as e:
-                raise FeatureCacheError(f"{path}: cannot read this shard ({e}); it is truncated or corrupted: "
-                                        "delete the cache directory and extract again") from None
+                raise SHARD_FILE.damaged(path, first_line(e)) from None
         return handle
 
 

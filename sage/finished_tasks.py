@@ -26,12 +26,19 @@ import numpy as np
 import torch
 
 from sage.errors import EvaluationError
-from sage.files import atomic_write
+from sage.files import FileKind, atomic_write, first_line, load_tensors, read_json
 from sage.predict import OutputPrediction, TaskOutcome, TaskPrediction
 from sage.ttt import TTTStats
 from sage.voting import Candidate
 
 IDENTITY = "identity.json"
+# Nothing is answered again, or removed, until the user says so: a damaged file is named and left as it is.
+IDENTITY_FILE = FileKind("the settings the finished tasks were answered with", EvaluationError,
+                         "they cannot be checked against this evaluation's: drop --resume to answer every task again "
+                         "(this folder is then replaced)")
+TASK_FILE = FileKind("a finished task's answers", EvaluationError,
+                     "delete this file and rerun with --resume: only this task is answered again, the other finished "
+                     "tasks are kept")
 
 
 class FinishedTasks:
@@ -55,21 +62,31 @@ class FinishedTasks:
         path = self.directory / IDENTITY
         if not path.is_file():
             return {}
-        saved = json.loads(path.read_text())
+        saved = read_json(path, IDENTITY_FILE, keys=())  # an object: its keys are compared below
         if saved != self.identity:
             changed = sorted(k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k))
             raise EvaluationError(
                 f"{self.directory}: --resume would mix answers made with other settings ({', '.join(changed)} "
                 "differ); run the same command as before, or drop --resume to start over")
-        outcomes = {}
-        for file in sorted(self.directory.glob("*.pt")):
-            outcomes[file.stem] = from_plain(torch.load(file, weights_only=True))
-        return outcomes
+        return {file.stem: read_outcome(file) for file in sorted(self.directory.glob("*.pt"))}
 
     def add(self, task_id: str, outcome: TaskOutcome) -> None:
         buffer = io.BytesIO()
         torch.save(to_plain(outcome), buffer)
         atomic_write(self.directory / f"{task_id}.pt", buffer.getvalue())
+
+
+def read_outcome(file: Path) -> TaskOutcome:
+    """The outcome stored in `file`; a damaged file raises EvaluationError naming it."""
+    plain = load_tensors(file, TASK_FILE, keys=("dataclass", "fields"))
+    try:
+        outcome = from_plain(plain)
+    except (KeyError, TypeError, AttributeError) as e:  # readable, but not what `add` writes
+        problem = f"corrupted, not a stored task outcome ({type(e).__name__}: {first_line(e)})"
+        raise TASK_FILE.damaged(file, problem) from None
+    if not isinstance(outcome, TaskOutcome):
+        raise TASK_FILE.damaged(file, f"corrupted, it holds a {type(outcome).__name__}, not a task outcome")
+    return outcome
 
 
 # The dataclasses an outcome is made of: the only classes a file can name.

@@ -2,8 +2,7 @@
 
     context grids (demonstration pairs + test input, packed, no padding)
         -> token + row + column (from both edges) + segment embeddings
-        -> context encoder (pre-LN self-attention blocks, padding masked; with model.demo_views
-           each demonstration output cell also attends over its input's 8 dihedral views there)
+        -> context encoder (pre-LN self-attention blocks, padding masked)
     answer canvas (grid_size^2 slots, or as many as the batch's examples need (sage/encoding.py): the
                    test input's canvas tokens + row + column + "answer" segment, so the decoder
                    edits the input in place)
@@ -71,10 +70,8 @@ class StudentConfig:
     # at that cell under the 8 dihedral transforms (dihedral_query_views and
     # dihedral_pair_views below), so that a flip, rotation or transpose is a choice per cell, not an
     # attention pattern across grids to learn. answer_views: each answer cell over the test
-    # input's views (carrying a rule out); demo_views: each demonstration output cell over its
-    # input's (telling the rule); demo_views is the student's only. Off: the model as before they existed.
+    # input's views (carrying a rule out). Off: the model as before they existed.
     answer_views: bool = False
-    demo_views: bool = False  # see answer_views above
     # The task token starts from the demonstrations' view agreement (view_agreement below):
     # for each dihedral view, the share of demonstration output cells that their input's view shows
     # unchanged. Measured: attention does not learn to pool that from the cells in a short budget.
@@ -109,7 +106,7 @@ PRESETS: dict[str, StudentConfig] = {
 
 # ----------------------------------------------------------------------------- dihedral views
 # What a grid shows at each cell under the 8 dihedral transforms, read from a batch's tensors on
-# the device (model.answer_views, model.demo_views, model.view_agreement).
+# the device (model.answer_views, model.view_agreement).
 
 
 def dihedral_views(source: torch.Tensor, start: torch.Tensor, stride: torch.Tensor, h: torch.Tensor,
@@ -213,15 +210,14 @@ class MLP(nn.Module):
 
 @dataclass
 class Views:
-    """What dihedral views give a block: every (view, token) pair's embedding, which pairs each
-    position's 8 view tokens are, and (encoder only) which positions have views at all."""
+    """What dihedral views give a decoder block: every (view, token) pair's embedding and which pairs
+    each position's 8 view tokens are."""
     table: torch.Tensor  # [8 * VOCAB_SIZE, d]
     ids: torch.Tensor  # [B, T, 8]
-    present: torch.Tensor | None = None  # [B, T] 1.0 where the views mean something; None: everywhere
 
 
 class ViewAttention(nn.Module):
-    """Each position attends over its own 8 view tokens (model.answer_views, model.demo_views). A
+    """Each position attends over its own 8 view tokens (model.answer_views). A
     view token is one of 8 x 12 (view, token) pairs, so their keys and values are projected once
     per forward, as a table, and gathered: 8 tokens per position cost a lookup, not 8 projections."""
 
@@ -248,14 +244,11 @@ class EncoderBlock(nn.Module):
     def __init__(self, cfg: StudentConfig) -> None:
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
-        self.view_attn = ViewAttention(cfg) if cfg.demo_views else None
         self.norm2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, views: Views | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
         x = x + self.attn(h, h, mask)
-        if views is not None:  # demonstration outputs read their input's views; other tokens have none
-            x = x + self.view_attn(x, views.table, views.ids) * views.present.unsqueeze(-1)
         return x + self.mlp(self.norm2(x))
 
 
@@ -307,7 +300,7 @@ class SageStudent(nn.Module):
         self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
         self.decoder_norm = nn.LayerNorm(d)
         self.cell_head = nn.Linear(d, VOCAB_SIZE)
-        if cfg.answer_views or cfg.demo_views:  # which of the 8 dihedral views a view token shows
+        if cfg.answer_views:  # which of the 8 dihedral views a view token shows
             self.view_emb = nn.Embedding(8, d)
         if cfg.task_slot:
             self.task_emb = nn.Parameter(torch.zeros(d))
@@ -326,7 +319,7 @@ class SageStudent(nn.Module):
         if cfg.task_slot:
             nn.init.normal_(self.task_emb, mean=0.0, std=0.02)
         # GPT-2 style: shrink the residual projections so the stream's variance stays put with depth.
-        n_residual = (2 + cfg.demo_views) * cfg.encoder_layers + (3 + cfg.answer_views) * cfg.decoder_layers
+        n_residual = 2 * cfg.encoder_layers + (3 + cfg.answer_views) * cfg.decoder_layers
         for name, p in self.named_parameters():
             if name.endswith(("out.weight", "down.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_residual))
@@ -350,21 +343,15 @@ class SageStudent(nn.Module):
             + self.segment_emb(batch["segments"])
         )
         mask = batch["context_mask"]
-        views = None
-        if self.cfg.demo_views or self.cfg.view_agreement:  # each demo output cell's input, 8 ways, there
-            pair_views, present = dihedral_pair_views(batch, self.cfg.max_demos)
-        if self.cfg.demo_views:
-            views = self.views(pair_views, present.to(x.dtype))
         if self.cfg.task_slot:
             task = self.task_emb.to(x.dtype).expand(len(x), -1)
-            if self.cfg.view_agreement:
+            if self.cfg.view_agreement:  # each demo output cell's input, 8 ways, there
+                pair_views, present = dihedral_pair_views(batch, self.cfg.max_demos)
                 task = task + self.agreement_to_task(view_agreement(pair_views, batch["tokens"], present).to(x.dtype))
             x = torch.cat([task.unsqueeze(1), x], dim=1)
             mask = torch.cat([mask.new_ones(len(x), 1), mask], dim=1)
-            if views is not None:  # the task token has no views
-                views = Views(views.table, F.pad(views.ids, (0, 0, 1, 0)), F.pad(views.present, (1, 0)))
         for block in self.encoder:
-            x = block(x, mask, views)
+            x = block(x, mask)
         return self.encoder_norm(x), mask
 
     def decode(self, batch: dict[str, torch.Tensor], context: torch.Tensor, context_mask: torch.Tensor,
@@ -389,11 +376,11 @@ class SageStudent(nn.Module):
             x = block(x, context, context_mask, answer_mask, views)
         return self.cell_head(self.decoder_norm(x))
 
-    def views(self, tokens: torch.Tensor, present: torch.Tensor | None = None) -> Views:
+    def views(self, tokens: torch.Tensor) -> Views:
         """Views of [B, T, 8] view tokens (view d of position t shows tokens[b, t, d])."""
         table = (self.view_emb.weight[:, None] + self.token_emb.weight[None]).reshape(-1, self.cfg.d_model)
         offsets = torch.arange(8, device=tokens.device) * VOCAB_SIZE
-        return Views(table, tokens + offsets, present)
+        return Views(table, tokens + offsets)
 
     def pool_grids(self, context: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean of the encoder states of each context grid: [B, num_grid_slots, d] and a slot mask."""
@@ -407,12 +394,6 @@ class SageStudent(nn.Module):
     def standardise(self, teacher_features: torch.Tensor) -> torch.Tensor:
         """Teacher features in the units the distillation head predicts."""
         return (teacher_features.float() - self.teacher_mean) / self.teacher_std
-
-    def answer(self, batch: dict[str, torch.Tensor], context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
-        """Per-cell logits from context states `encode` made: the decoder's half of `forward`, for
-        test-time training that keeps the encoder frozen and its states cached."""
-        read = self.task_to_canvas(self.distill_head(context[:, 0])) if self.cfg.task_slot else None
-        return self.decode(batch, context, context_mask, read)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StudentOutput:
         context, context_mask = self.encode(batch)
@@ -435,9 +416,8 @@ class SageProbe(SageStudent):
     the grids the teacher saw."""
 
     def __init__(self, cfg: StudentConfig) -> None:
-        if cfg.demo_views or cfg.view_agreement:  # before building anything: they would go unused
-            raise ValueError("model.demo_views and model.view_agreement are the student's: a probe reads teacher "
-                             "features, not grids")
+        if cfg.view_agreement:  # before building anything: it would go unused
+            raise ValueError("model.view_agreement is the student's: a probe reads teacher features, not grids")
         super().__init__(cfg)
         self.feature_norm = nn.LayerNorm(cfg.teacher_dim)  # teacher features are not unit-scaled
         self.feature_proj = nn.Linear(cfg.teacher_dim, cfg.d_model)
@@ -483,19 +463,17 @@ def build_model(cfg: StudentConfig) -> SageStudent:
 # ----------------------------------------------------------------------------- cost
 
 
-def forward_flops(cfg: StudentConfig, examples: int, context_tokens: int, answer_cells: int,
-                  encoder: bool = True) -> float:
+def forward_flops(cfg: StudentConfig, examples: int, context_tokens: int, answer_cells: int) -> float:
     """Estimated FLOPs of a forward pass over `examples` examples padded to `context_tokens` context
     tokens and `answer_cells` answer cells: the dense blocks' matmuls and attention (2 FLOPs per
     multiply-add), without embeddings, heads and dihedral views. Deterministic and the same on any
-    machine, so a budget counted in it gives the same steps everywhere (ttt.flops). `encoder`:
-    False counts the decoder alone (the encoder's states cached)."""
+    machine, so a budget counted in it gives the same steps everywhere (ttt.flops)."""
     d, L, A = cfg.d_model, context_tokens, answer_cells
     mlp = 4 * cfg.mlp_ratio * d * d  # up and down projections, per token
     encoder_block = L * (8 * d * d + mlp) + 4 * L * L * d  # q, kv, out; scores and weighted sum
     decoder_block = (A * (8 * d * d + mlp) + 4 * A * A * d  # self-attention and MLP over the canvas
                      + A * 4 * d * d + L * 4 * d * d + 4 * A * L * d)  # cross-attention: q, out; kv; attention
-    per_example = cfg.decoder_layers * decoder_block + (cfg.encoder_layers * encoder_block if encoder else 0)
+    per_example = cfg.decoder_layers * decoder_block + cfg.encoder_layers * encoder_block
     return float(examples * per_example)
 
 

@@ -5,8 +5,8 @@ config) the same again after test-time training on each task, in one process or 
     blind(task)               the task with its test outputs removed: all a predictor ever sees
     Predictor.predict(task)   augmented views -> student -> decode -> undo each view -> vote -> 2 attempts
     TaskSolver.solve(task)    the checkpoint's answer, then (--ttt) the answer after sage/ttt.py tuned a
-                              copy on the task's demonstrations (ttt.runs times: their views' votes
-                              pooled, or the run that fitted best); the original weights come back
+                              copy on the task's demonstrations (ttt.runs times: the run that fitted
+                              them best answers); the original weights come back
     solve_tasks(...)          every task, one at a time or spread over worker processes (a small model
                               on a CPU uses the cores better as 1-thread processes than as one
                               multi-thread process)
@@ -28,13 +28,12 @@ import torch
 
 from sage.arc import Pair, Task
 from sage.checkpoint import load_checkpoint, load_weights_into
-from sage.config import ExperimentConfig, from_dict
+from sage.config import ExperimentConfig, from_dict, without_removed_keys
 from sage.distill import TeacherTargets
 from sage.encoding import COLOUR_OFFSET, EOS, ARCExamples, ExampleRef, answer_canvases, canvas_to_grid, collate
-from sage.errors import CheckpointError
 from sage.model import PREDATING_DEFAULTS, build_model
 from sage.step import Autocast, to_device
-from sage.ttt import TestTimeTrainer, TTTStats, pooled_stats
+from sage.ttt import TestTimeTrainer, TTTStats, Tuning, pooled_stats
 from sage.voting import Candidate, vote
 from sage.voting import attempts as top_attempts
 from sage.voting import views as make_views
@@ -59,11 +58,8 @@ class LoadedModel:
 
 def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     """A checkpoint's network in eval mode, built from the config saved inside it."""
-    ckpt = load_checkpoint(path, with_training_state=False)
-    if "config" not in ckpt.meta:
-        raise CheckpointError(f"{ckpt.path}/meta.json has no 'config': not a SAGE checkpoint")
-    saved = ckpt.meta["config"]
-    notes = []
+    ckpt = load_checkpoint(path, with_training_state=False, meta_keys=("config",))
+    saved, notes = without_removed_keys(ckpt.meta["config"], f"{ckpt.path}/meta.json")
     predated = {k: v for k, v in PREDATING_DEFAULTS.items() if k not in saved.get("model", {})}
     if predated:  # evaluated as it was trained
         saved = {**saved, "model": {**saved.get("model", {}), **predated}}
@@ -161,35 +157,30 @@ class Predictor:
         return (answer_canvases(logp.argmax(dim=-1), batch, s), answer_canvases(logp, batch, s, fill=-math.inf),
                 features, out.grid_mask.cpu())
 
-    def encode(self, task: Task, views: Sequence,
-               context_demos: int | None = None) -> tuple[ARCExamples, list[tuple[int, int]]]:
-        """All (view, test input) examples of a task: the dataset and (view, test index) per item.
-        With `context_demos` k, view v's contexts show k demonstrations from v mod n on (in turn)."""
+    def encode(self, task: Task, views: Sequence) -> tuple[ARCExamples, list[tuple[int, int]]]:
+        """All (view, test input) examples of a task: the dataset and (view, test index) per item."""
         answerable = [j for j, p in enumerate(task.test) if self.fits(p.input)]
         view_tasks = [aug.apply_task(task) for aug in views]
         n = len(task.train)
         refs, where = [], []
         for v in range(len(view_tasks)):
-            demos = tuple(range(n)) if context_demos is None else tuple((v + d) % n for d in range(n))
             for j in answerable:
-                refs.append(ExampleRef(v, demos, n + j, j))
+                refs.append(ExampleRef(v, tuple(range(n)), n + j, j))
                 where.append((v, j))
         data = ARCExamples(view_tasks, refs, self.grid_size, self.max_demos, self.max_context_tokens,
-                           teacher=self.teacher, answer_canvas=self.loaded.cfg.model.answer_canvas,
-                           context_demos=context_demos)
+                           teacher=self.teacher, answer_canvas=self.loaded.cfg.model.answer_canvas)
         return data, where
 
-    def predict(self, task: Task, context_demos: int | None = None) -> TaskPrediction:
-        """The task's two attempts per test input, voted over the views; `context_demos` caps the
-        demonstrations each view's context shows (`encode`; None: all)."""
-        return self.decide(task, [self.answer_views(task, context_demos)])
+    def predict(self, task: Task) -> TaskPrediction:
+        """The task's two attempts per test input, voted over the views."""
+        return self.decide(task, self.answer_views(task))
 
-    def answer_views(self, task: Task, context_demos: int | None = None) -> ViewAnswers:
+    def answer_views(self, task: Task) -> ViewAnswers:
         """The model's answer to every augmented view of every test input, undone to the task's frame."""
         started = time.perf_counter()
         task = blind(task)
         views = make_views(task.id, self.n_views, self.seed)
-        data, where = self.encode(task, views, context_demos)
+        data, where = self.encode(task, views)
         answers = ViewAnswers({j: [] for j in range(len(task.test))}, {j: [] for j in range(len(task.test))}, {})
         for start in range(0, len(data), self.batch_size):
             idx = list(range(start, min(start + self.batch_size, len(data))))
@@ -210,17 +201,16 @@ class Predictor:
         answers.seconds = time.perf_counter() - started
         return answers
 
-    def decide(self, task: Task, answers: Sequence[ViewAnswers]) -> TaskPrediction:
-        """Two attempts per test input from the view answers of one model or of several (the runs
-        of ttt.runs): every view's grid votes, and a candidate's likelihood sums over every canvas."""
+    def decide(self, task: Task, answers: ViewAnswers) -> TaskPrediction:
+        """Two attempts per test input from the model's view answers: every view's grid votes, and a
+        candidate's likelihood sums over every view's canvas."""
         started = time.perf_counter()
         views = make_views(task.id, self.n_views, self.seed)
         tests = []
         for j, pair in enumerate(task.test):
-            grids = [g for a in answers for g in a.grids[j]]
-            canvases = [c for a in answers for c in a.canvases[j]]
+            grids, canvases = answers.grids[j], answers.canvases[j]
             ranked = [replace(c, likelihood=likelihood_over_views(c.grid, views, canvases)) for c in vote(grids)]
-            feats = answers[0].features.get(j)  # the first model's, for feature fidelity
+            feats = answers.features.get(j)  # for feature fidelity
             tests.append(OutputPrediction(
                 candidates=ranked,
                 attempts=top_attempts(ranked),
@@ -230,7 +220,7 @@ class Predictor:
                 grid_mask=None if feats is None else feats[1],
                 kept_demos=() if feats is None else feats[2],
             ))
-        seconds = time.perf_counter() - started + sum(a.seconds for a in answers)
+        seconds = time.perf_counter() - started + answers.seconds
         return TaskPrediction(task.id, tests, seconds)
 
 
@@ -274,26 +264,24 @@ class TaskSolver:
     """Answers tasks one at a time (see the module docstring)."""
 
     def __init__(self, loaded: LoadedModel, device: torch.device, n_views: int, seed: int, batch_size: int,
-                 ttt_cfg: ExperimentConfig | None = None) -> None:
+                 tuning: Tuning | None = None) -> None:
         self.predictor = Predictor(loaded, device, n_views, seed, batch_size)
-        self.trainer = None if ttt_cfg is None else TestTimeTrainer(loaded.model, ttt_cfg, device)
-        self.answer_context_demos = None if ttt_cfg is None else ttt_cfg.ttt.answer_context_demos
+        self.trainer = None if tuning is None else TestTimeTrainer(loaded.model, tuning, device)
 
     def solve(self, task: Task) -> TaskOutcome:
         plain = self.predictor.predict(task)
         if self.trainer is None:
             return TaskOutcome(plain)
         answers, stats = [], []
-        for run in range(self.trainer.cfg.ttt.runs):
+        for run in range(self.trainer.tuning.ttt.runs):
             with self.trainer.tuned(blind(task), run) as run_stats:
-                answers.append(self.predictor.answer_views(task, self.answer_context_demos))
+                answers.append(self.predictor.answer_views(task))
             stats.append(run_stats)
             if not run_stats.steps:
                 break  # nothing tuned: another run would answer exactly as this one did
-        if self.trainer.cfg.ttt.runs_choice == "lowest_loss":  # nan (no steps) never wins over a loss
-            best = min(range(len(stats)), key=lambda r: (math.isnan(stats[r].last_loss), stats[r].last_loss))
-            answers = [answers[best]]
-        return TaskOutcome(plain, self.predictor.decide(task, answers), pooled_stats(stats))
+        # The run that fitted the demonstrations best answers; nan (no steps) never wins over a loss.
+        best = min(range(len(stats)), key=lambda r: (math.isnan(stats[r].last_loss), stats[r].last_loss))
+        return TaskOutcome(plain, self.predictor.decide(task, answers[best]), pooled_stats(stats))
 
 
 _worker_solver: TaskSolver | None = None  # each worker process's own
@@ -309,13 +297,13 @@ def worker_devices(device: torch.device, workers: int, gpus: int) -> list[str]:
 
 
 def _start_worker(checkpoint: str, devices: Any, n_views: int, seed: int, batch_size: int,
-                  ttt_cfg: ExperimentConfig | None, threads: int, precision: str) -> None:
+                  tuning: Tuning | None, threads: int, precision: str) -> None:
     global _worker_solver
     device = devices.get()  # this worker's own (worker_devices)
     torch.set_num_threads(threads)
     loaded = load_model(checkpoint, torch.device(device))
     loaded.cfg.run.precision = precision  # the parent's, which an evaluation may have changed
-    _worker_solver = TaskSolver(loaded, torch.device(device), n_views, seed, batch_size, ttt_cfg)
+    _worker_solver = TaskSolver(loaded, torch.device(device), n_views, seed, batch_size, tuning)
 
 
 def _solve_in_worker(item: tuple[int, Task]) -> tuple[int, TaskOutcome]:
@@ -324,14 +312,14 @@ def _solve_in_worker(item: tuple[int, Task]) -> tuple[int, TaskOutcome]:
 
 
 def solve_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task], n_views: int, seed: int,
-                batch_size: int, ttt_cfg: ExperimentConfig | None = None, workers: int = 1,
+                batch_size: int, tuning: Tuning | None = None, workers: int = 1,
                 on_done: Callable[[Task, TaskOutcome], None] = lambda task, outcome: None) -> list[TaskOutcome]:
     """Every task's outcome, in task order. With workers > 1, tasks are spread over that many
     processes (each loads the checkpoint on its device, `worker_devices`, and uses its share of the
     CPU threads); `on_done` is called as each task finishes, in whatever order they finish."""
     outcomes: list[TaskOutcome | None] = [None] * len(tasks)
     if workers <= 1:
-        solver = TaskSolver(loaded, device, n_views, seed, batch_size, ttt_cfg)
+        solver = TaskSolver(loaded, device, n_views, seed, batch_size, tuning)
         for i, task in enumerate(tasks):
             outcomes[i] = solver.solve(task)
             on_done(task, outcomes[i])
@@ -342,7 +330,7 @@ def solve_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task]
     devices = context.Queue()
     for name in worker_devices(device, workers, torch.cuda.device_count() if device.type == "cuda" else 0):
         devices.put(name)
-    args = (str(loaded.path), devices, n_views, seed, batch_size, ttt_cfg, threads, loaded.cfg.run.precision)
+    args = (str(loaded.path), devices, n_views, seed, batch_size, tuning, threads, loaded.cfg.run.precision)
     with context.Pool(workers, initializer=_start_worker, initargs=args) as pool:
         for i, outcome in pool.imap_unordered(_solve_in_worker, list(enumerate(tasks))):
             outcomes[i] = outcome

@@ -2,7 +2,8 @@
 
     submission.json      the student's attempts (after test-time training, with --ttt) in the ARC Prize format:
                          {task_id: [{"attempt_1": grid, "attempt_2": grid}, ...]}, one dict per test input
-    report.json          everything: protocol, settings, scores of every system, student vs GR00T, machine
+    report.json          everything: protocol, settings, scores of every system with their 95% bootstrap
+                         intervals, every system's score per task, student vs GR00T, machine
     report.md            the same as tables
     per_task.csv         one row per task: the student's and the baselines' scores, votes, time, TTT steps
     pictures/*.png       a sample of tasks: demonstration pairs, then test input, target, attempt 1, attempt 2
@@ -32,7 +33,8 @@ from sage.metrics import size_band, summarize_by_size_band, task_score
 from sage.overlap import describe
 from sage.pictures import draw_task
 from sage.runlog import plot_training_curves, plot_ttt_curves
-from sage.ttt import STOP_WINDOW, describe_budget, describe_tuning
+from sage.ttt import LOSS_WINDOW, describe_budget, describe_tuning
+from sage.uncertainty import METHOD, describe_interval, interval_record
 
 SCORING = ("official ARC Prize: 2 attempts per test output, solved when either equals the target exactly; "
            "a task scores the fraction of its test outputs solved; the score is the mean over tasks")
@@ -45,6 +47,8 @@ LABELS = {
     "most_frequent_colour": "baseline: most frequent colour",
     "all_zeros": "baseline: all zeros",
 }
+# The task-weighted scores that get an interval, by the attempts each counts.
+MEASURES = {"arc_prize_score": 2, "pass_at_1": 1}
 
 
 def submission(result: EvaluationResult, system: str | None = None) -> dict[str, list[dict[str, list]]]:
@@ -57,10 +61,25 @@ def submission(result: EvaluationResult, system: str | None = None) -> dict[str,
     }
 
 
+def per_task_scores(result: EvaluationResult) -> dict[str, dict[str, dict[str, float]]]:
+    """{system: {measure: {task_id: the task's score}}} for every MEASURES entry: what an interval
+    and a paired comparison of two reports (sage/compare_reports.py) are computed from."""
+    return {name: {measure: {t.id: task_score(system.scores[t.id], attempts) for t in result.tasks}
+                   for measure, attempts in MEASURES.items()}
+            for name, system in result.systems.items()}
+
+
+def score_intervals(per_task: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{system: {measure: interval_record}}: each score with its 95% bootstrap interval over tasks."""
+    return {name: {measure: interval_record(list(scores.values())) for measure, scores in measures.items()}
+            for name, measures in per_task.items()}
+
+
 def report_record(result: EvaluationResult) -> dict[str, Any]:
     preds = result.predictions.values()
     tests = [t for p in preds for t in p.tests]
     probe = result.systems.get("teacher_probe")
+    per_task = per_task_scores(result)
     return {
         "checkpoint": result.checkpoint,
         "run": result.run,
@@ -70,6 +89,8 @@ def report_record(result: EvaluationResult) -> dict[str, Any]:
         "notes": result.notes,
         "settings": result.settings,
         "scores": {name: system.summary for name, system in result.systems.items()},
+        "score_intervals": score_intervals(per_task),
+        "per_task_scores": per_task,
         "scores_by_size_band": {name: summarize_by_size_band(system.scores, result.tasks)
                                 for name, system in result.systems.items()},
         "student_vs_teacher": {
@@ -186,13 +207,19 @@ def _score_lines(record: dict[str, Any]) -> list[str]:
               "|---|---|---|---|---|---|"]
     for name, m in record["scores"].items():
         label = LABELS.get(name, name)
-        lines.append(f"| {label} | **{_pct(m['arc_prize_score'])}** | {m['tasks_solved_count']}/{m['tasks']} "
-                     f"({_pct(m['tasks_solved'])}) | {_pct(m['pass_at_1'])} | {_pct(m['size_accuracy'])} | "
+        interval = record["score_intervals"][name]
+        lines.append(f"| {label} | **{_pct(m['arc_prize_score'])}** ({describe_interval(interval['arc_prize_score'])})"
+                     f" | {m['tasks_solved_count']}/{m['tasks']} ({_pct(m['tasks_solved'])}) | {_pct(m['pass_at_1'])} "
+                     f"({describe_interval(interval['pass_at_1'])}) | {_pct(m['size_accuracy'])} | "
                      f"{_pct(m['pixel_accuracy'])} |")
     any_m = next(iter(record["scores"].values()))
     lines += ["", f"{any_m['tasks']} tasks, {any_m['test_outputs']} test outputs. pass@1, output size and pixels "
               "use attempt 1; pass@1 is averaged per task like the official score; pixels are counted over the "
-              "target's own cells only. Baselines make one guess (attempt 2 = attempt 1)."]
+              "target's own cells only. Baselines make one guess (attempt 2 = attempt 1).",
+              "", f"95% CI: {METHOD}, over these {any_m['tasks']} tasks: how far the score could move on another "
+              "draw of tasks like them. A score of 0 gets 0-0, which bounds nothing (at most 3/n at 95% by the rule "
+              "of three). Two runs on the same tasks: `python -m sage.compare_reports REPORT_A REPORT_B` (paired, "
+              "task by task)."]
     return lines + _band_lines(record) + _rank_lines(record)
 
 
@@ -355,10 +382,10 @@ def write_ttt_curves(result: EvaluationResult, directory: Path) -> str | None:
     curves = {task_id: stats.loss_curves for task_id, stats in result.ttt_stats.items() if any(stats.loss_curves)}
     if not curves:
         return None
-    (directory / "ttt_curves.json").write_text(json.dumps({"steps_per_point": STOP_WINDOW, "tasks": curves}))
+    (directory / "ttt_curves.json").write_text(json.dumps({"steps_per_point": LOSS_WINDOW, "tasks": curves}))
     tuned = result.systems.get("student_ttt")
     scores = {task_id: task_score(tuned.scores[task_id], 2) for task_id in curves} if tuned else {}
-    drawn = plot_ttt_curves(curves, scores, STOP_WINDOW, directory / "ttt_curves.png",
+    drawn = plot_ttt_curves(curves, scores, LOSS_WINDOW, directory / "ttt_curves.png",
                             title=f"{result.run}: test-time training")
     return "ttt_curves.png" if drawn else None
 

@@ -20,12 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from sage.files import atomic_write
+from sage.errors import RunLogError
+from sage.files import FileKind, atomic_write
 from sage.metric_sinks import TensorBoardSink, WandbSettings, WandbSink, summary_writer_class, wandb_module
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+# Resuming rewrites metrics.jsonl with the records up to its checkpoint: a damaged record is not dropped unseen.
+METRICS_FILE = FileKind("the run's metrics", RunLogError,
+                        "the checkpoints are intact: delete the damaged lines (those points leave the curves) or the "
+                        "whole file (the curves then start at the checkpoint), and rerun with --resume")
+
 
 class RunLog:
     def __init__(self, directory: str | Path, echo: bool = True, tensorboard: bool = False,
@@ -63,16 +70,18 @@ class RunLog:
         """Start the metrics stream afresh (a run starting over); True when it held records."""
         held = self.metrics_path.stat().st_size > 0
         if held:
-            self.truncate_metrics_after(-1)
+            self._rewrite_metrics([])
         return held
 
     def truncate_metrics_after(self, step: int) -> None:
         """On resume: drop records logged after the checkpoint we restart from, so the stream reads
         as one uninterrupted run. The sinks start over with the kept records: points after the
         checkpoint would otherwise appear twice, and points a crash kept in a writer's buffer would
-        be missing."""
+        be missing. A damaged record (other than a torn last line) raises RunLogError first."""
+        self._rewrite_metrics([r for r in read_metrics(self.metrics_path, strict=True) if r.get("step", 0) <= step])
+
+    def _rewrite_metrics(self, kept: list[dict[str, Any]]) -> None:
         self._metrics.close()
-        kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]
         atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         self._metrics = open(self.metrics_path, "a", buffering=1)
         for sink in self._sinks:
@@ -87,17 +96,27 @@ class RunLog:
             sink.close()
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl; a torn last line (crash mid-write) is skipped."""
-    records = []
+def read_metrics(path: str | Path, strict: bool = False) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl; a torn last line (a crash mid-write: the start of a record, no
+    newline) is skipped. Other lines that are not JSON records are skipped too (curves, summaries),
+    or with `strict` raise RunLogError naming the file and line (resuming, which rewrites the file)."""
     path = Path(path)
     if not path.exists():
-        return records
-    for line in path.read_text().splitlines():
+        return []
+    data = path.read_bytes()
+    lines = data.splitlines()
+    torn = len(lines) if lines and not data.endswith(b"\n") and lines[-1].startswith(b"{") else 0
+    records = []
+    for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:  # not UTF-8, or not JSON
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif strict and number != torn:
+            raise METRICS_FILE.damaged(path, f"line {number} of {len(lines)} is not a JSON record "
+                                             "(truncated or corrupted)")
     return records
 
 

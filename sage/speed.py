@@ -150,7 +150,7 @@ def time_teacher(tc: TeacherConfig, teacher_preset: str, sample: Sequence[Task],
     model = build_backbone(arch, device, dtype, tc.checkpoint_dir)[0] if real else random_backbone(arch, device, dtype)
     tokenizer_dir = tc.tokenizer_dir if tc.tokenizer_dir and Path(tc.tokenizer_dir).expanduser().is_dir() else None
     tokenizer = load_tokenizer(tokenizer_dir, allow_builtin=True)
-    teacher = Teacher(arch, model, tokenizer, instruction_for("task_context", None), device)
+    teacher = Teacher(arch, model, tokenizer, instruction_for("task_context"), device)
     teacher_s, per_task = [], []
     try:
         warm = evaluation_prompts([sample[0]], "test_input", tc.max_demos)[:1]

@@ -109,7 +109,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
-                   betas: tuple[float, float] | list[float], fused: bool = True) -> torch.optim.AdamW:
+                   betas: tuple[float, float] | list[float]) -> torch.optim.AdamW:
     """AdamW over the parameters that require gradients, with weight decay on matrices and embeddings
     only (not on biases and norm gains). Fused: one kernel for all parameters (on this project's CPU
     4-6x faster than the default per step), and a step can be skipped on the device (`_update`)."""
@@ -119,7 +119,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
 
 
 # ----------------------------------------------------------------------------- the loss and the step
@@ -296,20 +296,17 @@ def _update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sums: _Loc
 
 
 def tuning_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                autocast: Autocast, loss_normalization: str, grad_clip: float,
-                context: tuple[torch.Tensor, torch.Tensor] | None = None, micro: MicroBatch | None = None,
+                autocast: Autocast, loss_normalization: str, grad_clip: float, micro: MicroBatch | None = None,
                 faults: FaultInjection | None = None) -> torch.Tensor:
     """One optimiser step of test-time training on `batch`: the answer's cross-entropy alone (no
-    distillation: a task at test time has no teacher features), clipped, AdamW. With `context`
-    (the frozen encoder's states of the batch and their mask, computed once), only the decoder runs.
-    The batch goes through `micro.size` examples at a time (gradients accumulated: the same step);
+    distillation: a task at test time has no teacher features), clipped, AdamW. The batch goes through `micro.size` examples at a time (gradients accumulated: the same step);
     out of memory halves `micro.size` and retries. Returns the loss, still on the device (reading it
     is a host sync the caller may not need)."""
     micro = micro or MicroBatch("test-time training", len(batch["target"]), None, lambda _: None)
     faults = faults or FaultInjection()
     while True:
         try:
-            loss = _tuning_gradients(model, optimizer, batch, autocast, loss_normalization, context, micro, faults)
+            loss = _tuning_gradients(model, optimizer, batch, autocast, loss_normalization, micro, faults)
         except torch.OutOfMemoryError:
             loss = None
         if loss is not None:
@@ -323,8 +320,8 @@ def tuning_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
 
 
 def _tuning_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                      autocast: Autocast, loss_normalization: str, context: tuple[torch.Tensor, torch.Tensor] | None,
-                      micro: MicroBatch, faults: FaultInjection) -> torch.Tensor:
+                      autocast: Autocast, loss_normalization: str, micro: MicroBatch,
+                      faults: FaultInjection) -> torch.Tensor:
     """The batch's loss gradients, accumulated over pieces weighted by their share of its loss units."""
     optimizer.zero_grad(set_to_none=True)
     n = len(batch["target"])
@@ -335,9 +332,7 @@ def _tuning_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
         piece = {k: v[start : start + micro.size] for k, v in batch.items()} if whole_units is not None else batch
         faults.forward_pass("ttt")
         with autocast():
-            logits = (model(piece).logits if context is None
-                      else model.answer(piece, *(c[start : start + micro.size] for c in context)))
-            loss = answer_cross_entropy(logits, piece["target"], loss_normalization)
+            loss = answer_cross_entropy(model(piece).logits, piece["target"], loss_normalization)
         if whole_units is not None:  # this piece's share of the whole batch's mean
             loss = loss * loss_units(piece["target"], loss_normalization) / whole_units
         loss.backward()

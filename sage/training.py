@@ -23,16 +23,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sage.arc import Task, split_by_task
 from sage.checkpoint import Checkpoint, load_checkpoint, load_weights_into, save_checkpoint
-from sage.config import ExperimentConfig, save_config
-from sage.datasets import demonstration_tasks, is_demonstrations_only, load_dataset, training_tasks
+from sage.config import ExperimentConfig, save_config, without_removed_keys
+from sage.datasets import is_demonstrations_only
 from sage.device import resolve_device
-from sage.distill import TeacherTargets, ensure_teacher_cache, feature_statistics, teacher_targets, teacher_views
+from sage.distill import TeacherTargets, ensure_teacher_cache, feature_statistics, teacher_targets
 from sage.distributed import (
     DistributedContext,
     RankBatchSampler,
-    examples_of_rank,
     init_distributed,
     shutdown_distributed,
 )
@@ -41,16 +39,15 @@ from sage.encoding import (
     EpochTaggedBatches,
     LengthBucketSampler,
     collate,
-    evaluation_examples,
-    training_examples,
 )
 from sage.errors import CheckpointError, TrainingError
 from sage.metric_sinks import WandbSettings
 from sage.metrics import score_baselines
 from sage.model import PREDATING_DEFAULTS, SageStudent, StudentConfig, build_model, parameter_breakdown
-from sage.overlap import TaskOverlap, describe, drop_trained_tasks
+from sage.overlap import describe
 from sage.recovery import FaultInjection, MicroBatch, all_finite
 from sage.runlog import RunLog, SilentLog, plot_training_curves, read_metrics
+from sage.splits import Splits, load_splits, make_datasets
 from sage.step import (
     Autocast,
     StepNumbers,
@@ -65,65 +62,7 @@ from sage.step import (
 from sage.teacher.settings import ORACLE_PRESET
 from sage.validation import validate
 
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class Splits:
-    train: list[Task]  # training tasks
-    val: list[Task]  # held-out tasks, disjoint from train
-    train_dataset: list[Task]  # every task of data.train (the teacher cache covers them all)
-    val_dataset: list[Task]  # every task of the validation dataset (== train_dataset for 'holdout')
-    shared: dict[str, str]  # validation tasks left out, their test outputs being trained on (id -> training ids)
-    overlap: list[TaskOverlap]  # validation tasks kept that share demonstrations or test inputs with training
-    source: str  # what data.train gave and what was left out of it (TrainingTasks.describe)
-
-
-def load_splits(cfg: ExperimentConfig) -> Splits:
-    """Train and validation tasks, disjoint by task. 'holdout' keeps whole training tasks aside; a
-    validation dataset is checked pair by pair against training (sage/overlap.py)."""
-    synthetic = asdict(cfg.data.synthetic)
-    given = training_tasks(cfg.data)
-    tasks = given.tasks
-    if cfg.data.val == "holdout":
-        train, val = split_by_task(tasks, cfg.data.val_fraction, cfg.run.seed)
-        val_dataset = tasks
-    else:
-        train, val = tasks, load_dataset(cfg.data.val, synthetic)
-        val_dataset = val
-    demonstrations = demonstration_tasks(cfg.data, val)
-    train = train + demonstrations
-    # Held-out tasks whose test pairs training holds (another id, reordered, rotated) are no test.
-    val, left_out, kept = drop_trained_tasks(train, val, "validation")
-    source = given.describe(cfg.data) + (
-        f"; plus the demonstration pairs of {len(demonstrations)} tasks of {cfg.data.demonstrations_of} as tasks "
-        f"of their own, {cfg.data.demonstrations_repeat}x an epoch (data.demonstrations_of: the HRM/TRM protocol; "
-        "their test pairs never)" if demonstrations else "")
-    return Splits(train, val, tasks, val_dataset, {o.task: ", ".join(o.training_tasks) for o in left_out}, kept,
-                  source)
-
-
-def make_datasets(
-    cfg: ExperimentConfig, splits: Splits, train_teacher: TeacherTargets | None = None,
-    val_teacher: TeacherTargets | None = None, ctx: DistributedContext = DistributedContext(),
-) -> tuple[ARCExamples, ARCExamples]:
-    """Training examples (each pair of a training task once as the query, those of data.demonstrations_of
-    data.demonstrations_repeat times, augmented as configured) and validation examples (the held-out
-    tasks' test outputs; under torchrun, this rank's tasks)."""
-    m, d = cfg.model, cfg.data
-    refs = training_examples(splits.train, d.use_test_pairs)
-    refs += [r for r in refs if is_demonstrations_only(splits.train[r.task_index])] * (
-        d.demonstrations_repeat - 1)
-    train_set = ARCExamples(
-        splits.train, refs, m.grid_size, m.max_demos,
-        d.max_context_tokens, augment=d.augment, seed=cfg.run.seed, augment_probability=d.augment_probability,
-        teacher=train_teacher, answer_canvas=m.answer_canvas, fit_answer=True, shuffle_demos=d.shuffle_demos,
-        resample_demos=d.resample_demos, teacher_views=teacher_views(cfg),
-    )
-    # Validation sizes each canvas as evaluation does: from the context, never from the answer.
-    val_set = ARCExamples(splits.val, examples_of_rank(evaluation_examples(splits.val), ctx), m.grid_size,
-                          m.max_demos, d.max_context_tokens, teacher=val_teacher, answer_canvas=m.answer_canvas)
-    return train_set, val_set
+# ----------------------------------------------------------------------------- state
 
 
 @dataclass
@@ -329,9 +268,10 @@ def nothing_to_resume(name: str, checkpoint_dir: Path, log_dir: Path) -> str:
 
 def open_checkpoint(path: Path, model_cfg: StudentConfig) -> Checkpoint:
     """The checkpoint to resume from, refused when its model differs from the config's."""
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, meta_keys=("config", "train_state"), state_keys=("optimizer", "torch_rng"))
     # Keys added since the checkpoint was written take their defaults, or what it was trained with.
-    saved_model = {**asdict(StudentConfig()), **PREDATING_DEFAULTS, **checkpoint.meta["config"]["model"]}
+    saved = without_removed_keys(checkpoint.meta["config"], f"{checkpoint.path}/meta.json")[0]
+    saved_model = {**asdict(StudentConfig()), **PREDATING_DEFAULTS, **saved["model"]}
     if saved_model != asdict(model_cfg):
         diff = {k: (saved_model.get(k), v) for k, v in asdict(model_cfg).items() if saved_model.get(k) != v}
         raise CheckpointError(f"{checkpoint.path}: model config differs from the checkpoint's: {diff}")

@@ -21,7 +21,8 @@ from sage.losses import distillation_losses
 from sage.model import SageStudent
 from sage.runlog import read_metrics
 from sage.step import Autocast
-from sage.training import load_splits, make_datasets, train
+from sage.splits import load_splits, make_datasets
+from sage.training import train
 from sage.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]

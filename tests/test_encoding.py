@@ -271,7 +271,7 @@ def test_resampled_demonstrations_change_per_epoch_within_the_caps():
 def test_max_grid_side_keeps_only_small_tasks(tmp_path):
     from sage.config import load_config
     from sage.distill import prompts_for_dataset
-    from sage.training import load_splits
+    from sage.splits import load_splits
 
     cfg = load_config(None, ["data.max_grid_side=10", f"run.checkpoint_dir={tmp_path}"])
     splits = load_splits(cfg)

@@ -19,9 +19,11 @@ from sage.arc import load_task_dir
 from sage.config import load_config
 from sage.encoding import ARCExamples, collate, evaluation_examples, fit_demos
 from sage.errors import ARCDataError, EvaluationError
-from sage.evaluation import EvalSettings, evaluate, feature_fidelity, load_model, load_probe, score_probe, score_system
+from sage.evaluation import EvalSettings, evaluate, score_system
 from sage.features import FeatureCache
+from sage.predict import load_model
 from sage.report import write_report
+from sage.student_vs_teacher import feature_fidelity, load_probe, probe_attempts
 from sage.synthetic import generate_tasks
 from sage.training import train
 
@@ -161,16 +163,15 @@ def test_cli_writes_every_output_and_submission_rescores_to_the_report(workspace
     probe = report["student_vs_teacher"]["probe"]
     assert probe["tasks"] == 9 and probe["test_outputs"] == 10
     # The probe's attempts made again (same checkpoint, cache and batch size), rescored from the rules.
-    settings = EvalSettings(split=str(workspace["split"]), views=1, speed_tasks=0,
-                            feature_cache_dir=str(workspace["features"]))
-    again = score_probe(load_probe(str(workspace["probe"]), torch.device("cpu")), settings, tasks, torch.device("cpu"),
-                        meta["config"]["val"]["batch_size"])
+    again = probe_attempts(load_probe(str(workspace["probe"]), torch.device("cpu")), str(workspace["split"]), tasks,
+                           torch.device("cpu"), meta["config"]["val"]["batch_size"], seed=0,
+                           cache_dir=str(workspace["features"]), extract=False)
     probe_submission = {k: [{"attempt_1": a[0].tolist(), "attempt_2": a[1].tolist()} for a in v]
-                        for k, v in again.attempts.items()}
+                        for k, v in again.items()}
     assert all(a["attempt_1"] == a["attempt_2"] for v in probe_submission.values() for a in v)  # one view
     assert independent_arc_prize_score(probe_submission, solutions) == pytest.approx(probe["arc_prize_score"],
                                                                                      abs=1e-12)
-    assert again.summary == probe
+    assert score_system("teacher_probe", again, tasks).summary == probe
 
     with open(out / "per_task.csv") as f:
         rows = list(csv.DictReader(f))

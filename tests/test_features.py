@@ -178,7 +178,6 @@ def test_mismatched_cache_is_refused(single_run, arc_tasks):
     tasks = arc_tasks[:LIMIT]
     for override, field in [
         ("teacher.seed=1", "teacher.weights"),
-        ("teacher.instruction=Describe the grids.", "prompt.instruction"),
         ("teacher.max_demos=3", "prompt.max_demos"),
         ("teacher.feature_dtype=bfloat16", "features.dtype"),
     ]:

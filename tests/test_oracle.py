@@ -18,7 +18,7 @@ from sage.synthetic import TRANSFORMS, Rule, generate_tasks, generate_tasks_and_
 from sage.teacher.oracle import OracleTeacher, load_oracle
 from sage.teacher.prompt import view_example
 from sage.teacher.settings import TeacherConfig
-from sage.training import load_splits, make_datasets
+from sage.splits import load_splits, make_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = dict(num_tasks=60, seed=3, transforms=list(TRANSFORMS), min_side=2, max_side=5, demos=3)

@@ -12,9 +12,8 @@ from sage.arc import Augmentation, Pair, Task
 from sage.config import load_config
 from sage.datasets import load_dataset
 from sage.errors import ARCDataError
-from sage.evaluation import split_tasks
 from sage.overlap import DEMONSTRATIONS, TEST_INPUT, WHOLE_TASK, drop_trained_tasks, find_overlap
-from sage.training import load_splits, make_datasets
+from sage.splits import load_splits, make_datasets, scored_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL = "arc-agi-1/evaluation"
@@ -107,7 +106,7 @@ def test_repackaged_demonstrations_are_scored_and_stated(arc1, tmp_path):
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [f"data.train={directory}", f"data.val={EVAL}"])
     splits = load_splits(cfg)
     assert len(splits.val) == 400 and splits.shared == {} and {o.task for o in splits.overlap} == {t.id for t in chosen}
-    tasks, protocol = split_tasks(cfg, {}, EVAL)
+    tasks, protocol = scored_tasks(cfg, {}, EVAL)
     assert len(tasks) == protocol["tasks_scored"] == 400
     assert protocol["evaluation_tasks_trained_on"] == 20 and protocol["evaluation_demonstrations_trained_on"]
     assert {x["task"] for x in protocol["evaluation_overlap"]} == {t.id for t in chosen}
@@ -206,10 +205,9 @@ def test_demonstrations_of_pretrains_on_the_demonstrations_never_the_test_pairs(
     for held in splits.val:
         queries = sorted(r.query for r in refs if r.task_index == index[held.id + DEMONSTRATIONS_SUFFIX])
         assert queries == list(range(len(held.train)))
-    # data.demonstrations_repeat counts those examples k times an epoch, the others once.
-    once, thrice = (make_datasets(load_config(JOINED, [*base, "data.demonstrations_of=holdout",
-                                                       f"data.demonstrations_repeat={k}"]), splits)[0]
-                    for k in (1, 3))
+    # A "*k" suffix counts those examples k times an epoch, the others once.
+    once, thrice = (make_datasets(load_config(JOINED, [*base, f"data.demonstrations_of={named}"]), splits)[0]
+                    for named in ("holdout", "holdout*3"))
     added_refs = sum(len(t.train) for t in splits.val)
     assert len(once) == len(refs) and len(thrice) == len(refs) + 2 * added_refs
     assert {o.task for o in splits.overlap} == {t.id for t in splits.val}
@@ -218,15 +216,15 @@ def test_demonstrations_of_pretrains_on_the_demonstrations_never_the_test_pairs(
 
     # Evaluation rebuilds the same training data and states the protocol; without it, it says no.
     meta = {"val_task_ids": [t.id for t in splits.val]}
-    tasks, protocol = split_tasks(cfg, meta, "holdout")
+    tasks, protocol = scored_tasks(cfg, meta, "holdout")
     assert len(tasks) == len(splits.val) and protocol["evaluation_demonstrations_trained_on"]
     assert protocol["evaluation_tasks_trained_on"] == len(splits.val) and "demonstration pairs of holdout" in \
         protocol["trained_on"]
-    assert not split_tasks(load_config(JOINED, base), meta, "holdout")[1][
+    assert not scored_tasks(load_config(JOINED, base), meta, "holdout")[1][
         "evaluation_demonstrations_trained_on"]
     # A dataset name adds its tasks within data.max_grid_side; the evaluation split scores them all.
     on_eval = load_config(JOINED, [*base, f"data.demonstrations_of={EVAL}"])
-    tasks, protocol = split_tasks(on_eval, meta, EVAL)
+    tasks, protocol = scored_tasks(on_eval, meta, EVAL)
     small = [t for t in arc1[1] if max(max(g.shape) for g in t.grids()) <= 10]
     assert protocol["evaluation_tasks_trained_on"] >= len(small) and len(tasks) == 400  # 070dd51e: over 10x10
     assert {o["task"] for o in protocol["evaluation_overlap"] if DEMONSTRATIONS in o["kinds"]} == {t.id for t in small}

@@ -27,7 +27,8 @@ from sage.model import build_model
 from sage.recovery import FaultInjection, MicroBatch
 from sage.runlog import read_metrics
 from sage.step import Autocast, read_steps, train_step
-from sage.training import load_splits, train
+from sage.splits import load_splits
+from sage.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,13 +17,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("arc", "device", "recovery", "checkpoint", "metric_sinks", "pictures",
      "teacher.loading", "teacher.presets", "teacher.tokenizer"),
     ("encoding", "runlog", "synthetic", "overlap", "voting", "teacher.prompt", "teacher.backbone"),
-    ("model", "losses", "metrics", "distributed", "features", "teacher", "teacher.groot"),
+    ("model", "losses", "metrics", "uncertainty", "distributed", "features", "teacher", "teacher.groot"),
     ("config", "teacher.oracle"),  # config checks values against the model's and the teacher's
     ("datasets", "step", "config_reference"),  # step: autocast, optimiser, schedule, loss and step, under training and inference
     ("extraction", "validation", "ttt"),
     ("distill",),
+    ("splits",),  # what a run trained on and held out: training, evaluation and the benchmarks rebuild it here
     ("training", "predict"),
-    ("speed", "ablate", "finished_tasks"),
+    ("speed", "student_vs_teacher", "ablate", "finished_tasks", "compare_reports"),
     ("evaluation",),
     ("report",),
 ]
@@ -79,8 +80,12 @@ def test_the_layers_name_only_modules_that_exist():
     assert not set(listed) - names, f"LAYERS lists modules that do not exist: {sorted(set(listed) - names)}"
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "sage").rglob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
-def test_no_function_in_sage_is_longer_than_a_reader_holds_in_mind(path):
+CODE = [*sorted((REPO / "sage").rglob("*.py")), *sorted((REPO / "benchmarks").rglob("*.py")),
+        *(REPO / f"{script}.py" for script in sorted(SCRIPTS))]  # the package, the benchmarks, the entry scripts
+
+
+@pytest.mark.parametrize("path", CODE, ids=lambda p: str(p.relative_to(REPO)))
+def test_no_function_is_longer_than_a_reader_holds_in_mind(path):
     tree = ast.parse(path.read_text())
     long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines, line {node.lineno})"
             for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))

@@ -26,7 +26,7 @@ from sage.predict import blind, load_model
 from sage.recovery import FaultInjection
 from sage.synthetic import generate_tasks
 from sage.training import train
-from sage.ttt import TestTimeTrainer, finetune, task_budget, ttt_examples
+from sage.ttt import TestTimeTrainer, Tuning, finetune, task_budget, ttt_examples
 
 REPO = Path(__file__).resolve().parents[1]
 TTT = ["ttt.steps=25", "ttt.batch_size=4", "ttt.lr=3e-3", "ttt.warmup_steps=2"]
@@ -47,7 +47,7 @@ def workspace(tmp_path_factory):
 
 def loaded_with(checkpoint: Path, *overrides: str):
     loaded = load_model(checkpoint, CPU)
-    return loaded, with_overrides(loaded.cfg, list(overrides), sections=("ttt",))
+    return loaded, Tuning.of(with_overrides(loaded.cfg, list(overrides), sections=("ttt",)))
 
 
 def test_examples_are_leave_one_out_over_the_demonstrations_only(workspace):
@@ -88,45 +88,6 @@ def test_tuning_learns_the_demonstrations_and_the_original_weights_come_back(wor
         with trainer.tuned(task):
             raise RuntimeError("boom")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-
-
-@pytest.mark.parametrize("pool", [8, 0])
-def test_decoder_tuning_keeps_the_encoder_learns_and_restores(workspace, pool):
-    """ttt.tune=decoder tunes the decoder alone, on a pool encoded once by the frozen encoder (pool 0:
-    each step's examples encoded as they come): the encoder and the shared embeddings stay bit for
-    bit, the loss on the demonstrations falls, and afterwards every weight and every requires_grad
-    flag is as before."""
-    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=40", "ttt.tune=decoder", f"ttt.pool={pool}",
-                              "ttt.augment_probability=0", "ttt.shuffle_demos=false")
-    model = loaded.model
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    flags = {k: p.requires_grad for k, p in model.named_parameters()}
-    with TestTimeTrainer(model, cfg, CPU).tuned(blind(workspace["tasks"][1])) as stats:
-        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-        assert changed and all(k.startswith(("decoder.", "decoder_norm.", "cell_head.")) for k in changed), changed
-    assert stats.steps == 40 and stats.last_loss < 0.5 * stats.first_loss, stats
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert flags == {k: p.requires_grad for k, p in model.named_parameters()}
-
-
-@pytest.mark.parametrize("pool, distinct", [(8, 2), (0, 6)])
-def test_decoder_tuning_cycles_its_pool_or_draws_fresh_views_every_step(workspace, monkeypatch, pool, distinct):
-    """ttt.tune=decoder: a pool of 8 examples in batches of 4 gives 2 batches, cycled; pool 0 gives
-    every step its own draws, under their own augmentations (6 steps, 6 different batches)."""
-    import sage.ttt
-
-    batches = []
-    real_collate = sage.ttt.collate
-    monkeypatch.setattr(sage.ttt, "collate", lambda items: batches.append(items) or real_collate(items))
-    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=6", "ttt.tune=decoder", f"ttt.pool={pool}")
-    finetune(loaded.model, blind(workspace["tasks"][1]), cfg, CPU)
-    assert len({b"".join(item["tokens"].tobytes() for item in items) for items in batches}) == distinct
-
-
-def test_time_budget_stops_tuning_early(workspace):
-    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=100000", "ttt.seconds=0.5")
-    stats = finetune(loaded.model, blind(workspace["tasks"][2]), cfg, CPU)
-    assert 1 <= stats.steps < 100000 and stats.seconds < 30
 
 
 def test_no_batch_holds_the_same_example_twice(workspace, monkeypatch):
@@ -172,41 +133,6 @@ def test_context_demos_caps_each_context_and_draws_another_subset_each_time(work
     assert set(shown) == set(inputs)
     for query, demos in shown.items():
         assert demos == (set(inputs) - {query} if cap else {b""}), "each other demonstration is drawn as the context"
-
-
-def test_answer_context_demos_shares_the_demonstrations_out_over_the_views(workspace, monkeypatch):
-    """ttt.answer_context_demos=1: after tuning, view v answers from demonstration v mod n alone (so
-    every demonstration serves as many views); the checkpoint's own answers still read all that fit."""
-    import sage.predict
-
-    task = workspace["tasks"][0]  # 3 demonstrations
-    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=2", "ttt.answer_context_demos=1")
-    shown = []
-    real_encode = sage.predict.Predictor.encode
-
-    def spy(self, task, views, context_demos=None):
-        data, where = real_encode(self, task, views, context_demos)
-        shown.append([data.kept_demos[i] for i in range(len(where))])
-        return data, where
-
-    monkeypatch.setattr(sage.predict.Predictor, "encode", spy)
-    outcome = sage.predict.TaskSolver(loaded, CPU, n_views=4, seed=0, batch_size=4, ttt_cfg=cfg).solve(task)
-    assert outcome.tuned is not None and outcome.ttt.steps == 2
-    tests = len(task.test)
-    plain = shown[0]  # the checkpoint as it is: as many demonstrations as the context cap lets in, in every view
-    assert len(plain) == 4 * tests and len(plain[0]) > 1 and plain == [plain[0]] * len(plain)
-    assert shown[1] == [(v % 3,) for v in range(4) for _ in range(tests)]
-    with pytest.raises(ConfigError, match=r"ttt\.answer_context_demos must be >= 0"):
-        with_overrides(loaded.cfg, ["ttt.answer_context_demos=-1"], sections=("ttt",))
-
-
-def test_stop_loss_ends_a_converged_task_in_steps(workspace):
-    """ttt.stop_loss stops once the mean loss of the last 10 steps is below it: with a threshold no
-    loss can miss, after exactly 10 steps; off (0), all the steps."""
-    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=30", "ttt.stop_loss=1000")
-    assert finetune(loaded.model, blind(workspace["tasks"][0]), cfg, CPU).steps == 10
-    loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=30", "ttt.stop_loss=0")
-    assert finetune(loaded.model, blind(workspace["tasks"][0]), cfg, CPU).steps == 30
 
 
 def test_flops_budget_gives_larger_tasks_fewer_steps_and_none_below_the_minimum(workspace):
@@ -265,14 +191,12 @@ def test_budget_plan_counts_each_bands_steps_and_compares_a_finished_run(workspa
     assert float(total[-3]) >= 0 and "seconds a step = " in out and "with 2 workers" in out  # estimated minutes
 
 
-@pytest.mark.parametrize("tune", ["all", "decoder"])
-def test_out_of_memory_in_ttt_halves_the_pieces_and_takes_the_same_steps(workspace, tune):
+def test_out_of_memory_in_ttt_halves_the_pieces_and_takes_the_same_steps(workspace):
     """An out-of-memory error in test-time training halves the examples per forward pass for the
     rest of the task and retries the step; accumulated gradients make the tuned weights the same."""
     weights, stats = [], []
     for faults in ([], ["oom:ttt:3", "oom:ttt:6"]):  # step 3 (pieces of 2), then a piece of step 4 (pieces of 1)
-        loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=6", "ttt.batch_size=4",
-                                  f"ttt.tune={tune}", "ttt.pool=8")
+        loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=6", "ttt.batch_size=4")
         stats.append(finetune(loaded.model, blind(workspace["tasks"][0]), cfg, CPU, FaultInjection.parse(faults)))
         weights.append({k: v.clone() for k, v in loaded.model.state_dict().items()})
     assert (stats[0].steps, stats[0].micro_batch) == (6, 0) and (stats[1].steps, stats[1].micro_batch) == (6, 1)
@@ -289,7 +213,7 @@ def test_the_same_command_gives_the_same_submission_on_a_busy_machine_and_after_
     --resume (which answers only the rest), writes the submission.json of a quiet uninterrupted run."""
     command = [sys.executable, "evaluate.py", "--checkpoint", str(workspace["checkpoint"]), "--split",
                str(workspace["split"]), "--ttt", "--views", "2", "--speed-tasks", "0", "--no-progress",
-               "--set", "ttt.steps=80", "--set", "ttt.batch_size=4", "--set", "ttt.seconds=0"]
+               "--set", "ttt.steps=80", "--set", "ttt.batch_size=4"]
     straight = subprocess.run(command + ["--out", str(tmp_path / "straight")], cwd=REPO, capture_output=True,
                               text=True)
     assert straight.returncode == 0, straight.stderr
@@ -318,10 +242,10 @@ def test_the_same_command_gives_the_same_submission_on_a_busy_machine_and_after_
     assert steps[0] == steps[1] == ["80"] * len(workspace["tasks"])
 
 
-def test_runs_share_the_steps_draw_their_own_examples_and_pool_their_votes(workspace, tmp_path):
+def test_runs_share_the_steps_draw_their_own_examples_and_keep_each_loss(workspace, tmp_path):
     """ttt.runs=2: each run tunes from the pretrained weights on its own stream of draws with half
-    the task's steps; the answers pool both runs' views (twice the votes), and per_task.csv keeps
-    each run's loss. Run 0 draws exactly what a single run draws, so runs=1 answers as before."""
+    the task's steps; per_task.csv keeps each run's loss. Run 0 draws exactly what a single run
+    draws, so runs=1 answers as before."""
     from sage.report import write_report
     from sage.ttt import tuning_data
 
@@ -343,8 +267,6 @@ def test_runs_share_the_steps_draw_their_own_examples_and_pool_their_votes(works
         assert (stats.steps, single.ttt_stats[task_id].steps) == (24, 25)  # 25 // 2 = 12 a run
         assert len(stats.run_last_losses) == 2 and stats.last_loss == pytest.approx(sum(stats.run_last_losses) / 2)
         assert [len(curve) for curve in stats.loss_curves] == [2, 2]  # 12 steps a run: windows of 10 and 2
-        for test in pooled.ttt_predictions[task_id].tests:
-            assert test.views == 2 * 2 and sum(c.votes for c in test.candidates) == 4
     per_task = write_report(pooled, tmp_path / "report", pictures=0)["per_task"]
     rows = list(csv.DictReader(per_task.read_text().splitlines()))
     assert all(len(r["ttt_run_last_losses"].split(";")) == 2 for r in rows)
@@ -358,14 +280,14 @@ def test_runs_share_the_steps_draw_their_own_examples_and_pool_their_votes(works
 
 
 def test_lowest_loss_keeps_the_answers_of_the_run_that_fitted_best(workspace):
-    """ttt.runs_choice=lowest_loss: the answers are one run's views, those of the run with the lower
-    last loss; where that is run 0, they are exactly a single run's (run 0 draws what it draws)."""
+    """ttt.runs=2: the answers are one run's views, those of the run with the lower last loss; where
+    that is run 0, they are exactly a single run's (run 0 draws what it draws)."""
     settings = EvalSettings(split=str(workspace["split"]), views=2, speed_tasks=0, ttt=True,
                             ttt_overrides=[*TTT, "ttt.steps=24"])
     single = evaluate(workspace["checkpoint"], replace(settings, ttt_overrides=[*TTT, "ttt.steps=12"]),
                       progress=False, log=lambda _: None)
     chosen = evaluate(workspace["checkpoint"], replace(settings, ttt_overrides=[
-        *TTT, "ttt.steps=24", "ttt.runs=2", "ttt.runs_choice=lowest_loss"]), progress=False, log=lambda _: None)
+        *TTT, "ttt.steps=24", "ttt.runs=2"]), progress=False, log=lambda _: None)
     winners = []
     for task in workspace["tasks"]:
         losses = chosen.ttt_stats[task.id].run_last_losses
@@ -377,20 +299,6 @@ def test_lowest_loss_keeps_the_answers_of_the_run_that_fitted_best(workspace):
                    for a, b in zip(x, y))
         assert same or winners[-1] == 1
     assert 0 in winners
-
-
-def test_pooling_two_identical_runs_doubles_votes_and_likelihood_and_keeps_the_attempts(workspace):
-    from sage.predict import Predictor
-
-    loaded = load_model(workspace["checkpoint"], CPU)
-    predictor = Predictor(loaded, CPU, n_views=4, seed=0, batch_size=8)
-    task = workspace["tasks"][3]
-    answers = predictor.answer_views(task)
-    alone, twice = predictor.decide(task, [answers]), predictor.decide(task, [answers, answers])
-    for a, b in zip(alone.tests, twice.tests):
-        assert [c.votes * 2 for c in a.candidates] == [c.votes for c in b.candidates]
-        assert [2 * c.likelihood for c in a.candidates] == pytest.approx([c.likelihood for c in b.candidates])
-        assert all(np.array_equal(x, y) for x, y in zip(a.attempts, b.attempts)) and b.views == 2 * a.views
 
 
 def test_resume_refuses_answers_made_with_other_settings(tmp_path):
@@ -463,8 +371,8 @@ def test_ttt_overrides_are_checked(workspace):
         with_overrides(loaded.cfg, ["ttt.batch_size=0"], sections=("ttt",))
     with pytest.raises(ConfigError, match="ttt.runs"):
         with_overrides(loaded.cfg, ["ttt.runs=0"], sections=("ttt",))
-    with pytest.raises(ConfigError, match="ttt.runs_choice"):
-        with_overrides(loaded.cfg, ["ttt.runs_choice=best"], sections=("ttt",))
+    with pytest.raises(ConfigError, match="'ttt.tune' was removed after commit 702e718"):
+        with_overrides(loaded.cfg, ["ttt.tune=decoder"], sections=("ttt",))
     done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(workspace["checkpoint"]),
                            "--set", "ttt.steps=3"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2 and "add --ttt" in done.stderr
@@ -506,18 +414,15 @@ def test_workers_spread_over_the_visible_gpus():
     assert worker_devices(CPU, 2, 0) == ["cpu", "cpu"]
 
 
-def test_learning_rate_decays_with_whichever_budget_ends_first():
+def test_learning_rate_decays_to_zero_at_the_tasks_last_step():
     from sage.config import TTTConfig
     from sage.ttt import ttt_lr
 
-    by_steps = TTTConfig(steps=100, seconds=0, lr=1.0, warmup_steps=10)
-    assert ttt_lr(0, 0.0, by_steps) == pytest.approx(0.1) and ttt_lr(9, 0.0, by_steps) == pytest.approx(1.0)
-    assert ttt_lr(55, 1e9, by_steps) == pytest.approx(0.5)  # halfway through the steps; the clock is ignored
-    assert ttt_lr(100, 0.0, by_steps) == pytest.approx(0.0, abs=1e-12)
-    assert ttt_lr(30, 0.0, by_steps, steps=30) == pytest.approx(0.0, abs=1e-12)  # a task's budget ends sooner
-    by_clock = TTTConfig(steps=1000, seconds=60, lr=1.0, warmup_steps=10)
-    assert ttt_lr(20, 30.0, by_clock) == pytest.approx(0.5)  # half the time spent, 1% of the steps
-    assert ttt_lr(20, 60.0, by_clock) == pytest.approx(0.0, abs=1e-12)
+    by_steps = TTTConfig(steps=100, lr=1.0, warmup_steps=10)
+    assert ttt_lr(0, by_steps) == pytest.approx(0.1) and ttt_lr(9, by_steps) == pytest.approx(1.0)
+    assert ttt_lr(55, by_steps) == pytest.approx(0.5)  # halfway through the steps
+    assert ttt_lr(100, by_steps) == pytest.approx(0.0, abs=1e-12)
+    assert ttt_lr(30, by_steps, steps=30) == pytest.approx(0.0, abs=1e-12)  # a task's budget ends sooner
 
 
 def test_finished_outcomes_round_trip_exactly_without_pickle(tmp_path):

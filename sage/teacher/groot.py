@@ -141,4 +141,4 @@ def load_teacher(teacher: TeacherConfig, device: str | torch.device = "auto") ->
     model, report = build_backbone(
         arch, device, resolve_dtype(teacher.dtype, device), teacher.checkpoint_dir, teacher.seed
     )
-    return Teacher(arch, model, tokenizer, instruction_for(teacher.view, teacher.instruction), device, report)
+    return Teacher(arch, model, tokenizer, instruction_for(teacher.view), device, report)

@@ -151,8 +151,9 @@ def evaluation_prompts(tasks: Sequence[Task], view: str, max_demos: int) -> list
     ]
 
 
-def instruction_for(view: str, instruction: str | None) -> str:
-    return DEFAULT_INSTRUCTIONS[view] if instruction is None else instruction
+def instruction_for(view: str) -> str:
+    """The text after the images: the view's instruction."""
+    return DEFAULT_INSTRUCTIONS[view]
 
 
 def build_prompt(n_images: int, instruction: str, tokens_per_image: int = 256) -> str:

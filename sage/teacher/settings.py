@@ -63,7 +63,6 @@ class TeacherConfig:
     # augmented training examples then draw their augmentation among them and keep their distillation
     # targets (K times the extraction). 0: only the tasks as given, augmented examples have no targets.
     augmented_views: int = 0
-    instruction: str | None = None  # text after the images; None: the view's default (sage/teacher/prompt.py)
     shard_entries: int = 256  # prompts per safetensors shard (the unit of resumption)
 
 
