@@ -277,7 +277,7 @@ def _forward_backward(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
 def _update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sums: _LocalSums, cfg: ExperimentConfig,
             ctx: DistributedContext) -> StepResult:
     """Average the gradients over processes, clip, and step, unless the loss or gradient is not
-    finite: fused AdamW (`make_optimizer`) decides that on the device (`found_inf`), without a host sync."""
+    finite: with fused AdamW that is decided on the device (`found_inf`), without a host sync."""
     core = unwrap(model)
     ctx.average_gradients(core.parameters())
     norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
@@ -287,8 +287,11 @@ def _update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sums: _Loc
     ctx.sum_(local)
     terms = {k: local[i] / ctx.world for i, k in enumerate(keys)}
     skipped = ~(torch.isfinite(terms["loss"]) & torch.isfinite(norm))
-    optimizer.found_inf = skipped.float()  # fused AdamW leaves everything as it was when this is 1
-    optimizer.step()
+    if all(group.get("fused") for group in optimizer.param_groups):
+        optimizer.found_inf = skipped.float()  # fused AdamW leaves everything as it was when this is 1
+        optimizer.step()
+    elif not bool(skipped):  # other optimisers: decided on the host
+        optimizer.step()
     return StepResult(terms, norm.detach(), local[len(keys):], skipped)
 
 
