@@ -33,8 +33,9 @@ from sage.teacher.settings import LEAKING_VIEWS, TeacherConfig, teacher_problems
 PRECISIONS = ("auto", "bf16", "fp32")  # run.precision
 
 # Options removed: measured and not adopted (docs/results/ keeps what each scored), or never used by
-# a config, a protocol or a benchmark. Commit 702e718 is the last that has them. key: its default then, which today's code behaves as (a saved config,
-# a checkpoint's, holding it is read as if the key were absent; `without_removed_keys`).
+# a config, a protocol or a benchmark. Commit 702e718 is the last that has them. key: its default
+# then, which today's code behaves as (a saved config, a checkpoint's, holding it is read as if the
+# key were absent; `without_removed_keys`).
 REMOVED_KEYS: dict[str, Any] = {
     "model.demo_views": False,  # docs/results/kd_oracle.md
     "data.demonstrations_repeat": 1,  # now data.demonstrations_of: <tasks>*<times>

@@ -87,14 +87,12 @@ def score_batch(logits: torch.Tensor, batch: dict[str, torch.Tensor], grid_size:
 # ----------------------------------------------------------------------------- optimiser and schedule
 
 
-def warmup_cosine(step: int, peak: float, floor: float, warmup_steps: int, total_steps: int,
-                  progress_at_least: float = 0.0) -> float:
-    """Linear warmup to `peak`, then cosine decay to `floor` at `total_steps`; `progress_at_least`
-    lets another budget (test-time training's clock) move the decay on faster."""
+def warmup_cosine(step: int, peak: float, floor: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to `peak`, then cosine decay to `floor` at `total_steps`."""
     warmup = min(warmup_steps, max(total_steps - 1, 0))
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = max((step - warmup) / max(total_steps - warmup, 1), progress_at_least)
+    progress = (step - warmup) / max(total_steps - warmup, 1)
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
@@ -299,8 +297,9 @@ def tuning_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
                 autocast: Autocast, loss_normalization: str, grad_clip: float, micro: MicroBatch | None = None,
                 faults: FaultInjection | None = None) -> torch.Tensor:
     """One optimiser step of test-time training on `batch`: the answer's cross-entropy alone (no
-    distillation: a task at test time has no teacher features), clipped, AdamW. The batch goes through `micro.size` examples at a time (gradients accumulated: the same step);
-    out of memory halves `micro.size` and retries. Returns the loss, still on the device (reading it
+    distillation: a task at test time has no teacher features), clipped, AdamW. The batch goes
+    through `micro.size` examples at a time (gradients accumulated: the same step); out of memory
+    halves `micro.size` and retries. Returns the loss, still on the device (reading it
     is a host sync the caller may not need)."""
     micro = micro or MicroBatch("test-time training", len(batch["target"]), None, lambda _: None)
     faults = faults or FaultInjection()

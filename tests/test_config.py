@@ -171,7 +171,8 @@ KEYS_NO_CONFIG_SETS = {
     "logging.wandb": "an optional metric sink (docs/training.md)",
     "logging.wandb_project": "an optional metric sink (docs/training.md)",
     "logging.wandb_mode": "an optional metric sink (docs/training.md)",
-    "ttt.runs": "several TTT runs per task, the best-fitting one answers (docs/results/ttt.md; benchmarks/early_choice.py)",
+    "ttt.runs": "several TTT runs per task, the best-fitting one answers "
+                "(docs/results/ttt.md; benchmarks/early_choice.py)",
 }
 
 
