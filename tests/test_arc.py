@@ -90,6 +90,16 @@ def test_official_datasets_have_documented_sizes():
         load_dataset("arc-agi-1/test")
 
 
+def test_an_official_dataset_is_read_once_and_no_caller_changes_what_the_next_gets():
+    first = load_dataset("arc-agi-1/evaluation")
+    first.pop()  # a caller's own list
+    grid = first[0].train[0].input
+    with pytest.raises(ValueError, match="read-only"):
+        grid[0, 0] = (int(grid[0, 0]) + 1) % 10
+    again = load_dataset("arc-agi-1/evaluation")
+    assert len(again) == 400 and again[0] is first[0]  # the same validated tasks, not read again
+
+
 def test_split_is_by_task_and_deterministic():
     tasks = load_dataset("arc-agi-1/training")
     train, val = split_by_task(tasks, 0.1, seed=3)

@@ -1,25 +1,23 @@
-"""benchmarks/bench.py runs end to end (on the quickstart config, one timed step) and reports every
-figure with its target; the figures themselves are for an idle machine, not for a test."""
+"""benchmarks/bench.py runs end to end (on the quickstart config, one timed step, the shortest matmul
+peak: 5 trials of one product before and after training, not 4 s of them each) and reports every
+figure with its target; the figures themselves are for an idle machine, not for a test. It runs in
+this process; the GPU check's --cpu-smoke (tests/test_gpu_check.py) runs it as a command."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from tiny import REPO, run_main
 
-REPO = Path(__file__).resolve().parents[1]
 
+def test_benchmark_prints_a_table_and_json(tmp_path, capsys):
+    from benchmarks.bench import main
 
-@pytest.mark.slow
-def test_benchmark_prints_a_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench", "--config", str(REPO / "configs" / "quickstart.yaml"),
-         "--only", "train,cache", "--steps", "1", "--cache-tasks", "2", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "MFU (of measured matmul peak)" in result.stdout and "pooled per prompt" in result.stdout
+    code = run_main(main, ["--config", REPO / "configs" / "quickstart.yaml", "--only", "train,cache", "--steps", "1",
+                           "--cache-tasks", "1", "--peak-seconds", "0.05", "--json", out])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    assert "MFU (of measured matmul peak)" in printed.out and "pooled per prompt" in printed.out
     report = json.loads(out.read_text())
     train = report["sections"]["train"]
     assert train["flops_per_step_mean"] > 0 and 0 < train["mfu"] < 1.5 and 0 <= train["data_wait_share"] < 1

@@ -15,30 +15,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import REPO, tiny_overrides
+from tiny import DISTILLED, REPO, distilled_overrides, run_main
 
 import evaluate as evaluate_cli
 import train_sage
-from sage.config import load_config
 from sage.evaluation import EvalSettings, evaluate
-from sage.training import train
 
-RUN = "damaged"
-DISTIL = ["distill.weight=0.5", "model.teacher_dim=64", "teacher.shard_entries=64", "train.epochs=1"]
+RUN = DISTILLED
 EVAL_ARGS = ["--split", "holdout", "--views", "1", "--limit", "3", "--speed-tasks", "0", "--pictures", "0",
              "--no-progress"]
 
 
 def run_overrides(root: Path) -> list[str]:
-    return tiny_overrides(root, RUN, *DISTIL, f"teacher.cache_dir={root / 'features'}")
+    return distilled_overrides(root)
 
 
 @pytest.fixture(scope="module")
-def original(tmp_path_factory) -> Path:
-    """root/checkpoints/damaged/{best,last,epoch_1}, root/logs/damaged, root/features (4 shards) and
-    root/report/finished_tasks: an evaluation of 3 held-out tasks killed before its report."""
-    root = tmp_path_factory.mktemp("original")
-    train(load_config(REPO / "configs" / "smoke.yaml", run_overrides(root)), echo=False)
+def original(tmp_path_factory, distilled_run) -> Path:
+    """A copy of conftest.py's distilled_run, root/checkpoints/distilled/{best,last,epoch_1},
+    root/logs/distilled, root/features (4 shards), with root/report/finished_tasks: an evaluation of
+    3 held-out tasks killed before its report."""
+    root = distilled_run.copy_to(tmp_path_factory.mktemp("original")).root
     settings = EvalSettings(split="holdout", views=1, limit=3, speed_tasks=0)
     evaluate(str(root / "checkpoints" / RUN / "last"), settings, progress=False, log=lambda _: None,
              finished_dir=root / "report" / "finished_tasks")
@@ -58,13 +55,13 @@ def resume(root: Path, capsys, config: Path | None = None) -> tuple[int, str]:
     """train_sage.py --resume on the run under `root` (with `config`: that file as --config)."""
     argv = ["--config", str(config or REPO / "configs" / "smoke.yaml"),
             *[a for o in run_overrides(root) for a in ("--set", o)], "--resume"]
-    code = train_sage.main(argv)
+    code = run_main(train_sage.main, argv)
     return code, capsys.readouterr().err
 
 
 def evaluate_again(checkpoint: Path, out: Path, capsys) -> tuple[int, str]:
     """evaluate.py --resume of the evaluation the fixture left unfinished (its report folder `out`)."""
-    code = evaluate_cli.main(["--checkpoint", str(checkpoint), *EVAL_ARGS, "--out", str(out), "--resume"])
+    code = run_main(evaluate_cli.main, ["--checkpoint", checkpoint, *EVAL_ARGS, "--out", out, "--resume"])
     return code, capsys.readouterr().err
 
 
@@ -119,8 +116,9 @@ def test_a_damaged_checkpoint_file_is_named_and_the_other_checkpoints_stay(run, 
     assert resume(run, capsys)[0] == 0
 
 
-def test_a_cache_manifest_that_is_not_json_is_named_and_rebuilt_from_the_shards(run):
-    """The bug of issue 40: a traceback (JSONDecodeError), exit 1. The real command line, once."""
+def test_a_cache_manifest_that_is_not_json_is_named_and_rebuilt_from_the_shards(run, capsys):
+    """The bug of issue 40: a traceback (JSONDecodeError), exit 1. The real command line, once (train_sage.py's
+    one run as a process besides the kill -9 test's): its exit status 2 and its one line."""
     manifest = next((run / "features").rglob("manifest.json"))
     truncate(manifest)
     shards = {p: p.read_bytes() for p in manifest.parent.rglob("part-*.safetensors")}
@@ -132,8 +130,8 @@ def test_a_cache_manifest_that_is_not_json_is_named_and_rebuilt_from_the_shards(
                    "delete this manifest.json and rerun")
     assert fingerprint(run) == before
     manifest.unlink()  # as told: the shards are rescanned, nothing is extracted again
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    code, err = resume(run, capsys)
+    assert code == 0, err
     assert json.loads(manifest.read_text())["complete"]
     assert {p: p.read_bytes() for p in manifest.parent.rglob("part-*.safetensors")} == shards
 
@@ -186,8 +184,8 @@ def test_a_damaged_finished_task_is_named_and_only_it_is_answered_again(original
                    "delete this file and rerun with --resume")
     assert fingerprint(run) == before
     damaged.unlink()  # as told
-    assert evaluate_cli.main(["--checkpoint", str(checkpoint), *EVAL_ARGS, "--out", str(run / "report"),
-                              "--resume"]) == 0
+    assert run_main(evaluate_cli.main, ["--checkpoint", checkpoint, *EVAL_ARGS, "--out", run / "report",
+                                        "--resume"]) == 0
     assert f"resuming: {len(others)} of 3 tasks already answered" in capsys.readouterr().out
 
 

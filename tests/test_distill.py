@@ -1,14 +1,13 @@
 """Distillation from the tiny GR00T teacher, and the probe that reads teacher features."""
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import check_best_and_epoch_checkpoints
+from tiny import check_best_and_epoch_checkpoints, write_tasks
 
 from sage.arc import Pair, Task
 from sage.config import load_config
@@ -104,7 +103,6 @@ def test_distillation_learns_the_teacher_and_the_task_and_resumes(tmp_path, cach
     assert fingerprint(cache_dir) == cache_files  # ... and left byte for byte as it was
 
 
-@pytest.mark.slow
 def test_probe_trains_on_teacher_features_and_refuses_leaking_views(tmp_path, cache_dir):
     cfg = config(tmp_path, cache_dir, "probe", "model.kind=probe", "data.augment=false", "train.epochs=2",
                  "checkpoint.every_epochs=1")
@@ -182,15 +180,6 @@ def test_config_checks_for_teacher_use(tmp_path, cache_dir):
         config(tmp_path, cache_dir, "x", "distill.weight=0.5", "teacher.max_demos=2")
 
 
-def write_tasks(directory: Path, tasks) -> None:
-    """ARC JSON files of `tasks` (as the official format stores them)."""
-    directory.mkdir(parents=True)
-    for task in tasks:
-        obj = {part: [{"input": p.input.tolist(), "output": p.output.tolist()} for p in pairs]
-               for part, pairs in (("train", task.train), ("test", task.test))}
-        (directory / f"{task.id}.json").write_text(json.dumps(obj))
-
-
 def training_targets(tmp_path: Path, data_dir: Path, name: str):
     """The training and validation sets of a distillation run on `data_dir`, with their teacher targets, as
     training builds them, and the teacher cache."""
@@ -212,7 +201,7 @@ def test_no_training_example_shows_the_teacher_its_own_answer(tmp_path):
     tasks = [t for t in load_dataset("arc-agi-1/training") if len(t.train) >= 3][:3]
     short = Task("short", tasks[0].train[:1], tasks[0].test[:1], "one demonstration")  # examples with 1 demo of 2
     tasks.append(short)
-    write_tasks(tmp_path / "given", tasks)
+    write_tasks(tasks, tmp_path / "given")
     changed = list(tasks)
     split_train = {t.id for t in training_targets(tmp_path, tmp_path / "given", "given")[0].tasks}
     target = next(i for i, t in enumerate(tasks) if t.id in split_train)
@@ -221,7 +210,7 @@ def test_no_training_example_shows_the_teacher_its_own_answer(tmp_path):
     other = np.arange(answer.size, dtype=np.uint8).reshape(answer.shape) % 9 + 1  # same shape, new content
     assert not np.array_equal(other, answer)
     changed[target] = Task(task.id, (Pair(task.train[0].input, other),) + task.train[1:], task.test, task.source)
-    write_tasks(tmp_path / "changed", changed)
+    write_tasks(changed, tmp_path / "changed")
 
     before, before_val, cache_before = training_targets(tmp_path, tmp_path / "given", "given")
     after, _, cache_after = training_targets(tmp_path, tmp_path / "changed", "changed")

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import epoch_records, tiny_command, tiny_config
+from tiny import epoch_records, tiny_command, tiny_config
 
 from sage.distributed import DistributedContext, RankBatchSampler
 from sage.encoding import LengthBucketSampler
@@ -36,9 +36,11 @@ def test_two_process_gloo_training_matches_one_process_and_resumes(tmp_path):
     feature term) and a stop + --resume under torchrun in the middle. On the way: rank 0 extracts
     the teacher cache for longer than the collectives' timeout while rank 1 waits, and after the
     resume rank 1 alone runs out of memory (every rank halves; the steps are unchanged).
-    Tolerance: losses to 1e-5 relative, weights to 1e-5 absolute (only the order of float sums differs)."""
+    Tolerance: losses to 1e-5 relative, weights to 1e-5 absolute (only the order of float sums differs).
+    The teacher is the oracle (sage/teacher/oracle.py): the same cache, extraction and distillation
+    path as GR00T's, in milliseconds instead of seconds."""
     settings = ["train.epochs=2", "data.num_workers=0", "distill.weight=0.5", "model.teacher_dim=64",
-                f"teacher.cache_dir={tmp_path / 'features'}"]
+                "teacher.preset=oracle", f"teacher.cache_dir={tmp_path / 'features'}"]
 
     def torchrun(*extra: str) -> None:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -46,8 +48,9 @@ def test_two_process_gloo_training_matches_one_process_and_resumes(tmp_path):
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
 
-    # The extraction takes 15 s longer than the 6 s a collective may wait.
-    torchrun("--stop-after-steps", "7", "--set", "run.collective_timeout_s=6", "--inject-fault", "delay:extract:15")
+    # Rank 0's extraction takes 4 s longer, a second past the 3 s a collective may wait: rank 1 reaches the
+    # wait with rank 0 (the same code runs before it), so a wait under the collectives' timeout would fail.
+    torchrun("--stop-after-steps", "7", "--set", "run.collective_timeout_s=3", "--inject-fault", "delay:extract:4")
     torchrun("--resume", "--inject-fault", "oom:train:3@1")  # step 10, rank 1 only
     train(tiny_config(tmp_path, "single", *settings, "train.batch_size=8"), echo=False)
 

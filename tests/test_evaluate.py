@@ -12,9 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_overlap import naive_overlap, repackaged, write_tasks
-from test_training import TINY as TRAINING_TINY
+from tiny import (
+    DISTIL,
+    REPO,
+    SMOKE,
+    TINY,
+    independent_arc_prize_score,
+    naive_overlap,
+    repackaged,
+    run_main,
+    tiny_config,
+    write_tasks,
+)
 
+import evaluate as evaluate_cli
 from sage.arc import load_task_dir
 from sage.config import load_config
 from sage.encoding import ARCExamples, collate, evaluation_examples, fit_demos
@@ -26,30 +37,6 @@ from sage.report import write_report
 from sage.student_vs_teacher import feature_fidelity, load_probe, probe_attempts
 from sage.synthetic import generate_tasks
 from sage.training import train
-
-REPO = Path(__file__).resolve().parents[1]
-
-# tests/test_training.py's TINY with fewer tasks, one epoch, distilling the tiny teacher (64-d features).
-TINY = TRAINING_TINY + [
-    "data.synthetic.num_tasks=30", "model.teacher_dim=64", "train.epochs=1", "checkpoint.every_epochs=0",
-    "teacher.batch_size=8", "distill.weight=1.0",
-]
-PROBE = ["model.kind=probe", "distill.weight=0", "data.augment=false"]
-
-
-def independent_arc_prize_score(submission: dict, solutions: dict) -> float:
-    """ARC Prize scoring written from the rules, sharing no code with sage.metrics: per test output,
-    solved if attempt_1 or attempt_2 equals the target list exactly; task = fraction solved;
-    score = mean over the tasks of `solutions`."""
-    total = 0.0
-    for task_id, targets in solutions.items():
-        answers = submission.get(task_id, [])
-        solved = 0
-        for i, target in enumerate(targets):
-            if i < len(answers) and target in (answers[i].get("attempt_1"), answers[i].get("attempt_2")):
-                solved += 1
-        total += solved / len(targets)
-    return total / len(solutions)
 
 
 def recomputed_fidelity(checkpoint: Path, tasks: list, cache_dir: str) -> dict:
@@ -80,15 +67,13 @@ def recomputed_fidelity(checkpoint: Path, tasks: list, cache_dir: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A tiny distilled student and a tiny probe (training extracts the tiny teacher's features of
-    their tasks), an unseen split of synthetic tasks (other seed, one task with two test inputs)
-    and the teacher's feature cache of that split."""
+def workspace(tmp_path_factory, distilled_run, probe_run):
+    """A tiny distilled student and a tiny probe on its tasks (conftest.py's distilled_run and
+    probe_run, read only), an unseen split of synthetic tasks (other seed, one task with two test
+    inputs) and the teacher's feature cache of the student's tasks (a copy of distilled_run's) and
+    of that split."""
     root = tmp_path_factory.mktemp("evaluate")
-    common = TINY + [f"run.checkpoint_dir={root / 'checkpoints'}", f"run.log_dir={root / 'logs'}",
-                     f"teacher.cache_dir={root / 'features'}"]
-    train(load_config(REPO / "configs" / "smoke.yaml", common + ["run.name=tiny"]), echo=False)
-    train(load_config(REPO / "configs" / "smoke.yaml", common + PROBE + ["run.name=probe"]), echo=False)
+    shutil.copytree(distilled_run.features, root / "features")
     unseen = generate_tasks(num_tasks=8, seed=7, transforms=["recolour", "fill_background"], max_side=5)
     two = generate_tasks(num_tasks=1, seed=8, transforms=["recolour"], max_side=5, demos=4)[0]
     two = type(two)(two.id, two.train[:3], two.train[3:] + two.test, two.source)  # 3 demos, 2 test inputs
@@ -97,27 +82,23 @@ def workspace(tmp_path_factory):
     from sage.distill import prompts_for_dataset
     from sage.extraction import run_extraction, teacher_tasks
 
-    extract_cfg = load_config(REPO / "configs" / "smoke.yaml", TINY + [
-        f"teacher.dataset={split}", f"teacher.cache_dir={root / 'features'}"])
+    extract_cfg = load_config(SMOKE, TINY + DISTIL + [f"teacher.dataset={split}",
+                                                      f"teacher.cache_dir={root / 'features'}"])
     prompts = prompts_for_dataset(extract_cfg, *teacher_tasks(extract_cfg.teacher, extract_cfg.data))
     run_extraction(extract_cfg.teacher, extract_cfg.data, prompts, progress=False, log=lambda _: None)
-    return {"root": root, "checkpoint": root / "checkpoints" / "tiny" / "last", "split": split,
-            "probe": root / "checkpoints" / "probe" / "last", "features": root / "features"}
+    return {"root": root, "checkpoint": distilled_run.checkpoints / "last", "split": split,
+            "probe": probe_run.checkpoints / "last", "features": root / "features"}
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-
-
-@pytest.mark.slow
-def test_cli_writes_every_output_and_submission_rescores_to_the_report(workspace):
+def test_cli_writes_every_output_and_submission_rescores_to_the_report(workspace, capsys):
     out = workspace["root"] / "report-unseen"
-    done = run_cli("--checkpoint", workspace["checkpoint"], "--split", workspace["split"], "--views", 4,
-                   "--speed-tasks", 1, "--speed-teacher", "groot-n1.5-tiny", "--feature-cache-dir",
-                   workspace["features"], "--teacher-probe", workspace["probe"], "--out", out, "--no-progress")
-    assert done.returncode == 0, done.stderr
-    assert "ARC Prize score (pass@2)" in done.stdout
+    code = run_main(evaluate_cli.main, [
+        "--checkpoint", workspace["checkpoint"], "--split", workspace["split"], "--views", 4, "--speed-tasks", 1,
+        "--speed-teacher", "groot-n1.5-tiny", "--feature-cache-dir", workspace["features"], "--teacher-probe",
+        workspace["probe"], "--out", out, "--no-progress"])
+    done = capsys.readouterr()
+    assert code == 0, done.err
+    assert "ARC Prize score (pass@2)" in done.out
     names = {p.name for p in out.iterdir()}
     assert {"submission.json", "report.json", "report.md", "per_task.csv", "pictures", "training_curves.png"} <= names
     assert len(list((out / "pictures").glob("*.png"))) == 9
@@ -265,14 +246,13 @@ def test_a_doctored_submission_scores_the_same_in_both_scorers():
     assert 0.2 < ours < 0.9 and ours == pytest.approx(theirs, abs=1e-12)
 
 
-@pytest.mark.slow
 def test_holdout_split_and_refusal_to_score_trained_tasks(workspace):
     settings = EvalSettings(split="holdout", views=2, speed_tasks=0, feature_cache_dir=str(workspace["features"]),
                             teacher_probe=str(workspace["probe"]))  # same seed and data: same held-out tasks
     result = evaluate(workspace["checkpoint"], settings, progress=False, log=lambda _: None)
-    assert result.systems["teacher_probe"].summary["tasks"] == 6
+    assert result.systems["teacher_probe"].summary["tasks"] == 12
     meta = json.loads((workspace["checkpoint"] / "meta.json").read_text())
-    assert {t.id for t in result.tasks} == set(meta["val_task_ids"]) and len(result.tasks) == 6
+    assert {t.id for t in result.tasks} == set(meta["val_task_ids"]) and len(result.tasks) == 12
     assert any("picked this checkpoint" in n for n in result.notes)
     # Same tasks, model, teacher cache and standardisation as training's validation: same cosine.
     assert result.fidelity["measured"], result.fidelity
@@ -289,11 +269,10 @@ def test_holdout_split_and_refusal_to_score_trained_tasks(workspace):
                  progress=False, log=lambda _: None)
 
 
-@pytest.mark.slow
 def test_cli_mistakes_exit_2_with_a_clear_message(workspace, tmp_path, capsys):
-    done = run_cli("--checkpoint", tmp_path / "nope", "--no-progress")  # the real command line, once
+    done = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "nope"), "--no-progress"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # the real command line, once
     assert done.returncode == 2 and "no checkpoint here" in done.stderr and "Traceback" not in done.stderr
-    import evaluate as cli
 
     ckpt = workspace["checkpoint"]
     cases = [
@@ -304,14 +283,13 @@ def test_cli_mistakes_exit_2_with_a_clear_message(workspace, tmp_path, capsys):
         (["--split", "holdout", "--teacher-probe", str(ckpt)], "not a probe checkpoint"),
     ]
     for args, message in cases:
-        code = cli.main(["--checkpoint", str(ckpt), *args, "--speed-tasks", "0", "--out", str(tmp_path / "out"),
-                         "--no-progress"])
+        code = run_main(evaluate_cli.main, ["--checkpoint", ckpt, *args, "--speed-tasks", "0", "--out",
+                                            tmp_path / "out", "--no-progress"])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and message in err, (args, err)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
 def test_fidelity_is_not_measured_when_the_head_and_the_teacher_differ_in_width(workspace):
     loaded = load_model(workspace["checkpoint"], torch.device("cpu"))
     loaded.cfg.model = replace(loaded.cfg.model, teacher_dim=2048)  # the quickstart's head vs the tiny teacher
@@ -320,7 +298,6 @@ def test_fidelity_is_not_measured_when_the_head_and_the_teacher_differ_in_width(
     assert not result["measured"] and "2048-d" in result["reason"] and "64-d" in result["reason"]
 
 
-@pytest.mark.slow
 def test_extract_features_fills_a_missing_cache_for_fidelity(workspace):
     fresh = workspace["root"] / "fresh-features"
     settings = EvalSettings(split=str(workspace["split"]), views=1, limit=2, speed_tasks=0,
@@ -389,13 +366,10 @@ def test_candidates_ranked_by_likelihood_make_the_attempts_and_both_rankings_are
     assert by_likelihood.rankings["student"]["likelihood"] == by_likelihood.systems["student"].summary
 
 
-@pytest.mark.slow
 def test_a_run_pretrained_on_held_out_demonstrations_trains_on_them_and_every_report_says_so(tmp_path):
     """data.demonstrations_of=holdout end to end: training takes the held-out tasks' demonstrations as
     tasks of their own (the log counts them), validation still scores their test outputs, and the
     evaluation of those tasks scores them all and states the protocol in its report."""
-    from test_training import tiny_config
-
     cfg = tiny_config(tmp_path, "demos", "data.demonstrations_of=holdout", "train.epochs=1")
     summary = train(cfg, echo=False)
     log = (tmp_path / "logs" / "demos" / "train.log").read_text()

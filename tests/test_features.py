@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import run_main
 
+import extract_groot_features
 from sage.config import load_config
 from sage.datasets import load_dataset
 from sage.distill import prompts_for_dataset
@@ -319,16 +321,18 @@ def test_fp16_overflow_is_an_error(tmp_path, spec):
 # ----------------------------------------------------------------------------- kill and resume, for real
 
 
-@pytest.mark.slow
-def test_killed_extraction_resumes_with_every_task_exactly_once(tmp_path, single_run, arc_tasks):
-    limit = 10
-    cmd = [
-        sys.executable, str(REPO / "extract_groot_features.py"), "--limit", str(limit), "--no-progress",
+def test_killed_extraction_resumes_with_every_task_exactly_once(tmp_path, single_run, arc_tasks, capsys):
+    """A real SIGKILL of extract_groot_features.py after its third one-prompt shard; the same command
+    run again (in this process: main(), no second start-up) computes only the rest, each prompt once."""
+    limit = LIMIT  # 24 prompts: the kill comes after 3
+    args = [
+        "--limit", str(limit), "--no-progress",
         "--set", f"teacher.cache_dir={tmp_path}", "--set", "teacher.max_demos=2",
         "--set", "teacher.batch_size=1", "--set", "teacher.shard_entries=1", "--set", "run.device=cpu",
     ]
     shard_dir = tmp_path / "groot-n1.5-tiny" / "task_context" / f"arc-agi-1_training-first{limit}" / SHARDS
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, str(REPO / "extract_groot_features.py"), *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if shard_dir.is_dir() and len(list(shard_dir.glob("part-*.safetensors"))) >= 3:
@@ -346,10 +350,11 @@ def test_killed_extraction_resumes_with_every_task_exactly_once(tmp_path, single
         (shard_dir.parent / "manifest.json").read_text()
     )["complete"]
 
-    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
-    assert f"{done_before} already stored, {n_prompts - done_before} to compute" in rerun.stdout
-    assert f"feature cache complete: {n_prompts} prompts" in rerun.stdout
+    capsys.readouterr()
+    assert run_main(extract_groot_features.main, args) == 0
+    rerun = capsys.readouterr()
+    assert f"{done_before} already stored, {n_prompts - done_before} to compute" in rerun.out, rerun
+    assert f"feature cache complete: {n_prompts} prompts" in rerun.out
 
     # Every prompt exactly once across all shards, and the manifest lists each once.
     stored = []
@@ -361,7 +366,7 @@ def test_killed_extraction_resumes_with_every_task_exactly_once(tmp_path, single
     assert sorted(stored) == expected
     cache = open_cache(cfg.teacher, "arc-agi-1/training", arc_tasks[:limit], limit=limit)
     assert sorted(cache.keys()) == expected
-    # The interrupted-and-resumed features equal an uninterrupted run's (first LIMIT tasks).
+    # The interrupted-and-resumed features equal an uninterrupted run's.
     ref_cfg, _ = single_run
     reference = open_cache(ref_cfg.teacher, "arc-agi-1/training", arc_tasks[:LIMIT], limit=LIMIT)
     for key in reference.keys():

@@ -4,13 +4,13 @@ missing."""
 
 import importlib.util
 import json
-import subprocess
 import sys
 import types
 
 import pytest
-from test_training import REPO, tiny_config, tiny_overrides
+from tiny import run_main, tiny_argv, tiny_config
 
+import train_sage
 from sage import metric_sinks, runlog
 from sage.errors import ConfigError
 from sage.metric_sinks import WandbSettings
@@ -63,14 +63,12 @@ def test_missing_tensorboard_stops_the_run_at_start(tmp_path, monkeypatch):
     assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()  # nothing written
 
 
-def test_missing_tensorboard_is_a_one_line_error_from_the_cli(tmp_path):
-    args = ["--config", str(REPO / "configs" / "smoke.yaml"),
-            *[a for o in tiny_overrides(tmp_path, "tb", "logging.tensorboard=true") for a in ("--set", o)]]
-    code = ("import sys; sys.modules['torch.utils.tensorboard'] = None; import train_sage; "
-            f"sys.exit(train_sage.main({args!r}))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2, out.stderr
-    assert "error: " in out.stderr and "pip install tensorboard" in out.stderr and "Traceback" not in out.stderr
+def test_missing_tensorboard_is_a_one_line_error_from_the_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    code = run_main(train_sage.main, tiny_argv(tmp_path, "tb", "logging.tensorboard=true"))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "error: " in err and "pip install tensorboard" in err and "Traceback" not in err
 
 
 @pytest.mark.skipif(not HAS_TENSORBOARD, reason="the optional `tensorboard` package is not installed "

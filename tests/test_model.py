@@ -117,9 +117,10 @@ def test_batch_canvas_prediction_does_not_depend_on_batch_mates():
 @pytest.mark.slow
 def test_answer_views_let_the_decoder_carry_out_a_rotation():
     """model.answer_views: each answer cell attends over the test input's 8 dihedral views. With
-    them a tiny student learns to rotate grids by 90 degrees in 300 steps, where the same student
+    them a tiny student learns to rotate grids by 90 degrees in 200 steps, where the same student
     without them, attending across the canvas, gets almost no grid right (measured: 1.00 vs 0.01
-    of 128 held-out grids)."""
+    of 128 held-out grids; seeds 0-4: 1.00 vs at most 0.04 each, and with views 0.70-1.00 after 175
+    steps, 0.06-0.51 after 125: the rule is learnt late, so fewer steps would not show it)."""
     from sage.encoding import training_examples
     from sage.losses import answer_cross_entropy
     from sage.step import score_batch
@@ -137,9 +138,9 @@ def test_answer_views_let_the_decoder_carry_out_a_rotation():
         torch.manual_seed(0)
         model = SageStudent(StudentConfig(d_model=32, n_heads=2, encoder_layers=1, decoder_layers=1, grid_size=6,
                                           max_demos=2, teacher_dim=16, distill_hidden=16, answer_views=views))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3)
         train_batches = batches(train, 32)
-        for step in range(300):
+        for step in range(200):
             batch = train_batches[step % len(train_batches)]
             loss = answer_cross_entropy(model(batch).logits, batch["target"])
             optimizer.zero_grad()

@@ -1,11 +1,12 @@
 """The oracle teacher: synthetic tasks' hidden rules as features, through the real cache and training path."""
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny import ORACLE_TINY as TINY
+from tiny import REPO
 
 from sage.arc import Augmentation, fixed_view, random_augmentation
 from sage.config import load_config
@@ -20,13 +21,7 @@ from sage.teacher.prompt import view_example
 from sage.teacher.settings import TeacherConfig
 from sage.splits import load_splits, make_datasets
 
-REPO = Path(__file__).resolve().parents[1]
-OPTIONS = dict(num_tasks=60, seed=3, transforms=list(TRANSFORMS), min_side=2, max_side=5, demos=3)
-TINY = [
-    "data.synthetic.num_tasks=60", "data.synthetic.seed=3", "data.synthetic.min_side=2", "data.val_fraction=0.25",
-    "model.d_model=32", "model.encoder_layers=1", "model.decoder_layers=1", "model.distill_hidden=32",
-    "train.epochs=1", "train.batch_size=16", "train.warmup_steps=2", "val.batch_size=32", "run.device=cpu",
-]
+OPTIONS = dict(num_tasks=60, seed=3, transforms=list(TRANSFORMS), min_side=2, max_side=5, demos=3)  # ORACLE_TINY's
 
 
 def test_rules_reproduce_the_generated_tasks_also_under_augmentation():

@@ -1,21 +1,19 @@
 """Overlap between training data and a scored split, pair by pair (sage/overlap.py), on real ARC data:
 demonstrations repackaged under new ids (HRM/TRM), reordered pairs, rotated test pairs, refusals."""
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import REPO, naive_overlap, repackaged, transformed, write_tasks
 
-from sage.arc import Augmentation, Pair, Task
+from sage.arc import Pair, Task
 from sage.config import load_config
 from sage.datasets import load_dataset
 from sage.errors import ARCDataError
 from sage.overlap import DEMONSTRATIONS, TEST_INPUT, WHOLE_TASK, drop_trained_tasks, find_overlap
 from sage.splits import load_splits, make_datasets, scored_tasks
 
-REPO = Path(__file__).resolve().parents[1]
 EVAL = "arc-agi-1/evaluation"
 JOINED = REPO / "configs" / "arc_joined_fp32.yaml"  # no teacher
 
@@ -28,50 +26,6 @@ def arc1():
 def unshared(evaluation: list[Task]) -> list[Task]:
     """The evaluation tasks besides 070dd51e (= training task 40853293)."""
     return [t for t in evaluation if t.id != "070dd51e"]
-
-
-def write_tasks(tasks: list[Task], directory: Path) -> Path:
-    """The tasks as a directory of ARC JSON files: what data.train or --split may name."""
-    directory.mkdir(parents=True)
-    for t in tasks:
-        obj = {part: [{"input": p.input.tolist(), "output": p.output.tolist()} for p in getattr(t, part)]
-               for part in ("train", "test")}
-        (directory / f"{t.id}.json").write_text(json.dumps(obj))
-    return directory
-
-
-def transformed(pair: Pair, dihedral: int) -> Pair:
-    aug = Augmentation(dihedral)
-    return Pair(aug.apply(pair.input), aug.apply(pair.output))
-
-
-def repackaged(task: Task, dihedral: int = 0) -> Task:
-    """HRM/TRM style: the task's demonstrations (transformed) as a training task of their own."""
-    pairs = tuple(transformed(p, dihedral) for p in task.train)
-    return Task(f"trm-{task.id}", pairs[:-1], pairs[-1:], "repackaged")
-
-
-def naive_overlap(training: list[Task], evaluated: list[Task]) -> dict[str, str]:
-    """{task: kind} by comparing arrays directly (no hashing): the cross-check of find_overlap."""
-    pairs = [p for t in training for p in t.train + t.test]
-    inputs = [p.input for p in pairs]
-
-    def seen(pair: Pair) -> bool:
-        return any(np.array_equal(transformed(pair, d).input, q.input)
-                   and np.array_equal(transformed(pair, d).output, q.output) for q in pairs for d in range(8))
-
-    def seen_input(grid: np.ndarray) -> bool:
-        return any(np.array_equal(Augmentation(d).apply(grid), g) for g in inputs for d in range(8))
-
-    ids, kinds = {t.id for t in training}, {}
-    for t in evaluated:
-        if t.id in ids or any(seen(p) for p in t.test):
-            kinds[t.id] = WHOLE_TASK
-        elif any(seen(p) for p in t.train):
-            kinds[t.id] = DEMONSTRATIONS
-        elif any(seen_input(p.input) for p in t.test):
-            kinds[t.id] = TEST_INPUT
-    return kinds
 
 
 def test_arc_agi_1_training_vs_evaluation_shares_one_task_and_is_fast(arc1):

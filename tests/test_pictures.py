@@ -3,7 +3,7 @@ demonstrations. Checked on matplotlib's objects (axes, lines, their data), not o
 
 import numpy as np
 import pytest
-from test_training import tiny_config
+from tiny import tiny_config
 
 from sage.pictures import draw_task, task_figure
 from sage.runlog import plot_training_curves, read_metrics, training_curves_figure
@@ -16,16 +16,15 @@ def lines(ax):
             for line in ax.get_lines() if not line.get_label().startswith("_")}
 
 
-def test_curves_show_every_logged_step_and_validation_where_it_ran(tmp_path):
-    summary = train(tiny_config(tmp_path, "curves"), echo=False)  # 2 epochs, a train record every 2 steps
-    logs = tmp_path / "logs" / "curves"
+def test_curves_show_every_logged_step_and_validation_where_it_ran(tmp_path, two_epoch_run):
+    summary, logs = two_epoch_run.summary, two_epoch_run.logs  # 2 epochs, a train record every 2 steps
     records = read_metrics(logs / "metrics.jsonl")
     train_steps = [r["step"] for r in records if r["event"] == "train"]
     val_steps = [r["step"] for r in records if r["event"] == "epoch"]
     assert len(val_steps) == 2 and val_steps[-1] == summary["step"]
     assert len([s for s in train_steps if s <= val_steps[0]]) > 2  # one epoch alone is a curve, not a dot
 
-    fig = training_curves_figure(records, "curves")
+    fig = training_curves_figure(records, two_epoch_run.name)
     loss, accuracy = fig.axes  # no distillation in this run: no distillation panel
     curves = lines(loss)
     assert curves["train loss"][0] == train_steps

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import epoch_records, tiny_command, tiny_config
+from tiny import DISTIL, DISTILLED, REPO, epoch_records, run_main, tiny_argv, tiny_command, tiny_config
 
+import evaluate as evaluate_cli
 import train_sage
 from sage.datasets import training_dataset
 from sage.encoding import ARCExamples, collate, training_examples
@@ -29,8 +30,6 @@ from sage.runlog import read_metrics
 from sage.step import Autocast, read_steps, train_step
 from sage.splits import load_splits
 from sage.training import train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("normalization, slots", [("cell", "grids"), ("example", "grids"), ("cell", "task"),
@@ -67,13 +66,12 @@ def test_pieces_add_up_to_the_whole_batch(normalization, slots):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.fixture(scope="module")
-def clean_run(tmp_path_factory):
-    """One epoch of the tiny run without faults: the reference the recovered runs must match."""
-    root = tmp_path_factory.mktemp("clean")
-    summary = train(tiny_config(root, "clean", "train.epochs=1"), echo=False)
-    return {"root": root, "summary": summary, "checkpoints": root / "checkpoints" / "clean",
-            "logs": root / "logs" / "clean"}
+@pytest.fixture
+def clean_run(tiny_run):
+    """One epoch of the tiny run without faults (conftest.py's tiny_run, read only): the reference
+    the recovered runs must match."""
+    return {"root": tiny_run.root, "summary": tiny_run.summary, "checkpoints": tiny_run.checkpoints,
+            "logs": tiny_run.logs}
 
 
 def adam_steps(checkpoint: Path) -> set[int]:
@@ -149,8 +147,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
 @pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     settings = ["train.epochs=4", "checkpoint.every_steps=3", "data.num_workers=0"]
-    straight = subprocess.run(tiny_command(tmp_path, "straight", *settings), capture_output=True, text=True, timeout=600)
-    assert straight.returncode == 0, straight.stderr
+    assert run_main(train_sage.main, tiny_argv(tmp_path, "straight", *settings)) == 0  # the reference, in-process
 
     victim = subprocess.Popen(tiny_command(tmp_path, "killed", *settings), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     meta = tmp_path / "checkpoints" / "killed" / "last" / "meta.json"
@@ -214,16 +211,18 @@ def fingerprint_tree(root: Path) -> dict[str, str]:
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    code = train_sage.main(argv[2:])
+    """train_sage.py's command line `argv` ([python, train_sage.py, ...]) run in this process."""
+    code = run_main(train_sage.main, argv[2:])
     return code, capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_malformed_inputs_fail_cleanly_and_touch_nothing(tmp_path, capsys):
+def test_malformed_inputs_fail_cleanly_and_touch_nothing(tmp_path, capsys, distilled_run):
     """Each mistake gets one "error: ..." message naming what and where, exit code 2, no traceback, and
-    the existing checkpoints and teacher cache are byte for byte the same afterwards."""
-    distil = ["distill.weight=0.5", "model.teacher_dim=64", f"teacher.cache_dir={tmp_path / 'features'}"]
-    assert run_cli(tiny_command(tmp_path, "good", *distil, "train.epochs=1"), capsys)[0] == 0
+    the existing checkpoints and teacher cache (a copy of conftest.py's distilled_run: a good run
+    "distilled" and its teacher cache) are byte for byte the same afterwards."""
+    distilled_run.copy_to(tmp_path)
+    good = DISTILLED
+    distil = [*DISTIL, f"teacher.cache_dir={tmp_path / 'features'}"]
     cache = next((tmp_path / "features").rglob("manifest.json")).parent
     before = fingerprint_tree(tmp_path)
 
@@ -242,8 +241,8 @@ def test_malformed_inputs_fail_cleanly_and_touch_nothing(tmp_path, capsys):
     bad_yaml.write_text((REPO / "configs" / "smoke.yaml").read_text() + "\nvalidation:\n  batch_size: 2\n")
     fails([sys.executable, "train_sage.py", "--config", str(bad_yaml)], r"typo.yaml.*unknown key 'validation'")
     # A checkpoint from another model config, and a run name that already has checkpoints.
-    fails(tiny_command(tmp_path, "good", *distil, "model.d_model=64") + ["--resume"], r"model config differs")
-    fails(tiny_command(tmp_path, "good", *distil), r"already has checkpoints")
+    fails(tiny_command(tmp_path, good, *distil, "model.d_model=64") + ["--resume"], r"model config differs")
+    fails(tiny_command(tmp_path, good, *distil), r"already has checkpoints")
 
     # A cache made for other tasks (another generator setting) or by another teacher view, copied to
     # where this config looks.
@@ -261,15 +260,15 @@ def test_malformed_inputs_fail_cleanly_and_touch_nothing(tmp_path, capsys):
     shutil.copytree(tmp_path / "features", damaged)
     damaged_shard = damaged / shard.relative_to(tmp_path / "features")
     damaged_shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    fails(tiny_command(tmp_path, "shard", *distil[:2], f"teacher.cache_dir={damaged}"),
+    fails(tiny_command(tmp_path, "shard", *DISTIL, f"teacher.cache_dir={damaged}"),
           re.escape(str(damaged_shard)) + r".*truncated or corrupted")
     damaged_shard.write_bytes(b"\xff" * 64)
-    fails(tiny_command(tmp_path, "shard", *distil[:2], f"teacher.cache_dir={damaged}"), re.escape(str(damaged_shard)))
+    fails(tiny_command(tmp_path, "shard", *DISTIL, f"teacher.cache_dir={damaged}"), re.escape(str(damaged_shard)))
 
     for broken, what in (("model.safetensors", "cannot read weights"), ("training_state.pt", "cannot read training"),
                          ("meta.json", "corrupted")):
         run = tmp_path / "checkpoints" / f"broken-{broken}"
-        shutil.copytree(tmp_path / "checkpoints" / "good", run)
+        shutil.copytree(tmp_path / "checkpoints" / good, run)
         path = run / "last" / broken
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
         fails(tiny_command(tmp_path, f"broken-{broken}", *distil) + ["--resume"], re.escape(str(path)) + ".*" + what)
@@ -283,14 +282,14 @@ def test_malformed_inputs_fail_cleanly_and_touch_nothing(tmp_path, capsys):
             assert before.get(key) == after.get(key), key
 
 
-def test_truncated_checkpoint_is_named_by_evaluate(tmp_path, clean_run):
+def test_truncated_checkpoint_is_named_by_evaluate(tmp_path, clean_run, capsys):
     shutil.copytree(clean_run["checkpoints"], tmp_path / "checkpoints" / "eval")
     weights = tmp_path / "checkpoints" / "eval" / "best" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    result = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(weights.parent)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert str(weights) in result.stderr and "truncated or corrupted" in result.stderr
+    code = run_main(evaluate_cli.main, ["--checkpoint", weights.parent, "--out", tmp_path / "report"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert str(weights) in err and "truncated or corrupted" in err
 
 
 def test_interrupted_checkpoint_save_is_repaired(tmp_path):

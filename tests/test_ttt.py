@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_evaluate import independent_arc_prize_score
-from test_overlap import write_tasks
-from test_training import tiny_config
+from tiny import REPO, independent_arc_prize_score, run_main, write_tasks
 
+import evaluate as evaluate_cli
 from sage.arc import Pair, load_task_dir
 from sage.config import with_overrides
 from sage.encoding import context_grid_tokens
@@ -25,23 +24,20 @@ from sage.evaluation import EvalSettings, evaluate
 from sage.predict import blind, load_model
 from sage.recovery import FaultInjection
 from sage.synthetic import generate_tasks
-from sage.training import train
 from sage.ttt import TestTimeTrainer, Tuning, finetune, task_budget, ttt_examples
 
-REPO = Path(__file__).resolve().parents[1]
 TTT = ["ttt.steps=25", "ttt.batch_size=4", "ttt.lr=3e-3", "ttt.warmup_steps=2"]
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A tiny student trained one epoch on synthetic tasks, and a directory of 6 unseen ones (3 up to
-    4x4, 3 of 4x4 to 5x5)."""
+def workspace(tmp_path_factory, tiny_run):
+    """A tiny student trained one epoch on synthetic tasks (conftest.py's tiny_run, read only), and a
+    directory of 6 unseen ones (3 up to 4x4, 3 of 4x4 to 5x5) in this module's own folder."""
     root = tmp_path_factory.mktemp("ttt")
-    train(tiny_config(root, "ttt", "train.epochs=1", "checkpoint.every_epochs=0"), echo=False)
     tasks = [t for seed, side in ((7, 4), (8, 5)) for t in generate_tasks(
         num_tasks=3, seed=seed, transforms=["recolour", "flip_lr"], min_side=side - 1, max_side=side, demos=3)]
-    return {"root": root, "checkpoint": root / "checkpoints" / "ttt" / "best", "tasks": tasks,
+    return {"root": root, "checkpoint": tiny_run.checkpoints / "best", "tasks": tasks,
             "split": write_tasks(tasks, root / "unseen")}
 
 
@@ -181,7 +177,7 @@ def test_budget_plan_counts_each_bands_steps_and_compares_a_finished_run(workspa
     finished.write_text("task_id,ttt_steps,ttt_seconds\n" + "".join(f"{i},{p.steps},6.0\n" for i, p in plan.items()))
     argv = ["--checkpoint", str(workspace["checkpoint"]), "--split", str(workspace["split"]), "--calibrate", "2",
             "--calibration-steps", "2", "--workers", "2", "--against", str(finished)]
-    assert ttt_budget.main(argv + [f"--set={s}" for s in settings]) == 0
+    assert run_main(ttt_budget.main, argv + [f"--set={s}" for s in settings]) == 0  # it sets torch's threads to 1
     out = capsys.readouterr().out
     total = next(line for line in out.splitlines() if line.startswith("| all |")).strip("| ").split(" | ")
     tuned = [p.steps for p in plan.values() if p.steps]
@@ -211,12 +207,11 @@ def test_the_same_command_gives_the_same_submission_on_a_busy_machine_and_after_
     """TTT budgets are counted in steps, and each finished task is kept as it finishes: the same
     evaluate.py command, run beside a CPU-burning process, killed mid-way and continued with
     --resume (which answers only the rest), writes the submission.json of a quiet uninterrupted run."""
-    command = [sys.executable, "evaluate.py", "--checkpoint", str(workspace["checkpoint"]), "--split",
-               str(workspace["split"]), "--ttt", "--views", "2", "--speed-tasks", "0", "--no-progress",
-               "--set", "ttt.steps=80", "--set", "ttt.batch_size=4"]
-    straight = subprocess.run(command + ["--out", str(tmp_path / "straight")], cwd=REPO, capture_output=True,
-                              text=True)
-    assert straight.returncode == 0, straight.stderr
+    args = ["--checkpoint", str(workspace["checkpoint"]), "--split", str(workspace["split"]), "--ttt", "--views", "2",
+            "--speed-tasks", "0", "--pictures", "0", "--no-progress", "--set", "ttt.steps=20",
+            "--set", "ttt.batch_size=4"]
+    assert run_main(evaluate_cli.main, args + ["--out", tmp_path / "straight"]) == 0  # quiet, in this process
+    command = [sys.executable, "evaluate.py", *args]
     out = tmp_path / "killed"
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -239,7 +234,7 @@ def test_the_same_command_gives_the_same_submission_on_a_busy_machine_and_after_
     assert not (out / "finished_tasks").exists()  # the report holds it all now
     steps = [[row["ttt_steps"] for row in csv.DictReader(open(tmp_path / run / "per_task.csv"))]
              for run in ("straight", "killed")]
-    assert steps[0] == steps[1] == ["80"] * len(workspace["tasks"])
+    assert steps[0] == steps[1] == ["20"] * len(workspace["tasks"])
 
 
 def test_runs_share_the_steps_draw_their_own_examples_and_keep_each_loss(workspace, tmp_path):
@@ -326,14 +321,15 @@ def test_changing_test_outputs_changes_nothing_but_the_score(workspace):
         assert first.ttt_stats[t.id] == replace(second.ttt_stats[t.id], seconds=first.ttt_stats[t.id].seconds)
 
 
-def test_cli_scores_with_and_without_ttt_side_by_side(workspace):
+def test_cli_scores_with_and_without_ttt_side_by_side(workspace, capsys):
     out = workspace["root"] / "report-ttt"
     args = ["--checkpoint", workspace["checkpoint"], "--split", workspace["split"], "--views", 2, "--speed-tasks", 0,
-            "--ttt", *[a for o in TTT for a in ("--set", o)], "--max-grid-side", 4, "--out", out, "--no-progress"]
-    done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr
-    assert "with test-time training" in done.stdout
+            "--ttt", *[a for o in TTT for a in ("--set", o)], "--max-grid-side", 4, "--pictures", 0, "--out", out,
+            "--no-progress"]
+    code = run_main(evaluate_cli.main, args)  # evaluate.py's command line runs as a process in the kill test below
+    done = capsys.readouterr()
+    assert code == 0, done.err
+    assert "with test-time training" in done.out
     small = [t for t in load_task_dir(workspace["split"]) if all(max(g.shape) <= 4 for g in t.grids())]
     assert len(small) == 3  # --max-grid-side kept only the tasks whose every grid fits 4x4
     report = json.loads((out / "report.json").read_text())
@@ -363,7 +359,7 @@ def test_cli_scores_with_and_without_ttt_side_by_side(workspace):
         report["scores"]["student_ttt"]["arc_prize_score"], abs=1e-12)
 
 
-def test_ttt_overrides_are_checked(workspace):
+def test_ttt_overrides_are_checked(workspace, capsys):
     loaded = load_model(workspace["checkpoint"], CPU)
     with pytest.raises(ConfigError, match="only ttt"):
         with_overrides(loaded.cfg, ["model.d_model=8"], sections=("ttt",))
@@ -373,11 +369,11 @@ def test_ttt_overrides_are_checked(workspace):
         with_overrides(loaded.cfg, ["ttt.runs=0"], sections=("ttt",))
     with pytest.raises(ConfigError, match="'ttt.tune' was removed after commit 702e718"):
         with_overrides(loaded.cfg, ["ttt.tune=decoder"], sections=("ttt",))
-    done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(workspace["checkpoint"]),
-                           "--set", "ttt.steps=3"], capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 2 and "add --ttt" in done.stderr
+    code = run_main(evaluate_cli.main, ["--checkpoint", workspace["checkpoint"], "--set", "ttt.steps=3"])
+    assert code == 2 and "add --ttt" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_answers(workspace):
     """--workers 2 spreads tasks over two processes; with the same thread count per process the
     answers and the tuning are the same as one process's, task by task and in task order. Both run

@@ -10,18 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_overlap import write_tasks
-from test_training import tiny_overrides
+from tiny import REPO, run_main, write_tasks
 
-from sage.config import load_config
+from sage import compare_reports
 from sage.errors import EvaluationError
 from sage.evaluation import EvalSettings, evaluate, score_system
 from sage.report import write_report
 from sage.synthetic import generate_tasks
-from sage.training import train
 from sage.uncertainty import bootstrap_interval, compare_paired
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def solved(n_solved: int, n_tasks: int) -> list[float]:
@@ -119,19 +115,17 @@ def test_runs_on_different_tasks_are_refused_naming_both():
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
+def reports(tmp_path_factory, tiny_run):
     """Two report folders of the same 5 unseen tasks (one with two test outputs), written by the real
-    writer from one tiny evaluation, with the student's attempts set per report so the scores differ:
-    A solves t0, t1 (with attempt 2) and half of the two-output task; B solves t2 and the two-output task."""
+    writer from one tiny evaluation (of conftest.py's tiny_run), with the student's attempts set per
+    report so the scores differ: A solves t0, t1 (with attempt 2) and half of the two-output task; B
+    solves t2 and the two-output task."""
     root = tmp_path_factory.mktemp("compare")
-    cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(
-        root, "tiny", "data.synthetic.num_tasks=20", "train.epochs=1", "checkpoint.every_epochs=0", "distill.weight=0"))
-    train(cfg, echo=False)
     tasks = generate_tasks(num_tasks=4, seed=7, transforms=["recolour"], max_side=4)
     two = generate_tasks(num_tasks=1, seed=8, transforms=["recolour"], max_side=4, demos=4)[0]
     tasks.append(type(two)("two", two.train[:3], two.train[3:] + two.test, two.source))
     split = write_tasks(tasks, root / "unseen")
-    result = evaluate(root / "checkpoints" / "tiny" / "last", EvalSettings(split=str(split), views=1, speed_tasks=0),
+    result = evaluate(tiny_run.checkpoints / "last", EvalSettings(split=str(split), views=1, speed_tasks=0),
                       progress=False, log=lambda _: None)
     ids = [t.id for t in result.tasks]
 
@@ -151,9 +145,11 @@ def reports(tmp_path_factory):
     return {"a": a, "b": b, "ids": ids}
 
 
-def compare_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sage.compare_reports", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+def compare_cli(capsys, *args) -> subprocess.CompletedProcess:
+    """`python -m sage.compare_reports args`, run in this process: its exit status, stdout and stderr."""
+    code = run_main(compare_reports.main, args)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["sage.compare_reports", *map(str, args)], code, out.out, out.err)
 
 
 def test_report_json_gives_every_score_its_interval_and_keeps_per_task_scores(reports):
@@ -175,8 +171,8 @@ def test_report_json_gives_every_score_its_interval_and_keeps_per_task_scores(re
     assert "percentile bootstrap over tasks" in md and "sage.compare_reports" in md
 
 
-def test_compare_reports_prints_the_paired_table(reports, tmp_path):
-    done = compare_cli(reports["a"], reports["b"], "--json", tmp_path / "comparison.json")
+def test_compare_reports_prints_the_paired_table(reports, tmp_path, capsys):
+    done = compare_cli(capsys, reports["a"], reports["b"], "--json", tmp_path / "comparison.json")
     assert done.returncode == 0, done.stderr
     ids = reports["ids"]
     assert "5 tasks in both" in done.stdout
@@ -190,38 +186,40 @@ def test_compare_reports_prints_the_paired_table(reports, tmp_path):
     assert (saved["system_a"], saved["measure"], saved["comparison"]["tied"]) == ("student", "arc_prize_score", 1)
 
 
-def test_an_older_report_is_read_from_its_per_task_csv_and_systems_can_be_paired(reports, tmp_path):
+def test_an_older_report_is_read_from_its_per_task_csv_and_systems_can_be_paired(reports, tmp_path, capsys):
     old = tmp_path / "old"
     old.mkdir()
     record = json.loads((reports["b"] / "report.json").read_text())
     del record["per_task_scores"], record["score_intervals"]  # a report.json from before them
     (old / "report.json").write_text(json.dumps(record))
     (old / "per_task.csv").write_text((reports["b"] / "per_task.csv").read_text())
-    done = compare_cli(reports["a"] / "report.json", old, "--system", "student")
+    done = compare_cli(capsys, reports["a"] / "report.json", old, "--system", "student")
     assert done.returncode == 0, done.stderr
     assert f"B: {old / 'per_task.csv'}" in done.stdout
     assert "| student | ARC Prize score (pass@2) | 50.00% | 40.00% |" in done.stdout
-    paired = compare_cli(reports["a"], reports["a"], "--system", "student:copy_input")
+    paired = compare_cli(capsys, reports["a"], reports["a"], "--system", "student:copy_input")
     copy = json.loads((reports["a"] / "report.json").read_text())["scores"]["copy_input"]["arc_prize_score"]
     assert f"| student vs copy_input | ARC Prize score (pass@2) | 50.00% | {100 * copy:.2f}% |" in paired.stdout
 
 
-def test_mistakes_exit_2_and_say_which_file_and_what_to_do(reports, tmp_path):
+def test_mistakes_exit_2_and_say_which_file_and_what_to_do(reports, tmp_path, capsys):
     fewer = tmp_path / "fewer" / "per_task.csv"  # a report of fewer tasks (e.g. --limit 4)
     fewer.parent.mkdir()
     lines = (reports["b"] / "per_task.csv").read_text().splitlines()
     fewer.write_text("\n".join(lines[:-1]) + "\n")
     dropped = next(csv.DictReader(lines[:1] + lines[-1:]))["task_id"]
-    done = compare_cli(reports["a"], fewer)
+    # The real command line, once: `python -m sage.compare_reports` exits with main's status.
+    done = subprocess.run([sys.executable, "-m", "sage.compare_reports", str(reports["a"]), str(fewer)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert f"{reports['a'] / 'report.json'} and {fewer} were scored on different tasks" in done.stderr
     assert f"1 only in {reports['a'] / 'report.json'}: {dropped}" in done.stderr and "same split" in done.stderr
 
-    missing = compare_cli(reports["a"], tmp_path / "nowhere")
+    missing = compare_cli(capsys, reports["a"], tmp_path / "nowhere")
     assert missing.returncode == 2 and "nowhere: no such file or folder; give a report folder" in missing.stderr
-    unknown = compare_cli(reports["a"], reports["b"], "--system", "student_ttt")
+    unknown = compare_cli(capsys, reports["a"], reports["b"], "--system", "student_ttt")
     assert unknown.returncode == 2 and "no system 'student_ttt' (it has student, " in unknown.stderr
     broken = tmp_path / "broken.csv"
     broken.write_text("task_id,score\nt1,abc\n")
-    bad = compare_cli(broken, broken)
+    bad = compare_cli(capsys, broken, broken)
     assert bad.returncode == 2 and "task t1, column score: 'abc' is not a number" in bad.stderr
