@@ -76,6 +76,7 @@ from sage.model import build_model  # noqa: E402
 from sage.recovery import FaultInjection, MicroBatch  # noqa: E402
 from sage.step import Autocast, compute_losses, make_optimizer, read_steps, to_device, train_step, unwrap  # noqa: E402
 from sage.teacher.settings import TeacherConfig  # noqa: E402
+from sage.token_batches import training_sampler  # noqa: E402
 from sage.splits import Splits, load_splits, make_datasets  # noqa: E402
 from sage.training import uses_shape_buckets  # noqa: E402
 from sage.validation import validate  # noqa: E402
@@ -174,8 +175,8 @@ def build_data(cfg: ExperimentConfig) -> Data:
 
 def epoch_batches(cfg: ExperimentConfig, data: Data) -> list[list[int]]:
     """Epoch 0's batches of training example indices, as sage.training.train's sampler draws them."""
-    return LengthBucketSampler(data.train_set.lengths, cfg.train.batch_size, shuffle=True, seed=cfg.run.seed,
-                               sides=data.train_set.sides).batches()
+    return training_sampler(data.train_set.lengths, data.train_set.sides, cfg.train.batch_size,
+                            cfg.train.tokens_per_step, cfg.run.seed).batches()
 
 
 def training_setup(cfg: ExperimentConfig, device: torch.device, data: Data,

@@ -256,17 +256,18 @@ def child_compile(smoke: bool, out: Path) -> dict[str, Any]:
     import torch._dynamo
 
     from sage.config import load_config
-    from sage.encoding import LengthBucketSampler, collate
+    from sage.encoding import collate
     from sage.losses import answer_cross_entropy
     from sage.model import build_model
     from sage.step import Autocast, to_device
     from sage.splits import load_splits, make_datasets
+    from sage.token_batches import training_sampler
 
     sizes = SMOKE if smoke else GPU
     cfg = load_config(sizes.config, [*sizes.model, "distill.weight=0"])
     device = torch.device("cpu" if smoke else "cuda")
     train_set, _ = make_datasets(cfg, load_splits(cfg))
-    sampler = LengthBucketSampler(train_set.lengths, cfg.train.batch_size, shuffle=True, seed=0, sides=train_set.sides)
+    sampler = training_sampler(train_set.lengths, train_set.sides, cfg.train.batch_size, cfg.train.tokens_per_step, 0)
     batches = list(sampler)[: sizes.compile_batches]
     figures = {}
     for buckets in (True, False):  # buckets first: what training uses on a GPU, and free shapes may time out

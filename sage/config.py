@@ -153,6 +153,11 @@ class TrainConfig:
 
     epochs: int = 100  # passes over every training example
     batch_size: int = 8  # examples per optimiser step (per process under torchrun)
+    # Tokens per optimiser step instead (per process under torchrun; 0: batch_size examples): each
+    # step takes examples of one shape bucket, as many as fit, an example counting its context
+    # (rounded up to its bucket) plus its answer canvas's cells (sage/token_batches.py). Every
+    # example is still seen once an epoch. Small examples go many to a step: fewer, fuller steps.
+    tokens_per_step: int = 0
     lr: float = 1e-4  # peak learning rate, reached after warmup_steps
     min_lr: float = 1e-6  # cosine floor
     warmup_steps: int = 500  # optimiser steps of linear warmup from lr / warmup_steps to lr
@@ -572,6 +577,8 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     need(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    need(t.tokens_per_step >= 0, f"train.tokens_per_step must be >= 0 (0: train.batch_size examples a step), "
+                                 f"got {t.tokens_per_step}")
     need(cfg.val.batch_size >= 1, f"val.batch_size must be >= 1, got {cfg.val.batch_size}")
     need(cfg.val.every_epochs >= 1, f"val.every_epochs must be >= 1, got {cfg.val.every_epochs}")
     need(t.lr > 0 and 0 <= t.min_lr <= t.lr, f"need 0 <= train.min_lr <= train.lr and lr > 0, got {t.min_lr}, {t.lr}")

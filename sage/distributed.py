@@ -147,7 +147,7 @@ def shutdown_distributed(ctx: DistributedContext) -> None:
 
 class RankBatchSampler(torch.utils.data.Sampler):
     """This rank's slice of each global batch of a LengthBucketSampler built with the global batch
-    size. A global batch with fewer examples than ranks (only ever the last one) is dropped: every
+    size (or a TokenBudgetSampler with the global token budget). A global batch with fewer examples than ranks (only ever the last one) is dropped: every
     rank must take part in every step."""
 
     def __init__(self, global_sampler: LengthBucketSampler, ctx: DistributedContext) -> None:

@@ -60,6 +60,7 @@ from sage.step import (
     training_lr,
 )
 from sage.teacher.settings import ORACLE_PRESET
+from sage.token_batches import TokenBudgetSampler, describe_batches, training_sampler
 from sage.validation import validate
 
 # ----------------------------------------------------------------------------- state
@@ -96,7 +97,7 @@ class Run:
     splits: Splits
     train_set: ARCExamples
     val_set: ARCExamples
-    train_sampler: LengthBucketSampler | RankBatchSampler
+    train_sampler: LengthBucketSampler | TokenBudgetSampler | RankBatchSampler
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
     model: SageStudent  # the model itself
@@ -217,8 +218,10 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
     train_teacher, val_teacher = (load_teacher_targets(cfg, splits, ctx, log, faults.extraction_delay)
                                   if cfg.uses_teacher else (None, None))
     train_set, val_set = make_datasets(cfg, splits, train_teacher, val_teacher, ctx)
-    train_sampler = LengthBucketSampler(train_set.lengths, cfg.train.batch_size * ctx.world, shuffle=True,
-                                        seed=cfg.run.seed, sides=train_set.sides)
+    train_sampler = training_sampler(train_set.lengths, train_set.sides, cfg.train.batch_size * ctx.world,
+                                     cfg.train.tokens_per_step * ctx.world, cfg.run.seed)
+    largest_batch = (train_sampler.largest_batch if isinstance(train_sampler, TokenBudgetSampler)
+                     else cfg.train.batch_size * ctx.world)
     if ctx.enabled:
         train_sampler = RankBatchSampler(train_sampler, ctx)
     val_sampler = LengthBucketSampler(val_set.lengths, cfg.val.batch_size, shuffle=False, sides=val_set.sides)
@@ -245,7 +248,7 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
         save_config(cfg, log_dir / "config.yaml")
     return Run(cfg, device, ctx, log, faults, checkpoint_dir, log_dir, splits, train_set, val_set, train_sampler,
                train_loader, val_loader, model, net, optimizer, state, Autocast(device, cfg.run.precision),
-               MicroBatch("training", cfg.train.batch_size, state.train_micro_batch, log.info),
+               MicroBatch("training", -(-largest_batch // ctx.world), state.train_micro_batch, log.info),
                MicroBatch("validation", cfg.val.batch_size, state.val_micro_batch, log.info),
                interactive=echo and sys.stderr.isatty(), steps_per_epoch=len(train_sampler))
 
@@ -362,8 +365,13 @@ def log_header(run: Run) -> None:
                  if train_set.teacher_views else "the un-augmented ones")
         log.info(f"teacher targets: {with_targets} of {len(train_set)} training examples in epoch 1 ({which}, "
                  f"data.augment_probability={train_set.augment_probability}); every validation example")
-    parallel = f" per process x {ctx.world} processes = {cfg.train.batch_size * ctx.world} per step" if ctx.enabled else ""
-    log.info(f"batches: train {cfg.train.batch_size}{parallel} x {run.steps_per_epoch} steps/epoch, "
+    sampler = run.train_sampler.global_sampler if ctx.enabled else run.train_sampler
+    per_step = describe_batches(sampler, cfg.train.tokens_per_step * ctx.world)
+    if ctx.enabled:
+        per_process = (f"{cfg.train.tokens_per_step:,} tokens" if cfg.train.tokens_per_step
+                       else str(cfg.train.batch_size))
+        per_step = f"{per_process} per process x {ctx.world} processes = {per_step} per step"
+    log.info(f"batches: train {per_step} x {run.steps_per_epoch} steps/epoch, "
              f"val {cfg.val.batch_size}{' per process' if ctx.enabled else ''}; "
              f"{cfg.train.epochs} epochs = {run.total_steps} steps; logs in {run.log_dir}, checkpoints in "
              f"{run.checkpoint_dir}")

@@ -28,8 +28,8 @@ def test_shipped_configs_load(name):
 
 def test_full_recipe_matches_the_documented_values():
     cfg = load_config(REPO / "configs" / "sage_44m.yaml")
-    assert (cfg.train.batch_size, cfg.val.batch_size, cfg.train.epochs) == (8, 4, 100)
-    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay, cfg.train.grad_clip) == (1e-4, 1e-6, 0.01, 1.0)
+    assert (cfg.train.tokens_per_step, cfg.val.batch_size, cfg.train.epochs) == (32768, 4, 100)
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay, cfg.train.grad_clip) == (1.6e-4, 1e-6, 0.01, 1.0)
     assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.encoder_layers) == (512, 8, 6)
     assert (cfg.teacher.preset, cfg.distill.weight, cfg.model.teacher_dim) == ("groot-n1.5", 0.5, 2048)
 

@@ -17,7 +17,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("arc", "device", "recovery", "checkpoint", "metric_sinks", "pictures",
      "teacher.loading", "teacher.presets", "teacher.tokenizer"),
     ("encoding", "runlog", "synthetic", "overlap", "voting", "teacher.prompt", "teacher.backbone"),
-    ("model", "losses", "metrics", "uncertainty", "distributed", "features", "teacher", "teacher.groot"),
+    ("model", "losses", "metrics", "uncertainty", "distributed", "features", "teacher", "teacher.groot",
+     "token_batches"),
     ("config", "teacher.oracle"),  # config checks values against the model's and the teacher's
     ("datasets", "step", "config_reference"),  # step: autocast, optimiser, schedule, loss and step, under training and inference
     ("extraction", "validation", "ttt"),
