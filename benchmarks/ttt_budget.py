@@ -4,6 +4,7 @@ before any task is tuned or answered.
     python -m benchmarks.ttt_budget --checkpoint checkpoints/<run>/best --set ttt.flops=3e12 --set ttt.min_steps=150
     python -m benchmarks.ttt_budget --checkpoint ... --set ... --calibrate 8 --workers 2
     python -m benchmarks.ttt_budget --checkpoint ... --set ... --calibrate 8 --against reports/<run>/<eval>/per_task.csv
+    python -m benchmarks.ttt_budget --checkpoint ... --tflops 450 --step-ms 38 --workers 1   # a device's figures
 
 Per size band: the tasks TTT will tune, the steps their budgets grant (`sage.ttt.task_budget`, the
 same rule and first batch `finetune` uses), and the estimated FLOPs. This is how a budget is chosen
@@ -11,6 +12,8 @@ without looking at any answer. With --calibrate K it also times a few real TTT s
 tuned tasks, spread by step cost, fits seconds per step = a + b x estimated FLOPs (a: what the
 FLOPs estimate leaves out, numpy encoding, small kernels, the optimiser), and estimates the run's
 TTT time with --workers 1-thread workers. The estimate leaves out answering the test inputs.
+--tflops and --step-ms estimate it for another device from its measured throughput and fixed cost
+a step (the H200's: ~450 TFLOP/s for the work plus ~38 ms a step, docs/results/gpu_check_h200.md).
 --against compares the plan with a finished evaluation's per_task.csv (steps and TTT seconds).
 Time is a measurement: it holds for this machine at this load, never across machines.
 """
@@ -51,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-steps", type=int, default=10, help="steps timed per calibration task")
     parser.add_argument("--workers", type=int, default=2, help="1-thread worker processes of the run (default 2)")
     parser.add_argument("--precision", default="fp32", help="autocast of the calibration steps (default fp32)")
+    parser.add_argument("--tflops", type=float, default=0.0, metavar="T",
+                        help="instead of --calibrate: a device's measured TFLOP/s in TTT steps (e.g. from "
+                             "benchmarks/gpu_check.sh), for the time the split's TTT would take there")
+    parser.add_argument("--step-ms", type=float, default=0.0, metavar="MS",
+                        help="with --tflops: the fixed cost of a step on that device in ms (the H200: ~38)")
     parser.add_argument("--against", default=None, metavar="PER_TASK_CSV",
                         help="an evaluation's per_task.csv: its steps and TTT time beside the plan")
     args = parser.parse_args(argv)
@@ -61,13 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     tasks = tasks_up_to_side(load_dataset(args.split), args.max_grid_side)
     tuning = Tuning.of(cfg)
     budgets = {t.id: task_budget(t, tuning) for t in tasks}
-    rate = None
+    rate, source = None, ""
     if args.calibrate:
         rate = calibrate(loaded.model, cfg, tasks, budgets, args.calibrate, args.calibration_steps)
+        source = "calibrated on this machine, now"
+    elif args.tflops:
+        rate = (args.step_ms / 1000, 1 / (args.tflops * 1e12))
+        source = f"{args.tflops:g} TFLOP/s and {args.step_ms:g} ms a step, as given"
     measured = read_per_task(args.against) if args.against else {}
     print(f"{len(tasks)} tasks of {args.split}; ttt: steps {cfg.ttt.steps}, flops {cfg.ttt.flops:.3g}, "
           f"min_steps {cfg.ttt.min_steps}, context_demos {cfg.ttt.context_demos}")
-    print_plan(tasks, budgets, cfg, rate, args.workers, measured)
+    print_plan(tasks, budgets, cfg, rate, source, args.workers, measured)
     return 0
 
 
@@ -109,7 +121,8 @@ def read_per_task(path: str) -> dict[str, tuple[int, float]]:
 
 
 def print_plan(tasks: Sequence[Task], budgets: dict[str, TaskBudget], cfg: ExperimentConfig,
-               rate: tuple[float, float] | None, workers: int, measured: dict[str, tuple[int, float]]) -> None:
+               rate: tuple[float, float] | None, source: str, workers: int,
+               measured: dict[str, tuple[int, float]]) -> None:
     """One row per size band and a total: tuned tasks, steps, FLOPs, and the estimated (and measured) time."""
     header = "| band | tasks | tuned | at the step cap | median steps of the tuned | steps | PFLOPs |"
     if rate:
@@ -134,7 +147,7 @@ def print_plan(tasks: Sequence[Task], budgets: dict[str, TaskBudget], cfg: Exper
             row += f" {sum(s for s, _ in done)} | {sum(sec for _, sec in done) / 60:.1f} |" if done else " - | - |"
         print(row)
     if rate:
-        print(f"\nseconds a step = {rate[0]:.4f} + {rate[1] * 1e9:.5f} x GFLOPs (calibrated on this machine, now); "
+        print(f"\nseconds a step = {rate[0]:.4f} + {rate[1] * 1e9:.5f} x GFLOPs ({source}); "
               f"TTT alone, at most: {total_minutes / workers:.1f} min with {workers} workers "
               "(answering the test inputs comes on top)")
 

@@ -185,6 +185,15 @@ def test_budget_plan_counts_each_bands_steps_and_compares_a_finished_run(workspa
                          str(sum(tuned))]
     assert total[-2:] == [str(sum(tuned)), "0.6"]  # six tasks' 6 s, in minutes
     assert float(total[-3]) >= 0 and "seconds a step = " in out and "with 2 workers" in out  # estimated minutes
+    # Another device, from its figures: every step 38 ms plus its FLOPs at 1e-6 TFLOP/s (1 MFLOP/s).
+    argv = ["--checkpoint", str(workspace["checkpoint"]), "--split", str(workspace["split"]), "--tflops", "1e-6",
+            "--step-ms", "38", "--workers", "1"]
+    assert run_main(ttt_budget.main, argv + [f"--set={s}" for s in settings]) == 0
+    out = capsys.readouterr().out
+    expected = sum(p.steps * (0.038 + p.step_flops / 1e6) for p in plan.values()) / 60
+    total = next(line for line in out.splitlines() if line.startswith("| all |")).strip("| ").split(" | ")
+    assert float(total[-1]) == pytest.approx(expected, abs=0.05) and "1e-06 TFLOP/s and 38 ms a step, as given" in out
+    assert f"{expected:.1f} min with 1 workers" in out
 
 
 def test_out_of_memory_in_ttt_halves_the_pieces_and_takes_the_same_steps(workspace):
