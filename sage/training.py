@@ -112,6 +112,7 @@ class Run:
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
     lr: float = 0.0  # the learning rate of the latest step
     epoch_started: float = 0.0  # time.time() when the current epoch began
+    bar: Any = None  # progress over the whole run's steps, with its ETA (on a terminal)
 
     @property
     def total_steps(self) -> int:
@@ -169,6 +170,9 @@ def train(
         stopped_early = False
         try:
             log_header(run)
+            last_step = min(run.total_steps, stop_after_steps or run.total_steps)
+            run.bar = tqdm(total=last_step, initial=min(run.state.step, last_step), unit="step",
+                           disable=not run.interactive, dynamic_ncols=True)
             while run.state.epoch < cfg.train.epochs:
                 stopped_early = train_one_epoch(run, stop_after_steps)
                 if stopped_early:
@@ -179,6 +183,8 @@ def train(
                 run.log.info(f"finished: {describe_best(run.state, cfg.checkpoint.best_by)} -> "
                              f"{run.checkpoint_dir / 'best'}")
         finally:
+            if run.bar is not None:
+                run.bar.close()
             run.log.close()
         return run_summary(run, stopped_early)
     finally:
@@ -402,10 +408,10 @@ def train_one_epoch(run: Run, stop_after_steps: int | None) -> bool:
     run.train_sampler.set_epoch(epoch, skip_batches=state.batch_in_epoch)
     run.model.train()
     run.lr = training_lr(state.step, cfg.train, run.total_steps)
-    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", total=len(run.train_sampler),
-               disable=not run.interactive, leave=False, dynamic_ncols=True)
+    bar = run.bar
+    bar.set_description(f"epoch {epoch + 1}/{cfg.train.epochs}")
     stopped, pending = False, []
-    for batch in bar:
+    for batch in run.train_loader:
         run.lr = training_lr(state.step, cfg.train, run.total_steps)
         set_lr(run.optimizer, run.lr)
         batch = to_device(batch, run.device)
@@ -413,6 +419,7 @@ def train_one_epoch(run: Run, stop_after_steps: int | None) -> bool:
                             state.step + 1, run.ctx)
         state.step += 1
         state.batch_in_epoch += 1
+        bar.update()
         pending.append(PendingStep(state.step, run.lr, result))
         saving = bool(cfg.checkpoint.every_steps) and state.step % cfg.checkpoint.every_steps == 0
         stopped = stop_after_steps is not None and state.step >= stop_after_steps
@@ -424,7 +431,6 @@ def train_one_epoch(run: Run, stop_after_steps: int | None) -> bool:
         if stopped:
             break
     record_steps(run, pending, epoch, bar)
-    bar.close()
     return stopped
 
 
@@ -591,7 +597,18 @@ def epoch_summary(record: dict[str, Any], epochs: int, state: TrainState, best_b
                  f"size {record['val_size_accuracy']:.3f} pixel {record['val_pixel_accuracy']:.3f}")
         if "val_feature_cosine" in record:
             text += f" feature cosine {record['val_feature_cosine']:.4f}"
-    return text + f" | lr {record['lr']:.2e} | {describe_best(state, best_by)} | {record['seconds']:.1f}s"
+    text += f" | lr {record['lr']:.2e} | {describe_best(state, best_by)} | {record['seconds']:.1f}s"
+    if record["epoch"] < epochs:  # for whoever tails the log: the rest at this epoch's pace, validation included
+        text += f" | about {describe_duration((epochs - record['epoch']) * record['seconds'])} left"
+    return text
+
+
+def describe_duration(seconds: float) -> str:
+    """"45 s", "12 min", "3 h 05 min"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def describe_best(state: TrainState, best_by: str) -> str:

@@ -13,7 +13,7 @@ from sage.config import load_config
 from sage.errors import CheckpointError
 from sage.runlog import read_metrics
 from sage.step import Autocast, training_lr
-from sage.training import improves, train
+from sage.training import describe_duration, improves, train
 
 
 def test_short_run_writes_artefacts_and_resume_is_exact(tmp_path, two_epoch_run):
@@ -26,6 +26,9 @@ def test_short_run_writes_artefacts_and_resume_is_exact(tmp_path, two_epoch_run)
         assert (logs / name).is_file()
     log_text = (logs / "train.log").read_text()
     assert "epoch 2/2 done | train loss" in log_text and "val loss" in log_text and "lr " in log_text
+    first, last = [line for line in log_text.splitlines() if " done | train loss" in line]
+    assert first.endswith(" s left") and "left" not in last  # the rest at epoch 1's pace, for whoever tails it
+    assert [describe_duration(s) for s in (44.6, 720, 11100)] == ["45 s", "12 min", "3 h 05 min"]
     events = {r["event"] for r in read_metrics(logs / "metrics.jsonl")}
     assert events == {"start", "train", "epoch"}
     meta = json.loads((run / "last" / "meta.json").read_text())
