@@ -42,7 +42,7 @@ from sage.splits import DEFAULT_SPLIT, scored_tasks
 from sage.speed import machine_description, measure_speed
 from sage.step import Autocast
 from sage.student_vs_teacher import feature_fidelity, is_probe, load_probe, parameter_counts, probe_attempts
-from sage.ttt import TTTStats, Tuning, describe_budget, describe_tuning
+from sage.ttt import TTTStats, Tuning, describe_budget, describe_tuning, task_budget
 from sage.voting import RANKINGS, ranked
 from sage.voting import attempts as top_attempts
 
@@ -313,8 +313,10 @@ def answer_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task
     earlier = {t.id: earlier[t.id] for t in tasks if t.id in earlier}
     if resume:
         log(f"resuming: {len(earlier)} of {len(tasks)} tasks already answered in {finished.directory}")
-    bar = tqdm(total=len(tasks), desc="tasks", unit="task", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
+    weights = planned_work(tasks, tuning)
+    bar = tqdm(total=sum(weights.values()), desc="tasks", unit="TFLOP" if tuning else "task", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True, bar_format=None if tuning is None else
+               "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} TFLOP [{elapsed}<{remaining}{postfix}]")
     solved = {"score": 0.0, "ttt_score": 0.0}
 
     def done(task: Task, outcome: TaskOutcome) -> None:
@@ -329,7 +331,7 @@ def answer_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task
         if outcome.tuned is not None:
             solved["ttt_score"] += _task_score(outcome.tuned, task)
         bar.set_postfix({k: f"{v:.1f}" for k, v in solved.items() if k == "score" or tuning}, refresh=False)
-        bar.update()
+        bar.update(weights[task.id])
 
     for task in tasks:
         if task.id in earlier:
@@ -339,6 +341,17 @@ def answer_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task
                              settings.workers, done))
     bar.close()
     return [earlier[t.id] if t.id in earlier else next(fresh) for t in tasks]
+
+
+def planned_work(tasks: Sequence[Task], tuning: Tuning | None) -> dict[str, float]:
+    """What each task weighs in the progress bar, so that its ETA means something: with TTT the
+    TFLOPs its budget plans (steps x a step's FLOPs, sage.ttt.task_budget: 0.3 to 45 TFLOP a step on
+    ARC-AGI-1), at least a hundredth of the mean for the tasks answered untuned; else 1 a task."""
+    if tuning is None:
+        return {t.id: 1.0 for t in tasks}
+    planned = {t.id: (b.steps * b.step_flops) / 1e12 for t in tasks for b in [task_budget(t, tuning)]}
+    floor = max(sum(planned.values()) / max(len(planned), 1) / 100, 1e-9)
+    return {k: max(v, floor) for k, v in planned.items()}
 
 
 def score_systems(tasks: Sequence[Task], predictions: dict[str, TaskPrediction],

@@ -196,6 +196,26 @@ def test_budget_plan_counts_each_bands_steps_and_compares_a_finished_run(workspa
     assert f"{expected:.1f} min with 1 workers" in out
 
 
+def test_the_evaluation_progress_weighs_each_task_by_its_planned_work(workspace):
+    """evaluate.py's bar with TTT counts TFLOPs planned by each task's budget (its ETA then follows
+    the work, which varies ~150x between ARC tasks); a task answered untuned still counts a little."""
+    from sage.evaluation import planned_work
+
+    _, cfg = loaded_with(workspace["checkpoint"], *TTT)
+    cheapest = min(task_budget(t, cfg).step_flops for t in workspace["tasks"])
+    _, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=21", f"ttt.flops={22 * cheapest}",
+                         "ttt.min_steps=20")
+    weights = planned_work(workspace["tasks"], cfg)
+    plans = {t.id: task_budget(t, cfg) for t in workspace["tasks"]}
+    tuned = {k for k, b in plans.items() if b.steps}
+    assert 0 < len(tuned) < len(plans)
+    for k in tuned:
+        assert weights[k] == pytest.approx(plans[k].steps * plans[k].step_flops / 1e12)
+    floor = sum(weights[k] for k in tuned) / len(plans) / 100
+    assert all(weights[k] == pytest.approx(floor) for k in plans.keys() - tuned)
+    assert set(planned_work(workspace["tasks"], None).values()) == {1.0}  # without TTT: tasks
+
+
 def test_out_of_memory_in_ttt_halves_the_pieces_and_takes_the_same_steps(workspace):
     """An out-of-memory error in test-time training halves the examples per forward pass for the
     rest of the task and retries the step; accumulated gradients make the tuned weights the same."""
