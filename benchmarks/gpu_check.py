@@ -181,9 +181,16 @@ def stage_train(check: Check) -> dict[str, Any]:
     epochs = [r for r in map(json.loads, (check.out / "logs" / "gpu_check" / "metrics.jsonl").read_text().splitlines())
               if r["event"] == "epoch"]
     last = epochs[-1]
+    from sage.device import MEMORY_LINE
+
+    log = (check.out / "logs" / "gpu_check" / "train.log").read_text()
+    released = [{"after": after, "reserved_gib": float(before), "then_gib": float(now)}  # CUDA only
+                for after, before, now in MEMORY_LINE.findall(log)]
     return {"epochs": len(epochs), "steps": last["step"], "seconds_per_epoch": [r["seconds"] for r in epochs],
             "train_loss": last["train_loss"], "val_loss": last["val_loss"],
-            "val_exact_match": last["val_exact_match"], "val_feature_cosine": last.get("val_feature_cosine")}
+            "val_exact_match": last["val_exact_match"], "val_feature_cosine": last.get("val_feature_cosine"),
+            "memory_released": released}
+
 
 
 def stage_oom(check: Check) -> dict[str, Any]:

@@ -1,6 +1,10 @@
-"""Where to run: `run.device` / `--device` strings to a torch.device."""
+"""Where to run: `run.device` / `--device` strings to a torch.device; memory between phases."""
 
 from __future__ import annotations
+
+import gc
+import re
+from typing import Callable
 
 import torch
 
@@ -19,3 +23,24 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"run.device is '{name}' but no CUDA device is available (use run.device=cpu or auto)")
     return device
+
+
+# release_cached_memory's log line, for whoever reads a log back (benchmarks/gpu_check.py):
+# (the phase that ended, GiB reserved before, GiB reserved after).
+MEMORY_LINE = re.compile(r"memory after (.+?): ([\d.]+) GiB reserved -> ([\d.]+) GiB")
+
+
+def release_cached_memory(device: torch.device, after: str, log: Callable[[str], None]) -> tuple[int, int] | None:
+    """Between phases on CUDA: what the last phase left in PyTorch's caching allocator (a 3B
+    teacher's weights and activations, training's activations) goes back to the card, and the log
+    says how much was reserved before and after (`after`: the phase that ended). (bytes reserved
+    before, after); None on a CPU, which has no such cache."""
+    if device.type != "cuda":
+        return None
+    gc.collect()  # a phase's tensors held only by reference cycles are freed before the cache is emptied
+    before = torch.cuda.memory_reserved(device)
+    torch.cuda.empty_cache()
+    now = torch.cuda.memory_reserved(device)
+    log(f"memory after {after}: {before / 2**30:.2f} GiB reserved -> {now / 2**30:.2f} GiB "
+        f"({torch.cuda.memory_allocated(device) / 2**30:.2f} GiB in use)")
+    return before, now

@@ -31,7 +31,7 @@ import torch
 
 from sage.arc import Task, tasks_up_to_side
 from sage.config import PRECISIONS, with_overrides
-from sage.device import resolve_device
+from sage.device import release_cached_memory, resolve_device
 from sage.encoding import ARCExamples, evaluation_examples
 from sage.errors import ConfigError, EvaluationError
 from sage.finished_tasks import FinishedTasks
@@ -175,6 +175,7 @@ def evaluate(
             "device": device.type, "precision": precision,
             "ttt": asdict(tuning.ttt) if tuning is not None else None})
     outcomes = answer_tasks(loaded, device, tasks, settings, batch_size, tuning, progress, finished, resume, log)
+    release_cached_memory(device, "answering the tasks", log)  # before the probe, fidelity and speed phases
     predictions = {t.id: o.plain for t, o in zip(tasks, outcomes)}
     ttt_predictions = {t.id: o.tuned for t, o in zip(tasks, outcomes) if o.tuned is not None}
     ttt_stats = {t.id: o.ttt for t, o in zip(tasks, outcomes) if o.ttt is not None}

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from sage.checkpoint import Checkpoint, load_checkpoint, load_weights_into, save_checkpoint
 from sage.config import ExperimentConfig, save_config, without_removed_keys
 from sage.datasets import is_demonstrations_only
-from sage.device import resolve_device
+from sage.device import release_cached_memory, resolve_device
 from sage.distill import TeacherTargets, ensure_teacher_cache, feature_statistics, teacher_targets
 from sage.distributed import (
     DistributedContext,
@@ -182,6 +182,7 @@ def train(
             if not stopped_early:
                 run.log.info(f"finished: {describe_best(run.state, cfg.checkpoint.best_by)} -> "
                              f"{run.checkpoint_dir / 'best'}")
+            release_cached_memory(run.device, "training", run.log.info)  # for what runs next in this process
         finally:
             if run.bar is not None:
                 run.bar.close()
@@ -223,6 +224,8 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
                  + describe(splits.overlap))
     train_teacher, val_teacher = (load_teacher_targets(cfg, splits, ctx, log, faults.extraction_delay)
                                   if cfg.uses_teacher else (None, None))
+    if cfg.uses_teacher:  # an extraction in this process leaves the teacher's memory reserved
+        release_cached_memory(device, "the teacher cache", log.info)
     train_set, val_set = make_datasets(cfg, splits, train_teacher, val_teacher, ctx)
     train_sampler = training_sampler(train_set.lengths, train_set.sides, cfg.train.batch_size * ctx.world,
                                      cfg.train.tokens_per_step * ctx.world, cfg.run.seed)
