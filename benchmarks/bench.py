@@ -71,14 +71,13 @@ from sage.config import ExperimentConfig, from_dict, load_config  # noqa: E402
 from sage.datasets import load_dataset  # noqa: E402
 from sage.device import resolve_device  # noqa: E402
 from sage.distill import TeacherTargets  # noqa: E402
-from sage.encoding import PAD, ARCExamples, LengthBucketSampler, collate  # noqa: E402
+from sage.encoding import PAD, ARCExamples, LengthBucketSampler, collate, uses_shape_buckets  # noqa: E402
 from sage.model import build_model  # noqa: E402
 from sage.recovery import FaultInjection, MicroBatch  # noqa: E402
 from sage.step import Autocast, compute_losses, make_optimizer, read_steps, to_device, train_step, unwrap  # noqa: E402
 from sage.teacher.settings import TeacherConfig  # noqa: E402
 from sage.token_batches import training_sampler  # noqa: E402
 from sage.splits import Splits, load_splits, make_datasets  # noqa: E402
-from sage.training import uses_shape_buckets  # noqa: E402
 from sage.validation import validate  # noqa: E402
 
 SECTIONS = ("train", "memory", "cache", "speed")  # run by default, in this order

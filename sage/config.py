@@ -170,8 +170,8 @@ class TrainConfig:
     # the mean over examples, as HRM/TRM do). Test-time training averages the same way.
     loss_normalization: str = "cell"
     # Run the training forward/backward through torch.compile with dynamic shapes (CUDA only: on a
-    # CPU it measured slower, docs/performance.md, and the log says it was skipped). On CUDA training
-    # batches are padded to a few shapes (sage.encoding.bucketed_length), compiled or not: that
+    # CPU it measured slower, docs/performance.md, and the log says it was skipped). On CUDA every
+    # batch is padded to a few shapes (sage.encoding.uses_shape_buckets), compiled or not: that
     # bounds recompilations, and each new shape cost 0.2-0.4 s once on the H200 (docs/results/gpu_check_h200.md).
     compile: bool = False
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient

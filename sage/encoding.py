@@ -422,6 +422,15 @@ def bucketed_length(n: int) -> int:
     return -(-math.ceil(64 * 2 ** (k / 4)) // 64) * 64
 
 
+def uses_shape_buckets(device: torch.device) -> bool:
+    """Batches are padded to a few shapes (`bucketed_length`, CANVAS_BUCKET) on CUDA, in training,
+    validation, prediction and test-time training: there each new (context, canvas) shape cost
+    0.2-0.4 s once and a repeated one ran 5-10x faster (the H200 GPU check,
+    docs/results/gpu_check_h200.md), and a compiled model recompiles for new shapes. On the CPU no
+    such cost was seen, and the padding would add work."""
+    return device.type == "cuda"
+
+
 def collate(items: Sequence[dict[str, np.ndarray]], pad_to_multiple: int = 8,
             shape_buckets: bool = False) -> dict[str, torch.Tensor]:
     """Stack examples, padding contexts to the longest one (rounded up; `context_mask` marks real tokens).

@@ -30,7 +30,16 @@ from sage.arc import Pair, Task
 from sage.checkpoint import load_checkpoint, load_weights_into
 from sage.config import ExperimentConfig, from_dict, without_removed_keys
 from sage.distill import TeacherTargets
-from sage.encoding import COLOUR_OFFSET, EOS, ARCExamples, ExampleRef, answer_canvases, canvas_to_grid, collate
+from sage.encoding import (
+    COLOUR_OFFSET,
+    EOS,
+    ARCExamples,
+    ExampleRef,
+    answer_canvases,
+    canvas_to_grid,
+    collate,
+    uses_shape_buckets,
+)
 from sage.model import PREDATING_DEFAULTS, build_model
 from sage.step import Autocast, to_device
 from sage.ttt import TestTimeTrainer, TTTStats, Tuning, pooled_stats
@@ -148,7 +157,7 @@ class Predictor:
         """(argmax tokens [B, S, S], every token's log-probability [B, S, S, vocab], grid features,
         grid mask), with S = model.grid_size: cells outside an example's own canvas are PAD, and
         -inf log-probabilities."""
-        batch = to_device(collate(items), self.device)
+        batch = to_device(collate(items, shape_buckets=uses_shape_buckets(self.device)), self.device)
         with self.autocast():
             out = self.model(batch)
         logp = torch.log_softmax(out.logits.float(), dim=-1)

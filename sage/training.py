@@ -39,6 +39,7 @@ from sage.encoding import (
     EpochTaggedBatches,
     LengthBucketSampler,
     collate,
+    uses_shape_buckets,
 )
 from sage.errors import CheckpointError, TrainingError
 from sage.metric_sinks import WandbSettings
@@ -237,10 +238,11 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
     # Workers persist across epochs (no restart per epoch); the epoch travels with each index.
     loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                        persistent_workers=cfg.data.num_workers > 0)
-    train_collate = functools.partial(collate, shape_buckets=uses_shape_buckets(device))
+    batch_of = functools.partial(collate, shape_buckets=uses_shape_buckets(device))
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=EpochTaggedBatches(train_sampler),
-                                               collate_fn=train_collate, **loader_args)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_sampler=val_sampler, collate_fn=collate, **loader_args)
+                                               collate_fn=batch_of, **loader_args)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_sampler=val_sampler, collate_fn=batch_of,
+                                             **loader_args)  # shape buckets on CUDA, as training's
 
     model = build_model(cfg.model).to(device)
     if cfg.distills and checkpoint is None:
@@ -321,14 +323,6 @@ def restore(checkpoint: Checkpoint, model: SageStudent, optimizer: torch.optim.O
     log.info(f"resumed from {checkpoint.path} at step {state.step} (epoch {state.epoch + 1}, "
              f"batch {state.batch_in_epoch}/{steps_per_epoch})")
     return state
-
-
-def uses_shape_buckets(device: torch.device) -> bool:
-    """Training batches are padded to a few shapes (sage.encoding.bucketed_length) on CUDA: there
-    each new (context, canvas) shape cost 0.2-0.4 s once and a repeated one ran 5-10x faster (the
-    H200 GPU check, docs/results/gpu_check_h200.md), and a compiled model recompiles for new shapes.
-    On the CPU no such cost was seen, and the padding would add work."""
-    return device.type == "cuda"
 
 
 def compiles(cfg: ExperimentConfig, device: torch.device) -> bool:

@@ -36,7 +36,7 @@ import torch
 
 from sage.arc import Task
 from sage.config import ExperimentConfig, TTTConfig
-from sage.encoding import ARCExamples, ExampleRef, collate
+from sage.encoding import ARCExamples, ExampleRef, collate, uses_shape_buckets
 from sage.errors import TestOutputVisible
 from sage.model import StudentConfig, forward_flops
 from sage.recovery import FaultInjection, MicroBatch
@@ -189,13 +189,15 @@ def finetune(model: torch.nn.Module, task: Task, tuning: Tuning, device: torch.d
     # Losses stay on the device until the task ends: reading one is a host sync, and a GPU is never
     # kept waiting for the next batch.
     losses: list[torch.Tensor] = []
-    first = collate(step_examples(data, 0, ttt.batch_size))  # read first for the budget, then trained on
+    buckets = uses_shape_buckets(device)  # padding is masked: the same steps, fewer shapes on CUDA
+    first = collate(step_examples(data, 0, ttt.batch_size))  # the budget counts the unpadded batch
     # Every run gets the same share, of the budget that run 0's first batch sets.
     steps = (budgeted_steps(ttt, step_flops(first, tuning.model)) if run == 0
              else task_budget(task, tuning).steps) // ttt.runs
     for step in range(steps):
         set_lr(optimizer, ttt_lr(step, ttt, steps))
-        examples = first if step == 0 else collate(step_examples(data, step, ttt.batch_size))
+        examples = (first if step == 0 and not buckets
+                    else collate(step_examples(data, step, ttt.batch_size), shape_buckets=buckets))
         batch = to_device(pinned(examples, device), device)
         losses.append(tuning_step(model, optimizer, batch, autocast, tuning.loss_normalization, ttt.grad_clip,
                                   micro, faults))

@@ -53,6 +53,19 @@ def test_short_run_writes_artefacts_and_resume_is_exact(tmp_path, two_epoch_run)
     assert "resumed from" in (tmp_path / "logs" / "resumed" / "train.log").read_text()
 
 
+def test_shape_buckets_leave_training_and_validation_as_they_were(tmp_path, tiny_run, monkeypatch):
+    """On CUDA training and validation batches are padded to shape buckets. Forced on the CPU, the
+    tiny run's epoch (losses, exact match, size and pixel accuracy) comes out as without them."""
+    import sage.training
+
+    monkeypatch.setattr(sage.training, "uses_shape_buckets", lambda device: True)
+    train(tiny_config(tmp_path, "tiny", "train.epochs=1"), echo=False)
+    (padded,), (plain,) = epoch_records(tmp_path / "logs" / "tiny"), epoch_records(tiny_run.logs)
+    assert padded.keys() == plain.keys()
+    for k, v in plain.items():
+        assert padded[k] == (pytest.approx(v, rel=1e-4, abs=1e-6) if isinstance(v, float) else v), k
+
+
 def test_best_by_ranks_validations_by_exact_match_or_by_loss():
     """checkpoint.best_by: one lucky exact answer of 40 early in a run (as in arc_joined_fp32's epoch
     2) stays best by exact match against a later, far lower loss, and not by loss; ties go to the

@@ -93,7 +93,7 @@ def test_no_batch_holds_the_same_example_twice(workspace, monkeypatch):
 
     batches = []
     real_collate = sage.ttt.collate
-    monkeypatch.setattr(sage.ttt, "collate", lambda items: batches.append(items) or real_collate(items))
+    monkeypatch.setattr(sage.ttt, "collate", lambda items, **kw: batches.append(items) or real_collate(items, **kw))
     task = replace(workspace["tasks"][3], train=workspace["tasks"][3].train[:2])
     loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=3")
     finetune(loaded.model, blind(task), cfg, CPU)
@@ -112,7 +112,7 @@ def test_context_demos_caps_each_context_and_draws_another_subset_each_time(work
 
     batches = []
     real_collate = sage.ttt.collate
-    monkeypatch.setattr(sage.ttt, "collate", lambda items: batches.append(items) or real_collate(items))
+    monkeypatch.setattr(sage.ttt, "collate", lambda items, **kw: batches.append(items) or real_collate(items, **kw))
     task = workspace["tasks"][4]
     loaded, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=6", f"ttt.context_demos={cap}",
                               "ttt.augment_probability=0")
@@ -266,6 +266,31 @@ def test_the_same_command_gives_the_same_submission_on_a_busy_machine_and_after_
     steps = [[row["ttt_steps"] for row in csv.DictReader(open(tmp_path / run / "per_task.csv"))]
              for run in ("straight", "killed")]
     assert steps[0] == steps[1] == ["20"] * len(workspace["tasks"])
+
+
+def test_shape_buckets_change_neither_answers_nor_tuning(workspace, monkeypatch):
+    """On CUDA prediction and test-time training pad their batches to shape buckets, as training
+    does (sage.encoding.uses_shape_buckets). Forced here on the CPU: the padding is masked, so the
+    same steps are taken (the budget counts the unpadded batch) with the same losses, and the same
+    answers come out."""
+    import sage.predict
+    import sage.ttt
+
+    settings = EvalSettings(split=str(workspace["split"]), views=2, speed_tasks=0, ttt=True, ttt_overrides=TTT,
+                            limit=3)
+    plain = evaluate(workspace["checkpoint"], settings, progress=False, log=lambda _: None)
+    for module in (sage.predict, sage.ttt):
+        monkeypatch.setattr(module, "uses_shape_buckets", lambda device: True)
+    padded = evaluate(workspace["checkpoint"], settings, progress=False, log=lambda _: None)
+    for system in ("student", "student_ttt"):
+        for task_id, attempts in plain.systems[system].attempts.items():
+            for a, b in zip(attempts, padded.systems[system].attempts[task_id]):
+                assert all(np.array_equal(x, y) for x, y in zip(a, b)), (system, task_id)
+    for task_id, stats in plain.ttt_stats.items():
+        other = padded.ttt_stats[task_id]
+        assert other.steps == stats.steps == 25
+        assert other.first_loss == pytest.approx(stats.first_loss, rel=1e-5)
+        assert other.last_loss == pytest.approx(stats.last_loss, rel=1e-4)
 
 
 def test_runs_share_the_steps_draw_their_own_examples_and_keep_each_loss(workspace, tmp_path):
