@@ -10,7 +10,7 @@ Stages, in order, each in its own process with a time limit (one failing does no
   device         the card, its memory and capability, native bf16, driver, torch/CUDA/transformers
   throughput     sage_44m training throughput and MFU against the measured matmul peak and the
                  card's spec-sheet peak (benchmarks/bench.py --only train: the real step, random
-                 teacher targets)
+                 teacher targets), as configured and at 8k, 32k and 128k tokens a step
   extraction     the tiny GR00T teacher (real architecture, random weights) extracting ARC-AGI-1
                  training's features on the device (extract_groot_features.py; prompts/s)
   train          two real sage_44m epochs distilling those features (train_sage.py)
@@ -71,14 +71,15 @@ class Sizes:
     ttt_workers: tuple[int, ...]  # one evaluation per entry, with that many tasks in flight
     speed_teacher: str
     speed_tasks: int
+    step_tokens: tuple[int, ...]  # train.tokens_per_step values the throughput stage also measures
 
 
 GPU = Sizes("configs/sage_44m.yaml", TINY_TEACHER, (5, 120), 4.0, 12, "inductor", 32,
-            ["--limit", "8", "--set", "ttt.steps=100"], (1, 4), "groot-n1.5", 3)
+            ["--limit", "8", "--set", "ttt.steps=100"], (1, 4), "groot-n1.5", 3, (8192, 32768, 131072))
 SMOKE = Sizes("configs/quickstart.yaml", SMOKE_MODEL, (1, 2), 0.05, 4, "eager", 8,
               ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=3", "--set", "ttt.batch_size=2"], (2,),
-              "groot-n1.5-tiny", 1)
-LIMITS = {"device": 60, "throughput": 180, "extraction": 150, "train": 300, "ttt": 240, "teacher_speed": 180,
+              "groot-n1.5-tiny", 1, (2048,))
+LIMITS = {"device": 60, "throughput": 600, "extraction": 150, "train": 300, "ttt": 240, "teacher_speed": 180,
           "oom": 150, "compile": 300}  # seconds a stage may take at most (on the H200 the first seven took 311 s)
 
 
@@ -137,12 +138,25 @@ def stage_device(check: Check) -> dict[str, Any]:
 
 
 def stage_throughput(check: Check) -> dict[str, Any]:
+    """Training throughput and MFU of the config as it is, then at each of the sizes' tokens a step."""
+    figures = bench_train(check, "throughput")
+    kept = ("examples_per_second", "tokens_per_second", "step_seconds", "achieved_tflops", "mfu_vs_measured_peak",
+            "new_shape_steps")
+    figures["by_tokens_per_step"] = {}
+    for tokens in check.sizes.step_tokens:
+        at = bench_train(check, f"throughput-{tokens}", f"train.tokens_per_step={tokens}")
+        figures["by_tokens_per_step"][str(tokens)] = {k: at[k] for k in kept}
+    return figures
+
+
+def bench_train(check: Check, name: str, *sets: str) -> dict[str, Any]:
+    """benchmarks/bench.py's train section (and the matmul peak) with `sets`, in OUT/<name>.json."""
     warmup, steps = check.sizes.bench_steps
-    path = check.out / "throughput.json"
+    path = check.out / f"{name}.json"
     check.run("throughput", [sys.executable, "-m", "benchmarks.bench", "--config", check.sizes.config, "--only",
                              "train", "--warmup", str(warmup), "--steps", str(steps), "--json", str(path),
                              "--peak-seconds", str(check.sizes.peak_seconds),
-                             *check.sets()])
+                             *check.sets(*sets)])
     bench = json.loads(path.read_text())
     train, peak = bench["sections"]["train"], bench["sections"]["peak"]
     gpu = bench["machine"].get("gpu") or ""

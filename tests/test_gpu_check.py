@@ -21,6 +21,7 @@ def test_every_stage_runs_at_toy_sizes_on_a_cpu(tmp_path):
     assert list(summary) == ["device", "throughput", "extraction", "train", "ttt", "teacher_speed", "oom", "compile"]
     assert all(stage["status"] == "ok" for stage in summary.values()), summary
     assert summary["throughput"]["examples_per_second"] > 0 and summary["extraction"]["prompts"] > 0
+    assert summary["throughput"]["by_tokens_per_step"]["2048"]["examples_per_second"] > 0  # batches by tokens
     compiled = summary["compile"]
     assert compiled["shape_buckets"]["graphs_compiled"] <= compiled["free_shapes"]["graphs_compiled"]
     assert summary["train"]["epochs"] == 2 and summary["oom"]["halvings"] == ["4"]  # batch 8 went through in 4s
