@@ -147,7 +147,7 @@ def print_plan(tasks: Sequence[Task], budgets: dict[str, TaskBudget], cfg: Exper
             row += f" {sum(s for s, _ in done)} | {sum(sec for _, sec in done) / 60:.1f} |" if done else " - | - |"
         print(row)
     if rate:
-        print(f"\nseconds a step = {rate[0]:.4f} + {rate[1] * 1e9:.5f} x GFLOPs ({source}); "
+        print(f"\nseconds a step = {rate[0]:.4f} + {rate[1] * 1e9:.3g} x GFLOPs ({source}); "
               f"TTT alone, at most: {total_minutes / workers:.1f} min with {workers} workers "
               "(answering the test inputs comes on top)")
 
