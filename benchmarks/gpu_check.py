@@ -22,6 +22,8 @@ Stages, in order, each in its own process with a time limit (one failing does no
                  peak) recovered by halving; on a CPU an injected one
   compile        train.compile's recompilations over the first batches of an epoch, with and
                  without the shape buckets training uses (sage.encoding.bucketed_length)
+  recipe         only when named (--only recipe --budget-s 600): configs/sage_44m_1gpu.yaml end to end,
+                 pretraining then TTT and scoring of all 400 ARC-AGI-1 evaluation tasks
 
 Writes OUT/summary.md and OUT/summary.json (default benchmarks/results/gpu_check-<device>/), and
 each stage's command output in OUT/<stage>.log. Exit code 1 when a stage failed.
@@ -72,15 +74,21 @@ class Sizes:
     speed_teacher: str
     speed_tasks: int
     step_tokens: tuple[int, ...]  # train.tokens_per_step values the throughput stage also measures
+    recipe_train: list[str]  # overrides of configs/sage_44m_1gpu.yaml's pretraining (none on a GPU)
+    recipe_evaluate: list[str]  # evaluate.py arguments of the recipe's scoring
 
 
 GPU = Sizes("configs/sage_44m.yaml", TINY_TEACHER, (5, 120), 4.0, 12, "inductor", 32,
-            ["--limit", "8", "--set", "ttt.steps=100"], (1, 4), "groot-n1.5", 3, (8192, 32768, 131072))
+            ["--limit", "8", "--set", "ttt.steps=100"], (1, 4), "groot-n1.5", 3, (8192, 32768, 131072),
+            [], [])
 SMOKE = Sizes("configs/quickstart.yaml", SMOKE_MODEL, (1, 2), 0.05, 4, "eager", 8,
               ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=3", "--set", "ttt.batch_size=2"], (2,),
-              "groot-n1.5-tiny", 1, (2048,))
+              "groot-n1.5-tiny", 1, (2048,),
+              [*SMOKE_MODEL, "train.epochs=1", "train.tokens_per_step=2048", "data.num_workers=0"],
+              ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=2", "--device", "cpu"])
+# Seconds a stage's command may take at most (on the H200 the first seven stages took 311 s in all).
 LIMITS = {"device": 60, "throughput": 600, "extraction": 150, "train": 300, "ttt": 240, "teacher_speed": 180,
-          "oom": 150, "compile": 300}  # seconds a stage may take at most (on the H200 the first seven took 311 s)
+          "oom": 150, "compile": 300, "recipe": 420}
 
 
 class StageFailed(Exception):
@@ -163,7 +171,8 @@ def bench_train(check: Check, name: str, *sets: str) -> dict[str, Any]:
     spec = next((v for k, v in SPEC_BF16_PEAK.items() if k in gpu), None)
     return {"device": gpu or bench["machine"]["cpu"], "precision": peak["dtype"],
             "step_seconds": train["step_seconds_mean"], "examples_per_second": train["examples_per_second"],
-            "tokens_per_second": train["tokens_per_second"], "achieved_tflops": train["achieved_flops_per_second"] / 1e12,
+            "tokens_per_second": train["tokens_per_second"],
+            "achieved_tflops": train["achieved_flops_per_second"] / 1e12,
             "measured_peak_tflops": peak["flops_per_second"] / 1e12, "mfu_vs_measured_peak": train["mfu"],
             "spec_peak_tflops": spec / 1e12 if spec else None,
             "mfu_vs_spec_peak": train["achieved_flops_per_second"] / spec if spec else None,
@@ -240,11 +249,38 @@ def stage_teacher_speed(check: Check) -> dict[str, Any]:
     return {k: speed[k] for k in keys if k in speed}
 
 
+RECIPE = "configs/sage_44m_1gpu.yaml"
+
+
+def stage_recipe(check: Check) -> dict[str, Any]:
+    """configs/sage_44m_1gpu.yaml end to end: pretraining, then TTT and scoring of all 400 ARC-AGI-1
+    evaluation tasks, report.md and submission.json in OUT/recipe_report. On a GPU it runs alone
+    (`--only recipe --budget-s 600`): the plan is 5 + 4 minutes."""
+    started = time.time()
+    sets = [a for o in [*check.run_args[:2], "run.name=recipe", *check.sizes.recipe_train] for a in ("--set", o)]
+    check.run("recipe", [sys.executable, "train_sage.py", "--config", RECIPE, *sets])
+    trained = time.time()
+    report_dir = check.out / "recipe_report"
+    checkpoint = check.out / "checkpoints" / "recipe" / "best"
+    check.run("recipe", [sys.executable, "evaluate.py", "--checkpoint", str(checkpoint), "--ttt", "--speed-tasks", "0",
+                         "--no-progress", "--out", str(report_dir), *check.sizes.recipe_evaluate])
+    report = json.loads((report_dir / "report.json").read_text())
+    scores = report["scores"]
+    return {"pretraining_seconds": round(trained - started, 1),
+            "ttt_and_scoring_seconds": round(time.time() - trained, 1), "tasks": report["protocol"]["tasks_scored"],
+            **{f"{system}_{figure}": scores[system][figure] for system in ("student", "student_ttt")
+               for figure in ("arc_prize_score", "pass_at_1")},
+            "submission": str(report_dir / "submission.json")}
+
+
 # Compile runs last: inductor's compilations are the least predictable (on the H200 it outran 180 s).
+# The recipe runs only when named on a GPU (its 9 planned minutes are a loan of their own).
 STAGES: dict[str, Callable[[Check], dict[str, Any]]] = {
     "device": stage_device, "throughput": stage_throughput, "extraction": stage_extraction, "train": stage_train,
     "ttt": stage_ttt, "teacher_speed": stage_teacher_speed, "oom": stage_oom, "compile": stage_compile,
+    "recipe": stage_recipe,
 }
+ON_REQUEST = ("recipe",)  # stages a GPU check runs only when --only names them
 
 
 # ----------------------------------------------------------------------------- in-process stages (children)
@@ -370,7 +406,8 @@ def write_summary(check: Check) -> None:
 
 
 # Stages that read an earlier stage's output: the extraction's cache feeds train, whose checkpoint feeds ttt.
-CHAIN = ("extraction", "train", "ttt")
+# The smoke's recipe (two processes of its own) runs after them, balancing the two lanes.
+CHAIN = ("extraction", "train", "ttt", "recipe")
 
 
 def lanes(names: list[str], smoke: bool) -> list[list[str]]:
@@ -387,7 +424,8 @@ def run_check(args: argparse.Namespace) -> int:
     out = Path(args.out or REPO / "benchmarks" / "results" / f"gpu_check-{'cpu_smoke' if smoke else 'gpu'}")
     out.mkdir(parents=True, exist_ok=True)
     check = Check(out, SMOKE if smoke else GPU, smoke, time.time() + args.budget_s)
-    names = [n.strip() for n in args.only.split(",")] if args.only else list(STAGES)
+    names = ([n.strip() for n in args.only.split(",")] if args.only else
+             [n for n in STAGES if smoke or n not in ON_REQUEST])
     done = threading.Lock()
 
     def run_lane(lane: list[str]) -> None:

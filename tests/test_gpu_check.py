@@ -18,7 +18,8 @@ def test_every_stage_runs_at_toy_sizes_on_a_cpu(tmp_path):
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary) == ["device", "throughput", "extraction", "train", "ttt", "teacher_speed", "oom", "compile"]
+    assert list(summary) == ["device", "throughput", "extraction", "train", "ttt", "teacher_speed", "oom", "compile",
+                             "recipe"]
     assert all(stage["status"] == "ok" for stage in summary.values()), summary
     assert summary["throughput"]["examples_per_second"] > 0 and summary["extraction"]["prompts"] > 0
     assert summary["throughput"]["by_tokens_per_step"]["2048"]["examples_per_second"] > 0  # batches by tokens
@@ -29,3 +30,6 @@ def test_every_stage_runs_at_toy_sizes_on_a_cpu(tmp_path):
     assert summary["ttt"]["workers_2"]["tasks"] == 2  # two tasks in flight (one worker: tests/test_ttt.py)
     assert summary["teacher_speed"]["teacher"]["preset"] == "groot-n1.5-tiny"
     assert "| oom | ok |" in (tmp_path / "summary.md").read_text()
+    recipe = summary["recipe"]  # configs/sage_44m_1gpu.yaml end to end, at toy sizes
+    assert recipe["tasks"] == 2 and 0 <= recipe["student_ttt_arc_prize_score"] <= 1
+    assert json.loads((tmp_path / "recipe_report" / "submission.json").read_text())
