@@ -3,9 +3,10 @@
     bash benchmarks/gpu_check.sh                       # on one GPU: at most ~9 minutes (--budget-s)
     bash benchmarks/gpu_check.sh --cpu-smoke           # every stage at toy sizes on a CPU (in the tests)
     bash benchmarks/gpu_check.sh --out DIR --only device,train
+    bash benchmarks/gpu_check.sh --only recipe --budget-s 600   # the one-GPU recipe, a loan of its own
 
 Stages, in order, each in its own process with a time limit (one failing does not stop the others;
---cpu-smoke runs extraction, train and ttt beside the other five, two stages at a time):
+--cpu-smoke runs extraction, train, ttt and recipe beside the other five, two stages at a time):
 
   device         the card, its memory and capability, native bf16, driver, torch/CUDA/transformers
   throughput     sage_44m training throughput and MFU against the measured matmul peak and the
@@ -359,7 +360,7 @@ def child_oom(smoke: bool, out: Path) -> dict[str, Any]:
 
     sizes = SMOKE if smoke else GPU
     base = [*sizes.model, f"run.checkpoint_dir={out / 'checkpoints'}", f"run.log_dir={out / 'logs'}",
-            f"train.batch_size={sizes.oom_batch}", "distill.weight=0", "data.num_workers=0"]
+            f"train.batch_size={sizes.oom_batch}", "train.tokens_per_step=0", "distill.weight=0", "data.num_workers=0"]
     train(load_config(sizes.config, [*base, "run.name=oom_uncapped"]), stop_after_steps=3, echo=False)
     figures: dict[str, Any] = {"batch_size": sizes.oom_batch}
     faults = FaultInjection.parse(["oom:train:2"]) if smoke else None
