@@ -8,7 +8,11 @@ falls in a shape bucket: its context length rounded up by `sage.encoding.buckete
 answer canvas side rounded up to `CANVAS_BUCKET`. An example costs that length plus the canvas's
 cells, and a bucket's batches take as many examples as fit in the budget (at least one). The number
 of batches an epoch is the same every epoch (bucket membership does not change), so schedules,
-resuming mid-epoch and torchrun's slices work as with a fixed batch size.
+resuming mid-epoch and torchrun's slices work as with a fixed batch size. One difference under
+torchrun: a global batch with fewer examples than processes cannot be split and is dropped, which
+with a fixed batch size only ever hits the last batch, and here may hit a bucket's last batch or an
+example costing more than one process's budget (tests/test_token_batches.py checks the slices;
+how many examples an epoch loses this way is not measured yet).
 """
 
 from __future__ import annotations
