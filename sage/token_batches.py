@@ -11,8 +11,9 @@ of batches an epoch is the same every epoch (bucket membership does not change),
 resuming mid-epoch and torchrun's slices work as with a fixed batch size. One difference under
 torchrun: a global batch with fewer examples than processes cannot be split and is dropped, which
 with a fixed batch size only ever hits the last batch, and here may hit a bucket's last batch or an
-example costing more than one process's budget (tests/test_token_batches.py checks the slices;
-how many examples an epoch loses this way is not measured yet).
+example costing more than one process's budget (tests/test_token_batches.py checks the slices).
+For configs/sage_44m_1gpu.yaml at 32,768 tokens a process: 4, 11 and 37 of 2,413 examples an epoch
+on 2, 4 and 8 processes, buckets' last batches, other examples every epoch (shuffled).
 """
 
 from __future__ import annotations
