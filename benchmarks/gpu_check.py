@@ -105,10 +105,15 @@ class Check:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
-    def run_args(self) -> list[str]:
+    def paths(self) -> list[str]:
         """--set overrides that keep every artefact of the check inside OUT."""
         return [f"run.checkpoint_dir={self.out / 'checkpoints'}", f"run.log_dir={self.out / 'logs'}",
-                f"teacher.cache_dir={self.out / 'features'}", *self.sizes.model]
+                f"teacher.cache_dir={self.out / 'features'}"]
+
+    @property
+    def run_args(self) -> list[str]:
+        """The paths and the sizes' model and data overrides, as most stages run their config."""
+        return [*self.paths, *self.sizes.model]
 
     def sets(self, *extra: str) -> list[str]:
         return [a for o in [*self.run_args, *extra] for a in ("--set", o)]
@@ -258,7 +263,7 @@ def stage_recipe(check: Check) -> dict[str, Any]:
     evaluation tasks, report.md and submission.json in OUT/recipe_report. On a GPU it runs alone
     (`--only recipe --budget-s 600`): the plan is 5 + 4 minutes."""
     started = time.time()
-    sets = [a for o in [*check.run_args[:2], "run.name=recipe", *check.sizes.recipe_train] for a in ("--set", o)]
+    sets = [a for o in [*check.paths, "run.name=recipe", *check.sizes.recipe_train] for a in ("--set", o)]
     check.run("recipe", [sys.executable, "train_sage.py", "--config", RECIPE, *sets])
     trained = time.time()
     report_dir = check.out / "recipe_report"

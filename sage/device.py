@@ -41,6 +41,11 @@ def release_cached_memory(device: torch.device, after: str, log: Callable[[str],
     before = torch.cuda.memory_reserved(device)
     torch.cuda.empty_cache()
     now = torch.cuda.memory_reserved(device)
-    log(f"memory after {after}: {before / 2**30:.2f} GiB reserved -> {now / 2**30:.2f} GiB "
-        f"({torch.cuda.memory_allocated(device) / 2**30:.2f} GiB in use)")
+    log(memory_line(after, before, now, torch.cuda.memory_allocated(device)))
     return before, now
+
+
+def memory_line(after: str, reserved_before: int, reserved_now: int, in_use: int) -> str:
+    """release_cached_memory's log line (bytes in, GiB out); MEMORY_LINE reads it back."""
+    return (f"memory after {after}: {reserved_before / 2**30:.2f} GiB reserved -> {reserved_now / 2**30:.2f} GiB "
+            f"({in_use / 2**30:.2f} GiB in use)")

@@ -314,7 +314,7 @@ def answer_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task
     earlier = {t.id: earlier[t.id] for t in tasks if t.id in earlier}
     if resume:
         log(f"resuming: {len(earlier)} of {len(tasks)} tasks already answered in {finished.directory}")
-    weights = planned_work(tasks, tuning)
+    weights = planned_work(tasks, tuning if progress else None)  # planning 400 tasks takes seconds: only for a bar
     bar = tqdm(total=sum(weights.values()), desc="tasks", unit="TFLOP" if tuning else "task", disable=not progress,
                file=sys.stderr, dynamic_ncols=True, bar_format=None if tuning is None else
                "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} TFLOP [{elapsed}<{remaining}{postfix}]")

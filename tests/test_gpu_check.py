@@ -33,3 +33,13 @@ def test_every_stage_runs_at_toy_sizes_on_a_cpu(tmp_path):
     recipe = summary["recipe"]  # configs/sage_44m_1gpu.yaml end to end, at toy sizes
     assert recipe["tasks"] == 2 and 0 <= recipe["student_ttt_arc_prize_score"] <= 1
     assert json.loads((tmp_path / "recipe_report" / "submission.json").read_text())
+
+
+def test_the_check_reads_back_the_memory_lines_training_logs():
+    """On CUDA training logs what each phase left reserved (sage.device.release_cached_memory); the
+    GPU check's train stage reads those lines back with MEMORY_LINE: format and pattern must agree."""
+    from sage.device import MEMORY_LINE, memory_line
+
+    log = "\n".join(f"2026-12-05 10:00:00 | {line}" for line in (
+        memory_line("the teacher cache", 6 * 2**30, 2**28, 2**27), memory_line("training", 12 * 2**30, 0, 0)))
+    assert MEMORY_LINE.findall(log) == [("the teacher cache", "6.00", "0.25"), ("training", "12.00", "0.00")]
