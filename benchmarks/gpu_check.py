@@ -15,8 +15,9 @@ Stages, in order, each in its own process with a time limit (one failing does no
   extraction     the tiny GR00T teacher (real architecture, random weights) extracting ARC-AGI-1
                  training's features on the device (extract_groot_features.py; prompts/s)
   train          two real sage_44m epochs distilling those features (train_sage.py)
-  ttt            evaluate.py --ttt on a handful of ARC-AGI-1 evaluation tasks, one task in flight
-                 and several (--workers)
+  ttt            evaluate.py --ttt on a handful of ARC-AGI-1 evaluation tasks: one task at a time,
+                 several processes (--workers), several tasks in one pass (ttt.tasks_in_flight);
+                 tuning examples/s and whether the answers match one task at a time
   teacher_speed  the full-size GR00T N1.5 backbone (random weights) against the student, time per
                  task (benchmarks/bench.py --only speed)
   oom            a real CUDA out-of-memory error (memory fraction capped below a measured step's
@@ -33,6 +34,7 @@ each stage's command output in OUT/<stage>.log. Exit code 1 when a stage failed.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import subprocess
@@ -71,7 +73,8 @@ class Sizes:
     compile_backend: str
     oom_batch: int
     ttt: list[str]  # evaluate.py arguments
-    ttt_workers: tuple[int, ...]  # one evaluation per entry, with that many tasks in flight
+    # One evaluation per arm, on the same tasks: (name, evaluate.py arguments); the first is one task at a time.
+    ttt_arms: tuple[tuple[str, tuple[str, ...]], ...]
     speed_teacher: str
     speed_tasks: int
     step_tokens: tuple[int, ...]  # train.tokens_per_step values the throughput stage also measures
@@ -80,10 +83,13 @@ class Sizes:
 
 
 GPU = Sizes("configs/sage_44m.yaml", TINY_TEACHER, (5, 120), 4.0, 12, "inductor", 32,
-            ["--limit", "8", "--set", "ttt.steps=100"], (1, 4), "groot-n1.5", 3, (8192, 32768, 131072),
+            ["--limit", "8", "--set", "ttt.steps=100"],
+            (("one_at_a_time", ()), ("workers_4", ("--workers", "4")), ("in_flight_8", ("--set", "ttt.tasks_in_flight=8"))),
+            "groot-n1.5", 3, (8192, 32768, 131072),
             [], [])
 SMOKE = Sizes("configs/quickstart.yaml", SMOKE_MODEL, (1, 2), 0.05, 4, "eager", 8,
-              ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=3", "--set", "ttt.batch_size=2"], (2,),
+              ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=3", "--set", "ttt.batch_size=2"],
+              (("one_at_a_time", ()), ("workers_2", ("--workers", "2")), ("in_flight_2", ("--set", "ttt.tasks_in_flight=2"))),
               "groot-n1.5-tiny", 1, (2048,),
               [*SMOKE_MODEL, "train.epochs=1", "train.tokens_per_step=2048", "data.num_workers=0"],
               ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=2", "--device", "cpu"])
@@ -231,17 +237,25 @@ def stage_ttt(check: Check) -> dict[str, Any]:
     if not checkpoint.is_dir():
         raise StageFailed(f"needs the train stage's checkpoint {checkpoint}")
     figures = {}
-    for workers in check.sizes.ttt_workers:
-        report_dir = check.out / f"ttt_workers_{workers}"
+    first = None
+    for name, arm in check.sizes.ttt_arms:
+        report_dir = check.out / f"ttt_{name}"
         started = time.time()
         check.run("ttt", [sys.executable, "evaluate.py", "--checkpoint", str(checkpoint), "--ttt", "--views", "2",
-                          "--speed-tasks", "0", "--pictures", "0", "--no-progress", "--workers", str(workers),
-                          "--out", str(report_dir),
-                          *check.sizes.ttt, *(["--device", "cpu"] if check.smoke else [])])
+                          "--speed-tasks", "0", "--pictures", "0", "--no-progress", "--out", str(report_dir),
+                          *check.sizes.ttt, *arm, *(["--device", "cpu"] if check.smoke else [])])
+        wall = time.time() - started
         report = json.loads((report_dir / "report.json").read_text())
-        tasks = report["protocol"]["tasks_scored"]
-        figures[f"workers_{workers}"] = {"tasks": tasks, "wall_seconds": round(time.time() - started, 1),
-                                         "score_with_ttt": report["scores"]["student_ttt"]["arc_prize_score"]}
+        with open(report_dir / "per_task.csv", newline="") as f:
+            steps = sum(int(row["ttt_steps"]) for row in csv.DictReader(f))
+        # Tuning examples a second over the whole command (start-up and answering included: the same in every arm).
+        examples = steps * report["settings"]["ttt_config"]["batch_size"]
+        submission = (report_dir / "submission.json").read_bytes()
+        first = first or submission
+        figures[name] = {"tasks": report["protocol"]["tasks_scored"], "wall_seconds": round(wall, 1),
+                         "ttt_examples_per_second": round(examples / wall, 1),
+                         "score_with_ttt": report["scores"]["student_ttt"]["arc_prize_score"],
+                         "same_answers_as_one_at_a_time": submission == first}
     return figures
 
 

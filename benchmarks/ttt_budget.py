@@ -13,7 +13,8 @@ tuned tasks, spread by step cost, fits seconds per step = a + b x estimated FLOP
 FLOPs estimate leaves out, numpy encoding, small kernels, the optimiser), and estimates the run's
 TTT time with --workers 1-thread workers. The estimate leaves out answering the test inputs.
 --tflops and --step-ms estimate it for another device from its measured throughput and fixed cost
-a step (the H200's: ~450 TFLOP/s for the work plus ~38 ms a step, docs/results/gpu_check_h200.md).
+a step (the H200's: ~450 TFLOP/s for the work plus ~38 ms a step, docs/results/gpu_check_h200.md);
+with ttt.tasks_in_flight = K the fixed cost is shared by K tasks (a best case: full slots, free padding).
 --against compares the plan with a finished evaluation's per_task.csv (steps and TTT seconds).
 Time is a measurement: it holds for this machine at this load, never across machines.
 """
@@ -74,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         rate = calibrate(loaded.model, cfg, tasks, budgets, args.calibrate, args.calibration_steps)
         source = "calibrated on this machine, now"
     elif args.tflops:
-        rate = (args.step_ms / 1000, 1 / (args.tflops * 1e12))
-        source = f"{args.tflops:g} TFLOP/s and {args.step_ms:g} ms a step, as given"
+        # Tasks tuned at once share a step's fixed cost (sage/task_batched_ttt.py), as long as the
+        # slots stay full and padding the tasks to one shape costs nothing: an estimate's best case.
+        in_flight = cfg.ttt.tasks_in_flight
+        rate = (args.step_ms / 1000 / in_flight, 1 / (args.tflops * 1e12))
+        source = (f"{args.tflops:g} TFLOP/s and {args.step_ms:g} ms a step, as given"
+                  + (f", that fixed cost shared by {in_flight} tasks in flight" if in_flight > 1 else ""))
     measured = read_per_task(args.against) if args.against else {}
     print(f"{len(tasks)} tasks of {args.split}; ttt: steps {cfg.ttt.steps}, flops {cfg.ttt.flops:.3g}, "
           f"min_steps {cfg.ttt.min_steps}, context_demos {cfg.ttt.context_demos}")

@@ -3,7 +3,8 @@
     python -m benchmarks.ttt_speed --checkpoint checkpoints/arc_cpu/best
     python -m benchmarks.ttt_speed --config configs/arc_cpu.yaml          # random weights: speed only
 
-Every arm fine-tunes the same checkpoint on the same tasks (ARC-AGI-1 evaluation tasks up to
+An arm may tune several tasks at once (ttt.tasks_in_flight=K). Every arm fine-tunes the same
+checkpoint on the same tasks (ARC-AGI-1 evaluation tasks up to
 --max-grid-side, spread by size) for the same number of steps, one after the other in this process,
 and is timed whole: encoding batches and every step.
 A supervised example is one leave-one-out example in one step's batch (steps x ttt.batch_size).
@@ -33,6 +34,7 @@ from sage.datasets import load_dataset  # noqa: E402
 from sage.model import build_model  # noqa: E402
 from sage.predict import blind, load_model  # noqa: E402
 from sage.speed import machine_description, speed_sample  # noqa: E402
+from sage.task_batched_ttt import TaskBatchedTrainer, plan_jobs  # noqa: E402
 from sage.ttt import TestTimeTrainer, Tuning  # noqa: E402
 
 
@@ -89,17 +91,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def time_arm(model: torch.nn.Module, cfg: ExperimentConfig, tasks: Sequence[Task], device: torch.device) -> dict:
-    """Fine-tune on every task in turn (the original weights back after each); time it all."""
-    trainer = TestTimeTrainer(model, Tuning.of(cfg), device)
-    seconds, examples, last = 0.0, 0, []
-    for task in tasks:
-        started = time.perf_counter()
-        with trainer.tuned(blind(task)) as stats:
-            pass
-        seconds += time.perf_counter() - started
-        examples += stats.steps * cfg.ttt.batch_size
-        last.append(stats.last_loss)
-    settings = {k: getattr(cfg.ttt, k) for k in ("batch_size", "context_demos", "lr")}
+    """Fine-tune on every task (the original weights back after each), one at a time or, with
+    ttt.tasks_in_flight > 1, that many at once (sage/task_batched_ttt.py); time it all."""
+    tuning = Tuning.of(cfg)
+    started = time.perf_counter()
+    if cfg.ttt.tasks_in_flight > 1:
+        trainer = TaskBatchedTrainer(model, tuning, device)
+        stats = [s for _, s in trainer.tune(plan_jobs([blind(t) for t in tasks], tuning))]
+    else:
+        trainer, stats = TestTimeTrainer(model, tuning, device), []
+        for task in tasks:
+            with trainer.tuned(blind(task)) as task_stats:
+                stats.append(task_stats)
+    seconds = time.perf_counter() - started
+    examples = sum(s.steps for s in stats) * cfg.ttt.batch_size
+    last = [s.last_loss for s in stats]
+    settings = {k: getattr(cfg.ttt, k) for k in ("batch_size", "context_demos", "lr", "tasks_in_flight")}
     return {"seconds": seconds, "examples": examples, "examples_per_second": examples / seconds,
             "median_last_loss": statistics.median(last), "ttt": settings}
 

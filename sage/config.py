@@ -212,6 +212,12 @@ class TTTConfig:
     # miss them, but two runs of half the recipe's steps underfit and lost held-out tasks
     # (docs/results/ttt.md): raise steps with runs.
     runs: int = 1
+    # Tasks tuned at once (sage/task_batched_ttt.py): each in-flight task's own weights, AdamW state,
+    # clipping and step budget, all of them in one forward and backward pass a step; a task whose
+    # budget ends leaves and the next joins. The same steps, losses and answers as 1, one task at a
+    # time; more tasks fill a GPU whose small steps are launch-bound. Its cost: K copies of the weights
+    # and AdamW's moments.
+    tasks_in_flight: int = 1
 
 
 @dataclass
@@ -568,6 +574,7 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
          f"ttt.flops and ttt.min_steps must be >= 0 (0: no budget, no minimum), got {tt.flops}, {tt.min_steps}")
     need(tt.batch_size >= 1, f"ttt.batch_size must be >= 1, got {tt.batch_size}")
     need(tt.runs >= 1, f"ttt.runs must be >= 1 (independent tuning runs per task), got {tt.runs}")
+    need(tt.tasks_in_flight >= 1, f"ttt.tasks_in_flight must be >= 1 (1: one task at a time), got {tt.tasks_in_flight}")
     need(tt.context_demos is None or tt.context_demos >= 0,
          f"ttt.context_demos must be >= 0 or null (every other demonstration), got {tt.context_demos}")
     need(tt.lr > 0 and tt.grad_clip > 0 and tt.warmup_steps >= 0 and tt.weight_decay >= 0,

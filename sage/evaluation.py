@@ -162,7 +162,8 @@ def evaluate(
     if tuning is not None:
         t = tuning.ttt
         log(f"test-time training per task: {describe_budget(t)}, batch {t.batch_size}, lr {t.lr:g}, "
-            f"tuning {describe_tuning(t)}, on the task's demonstrations only; then the original weights")
+            f"tuning {describe_tuning(t)}, on the task's demonstrations only; then the original weights"
+            + (f"; {t.tasks_in_flight} tasks tuned at once, each on its own weights" if t.tasks_in_flight > 1 else ""))
     if settings.workers > 1:
         log(f"{settings.workers} worker processes, {max(1, torch.get_num_threads() // settings.workers)} "
             "CPU thread(s) each")

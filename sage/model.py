@@ -139,11 +139,13 @@ def dihedral_views(source: torch.Tensor, start: torch.Tensor, stride: torch.Tens
 def dihedral_query_views(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[B, cells, 8]: the test input under each dihedral transform, on the batch's answer canvas
     (cut where the canvas ends)."""
-    width = int(batch["answer_cols"][0].max()) + 1  # canvases are row-major, one shape per batch
+    # Canvases are row-major, one shape per batch; the width stays a tensor (no host sync, and
+    # torch.func.vmap can batch it: sage/task_batched_ttt.py).
+    width = batch["answer_cols"].amax(1, keepdim=True) + 1
     # Each example's test input is h x w: its edge distances at cell (0, 0) are h + 1 and w + 1.
     h = (batch["query_rows_from_end"][:, :1] - 1).clamp(min=0)
     w = (batch["query_cols_from_end"][:, :1] - 1).clamp(min=0)
-    return dihedral_views(batch["query"], torch.zeros_like(h), torch.full_like(h, width), h, w,
+    return dihedral_views(batch["query"], torch.zeros_like(h), width, h, w,
                           batch["answer_rows"], batch["answer_cols"])
 
 

@@ -7,6 +7,8 @@ config) the same again after test-time training on each task, in one process or 
     TaskSolver.solve(task)    the checkpoint's answer, then (--ttt) the answer after sage/ttt.py tuned a
                               copy on the task's demonstrations (ttt.runs times: the run that fitted
                               them best answers); the original weights come back
+    TaskSolver.solve_many     the same for many tasks; with ttt.tasks_in_flight > 1 their tuning runs
+                              that many at once (sage/task_batched_ttt.py)
     solve_tasks(...)          every task, one at a time or spread over worker processes (a small model
                               on a CPU uses the cores better as 1-thread processes than as one
                               multi-thread process)
@@ -19,9 +21,10 @@ from __future__ import annotations
 import math
 import multiprocessing
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +45,7 @@ from sage.encoding import (
 )
 from sage.model import PREDATING_DEFAULTS, build_model
 from sage.step import Autocast, to_device
+from sage.task_batched_ttt import TaskBatchedTrainer, plan_jobs
 from sage.ttt import TestTimeTrainer, TTTStats, Tuning, pooled_stats
 from sage.voting import Candidate, vote
 from sage.voting import attempts as top_attempts
@@ -270,14 +274,23 @@ class TaskOutcome:
 
 
 class TaskSolver:
-    """Answers tasks one at a time (see the module docstring)."""
+    """Answers tasks (see the module docstring): with ttt.tasks_in_flight > 1 their test-time
+    training runs several tasks at once (sage/task_batched_ttt.py), else one task at a time."""
 
     def __init__(self, loaded: LoadedModel, device: torch.device, n_views: int, seed: int, batch_size: int,
                  tuning: Tuning | None = None) -> None:
         self.predictor = Predictor(loaded, device, n_views, seed, batch_size)
-        self.trainer = None if tuning is None else TestTimeTrainer(loaded.model, tuning, device)
+        self.tuning, self.trainer, self.batched = tuning, None, None
+        if tuning is not None and tuning.ttt.tasks_in_flight > 1:
+            self.batched = TaskBatchedTrainer(loaded.model, tuning, device)
+            # Answers after tuning come from the trainer's copy, which holds one task's tuned weights at a time.
+            self.tuned_predictor = Predictor(replace(loaded, model=self.batched.answering), device, n_views, seed,
+                                             batch_size)
+        elif tuning is not None:
+            self.trainer = TestTimeTrainer(loaded.model, tuning, device)
 
     def solve(self, task: Task) -> TaskOutcome:
+        """One task's outcome, its tuning one task at a time."""
         plain = self.predictor.predict(task)
         if self.trainer is None:
             return TaskOutcome(plain)
@@ -288,7 +301,30 @@ class TaskSolver:
             stats.append(run_stats)
             if not run_stats.steps:
                 break  # nothing tuned: another run would answer exactly as this one did
-        # The run that fitted the demonstrations best answers; nan (no steps) never wins over a loss.
+        return self._outcome(task, plain, answers, stats)
+
+    def solve_many(self, tasks: Sequence[Task]) -> Iterator[tuple[int, TaskOutcome]]:
+        """Each task's (index in `tasks`, outcome), as it finishes."""
+        if self.batched is None:
+            for i, task in enumerate(tasks):
+                yield i, self.solve(task)
+            return
+        index = {task.id: i for i, task in enumerate(tasks)}
+        jobs = plan_jobs([blind(t) for t in tasks], self.batched.tuning)
+        runs_left = Counter(job.task.id for job in jobs)
+        done: dict[str, list[tuple[int, ViewAnswers, TTTStats]]] = {task.id: [] for task in tasks}
+        for job, stats in self.batched.tune(jobs):
+            task = tasks[index[job.task.id]]
+            done[task.id].append((job.run, self.tuned_predictor.answer_views(task), stats))
+            runs_left[task.id] -= 1
+            if not runs_left[task.id]:
+                runs = sorted(done.pop(task.id), key=lambda r: r[0])
+                yield index[task.id], self._outcome(task, self.predictor.predict(task), [r[1] for r in runs],
+                                                    [r[2] for r in runs])
+
+    def _outcome(self, task: Task, plain: TaskPrediction, answers: list[ViewAnswers],
+                 stats: list[TTTStats]) -> TaskOutcome:
+        """The run that fitted the demonstrations best answers; nan (no steps) never wins over a loss."""
         best = min(range(len(stats)), key=lambda r: (math.isnan(stats[r].last_loss), stats[r].last_loss))
         return TaskOutcome(plain, self.predictor.decide(task, answers[best]), pooled_stats(stats))
 
@@ -315,9 +351,17 @@ def _start_worker(checkpoint: str, devices: Any, n_views: int, seed: int, batch_
     _worker_solver = TaskSolver(loaded, torch.device(device), n_views, seed, batch_size, tuning)
 
 
-def _solve_in_worker(item: tuple[int, Task]) -> tuple[int, TaskOutcome]:
+def _solve_in_worker(chunk: list[tuple[int, Task]]) -> list[tuple[int, TaskOutcome]]:
     assert _worker_solver is not None
-    return item[0], _worker_solver.solve(item[1])
+    return [(chunk[i][0], outcome) for i, outcome in _worker_solver.solve_many([task for _, task in chunk])]
+
+
+def worker_chunks(tasks: Sequence[Task], tuning: Tuning | None) -> list[list[tuple[int, Task]]]:
+    """What a worker takes at a time: one task, or with ttt.tasks_in_flight = K, 4K tasks, so that
+    its K slots stay full for most of a chunk (they drain at its end) and a kill loses little."""
+    size = 1 if tuning is None or tuning.ttt.tasks_in_flight == 1 else 4 * tuning.ttt.tasks_in_flight
+    numbered = list(enumerate(tasks))
+    return [numbered[i:i + size] for i in range(0, len(numbered), size)]
 
 
 def solve_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task], n_views: int, seed: int,
@@ -328,10 +372,9 @@ def solve_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task]
     CPU threads); `on_done` is called as each task finishes, in whatever order they finish."""
     outcomes: list[TaskOutcome | None] = [None] * len(tasks)
     if workers <= 1:
-        solver = TaskSolver(loaded, device, n_views, seed, batch_size, tuning)
-        for i, task in enumerate(tasks):
-            outcomes[i] = solver.solve(task)
-            on_done(task, outcomes[i])
+        for i, outcome in TaskSolver(loaded, device, n_views, seed, batch_size, tuning).solve_many(tasks):
+            outcomes[i] = outcome
+            on_done(tasks[i], outcome)
         return outcomes  # type: ignore[return-value]
     threads = max(1, torch.get_num_threads() // workers)
     # spawn, not fork: a forked child of a process that already ran OpenMP threads can hang.
@@ -341,7 +384,8 @@ def solve_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task]
         devices.put(name)
     args = (str(loaded.path), devices, n_views, seed, batch_size, tuning, threads, loaded.cfg.run.precision)
     with context.Pool(workers, initializer=_start_worker, initargs=args) as pool:
-        for i, outcome in pool.imap_unordered(_solve_in_worker, list(enumerate(tasks))):
-            outcomes[i] = outcome
-            on_done(tasks[i], outcome)
+        for chunk in pool.imap_unordered(_solve_in_worker, worker_chunks(tasks, tuning)):
+            for i, outcome in chunk:
+                outcomes[i] = outcome
+                on_done(tasks[i], outcome)
     return outcomes  # type: ignore[return-value]

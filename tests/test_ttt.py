@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import REPO, independent_arc_prize_score, run_main, write_tasks
+from tiny import REPO, independent_arc_prize_score, run_main, unseen_tasks, write_tasks
 
 import evaluate as evaluate_cli
 from sage.arc import Pair, load_task_dir
@@ -23,7 +23,6 @@ from sage.errors import ConfigError, TestOutputVisible
 from sage.evaluation import EvalSettings, evaluate
 from sage.predict import blind, load_model
 from sage.recovery import FaultInjection
-from sage.synthetic import generate_tasks
 from sage.ttt import TestTimeTrainer, Tuning, finetune, task_budget, ttt_examples
 
 TTT = ["ttt.steps=25", "ttt.batch_size=4", "ttt.lr=3e-3", "ttt.warmup_steps=2"]
@@ -35,8 +34,7 @@ def workspace(tmp_path_factory, tiny_run):
     """A tiny student trained one epoch on synthetic tasks (conftest.py's tiny_run, read only), and a
     directory of 6 unseen ones (3 up to 4x4, 3 of 4x4 to 5x5) in this module's own folder."""
     root = tmp_path_factory.mktemp("ttt")
-    tasks = [t for seed, side in ((7, 4), (8, 5)) for t in generate_tasks(
-        num_tasks=3, seed=seed, transforms=["recolour", "flip_lr"], min_side=side - 1, max_side=side, demos=3)]
+    tasks = unseen_tasks()
     return {"root": root, "checkpoint": tiny_run.checkpoints / "best", "tasks": tasks,
             "split": write_tasks(tasks, root / "unseen")}
 

@@ -21,6 +21,7 @@ from sage.arc import Augmentation, Pair, Task
 from sage.config import load_config
 from sage.overlap import DEMONSTRATIONS, TEST_INPUT, WHOLE_TASK
 from sage.runlog import read_metrics
+from sage.synthetic import generate_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -112,6 +113,13 @@ ORACLE_TINY = [
 ]
 
 # ----------------------------------------------------------------------------- tasks and files
+
+
+def unseen_tasks() -> list[Task]:
+    """6 synthetic tasks no tiny run trained on (3 up to 4x4, 3 of 4x4 to 5x5): what test-time
+    training tunes on in tests/test_ttt.py and tests/test_task_batched_ttt.py."""
+    return [t for seed, side in ((7, 4), (8, 5)) for t in generate_tasks(
+        num_tasks=3, seed=seed, transforms=["recolour", "flip_lr"], min_side=side - 1, max_side=side, demos=3)]
 
 
 def write_tasks(tasks: Sequence[Task], directory: Path) -> Path:
