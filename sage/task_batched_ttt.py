@@ -140,7 +140,8 @@ class StackedWeights:
         grad.mul_((grad_clip / (norms + 1e-6)).clamp(max=1.0))
         lr, step = lrs.unsqueeze(1), steps.unsqueeze(1).float()
         beta1, beta2 = betas
-        self.flat.mul_(1 - lr * weight_decay * self.decays)
+        if weight_decay:  # a full pass over every slot's weights: skipped when there is none (TTT's default)
+            self.flat.mul_(1 - lr * weight_decay * self.decays)
         self.exp_avg.lerp_(grad, 1 - beta1)
         self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step_size = lr / (1 - beta1**step)
