@@ -72,7 +72,7 @@ from sage.datasets import load_dataset  # noqa: E402
 from sage.device import resolve_device  # noqa: E402
 from sage.distill import TeacherTargets  # noqa: E402
 from sage.encoding import PAD, ARCExamples, LengthBucketSampler, collate, uses_shape_buckets  # noqa: E402
-from sage.model import build_model  # noqa: E402
+from sage.model import attention_kernel, build_model  # noqa: E402
 from sage.recovery import FaultInjection, MicroBatch  # noqa: E402
 from sage.step import Autocast, compute_losses, make_optimizer, read_steps, to_device, train_step, unwrap  # noqa: E402
 from sage.teacher.settings import TeacherConfig  # noqa: E402
@@ -272,7 +272,8 @@ def train_section(cfg: ExperimentConfig, device: torch.device, data: Data, steps
         f"{cfg.data.num_workers} data workers, teacher targets: {data.teacher}")
     run = take_timed_steps(model, optimizer, loader, cfg, device, autocast, steps, warmup, log)
     components, check = count_timed_step_flops(run, unwrap(model), cfg, autocast, log)
-    return train_figures(cfg, data, steps, warmup, run.rows, components, check)
+    return {**train_figures(cfg, data, steps, warmup, run.rows, components, check),
+            "attention_kernel": attention_kernel(cfg.model, device, autocast.dtype)}
 
 
 def take_timed_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any, cfg: ExperimentConfig,
@@ -356,6 +357,8 @@ def train_figures(cfg: ExperimentConfig, data: Data, steps: int, warmup: int, ti
         "data_wait_share": sum(r["data_s"] for r in timed) / total_s,
         "new_shape_steps": steps - len(repeated),
         "repeated_shape_step_seconds_mean": repeated_s / len(repeated) if repeated else None,
+        "new_shape_step_seconds_mean": ((total_s - repeated_s) / (steps - len(repeated))
+                                        if steps > len(repeated) else None),
         "repeated_shape_flops_per_second": sum(r["flops"] for r in repeated) / repeated_s if repeated else None,
         "context_padding_share": 1 - sum(r["context_tokens"] for r in timed) / sum(
             r["examples"] * r["padded_context"] for r in timed),
@@ -765,6 +768,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.run.device)
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     started = time.perf_counter()
 
     def log(message: str) -> None:
@@ -806,6 +811,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--peak-seconds", type=float, default=4.0,
                         help="seconds of matmuls per peak measurement, before and after training (default 4)")
     parser.add_argument("--json", default=None, help="output JSON (default benchmarks/results/<config>-<device>.json)")
+    parser.add_argument("--no-cudnn-attention", action="store_true",
+                        help="keep torch's attention off cuDNN's kernel (it builds a plan per new shape): the "
+                             "GPU check's attention stage compares the two")
     args = parser.parse_args(argv)
     sections = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = sorted(set(sections) - set(SECTIONS + OPTIONAL_SECTIONS))

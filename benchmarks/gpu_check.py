@@ -12,6 +12,8 @@ Stages, in order, each in its own process with a time limit (one failing does no
   throughput     sage_44m training throughput and MFU against the measured matmul peak and the
                  card's spec-sheet peak (benchmarks/bench.py --only train: the real step, random
                  teacher targets), as configured and at 8k, 32k and 128k tokens a step
+  attention      the same steps with torch's attention free to pick cuDNN's kernel and kept off it:
+                 the kernel each picked, the cost of a step with a new shape and of a repeated one
   extraction     the tiny GR00T teacher (real architecture, random weights) extracting ARC-AGI-1
                  training's features on the device (extract_groot_features.py; prompts/s)
   train          two real sage_44m epochs distilling those features (train_sage.py)
@@ -94,7 +96,7 @@ SMOKE = Sizes("configs/quickstart.yaml", SMOKE_MODEL, (1, 2), 0.05, 4, "eager", 
               [*SMOKE_MODEL, "train.epochs=1", "train.tokens_per_step=2048", "data.num_workers=0"],
               ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=2", "--device", "cpu"])
 # Seconds a stage's command may take at most (on the H200 the first seven stages took 311 s in all).
-LIMITS = {"device": 60, "throughput": 600, "extraction": 150, "train": 300, "ttt": 240, "teacher_speed": 180,
+LIMITS = {"device": 60, "throughput": 600, "attention": 240, "extraction": 150, "train": 300, "ttt": 240, "teacher_speed": 180,
           "oom": 150, "compile": 300, "recipe": 420}
 
 
@@ -169,14 +171,27 @@ def stage_throughput(check: Check) -> dict[str, Any]:
     return figures
 
 
-def bench_train(check: Check, name: str, *sets: str) -> dict[str, Any]:
+def stage_attention(check: Check) -> dict[str, Any]:
+    """The same training steps with torch's attention free to pick cuDNN's kernel (which builds a
+    plan per new shape) and kept off it: the kernel each picked, new-shape and repeated-shape steps."""
+    kept = ("attention_kernel", "step_seconds", "new_shape_steps", "new_shape_step_seconds",
+            "repeated_shape_step_seconds", "examples_per_second")
+    figures = {}
+    for arm, flags in (("default", ()), ("no_cudnn", ("--no-cudnn-attention",))):
+        at = bench_train(check, f"attention-{arm}", stage="attention", flags=flags)
+        figures[arm] = {k: at[k] for k in kept}
+    return figures
+
+
+def bench_train(check: Check, name: str, *sets: str, stage: str = "throughput",
+                flags: tuple[str, ...] = ()) -> dict[str, Any]:
     """benchmarks/bench.py's train section (and the matmul peak) with `sets`, in OUT/<name>.json."""
     warmup, steps = check.sizes.bench_steps
     path = check.out / f"{name}.json"
-    check.run("throughput", [sys.executable, "-m", "benchmarks.bench", "--config", check.sizes.config, "--only",
-                             "train", "--warmup", str(warmup), "--steps", str(steps), "--json", str(path),
-                             "--peak-seconds", str(check.sizes.peak_seconds),
-                             *check.sets(*sets)])
+    check.run(stage, [sys.executable, "-m", "benchmarks.bench", "--config", check.sizes.config, "--only",
+                      "train", "--warmup", str(warmup), "--steps", str(steps), "--json", str(path),
+                      "--peak-seconds", str(check.sizes.peak_seconds), *flags,
+                      *check.sets(*sets)])
     bench = json.loads(path.read_text())
     train, peak = bench["sections"]["train"], bench["sections"]["peak"]
     gpu = bench["machine"].get("gpu") or ""
@@ -189,7 +204,8 @@ def bench_train(check: Check, name: str, *sets: str) -> dict[str, Any]:
             "spec_peak_tflops": spec / 1e12 if spec else None,
             "mfu_vs_spec_peak": train["achieved_flops_per_second"] / spec if spec else None,
             "data_wait_share": train["data_wait_share"], "timed_steps": train["steps"],
-            "new_shape_steps": train["new_shape_steps"],
+            "new_shape_steps": train["new_shape_steps"], "attention_kernel": train["attention_kernel"],
+            "new_shape_step_seconds": train["new_shape_step_seconds_mean"],
             "repeated_shape_step_seconds": train["repeated_shape_step_seconds_mean"],
             "repeated_shape_tflops": (train["repeated_shape_flops_per_second"] / 1e12
                                       if train["repeated_shape_flops_per_second"] is not None else None)}
@@ -296,7 +312,8 @@ def stage_recipe(check: Check) -> dict[str, Any]:
 # Compile runs last: inductor's compilations are the least predictable (on the H200 it outran 180 s).
 # The recipe runs only when named on a GPU (its 9 planned minutes are a loan of their own).
 STAGES: dict[str, Callable[[Check], dict[str, Any]]] = {
-    "device": stage_device, "throughput": stage_throughput, "extraction": stage_extraction, "train": stage_train,
+    "device": stage_device, "throughput": stage_throughput, "attention": stage_attention,
+    "extraction": stage_extraction, "train": stage_train,
     "ttt": stage_ttt, "teacher_speed": stage_teacher_speed, "oom": stage_oom, "compile": stage_compile,
     "recipe": stage_recipe,
 }

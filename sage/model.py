@@ -462,6 +462,29 @@ def build_model(cfg: StudentConfig) -> SageStudent:
     return SageStudent(cfg)
 
 
+# ----------------------------------------------------------------------------- attention kernel
+
+
+ATTENTION_KERNELS = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "memory-efficient",
+                     "CUDNN_ATTENTION": "cuDNN", "MATH": "math (unfused)", "OVERRIDEABLE": "a backend's own"}
+
+
+def attention_kernel(cfg: StudentConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """Which kernel torch's scaled_dot_product_attention picks for this model's attention (a boolean
+    key mask, d_model / n_heads per head) on `device` in `dtype`, as the log and benchmarks say it.
+    cuDNN's builds a plan for every new shape; the flash kernel takes no mask at all."""
+    head = cfg.d_model // cfg.n_heads
+    q = torch.zeros(2, cfg.n_heads, 8, head, device=device, dtype=dtype)
+    mask = torch.ones(2, 1, 1, 8, device=device, dtype=torch.bool)
+    try:  # a private torch function: it may move; the name is for reading only
+        from torch.nn.attention import SDPBackend
+
+        choice = SDPBackend(torch._fused_sdp_choice(q, q, q, mask)).name
+    except Exception:  # noqa: BLE001 - whatever torch changed, training goes on
+        return "unknown"
+    return ATTENTION_KERNELS.get(choice, choice.lower())
+
+
 # ----------------------------------------------------------------------------- cost
 
 

@@ -58,6 +58,10 @@ class Autocast:
     def name(self) -> str:  # for logs and reports
         return "bf16 autocast" if self.enabled else "fp32 (TF32 matmuls)" if self.tf32 else "fp32"
 
+    @property
+    def dtype(self) -> torch.dtype:  # what matmuls and attention compute in
+        return torch.bfloat16 if self.enabled else torch.float32
+
     def __call__(self):  # noqa: ANN204 - a context manager
         return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.enabled)
 

@@ -44,7 +44,14 @@ from sage.encoding import (
 from sage.errors import CheckpointError, TrainingError
 from sage.metric_sinks import WandbSettings
 from sage.metrics import score_baselines
-from sage.model import PREDATING_DEFAULTS, SageStudent, StudentConfig, build_model, parameter_breakdown
+from sage.model import (
+    PREDATING_DEFAULTS,
+    SageStudent,
+    StudentConfig,
+    attention_kernel,
+    build_model,
+    parameter_breakdown,
+)
 from sage.overlap import describe
 from sage.recovery import FaultInjection, MicroBatch, all_finite
 from sage.runlog import RunLog, SilentLog, plot_training_curves, read_metrics
@@ -350,7 +357,8 @@ def log_header(run: Run) -> None:
     untrained distillation head's fidelity (the reference point for distillation)."""
     cfg, log, m, ctx, state = run.cfg, run.log, run.cfg.model, run.ctx, run.state
     train_set, val_set, train_tasks, val_tasks = run.train_set, run.val_set, run.splits.train, run.splits.val
-    log.info(f"run '{cfg.run.name}' on {run.device} ({run.autocast.name}): {m.kind} {run.parameters:,} parameters "
+    log.info(f"run '{cfg.run.name}' on {run.device} ({run.autocast.name}, "
+             f"{attention_kernel(m, run.device, run.autocast.dtype)} attention): {m.kind} {run.parameters:,} parameters "
              f"({', '.join(f'{k} {v:,}' for k, v in parameter_breakdown(run.model).items())})")
     log.info(f"data.train {cfg.data.train}: {run.splits.source}")
     demonstrations_only = sum(map(is_demonstrations_only, train_tasks))

@@ -18,11 +18,13 @@ def test_every_stage_runs_at_toy_sizes_on_a_cpu(tmp_path):
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary) == ["device", "throughput", "extraction", "train", "ttt", "teacher_speed", "oom", "compile",
-                             "recipe"]
+    assert list(summary) == ["device", "throughput", "attention", "extraction", "train", "ttt", "teacher_speed", "oom",
+                             "compile", "recipe"]
     assert all(stage["status"] == "ok" for stage in summary.values()), summary
     assert summary["throughput"]["examples_per_second"] > 0 and summary["extraction"]["prompts"] > 0
     assert summary["throughput"]["by_tokens_per_step"]["2048"]["examples_per_second"] > 0  # batches by tokens
+    attention = summary["attention"]  # the CPU has no cuDNN: both arms pick torch's CPU flash kernel
+    assert attention["default"]["attention_kernel"] == attention["no_cudnn"]["attention_kernel"] == "flash"
     compiled = summary["compile"]
     assert compiled["shape_buckets"]["graphs_compiled"] <= compiled["free_shapes"]["graphs_compiled"]
     assert summary["train"]["epochs"] == 2 and summary["oom"]["halvings"] == ["4"]  # batch 8 went through in 4s

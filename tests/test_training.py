@@ -183,7 +183,7 @@ def test_bf16_precision_runs_the_matmuls_in_bf16_on_a_cpu_too(tmp_path):
     assert torch.backends.cuda.matmul.allow_tf32 and Autocast(cuda, "bf16", native_bf16=False).enabled
     assert Autocast(torch.device("cpu"), "auto", native_bf16=True).name == "fp32"  # auto never picks bf16 on CPUs
     train(tiny_config(tmp_path, "bf16", "run.precision=bf16", "train.epochs=1"), echo=False)
-    assert "on cpu (bf16 autocast)" in (tmp_path / "logs" / "bf16" / "train.log").read_text()
+    assert "on cpu (bf16 autocast, " in (tmp_path / "logs" / "bf16" / "train.log").read_text()
     (epoch,) = epoch_records(tmp_path / "logs" / "bf16")
     assert math.isfinite(epoch["train_loss"]) and math.isfinite(epoch["val_loss"])
 
