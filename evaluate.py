@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="answer tasks in N processes, each with its share of the CPU threads (on a small "
                              "CPU model, 1-thread processes use the cores better than one multi-thread one); "
                              "default 1")
-    parser.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
+    parser.add_argument("--precision", default=None, choices=["auto", "bf16", "fp16", "fp32"],
                         help="autocast for prediction (student and probe) and test-time training (default: each "
                              "checkpoint's run.precision; fp32 on a CPU without bf16 hardware)")
     parser.add_argument("--max-grid-side", type=int, default=None, metavar="N",

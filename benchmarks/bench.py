@@ -1,6 +1,6 @@
 """SAGE performance benchmark: one run on this machine measures, for a model config,
 
-    peak     dense matmul FLOP/s (a torch.mm loop in bf16 under run.precision's autocast, else fp32): the MFU denominator,
+    peak     dense matmul FLOP/s (a torch.mm loop in run.precision's autocast dtype: bf16, fp16 or fp32): the MFU denominator,
              measured before and after training (the higher one is used: the machine may be shared)
     train    training throughput (context + answer tokens/s, examples/s) and MFU: FLOPs of every
              timed step counted by torch.utils.flop_counter.FlopCounterMode (forward + backward on
@@ -194,12 +194,15 @@ def training_setup(cfg: ExperimentConfig, device: torch.device, data: Data,
 
 
 def real_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-              cfg: ExperimentConfig, autocast: Autocast) -> None:
+              cfg: ExperimentConfig, autocast: Autocast, scaler: torch.amp.GradScaler | None = None) -> None:
     """One optimiser step exactly as the training loop takes it (sage.step.train_step: forward,
-    loss, backward, clip, fused AdamW), whole batch at once, and its numbers read back (the loop
-    reads them once per log line; here once per step, which the timing waits for anyway)."""
+    loss, backward, [fp16: unscale,] clip, fused AdamW), whole batch at once, and its numbers read
+    back (the loop reads them once per log line; here once per step, which the timing waits for
+    anyway). An fp16 step skipped for its loss scale counts as a step, as in training."""
     micro = MicroBatch("training", batch["tokens"].shape[0], None, lambda message: None)
-    if read_steps([train_step(model, optimizer, batch, cfg, autocast, micro, FaultInjection(), 0)])[0].skipped:
+    numbers = read_steps([train_step(model, optimizer, batch, cfg, autocast, micro, FaultInjection(), 0,
+                                     scaler=scaler)])[0]
+    if numbers.skipped and not numbers.overflowed:
         raise SystemExit("error: non-finite loss or gradient in a benchmark step")
 
 
@@ -228,11 +231,10 @@ def sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- sections
 
 
-def matmul_peak(device: torch.device, bf16: bool, seconds: float = 4.0) -> dict[str, Any]:
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 4.0) -> dict[str, Any]:
     """Dense matmul FLOP/s: the best of 5 trials of back-to-back torch.mm on n x n operands, in the
-    dtype training runs its matmuls in (bf16 under autocast, run.precision; fp32 otherwise)."""
+    dtype training runs its matmuls in (run.precision's autocast: bf16, fp16, or fp32)."""
     n = 8192 if device.type == "cuda" else 2048
-    dtype = torch.bfloat16 if bf16 else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
     torch.mm(a, b, out=c)
@@ -283,6 +285,7 @@ def take_timed_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
     timed: list[dict[str, Any]] = []
     slices: list[dict[str, torch.Tensor]] = []
     seen_shapes: set[tuple[int, ...]] = set()  # a first-time shape may cost far more (kernel plans, allocator)
+    scaler = autocast.loss_scaler()  # fp16: the loss scale, as training keeps it
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         with record_function("data"):
@@ -291,10 +294,10 @@ def take_timed_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
         batch = to_device(batch, device)
         if i == 0:  # the first warm-up step is the "one real step" counted in full (its time is not used)
             with FlopCounterMode(display=False) as counter:  # counted on the plain model: compile
-                real_step(unwrap(model), optimizer, batch, cfg, autocast)  # would not run under the counter
+                real_step(unwrap(model), optimizer, batch, cfg, autocast, scaler)  # would not run under the counter
             full_batch_flops, check_batch = counter.get_total_flops(), batch
         else:
-            real_step(model, optimizer, batch, cfg, autocast)
+            real_step(model, optimizer, batch, cfg, autocast, scaler)
         sync(device)
         t2 = time.perf_counter()
         B, L = batch["tokens"].shape
@@ -420,7 +423,7 @@ def memory_phase(cfg_dict: dict[str, Any], phase: str, threads: int) -> dict[str
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     if train:
-        real_step(model, optimizer, batch, cfg, autocast)
+        real_step(model, optimizer, batch, cfg, autocast, autocast.loss_scaler())
     else:  # inference mode, as in training; the whole batch at once
         micro = MicroBatch("validation", len(idx), None, lambda message: None)
         validate(model, [batch], device, autocast, cfg.model.grid_size, micro)
@@ -597,6 +600,7 @@ def profile_section(cfg: ExperimentConfig, device: torch.device, data: Data, ste
     autocast = Autocast(device, cfg.run.precision)
     batches = iter(loader)
     forward = model.forward
+    scaler = autocast.loss_scaler()
 
     def labelled_forward(batch: dict[str, torch.Tensor]) -> Any:  # train_step's forward passes, named
         with record_function("forward"):
@@ -607,7 +611,7 @@ def profile_section(cfg: ExperimentConfig, device: torch.device, data: Data, ste
     def step() -> None:
         with record_function("data"):
             batch = next(batches)
-        real_step(model, optimizer, to_device(batch, device), cfg, autocast)
+        real_step(model, optimizer, to_device(batch, device), cfg, autocast, scaler)
 
     log("profile: 1 warm-up step")
     step()
@@ -856,11 +860,11 @@ def train_between_peaks(cfg: ExperimentConfig, device: torch.device, data: Data,
                         peak_seconds: float, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
     """The training section between two matmul peak measurements: (train, the higher peak), MFU set."""
     log("peak: dense matmul loop")
-    bf16 = Autocast(device, cfg.run.precision).enabled
-    before = matmul_peak(device, bf16, peak_seconds)
+    dtype = Autocast(device, cfg.run.precision).dtype
+    before = matmul_peak(device, dtype, peak_seconds)
     log(f"peak: {fmt_flops(before['flops_per_second'])}")
     train = train_section(cfg, device, data, steps, warmup, log)
-    after = matmul_peak(device, bf16, peak_seconds)
+    after = matmul_peak(device, dtype, peak_seconds)
     log(f"peak again after training: {fmt_flops(after['flops_per_second'])}")
     peak = max(before, after, key=lambda p: p["flops_per_second"])
     peak["before_and_after_training"] = [before["flops_per_second"], after["flops_per_second"]]

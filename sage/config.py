@@ -30,7 +30,7 @@ from sage.teacher.presets import PRESETS as TEACHER_PRESETS
 from sage.teacher.presets import TEACHER_NAMES, feature_dim
 from sage.teacher.settings import LEAKING_VIEWS, TeacherConfig, teacher_problems
 
-PRECISIONS = ("auto", "bf16", "fp32")  # run.precision
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # run.precision
 
 # Options removed: measured and not adopted (docs/results/ keeps what each scored), or never used by
 # a config, a protocol or a benchmark. Commit 702e718 is the last that has them. key: its default
@@ -59,11 +59,13 @@ class RunConfig:
     # Seeds the train/validation split, the data order, the augmentations and the initial weights.
     seed: int = 0
     device: str = "auto"  # auto (CUDA if available), cpu, cuda, cuda:N
-    # Matmuls and attention under bf16 autocast (weights, optimiser and losses stay fp32). auto: on
-    # GPUs with native bf16 only (Ampere and later; V100 and T4 emulate it, slower than fp32); bf16:
-    # on any device (a CPU with AVX-512 BF16 or AMX runs them faster; without them it is emulated and
-    # far slower); fp32: never. fp32 on CUDA uses TF32 matmuls. Test-time training and prediction
-    # compute the same way (evaluate.py --precision overrides it).
+    # Matmuls and attention under autocast (weights, optimiser and losses stay fp32). auto: bf16 on
+    # GPUs with native bf16 (Ampere and later), fp16 with loss scaling on older GPUs (V100, T4, RTX
+    # 20xx: bf16 is emulated there, slower than fp32, while fp16 runs on their tensor cores), fp32 on
+    # CPUs. bf16: on any device (a CPU with AVX-512 BF16 or AMX runs them faster; without them it is
+    # emulated and far slower); fp16: on any device, its loss scaled (a step whose gradients overflow
+    # is skipped and counted, the scale halved); fp32: never (TF32 matmuls on CUDA). Test-time
+    # training and prediction compute the same way (evaluate.py --precision overrides it).
     precision: str = "auto"
     checkpoint_dir: str = "checkpoints"  # the run's checkpoints go to <checkpoint_dir>/<name>/
     log_dir: str = "logs"  # train.log, metrics.jsonl, curves.png and config.yaml go to <log_dir>/<name>/

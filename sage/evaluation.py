@@ -325,6 +325,9 @@ def answer_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task
         if task.id not in earlier:  # answered now, not read back from an earlier run
             if finished is not None:
                 finished.add(task.id, outcome)
+            if outcome.ttt is not None and outcome.ttt.overflow_steps:
+                log(f"task {task.id}: {outcome.ttt.overflow_steps} of its {outcome.ttt.steps} test-time training "
+                    "steps were skipped: their fp16 gradients overflowed the loss scale (then halved)")
             if outcome.ttt is not None and outcome.ttt.micro_batch:
                 log(f"task {task.id}: out of memory in test-time training: it ran {outcome.ttt.micro_batch} "
                     f"examples per forward pass instead of {tuning.ttt.batch_size} (gradients accumulated: "

@@ -1,11 +1,11 @@
-"""One optimiser step, shared by training, test-time training and the benchmarks: bf16 autocast,
-AdamW, the learning-rate schedule, the loss of one batch, and the step itself.
+"""One optimiser step, shared by training, test-time training and the benchmarks: autocast (bf16,
+or fp16 with loss scaling), AdamW, the learning-rate schedule, the loss of one batch, and the step.
 
 - `train_step`: the training objective (task cross-entropy + weighted feature distillation,
   `compute_losses`) on one batch, pushed through the model in pieces when out of memory halved
   them (gradients accumulated so the step still sees the whole batch), under torchrun with the
   gradients averaged over processes once every process has finished its pieces; skipped when the
-  loss or a gradient is not finite.
+  loss or a gradient is not finite (in fp16, gradients that overflowed the loss scale: `overflowed`).
 - `tuning_step`: test-time training's step, the task cross-entropy alone on one small batch.
 """
 
@@ -40,14 +40,27 @@ def has_native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+# fp16's loss scale at the start of a run and of each task's test-time training (torch's default),
+# halved after every step whose gradients overflow, doubled after GROWTH_INTERVAL steps without one.
+INITIAL_LOSS_SCALE = 2.0**16
+GROWTH_INTERVAL = 2000
+
+
 class Autocast:
-    """bf16 autocast where run.precision asks for it: "auto" on devices with native bf16 only
-    (`has_native_bf16`), "bf16" on any device, "fp32" never. fp32 on CUDA lets matmuls use TF32
-    tensor cores (10-bit mantissa inputs, fp32 accumulation), as training in fp32 on Ampere+ should."""
+    """The precision matmuls and attention run in, as run.precision asks: "auto" picks bf16 on GPUs
+    with native bf16 (`has_native_bf16`), fp16 on older GPUs (compute capability below 8.0: V100,
+    T4, RTX 20xx), fp32 on CPUs; "bf16", "fp16" and "fp32" force one on any device. Weights,
+    optimiser state and losses stay fp32. fp16's narrow range needs its loss scaled
+    (`loss_scaler`): a step whose scaled gradients overflow is skipped and the scale halved. fp32 on
+    CUDA lets matmuls use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation)."""
 
     def __init__(self, device: torch.device, precision: str = "auto", native_bf16: bool | None = None) -> None:
         native = has_native_bf16(device) if native_bf16 is None else native_bf16
-        self.enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda" and native)
+        if precision == "auto":
+            precision = "fp32" if device.type != "cuda" else "bf16" if native else "fp16"
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        self.enabled = self.dtype != torch.float32
+        self.scales_loss = self.dtype == torch.float16
         self.device_type = device.type
         self.tf32 = device.type == "cuda" and not self.enabled
         if self.tf32:
@@ -56,14 +69,19 @@ class Autocast:
 
     @property
     def name(self) -> str:  # for logs and reports
-        return "bf16 autocast" if self.enabled else "fp32 (TF32 matmuls)" if self.tf32 else "fp32"
+        if self.enabled:
+            return "fp16 autocast, loss scaling" if self.scales_loss else "bf16 autocast"
+        return "fp32 (TF32 matmuls)" if self.tf32 else "fp32"
 
-    @property
-    def dtype(self) -> torch.dtype:  # what matmuls and attention compute in
-        return torch.bfloat16 if self.enabled else torch.float32
+    def loss_scaler(self) -> torch.amp.GradScaler | None:
+        """A fresh loss scaler for fp16, None otherwise (nothing to scale)."""
+        if not self.scales_loss:
+            return None
+        return torch.amp.GradScaler(self.device_type, init_scale=INITIAL_LOSS_SCALE, growth_interval=GROWTH_INTERVAL)
 
     def __call__(self):  # noqa: ANN204 - a context manager
-        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.enabled)
+        return torch.autocast(self.device_type, dtype=self.dtype if self.enabled else torch.bfloat16,
+                              enabled=self.enabled)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -161,6 +179,9 @@ class StepResult:
     grad_norm: torch.Tensor  # of the averaged gradient, before clipping
     counts: torch.Tensor  # [exact answers, examples, grid slots with a teacher target] of the global batch
     skipped: torch.Tensor  # true when the loss or a gradient was not finite: nothing was updated
+    # fp16: true when the skip was the loss scale's (finite loss, gradients overflowed): the scale
+    # was halved, and the step is not a sign of divergence.
+    overflowed: torch.Tensor
 
 
 @dataclass
@@ -173,6 +194,7 @@ class StepNumbers:
     examples: int
     distill_slots: int
     skipped: bool
+    overflowed: bool  # skipped because fp16 gradients overflowed the loss scale
 
 
 def read_steps(results: list[StepResult]) -> list[StepNumbers]:
@@ -181,14 +203,16 @@ def read_steps(results: list[StepResult]) -> list[StepNumbers]:
         return []
     keys = list(results[0].terms)
     rows = torch.stack([torch.cat([torch.stack([r.terms[k].float() for k in keys] + [r.grad_norm.float()]),
-                                   r.counts.float(), r.skipped.float().reshape(1)]) for r in results]).tolist()
+                                   r.counts.float(), r.skipped.float().reshape(1), r.overflowed.float().reshape(1)])
+                         for r in results]).tolist()
     numbers = []
     for row in rows:
         values = dict(zip(keys, row[: len(keys)]))
-        grad_norm, exact, examples, slots, skipped = row[len(keys):]
+        grad_norm, exact, examples, slots, skipped, overflowed = row[len(keys):]
         if slots == 0:  # no teacher target anywhere in the batch: no feature terms
             values = {k: v for k, v in values.items() if not k.startswith("distill_")}
-        numbers.append(StepNumbers(values, grad_norm, int(exact), int(examples), int(slots), bool(skipped)))
+        numbers.append(StepNumbers(values, grad_norm, int(exact), int(examples), int(slots), bool(skipped),
+                                   bool(overflowed)))
     return numbers
 
 
@@ -215,12 +239,14 @@ class _LocalSums:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                cfg: ExperimentConfig, autocast: Autocast, micro: MicroBatch, faults: FaultInjection,
-               step: int, ctx: DistributedContext = DistributedContext()) -> StepResult:
+               step: int, ctx: DistributedContext = DistributedContext(),
+               scaler: torch.amp.GradScaler | None = None) -> StepResult:
     """One optimiser step on `batch` (this process's part of the global batch), pushed through the
     model `micro.size` examples at a time (gradients accumulated). Out of memory on any process
     halves `micro.size` on every process and retries the batch. A step whose loss or gradient is
-    not finite updates nothing (`skipped`). Nothing is read back to the host, except under torchrun
-    whether a process ran out of memory."""
+    not finite updates nothing (`skipped`). With fp16's `scaler` the loss is scaled before the
+    backward pass and the gradients unscaled before clipping (`Autocast.loss_scaler`). Nothing is read
+    back to the host, except under torchrun whether a process ran out of memory."""
     global_counts = None
     while True:
         # The global batch's loss units and teacher slots, which weight the pieces (a whole batch in
@@ -231,13 +257,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
             global_counts = ctx.sum_(torch.stack([loss_units(batch["target"], cfg.train.loss_normalization),
                                                   slots]).double())
         try:
-            sums = _forward_backward(model, optimizer, batch, cfg, autocast, micro, faults, ctx, global_counts)
+            sums = _forward_backward(model, optimizer, batch, cfg, autocast, micro, faults, ctx, global_counts, scaler)
         except torch.OutOfMemoryError:
             sums = None
         # Outside the except block: its traceback, which holds the interrupted pass's activations, is gone.
         out_of_memory = ctx.ranks_where(sums is None)
         if not out_of_memory:
-            return _update(model, optimizer, sums, cfg, ctx)
+            return _update(model, optimizer, sums, cfg, ctx, scaler)
         optimizer.zero_grad(set_to_none=True)
         free_memory(batch["target"].device)
         micro.halve(f"step {step}" + (f" on rank {', '.join(map(str, out_of_memory))}" if ctx.enabled else ""))
@@ -245,7 +271,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
 
 def _forward_backward(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                       cfg: ExperimentConfig, autocast: Autocast, micro: MicroBatch, faults: FaultInjection,
-                      ctx: DistributedContext, global_counts: torch.Tensor | None) -> _LocalSums:
+                      ctx: DistributedContext, global_counts: torch.Tensor | None,
+                      scaler: torch.amp.GradScaler | None) -> _LocalSums:
     """This process's gradients of the global batch's loss, accumulated over pieces of `micro.size`."""
     core = unwrap(model)
     optimizer.zero_grad(set_to_none=True)
@@ -266,7 +293,7 @@ def _forward_backward(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
             out = model(piece)
             losses, slots = compute_losses(out, piece, core, cfg, task_share, slot_share)
         loss = losses["loss"] * math.nan if make_nan else losses["loss"]
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         sums.distill_slots = sums.distill_slots + slots
         sums.totals["loss"] = sums.totals["loss"] + loss.detach()  # already weighted by the shares
         for k, v in losses.items():  # the batch's means: each piece's mean weighted by its share
@@ -277,11 +304,14 @@ def _forward_backward(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
 
 
 def _update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sums: _LocalSums, cfg: ExperimentConfig,
-            ctx: DistributedContext) -> StepResult:
-    """Average the gradients over processes, clip, and step, unless the loss or gradient is not
-    finite: with fused AdamW that is decided on the device (`found_inf`), without a host sync."""
+            ctx: DistributedContext, scaler: torch.amp.GradScaler | None = None) -> StepResult:
+    """Average the gradients over processes, unscale them (fp16), clip, and step, unless the loss or
+    gradient is not finite: with fused AdamW that is decided on the device (`found_inf`), without a
+    host sync. The scaler sees the averaged gradients, so every process halves its scale alike."""
     core = unwrap(model)
     ctx.average_gradients(core.parameters())
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
     keys = list(sums.totals)
     local = torch.stack([*(sums.totals[k].float() for k in keys), sums.exact.float(),
@@ -294,22 +324,27 @@ def _update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sums: _Loc
         optimizer.step()
     elif not bool(skipped):  # other optimisers: decided on the host
         optimizer.step()
-    return StepResult(terms, norm.detach(), local[len(keys):], skipped)
+    overflowed = skipped & torch.isfinite(terms["loss"]) if scaler is not None else torch.zeros_like(skipped)
+    if scaler is not None:
+        scaler.update()  # halved after an overflow (found by unscale_), else grown now and then
+    return StepResult(terms, norm.detach(), local[len(keys):], skipped, overflowed)
 
 
 def tuning_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                 autocast: Autocast, loss_normalization: str, grad_clip: float, micro: MicroBatch | None = None,
-                faults: FaultInjection | None = None) -> torch.Tensor:
+                faults: FaultInjection | None = None,
+                scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step of test-time training on `batch`: the answer's cross-entropy alone (no
     distillation: a task at test time has no teacher features), clipped, AdamW. The batch goes
     through `micro.size` examples at a time (gradients accumulated: the same step); out of memory
-    halves `micro.size` and retries. Returns the loss, still on the device (reading it
+    halves `micro.size` and retries. With fp16's `scaler` a step whose gradients overflow is
+    skipped. Returns the loss and whether the step was skipped, still on the device (reading them
     is a host sync the caller may not need)."""
     micro = micro or MicroBatch("test-time training", len(batch["target"]), None, lambda _: None)
     faults = faults or FaultInjection()
     while True:
         try:
-            loss = _tuning_gradients(model, optimizer, batch, autocast, loss_normalization, micro, faults)
+            loss = _tuning_gradients(model, optimizer, batch, autocast, loss_normalization, micro, faults, scaler)
         except torch.OutOfMemoryError:
             loss = None
         if loss is not None:
@@ -317,14 +352,20 @@ def tuning_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
         optimizer.zero_grad(set_to_none=True)  # outside the except block: its traceback holds the activations
         free_memory(batch["target"].device)
         micro.halve("a step")
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return loss
+    if scaler is None:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        return loss, torch.zeros((), dtype=torch.bool, device=loss.device)
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # fused AdamW skips on the device when unscale_ found an inf or a nan
+    scaler.update()
+    return loss, ~torch.isfinite(norm)
 
 
 def _tuning_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                       autocast: Autocast, loss_normalization: str, micro: MicroBatch,
-                      faults: FaultInjection) -> torch.Tensor:
+                      faults: FaultInjection, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """The batch's loss gradients, accumulated over pieces weighted by their share of its loss units."""
     optimizer.zero_grad(set_to_none=True)
     n = len(batch["target"])
@@ -338,6 +379,6 @@ def _tuning_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
             loss = answer_cross_entropy(model(piece).logits, piece["target"], loss_normalization)
         if whole_units is not None:  # this piece's share of the whole batch's mean
             loss = loss * loss_units(piece["target"], loss_normalization) / whole_units
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         total = total + loss.detach()
     return total

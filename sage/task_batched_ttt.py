@@ -12,8 +12,8 @@ its pass (tests/test_task_batched_ttt.py); what changes is how full a GPU's step
         each on its own weights (functional_call). Attention has no weights: the task dimension
         folds into its batch
         -> per slot its loss, its gradient-norm clip and its AdamW step (own moments, step count
-           and learning rate); out of memory halves every job's examples per pass (accumulated:
-           the same steps)
+           and learning rate; in fp16 its own loss scale, skipping the slot's step on an overflow);
+           out of memory halves every job's examples per pass (accumulated: the same steps)
     a job whose budget ends leaves: `tune` hands it out with a model holding its tuned weights,
         and the next job takes its slot from the pretrained weights
 
@@ -38,7 +38,7 @@ from sage.encoding import ARCExamples, collate, uses_shape_buckets
 from sage.errors import TestOutputVisible
 from sage.losses import answer_cross_entropy, loss_units
 from sage.recovery import FaultInjection, MicroBatch, free_memory
-from sage.step import Autocast, to_device
+from sage.step import GROWTH_INTERVAL, INITIAL_LOSS_SCALE, Autocast, to_device
 from sage.ttt import (
     LOSS_WINDOW,
     TTTStats,
@@ -68,6 +68,7 @@ class Job:
     # While in flight:
     step: int = 0
     losses: list[torch.Tensor] = field(default_factory=list)
+    overflowed: list[torch.Tensor] = field(default_factory=list)  # fp16: steps skipped for the loss scale
     started: float = 0.0
 
 
@@ -92,11 +93,13 @@ def plan_jobs(tasks: Sequence[Task], tuning: Tuning) -> list[Job]:
 
 
 class StackedWeights:
-    """K copies of a model's parameters as the rows of one [K, P] tensor, with AdamW's moments
-    beside them: one clip and one AdamW update a step for every slot, each with its own norm,
-    learning rate and step count. `parameters` hands out each parameter as a [K, ...] view."""
+    """K copies of a model's parameters as the rows of one [K, P] tensor, with AdamW's moments and
+    step counts beside them: one clip and one AdamW update a step for every slot, each with its own
+    norm, learning rate and step count; with fp16 (`scales_loss`) each slot also has its own loss
+    scale, which behaves as torch.amp.GradScaler's does for one task. `parameters` hands out each
+    parameter as a [K, ...] view."""
 
-    def __init__(self, model: torch.nn.Module, slots: int) -> None:
+    def __init__(self, model: torch.nn.Module, slots: int, scales_loss: bool = False) -> None:
         named = list(model.named_parameters())
         self.names = [n for n, _ in named]
         self.shapes = [p.shape for _, p in named]
@@ -104,10 +107,14 @@ class StackedWeights:
         with torch.no_grad():
             self.original = torch.cat([p.detach().reshape(-1).float() for _, p in named])
             self.flat = self.original.repeat(slots, 1).requires_grad_()
+        device = self.flat.device
         # AdamW's weight decay, as sage.step.make_optimizer: matrices and embeddings only.
-        self.decays = torch.cat([torch.full((p.numel(),), p.dim() >= 2, device=p.device) for _, p in named])
+        self.decays = torch.cat([torch.full((p.numel(),), p.dim() >= 2, device=device) for _, p in named])
         self.exp_avg = torch.zeros_like(self.flat, requires_grad=False)
         self.exp_avg_sq = torch.zeros_like(self.flat, requires_grad=False)
+        self.adam_steps = torch.zeros(slots, device=device)  # AdamW's count: steps taken, skipped ones not
+        self.scales = torch.full((slots,), INITIAL_LOSS_SCALE, device=device) if scales_loss else None
+        self.growth = torch.zeros(slots, device=device)  # steps without an overflow since the scale last changed
 
     def parameters(self, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Each parameter, [k, *shape], of the slots `rows` (None: all), as views the gradient flows through."""
@@ -117,10 +124,14 @@ class StackedWeights:
 
     @torch.no_grad()
     def reset(self, slot: int) -> None:
-        """The slot back to the pretrained weights, with fresh AdamW moments: a job joins."""
+        """The slot back to the pretrained weights, with fresh AdamW moments and loss scale: a job joins."""
         self.flat[slot] = self.original
         self.exp_avg[slot] = 0.0
         self.exp_avg_sq[slot] = 0.0
+        self.adam_steps[slot] = 0.0
+        self.growth[slot] = 0.0
+        if self.scales is not None:
+            self.scales[slot] = INITIAL_LOSS_SCALE
 
     @torch.no_grad()
     def load_into(self, model: torch.nn.Module, slot: int | None) -> None:
@@ -130,23 +141,45 @@ class StackedWeights:
             p.copy_(value.view(shape))
 
     @torch.no_grad()
-    def clip_and_step(self, lrs: torch.Tensor, steps: torch.Tensor, grad_clip: float, weight_decay: float,
-                      betas: tuple[float, float]) -> None:
-        """Each slot's gradient clipped to norm `grad_clip` (torch.nn.utils.clip_grad_norm_'s rule)
-        and one AdamW step (torch.optim.AdamW's arithmetic) at its own learning rate `lrs` [K] and
-        step count `steps` [K] (from 1). A slot with no job has lr 0 and is left as it is."""
+    def clip_and_step(self, lrs: torch.Tensor, active: torch.Tensor, grad_clip: float, weight_decay: float,
+                      betas: tuple[float, float]) -> torch.Tensor:
+        """For each slot in `active` [K] (bool): its gradient unscaled (fp16), clipped to norm
+        `grad_clip` (torch.nn.utils.clip_grad_norm_'s rule) and one AdamW step (torch.optim.AdamW's
+        arithmetic) at its own learning rate `lrs` [K]. A slot whose unscaled gradient is not finite
+        (fp16: it overflowed) is left as it is, its loss scale halved. Returns those slots [K]."""
         grad = self.flat.grad
+        if self.scales is not None:
+            grad.mul_(self.scales.reciprocal().unsqueeze(1))
+        overflowed = active & ~torch.isfinite(grad).all(dim=1)
+        stepping = active & ~overflowed
         norms = grad.norm(dim=1, keepdim=True)
         grad.mul_((grad_clip / (norms + 1e-6)).clamp(max=1.0))
-        lr, step = lrs.unsqueeze(1), steps.unsqueeze(1).float()
+        self.adam_steps.add_(stepping.float())
+        lr, step = (lrs * stepping).unsqueeze(1), self.adam_steps.clamp(min=1).unsqueeze(1)
         beta1, beta2 = betas
         if weight_decay:  # a full pass over every slot's weights: skipped when there is none (TTT's default)
             self.flat.mul_(1 - lr * weight_decay * self.decays)
-        self.exp_avg.lerp_(grad, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if self.scales is None:
+            self.exp_avg.lerp_(grad, 1 - beta1)
+            self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        else:  # a skipped slot keeps its moments (its gradient is not finite)
+            keep = stepping.unsqueeze(1)
+            self.exp_avg.copy_(torch.where(keep, self.exp_avg.lerp(grad, 1 - beta1), self.exp_avg))
+            self.exp_avg_sq.copy_(torch.where(keep, self.exp_avg_sq * beta2 + (1 - beta2) * grad * grad,
+                                              self.exp_avg_sq))
+            self._update_scales(active, overflowed)
         step_size = lr / (1 - beta1**step)
         denom = (self.exp_avg_sq.sqrt() / (1 - beta2**step).sqrt()).add_(ADAM_EPS)
         self.flat.addcdiv_(self.exp_avg * -step_size, denom)
+        return overflowed
+
+    def _update_scales(self, active: torch.Tensor, overflowed: torch.Tensor) -> None:
+        """torch.amp.GradScaler.update's rule, slot by slot: halve after an overflow, double after
+        GROWTH_INTERVAL steps without one."""
+        self.growth.add_(active.float()).mul_(~overflowed)
+        grown = self.growth >= GROWTH_INTERVAL
+        self.scales.mul_(torch.where(overflowed, 0.5, torch.where(grown, 2.0, 1.0)))
+        self.growth.mul_(~grown)
 
 
 class TaskBatchedTrainer:
@@ -162,9 +195,9 @@ class TaskBatchedTrainer:
         self.template = copy.deepcopy(model).train()  # its structure runs every slot's weights (functional_call)
         self.answering = copy.deepcopy(model).eval()
         self.buffers = dict(self.template.named_buffers())
-        with torch.inference_mode(False):  # its tensors take gradients, wherever the trainer is made
-            self.weights = StackedWeights(self.template, self.slots)
         self.autocast = Autocast(device, tuning.precision)
+        with torch.inference_mode(False):  # its tensors take gradients, wherever the trainer is made
+            self.weights = StackedWeights(self.template, self.slots, self.autocast.scales_loss)
         self.buckets = uses_shape_buckets(device)
         self.micro = MicroBatch("test-time training", tuning.ttt.batch_size, None, lambda _: None, accumulates=True,
                                 scope="the rest of the evaluation")
@@ -207,13 +240,14 @@ class TaskBatchedTrainer:
                           self.device)
         rows = None if len(active) == self.slots else torch.tensor(active, device=self.device)
         losses = self._gradients(rows, batch)
-        lrs, steps = torch.zeros(self.slots), torch.ones(self.slots)
+        lrs, stepping = torch.zeros(self.slots), torch.zeros(self.slots, dtype=torch.bool)
         for slot, job in zip(active, jobs):
-            lrs[slot], steps[slot] = ttt_lr(job.step, ttt, job.steps), job.step + 1
-        self.weights.clip_and_step(lrs.to(self.device), steps.to(self.device), ttt.grad_clip, ttt.weight_decay,
-                                   self.tuning.betas)
-        for i, job in enumerate(jobs):
+            lrs[slot], stepping[slot] = ttt_lr(job.step, ttt, job.steps), True
+        overflowed = self.weights.clip_and_step(lrs.to(self.device), stepping.to(self.device), ttt.grad_clip,
+                                                ttt.weight_decay, self.tuning.betas)
+        for i, (slot, job) in enumerate(zip(active, jobs)):
             job.losses.append(losses[i])
+            job.overflowed.append(overflowed[slot])
             job.step += 1
 
     def _gradients(self, rows: torch.Tensor | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -248,7 +282,9 @@ class TaskBatchedTrainer:
             if whole is not None:  # each piece's share of its job's whole batch mean
                 losses = losses * torch.stack([loss_units(t, normalization) / w
                                                for t, w in zip(piece["target"], whole)])
-            losses.sum().backward()  # the jobs' losses share no weights: each slot gets its own gradient
+            scales = self.weights.scales
+            scaled = losses if scales is None else losses * (scales if rows is None else scales[rows])
+            scaled.sum().backward()  # the jobs' losses share no weights: each slot gets its own gradient
             total = total + losses.detach()
         return total
 
@@ -260,4 +296,4 @@ class TaskBatchedTrainer:
         tail = values[-LOSS_WINDOW:]
         return TTTStats(len(values), time.perf_counter() - job.started, job.examples, values[0],
                         sum(tail) / len(tail), self.micro.size if self.micro.size < self.tuning.ttt.batch_size else 0,
-                        loss_curves=(window_means(values),))
+                        overflow_steps=int(torch.stack(job.overflowed).sum()), loss_curves=(window_means(values),))

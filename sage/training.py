@@ -89,6 +89,9 @@ class TrainState:
     val_micro_batch: int = 0
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, in all
     nonfinite_in_row: int = 0
+    # fp16: steps skipped because their gradients overflowed the loss scale (the scale halves; not
+    # counted as non-finite steps: an overflow is how loss scaling finds its scale, not divergence).
+    overflow_steps: int = 0
 
 
 @dataclass
@@ -121,6 +124,7 @@ class Run:
     lr: float = 0.0  # the learning rate of the latest step
     epoch_started: float = 0.0  # time.time() when the current epoch began
     bar: Any = None  # progress over the whole run's steps, with its ETA (on a terminal)
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scale (Autocast.loss_scaler), saved with the optimiser
 
     @property
     def total_steps(self) -> int:
@@ -137,6 +141,8 @@ class Run:
         state, cfg = self.state, self.cfg
         state.train_micro_batch, state.val_micro_batch = self.train_micro.size, self.val_micro.size
         training_state = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+        if self.scaler is not None:
+            training_state["loss_scaler"] = self.scaler.state_dict()
         if self.device.type == "cuda":
             training_state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         meta = {
@@ -257,18 +263,20 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
         model.teacher_mean.copy_(mean)
         model.teacher_std.copy_(std)
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+    autocast = Autocast(device, cfg.run.precision)
+    scaler = autocast.loss_scaler()
     state = TrainState()
     if checkpoint is not None:
-        state = restore(checkpoint, model, optimizer, device, log, steps_per_epoch=len(train_sampler))
+        state = restore(checkpoint, model, optimizer, device, log, steps_per_epoch=len(train_sampler), scaler=scaler)
     ctx.broadcast_from_main(model)
     net = wrap_model(model, cfg, device, log)
     if ctx.is_main:
         save_config(cfg, log_dir / "config.yaml")
     return Run(cfg, device, ctx, log, faults, checkpoint_dir, log_dir, splits, train_set, val_set, train_sampler,
-               train_loader, val_loader, model, net, optimizer, state, Autocast(device, cfg.run.precision),
+               train_loader, val_loader, model, net, optimizer, state, autocast,
                MicroBatch("training", -(-largest_batch // ctx.world), state.train_micro_batch, log.info),
                MicroBatch("validation", cfg.val.batch_size, state.val_micro_batch, log.info),
-               interactive=echo and sys.stderr.isatty(), steps_per_epoch=len(train_sampler))
+               interactive=echo and sys.stderr.isatty(), steps_per_epoch=len(train_sampler), scaler=scaler)
 
 
 def wandb_settings(cfg: ExperimentConfig) -> WandbSettings | None:
@@ -318,10 +326,15 @@ def load_teacher_targets(cfg: ExperimentConfig, splits: Splits, ctx: Distributed
 
 
 def restore(checkpoint: Checkpoint, model: SageStudent, optimizer: torch.optim.Optimizer, device: torch.device,
-            log: RunLog | SilentLog, steps_per_epoch: int) -> TrainState:
-    """Weights, optimiser, RNG and train state from `checkpoint`; the log forgets later steps."""
+            log: RunLog | SilentLog, steps_per_epoch: int, scaler: torch.amp.GradScaler | None = None) -> TrainState:
+    """Weights, optimiser, fp16's loss scale, RNG and train state from `checkpoint`; the log forgets
+    later steps."""
     load_weights_into(model, checkpoint)
     optimizer.load_state_dict(checkpoint.training_state["optimizer"])
+    if scaler is not None and "loss_scaler" in checkpoint.training_state:
+        scaler.load_state_dict(checkpoint.training_state["loss_scaler"])
+    elif scaler is not None:  # trained in bf16 or fp32 until now
+        log.info(f"{checkpoint.path} has no fp16 loss scale: it starts at {scaler.get_scale():g}")
     state = TrainState(**checkpoint.meta["train_state"])
     torch.set_rng_state(checkpoint.training_state["torch_rng"])
     if device.type == "cuda" and "cuda_rng" in checkpoint.training_state:
@@ -421,7 +434,7 @@ def train_one_epoch(run: Run, stop_after_steps: int | None) -> bool:
         set_lr(run.optimizer, run.lr)
         batch = to_device(batch, run.device)
         result = train_step(run.net, run.optimizer, batch, cfg, run.autocast, run.train_micro, run.faults,
-                            state.step + 1, run.ctx)
+                            state.step + 1, run.ctx, run.scaler)
         state.step += 1
         state.batch_in_epoch += 1
         bar.update()
@@ -453,6 +466,9 @@ def record_steps(run: Run, pending: list[PendingStep], epoch: int, bar: Any) -> 
     count and the log (a line every train.log_every steps)."""
     state, cfg = run.state, run.cfg
     for p, numbers in zip(pending, read_steps([p.result for p in pending])):
+        if numbers.overflowed:  # fp16: the loss scale was too high for this step's gradients
+            overflow_step(run, epoch, p.step)
+            continue
         if numbers.skipped:  # non-finite loss or gradient: no update from this batch
             skip_step(run, epoch, p.step)
             continue
@@ -466,6 +482,15 @@ def record_steps(run: Run, pending: list[PendingStep], epoch: int, bar: Any) -> 
             run.log.metrics("train", step=p.step, epoch=epoch + 1, **numbers.values, grad_norm=numbers.grad_norm,
                             lr=p.lr)
         bar.set_postfix(loss=f"{numbers.values['loss']:.3f}", lr=f"{p.lr:.1e}")
+
+
+def overflow_step(run: Run, epoch: int, step: int) -> None:
+    """A step whose fp16 gradients overflowed the loss scale: nothing updated, the scale halved
+    (torch.amp.GradScaler), counted and logged; a run does not stop for these."""
+    run.state.overflow_steps += 1
+    run.log.info(f"step {step}: fp16 gradients overflowed the loss scale, step skipped and the scale halved "
+                 f"({run.state.overflow_steps} in all)")
+    run.log.metrics("overflow", step=step, epoch=epoch + 1, in_all=run.state.overflow_steps)
 
 
 def skip_step(run: Run, epoch: int, step: int) -> None:

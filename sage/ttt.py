@@ -55,6 +55,9 @@ class TTTStats:
     first_loss: float  # answer loss of the first step (nan without steps)
     last_loss: float  # mean answer loss of the last min(10, steps) steps
     micro_batch: int = 0  # examples per forward pass after out-of-memory halvings (0: never halved)
+    # fp16 (run.precision): steps skipped because their gradients overflowed the loss scale, which
+    # starts afresh for every task (step.INITIAL_LOSS_SCALE), so a task tunes alike wherever it runs.
+    overflow_steps: int = 0
     run_last_losses: tuple[float, ...] = ()  # with ttt.runs > 1: each run's last_loss (last_loss is their mean)
     # Each run's loss curve: the mean answer loss of every LOSS_WINDOW steps in order (the report draws them).
     loss_curves: tuple[tuple[float, ...], ...] = ()
@@ -189,6 +192,8 @@ def finetune(model: torch.nn.Module, task: Task, tuning: Tuning, device: torch.d
     # Losses stay on the device until the task ends: reading one is a host sync, and a GPU is never
     # kept waiting for the next batch.
     losses: list[torch.Tensor] = []
+    overflowed: list[torch.Tensor] = []
+    scaler = autocast.loss_scaler()  # fp16 only
     buckets = uses_shape_buckets(device)  # padding is masked: the same steps, fewer shapes on CUDA
     first = collate(step_examples(data, 0, ttt.batch_size))  # the budget counts the unpadded batch
     # Every run gets the same share, of the budget that run 0's first batch sets.
@@ -199,13 +204,16 @@ def finetune(model: torch.nn.Module, task: Task, tuning: Tuning, device: torch.d
         examples = (first if step == 0 and not buckets
                     else collate(step_examples(data, step, ttt.batch_size), shape_buckets=buckets))
         batch = to_device(pinned(examples, device), device)
-        losses.append(tuning_step(model, optimizer, batch, autocast, tuning.loss_normalization, ttt.grad_clip,
-                                  micro, faults))
+        loss, skipped = tuning_step(model, optimizer, batch, autocast, tuning.loss_normalization, ttt.grad_clip,
+                                    micro, faults, scaler)
+        losses.append(loss)
+        overflowed.append(skipped)
     model.eval()
     values = torch.stack(losses).tolist() if losses else []
     tail = values[-LOSS_WINDOW:]
     return TTTStats(len(values), time.perf_counter() - started, len(refs), values[0] if values else math.nan,
                     sum(tail) / len(tail) if tail else math.nan, micro.size if micro.size < ttt.batch_size else 0,
+                    overflow_steps=int(torch.stack(overflowed).sum()) if overflowed else 0,
                     loss_curves=(window_means(values),))
 
 
@@ -253,4 +261,5 @@ def pooled_stats(runs: list[TTTStats]) -> TTTStats:
     halved = [r.micro_batch for r in runs if r.micro_batch]
     return TTTStats(sum(r.steps for r in runs), sum(r.seconds for r in runs), runs[0].examples, runs[0].first_loss,
                     sum(tuned) / len(tuned) if tuned else math.nan, min(halved) if halved else 0,
-                    tuple(r.last_loss for r in runs), tuple(c for r in runs for c in r.loss_curves))
+                    sum(r.overflow_steps for r in runs), tuple(r.last_loss for r in runs),
+                    tuple(c for r in runs for c in r.loss_curves))

@@ -62,7 +62,7 @@ def test_overrides_and_run_name(tmp_path):
         ("", ["train.batch_size=0"], r"train\.batch_size must be >= 1"),
         ("", ["train.min_lr=1.0"], r"train\.min_lr <= train\.lr"),
         ("", ["run.name=a/b"], r"run\.name must be a plain name"),
-        ("", ["run.precision=fp16"], r"run\.precision must be one of auto, bf16, fp32, got 'fp16'"),
+        ("", ["run.precision=fp8"], r"run\.precision must be one of auto, bf16, fp16, fp32, got 'fp8'"),
         ("", ["model.demo_views=true"], r"'model\.demo_views' was removed after commit 702e718"),
         ("", ["data.demonstrations_of=holdout*0"], r"expected <tasks> or <tasks>\*<times> with times >= 1"),
         ("", ["model.view_agreement=true"], r"model\.view_agreement starts the task token: set model\.task_slot=true"),

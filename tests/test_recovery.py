@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import DISTIL, DISTILLED, REPO, epoch_records, run_main, tiny_argv, tiny_command, tiny_config
+from tiny import DISTIL, DISTILLED, REPO, adam_steps, epoch_records, run_main, tiny_argv, tiny_command, tiny_config
 
 import evaluate as evaluate_cli
 import train_sage
@@ -72,12 +72,6 @@ def clean_run(tiny_run):
     the recovered runs must match."""
     return {"root": tiny_run.root, "summary": tiny_run.summary, "checkpoints": tiny_run.checkpoints,
             "logs": tiny_run.logs}
-
-
-def adam_steps(checkpoint: Path) -> set[int]:
-    """The optimiser's step count of every parameter in a checkpoint: the updates actually applied."""
-    state = torch.load(checkpoint / "training_state.pt", weights_only=True)["optimizer"]["state"]
-    return {int(s["step"]) for s in state.values()}
 
 
 def test_out_of_memory_halves_the_phase_and_the_run_finishes(tmp_path, clean_run):

@@ -100,7 +100,7 @@ def test_stacked_adamw_and_clipping_are_torchs_for_each_slot():
     for step in range(3):
         grads = torch.randn_like(stacked.flat) * (1 + 4 * step)  # the later steps clipped
         stacked.flat.grad = grads.clone()
-        stacked.clip_and_step(torch.tensor([lrs[0][step], lrs[1][step]]), torch.tensor([step + 1.0] * 2), 1.0, 0.1,
+        stacked.clip_and_step(torch.tensor([lrs[0][step], lrs[1][step]]), torch.tensor([True, True]), 1.0, 0.1,
                               (0.9, 0.95))
         for slot, (m, optimizer) in enumerate(zip(copies, optimizers)):
             for p, g in zip(m.parameters(), grads[slot].split(stacked.sizes)):

@@ -68,6 +68,12 @@ def distilled_overrides(root, name=DISTILLED, *extra):
     return tiny_overrides(root, name, *DISTIL, "train.epochs=1", f"teacher.cache_dir={root / 'features'}", *extra)
 
 
+def adam_steps(checkpoint: Path) -> set[int]:
+    """The optimiser's step count of every parameter in a checkpoint: the updates actually applied."""
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)["optimizer"]["state"]
+    return {int(s["step"]) for s in state.values()}
+
+
 def epoch_records(log_dir):
     return [{k: v for k, v in r.items() if k not in ("time", "seconds")}
             for r in read_metrics(Path(log_dir) / "metrics.jsonl") if r["event"] == "epoch"]
