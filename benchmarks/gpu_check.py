@@ -22,6 +22,9 @@ Stages, in order, each in its own process with a time limit (one failing does no
                  tuning examples/s and whether the answers match one task at a time
   teacher_speed  the full-size GR00T N1.5 backbone (random weights) against the student, time per
                  task (benchmarks/bench.py --only speed)
+  teacher_precision  the full-size backbone (random weights) in fp16 against fp32: features per
+                 prompt (cosine, largest difference) and any layer that overflows fp16
+                 (benchmarks/teacher_precision.py)
   oom            a real CUDA out-of-memory error (memory fraction capped below a measured step's
                  peak) recovered by halving; on a CPU an injected one
   compile        train.compile's recompilations over the first batches of an epoch, with and
@@ -96,8 +99,8 @@ SMOKE = Sizes("configs/quickstart.yaml", SMOKE_MODEL, (1, 2), 0.05, 4, "eager", 
               [*SMOKE_MODEL, "train.epochs=1", "train.tokens_per_step=2048", "data.num_workers=0"],
               ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=2", "--device", "cpu"])
 # Seconds a stage's command may take at most (on the H200 the first seven stages took 311 s in all).
-LIMITS = {"device": 60, "throughput": 600, "attention": 240, "extraction": 150, "train": 300, "ttt": 240, "teacher_speed": 180,
-          "oom": 150, "compile": 300, "recipe": 420}
+LIMITS = {"device": 60, "throughput": 600, "attention": 240, "extraction": 150, "train": 300, "ttt": 240,
+          "teacher_speed": 180, "teacher_precision": 180, "oom": 150, "compile": 300, "recipe": 420}
 
 
 class StageFailed(Exception):
@@ -285,6 +288,19 @@ def stage_teacher_speed(check: Check) -> dict[str, Any]:
     return {k: speed[k] for k in keys if k in speed}
 
 
+def stage_teacher_precision(check: Check) -> dict[str, Any]:
+    """The teacher's features in fp16 (what teacher.dtype auto picks on GPUs without native bf16)
+    against fp32: the full-size backbone with random weights on the GPU, the tiny one in the smoke."""
+    path = check.out / "teacher_precision.json"
+    preset = "groot-n1.5-tiny" if check.smoke else "groot-n1.5"
+    check.run("teacher_precision", [sys.executable, "-m", "benchmarks.teacher_precision", "--preset", preset,
+                                    "--device", "cpu" if check.smoke else "cuda", "--tasks", "2" if check.smoke else "4",
+                                    "--json", str(path)])
+    report = json.loads(path.read_text())
+    keys = ("preset", "min_cosine", "max_abs_difference", "largest_activation", "overflowing_layers")
+    return {k: report[k] for k in keys}
+
+
 RECIPE = "configs/sage_44m_1gpu.yaml"
 
 
@@ -314,7 +330,8 @@ def stage_recipe(check: Check) -> dict[str, Any]:
 STAGES: dict[str, Callable[[Check], dict[str, Any]]] = {
     "device": stage_device, "throughput": stage_throughput, "attention": stage_attention,
     "extraction": stage_extraction, "train": stage_train,
-    "ttt": stage_ttt, "teacher_speed": stage_teacher_speed, "oom": stage_oom, "compile": stage_compile,
+    "ttt": stage_ttt, "teacher_speed": stage_teacher_speed, "teacher_precision": stage_teacher_precision,
+    "oom": stage_oom, "compile": stage_compile,
     "recipe": stage_recipe,
 }
 ON_REQUEST = ("recipe",)  # stages a GPU check runs only when --only names them

@@ -30,6 +30,12 @@ def resolve_device(name: str) -> torch.device:
 MEMORY_LINE = re.compile(r"memory after (.+?): ([\d.]+) GiB reserved -> ([\d.]+) GiB")
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """bf16 matmuls in hardware: CUDA GPUs from Ampere on (V100 and T4 only emulate them, slower
+    than fp32). `auto` keeps CPUs in fp32 whatever they have (run.precision=bf16 opts in)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def release_cached_memory(device: torch.device, after: str, log: Callable[[str], None]) -> tuple[int, int] | None:
     """Between phases on CUDA: what the last phase left in PyTorch's caching allocator (a 3B
     teacher's weights and activations, training's activations) goes back to the card, and the log

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from sage.config import ExperimentConfig, TrainConfig
+from sage.device import has_native_bf16
 from sage.distributed import DistributedContext
 from sage.encoding import PAD, answer_canvases, canvas_to_grid
 from sage.losses import (
@@ -32,12 +33,6 @@ from sage.model import SageStudent
 from sage.recovery import FaultInjection, MicroBatch, free_memory
 
 # ----------------------------------------------------------------------------- precision, devices
-
-
-def has_native_bf16(device: torch.device) -> bool:
-    """bf16 matmuls in hardware: CUDA GPUs from Ampere on (V100 and T4 only emulate them, slower
-    than fp32). `auto` keeps CPUs in fp32 whatever they have (run.precision=bf16 opts in)."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 # fp16's loss scale at the start of a run and of each task's test-time training (torch's default),

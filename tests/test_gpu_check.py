@@ -18,8 +18,8 @@ def test_every_stage_runs_at_toy_sizes_on_a_cpu(tmp_path):
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary) == ["device", "throughput", "attention", "extraction", "train", "ttt", "teacher_speed", "oom",
-                             "compile", "recipe"]
+    assert list(summary) == ["device", "throughput", "attention", "extraction", "train", "ttt", "teacher_speed",
+                             "teacher_precision", "oom", "compile", "recipe"]
     assert all(stage["status"] == "ok" for stage in summary.values()), summary
     assert summary["throughput"]["examples_per_second"] > 0 and summary["extraction"]["prompts"] > 0
     assert summary["throughput"]["by_tokens_per_step"]["2048"]["examples_per_second"] > 0  # batches by tokens
@@ -33,6 +33,7 @@ def test_every_stage_runs_at_toy_sizes_on_a_cpu(tmp_path):
     assert [ttt[arm]["tasks"] for arm in ("one_at_a_time", "workers_2", "in_flight_2")] == [2, 2, 2] and ttt["in_flight_2"]["ttt_examples_per_second"] > 0
     assert ttt["in_flight_2"]["same_answers_as_one_at_a_time"] and ttt["workers_2"]["same_answers_as_one_at_a_time"]
     assert summary["teacher_speed"]["teacher"]["preset"] == "groot-n1.5-tiny"
+    assert summary["teacher_precision"]["min_cosine"] >= 0.999 and summary["teacher_precision"]["overflowing_layers"] == []
     assert "| oom | ok |" in (tmp_path / "summary.md").read_text()
     recipe = summary["recipe"]  # configs/sage_44m_1gpu.yaml end to end, at toy sizes
     assert recipe["tasks"] == 2 and 0 <= recipe["student_ttt_arc_prize_score"] <= 1

@@ -542,3 +542,26 @@ def test_a_checkpoint_that_fails_to_load_leaves_no_cache_behind(tmp_path, tiny_w
     write_checkpoint(ckpt, tensors)  # fixed in place: same directory, now complete
     result = run_extraction(cfg.teacher, cfg.data, prompts, limit=1, progress=False, log=lambda _: None)
     assert result.status["complete"] and result.computed == len(prompts) > 0
+
+
+def test_auto_dtype_is_bf16_where_native_fp16_on_older_gpus_and_fp32_on_cpus(monkeypatch):
+    import sage.teacher.groot as groot
+
+    cuda = torch.device("cuda")  # nothing runs on a GPU: the choice alone
+    monkeypatch.setattr(groot, "has_native_bf16", lambda device: True)
+    assert groot.resolve_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(groot, "has_native_bf16", lambda device: False)  # V100, T4, RTX 20xx
+    assert groot.resolve_dtype("auto", cuda) == torch.float16
+    assert groot.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_fp16_features_match_fp32_on_every_prompt(tmp_path):
+    """benchmarks/teacher_precision.py on the tiny backbone (random weights): fp16's pooled
+    features against fp32's on every evaluation prompt of 3 tasks, and no layer near fp16's limit.
+    (The full-size backbone's fp16 needs a GPU: the GPU check's teacher_precision stage.)"""
+    from benchmarks.teacher_precision import main
+
+    assert main(["--tasks", "3", "--json", str(tmp_path / "precision.json")]) == 0
+    report = json.loads((tmp_path / "precision.json").read_text())
+    assert len(report["prompts"]) >= 3 and report["min_cosine"] >= 0.999
+    assert len(report["layers"]) == 4 and report["overflowing_layers"] == []  # 2 SigLIP + 2 Qwen3 layers

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from sage.device import resolve_device
+from sage.device import has_native_bf16, resolve_device
 from sage.teacher.backbone import GrootBackbone, build_backbone
 from sage.teacher.loading import LoadReport
 from sage.teacher.presets import GrootArch, get_preset, require_real_files
@@ -26,8 +26,13 @@ from sage.teacher.tokenizer import IMG_CONTEXT_ID, PAD_ID, GrootTokenizer, load_
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """teacher.dtype as a torch dtype. auto: bf16 on GPUs with native bf16, as NVIDIA runs GR00T;
+    fp16 on older GPUs, where bf16 is emulated (features checked against fp32:
+    benchmarks/teacher_precision.py); fp32 on CPUs."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 as NVIDIA runs it
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if has_native_bf16(device) else torch.float16
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 

