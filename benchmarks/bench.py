@@ -6,10 +6,11 @@
              timed step counted by torch.utils.flop_counter.FlopCounterMode (forward + backward on
              the real model, data and loss), over wall time, over the peak; the share of step time
              spent blocked in next(loader) with data.num_workers workers
-    memory   peak memory of one training step (at train.batch_size, AdamW state allocated) and of
-             one validation batch (at val.batch_size, sage.validation.validate, inference mode), each
-             on the epoch's largest batch, each in a fresh process: CPU RSS high-water mark (VmHWM),
-             or torch.cuda.max_memory_allocated on a GPU
+    memory   peak memory of one training step (at train.tokens_per_step or train.batch_size, AdamW
+             state allocated), of one validation batch (at val.batch_size, inference mode) and of one
+             TTT step (the costliest ARC-AGI-1 evaluation task's, one task in flight: each more in
+             flight adds 16 bytes a parameter), each on its largest batch in a fresh process: CPU RSS
+             high-water mark (VmHWM), or torch.cuda.max_memory_allocated on a GPU
     cache    teacher feature cache bytes per prompt (= per example: one cache entry per task test
              input), pooled and token features: a small cache extracted with the tiny teacher (random
              weights) with and without token features, scaled to the configured teacher's width, and a
@@ -74,7 +75,17 @@ from sage.distill import TeacherTargets  # noqa: E402
 from sage.encoding import PAD, ARCExamples, LengthBucketSampler, collate, uses_shape_buckets  # noqa: E402
 from sage.model import attention_kernel, build_model  # noqa: E402
 from sage.recovery import FaultInjection, MicroBatch  # noqa: E402
-from sage.step import Autocast, compute_losses, make_optimizer, read_steps, to_device, train_step, unwrap  # noqa: E402
+from sage.memory_probe import largest_batch  # noqa: E402
+from sage.step import (  # noqa: E402
+    Autocast,
+    compute_losses,
+    make_optimizer,
+    read_steps,
+    to_device,
+    train_step,
+    tuning_step,
+    unwrap,
+)
 from sage.teacher.settings import TeacherConfig  # noqa: E402
 from sage.token_batches import training_sampler  # noqa: E402
 from sage.splits import Splits, load_splits, make_datasets  # noqa: E402
@@ -386,27 +397,30 @@ def _status_kib(field: str) -> int | None:
 
 
 def memory_phase(cfg_dict: dict[str, Any], phase: str, threads: int) -> dict[str, Any]:
-    """Peak memory of one training step or one validation batch on the epoch's largest batch. Runs
-    in a fresh process (the peak then belongs to this phase alone); the high-water mark is reset
-    once model, optimiser state and batch are in place, so it is the step's steady-state peak."""
+    """Peak memory of one training step, one validation batch or one TTT step on its largest batch
+    (sage.memory_probe.largest_batch; training's by train.tokens_per_step when set; TTT's: the first
+    batch of the ARC-AGI-1 evaluation task with the costliest step, one task in flight). Runs in a
+    fresh process (the peak then belongs to this phase alone); the high-water mark is reset once
+    model, optimiser state and batch are in place, so it is the step's steady-state peak."""
     torch.set_num_threads(threads)
     cfg = from_dict(ExperimentConfig, cfg_dict, "<benchmark>")
     device = resolve_device(cfg.run.device)
-    data = build_data(cfg)
-    train = phase == "train"
-    dataset, batch_size = (data.train_set, cfg.train.batch_size) if train else (data.val_set, cfg.val.batch_size)
-    sampler = LengthBucketSampler(dataset.lengths, batch_size, shuffle=train, seed=cfg.run.seed, sides=dataset.sides)
-    # Largest activations: most examples x (padded context length + answer canvas cells).
-    def size(b: list[int]) -> int:
-        rows, cols = dataset.shapes[b].max(0)
-        return len(b) * (-(-int(dataset.lengths[b].max()) // 8) * 8 + int(rows) * int(cols))
-
-    idx = max(sampler.batches(), key=size)
-    batch = to_device(collate([dataset[i] for i in idx]), device)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(device)
     autocast = Autocast(device, cfg.run.precision)
-    if train:
+    optimizer = None
+    if phase == "ttt":
+        idx, batch = costliest_ttt_batch(cfg)
+        batch = to_device(batch, device)
+    else:
+        data = build_data(cfg)
+        dataset = data.train_set if phase == "train" else data.val_set
+        sampler = (training_sampler(dataset.lengths, dataset.sides, cfg.train.batch_size, cfg.train.tokens_per_step,
+                                    cfg.run.seed) if phase == "train" else
+                   LengthBucketSampler(dataset.lengths, cfg.val.batch_size, shuffle=False, sides=dataset.sides))
+        idx = largest_batch(dataset, sampler.batches())
+        batch = to_device(collate([dataset[i] for i in idx], shape_buckets=uses_shape_buckets(device)), device)
+    if phase != "val":
         optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
         for p in model.parameters():  # AdamW allocates its state on the first step; zero gradients
             p.grad = torch.zeros_like(p)  # make that step a near no-op
@@ -422,8 +436,11 @@ def memory_phase(cfg_dict: dict[str, Any], phase: str, threads: int) -> dict[str
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    if train:
+    if phase == "train":
         real_step(model, optimizer, batch, cfg, autocast, autocast.loss_scaler())
+    elif phase == "ttt":
+        tuning_step(model, optimizer, batch, autocast, cfg.train.loss_normalization, cfg.ttt.grad_clip,
+                    scaler=autocast.loss_scaler())
     else:  # inference mode, as in training; the whole batch at once
         micro = MicroBatch("validation", len(idx), None, lambda message: None)
         validate(model, [batch], device, autocast, cfg.model.grid_size, micro)
@@ -443,10 +460,23 @@ def memory_phase(cfg_dict: dict[str, Any], phase: str, threads: int) -> dict[str
     return out
 
 
+def costliest_ttt_batch(cfg: ExperimentConfig) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """The first TTT batch of the ARC-AGI-1 evaluation task whose step costs the most (its indices
+    are the batch's draws)."""
+    from sage.predict import blind
+    from sage.ttt import Tuning, step_examples, task_budget, ttt_examples, tuning_data
+
+    tuning = Tuning.of(cfg)
+    tasks = [blind(t) for t in load_dataset("arc-agi-1/evaluation")]
+    task = max(tasks, key=lambda t: task_budget(t, tuning).step_flops)
+    items = step_examples(tuning_data(task, ttt_examples(task), tuning), 0, cfg.ttt.batch_size)
+    return list(range(len(items))), collate(items)
+
+
 def memory_section(cfg: ExperimentConfig, device: torch.device, log: Log) -> dict[str, Any]:
     result: dict[str, Any] = {"scope": "main process only (DataLoader workers are separate processes)"}
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per phase
-    for phase in ("train", "val"):
+    for phase in ("train", "val", "ttt"):
         log(f"memory: {phase} phase on its largest batch in a fresh process")
         with context.Pool(1) as pool:
             result[phase] = pool.apply(memory_phase, (cfg.to_dict(), phase, torch.get_num_threads()))
@@ -714,9 +744,10 @@ def memory_rows(s: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
     mem, key = s["memory"], s["memory"]["compared"]
     what = "CUDA max allocated" if key.startswith("cuda") else "peak RSS"
     rows = []
-    for phase in ("train", "val"):
+    for phase in ("train", "val", "ttt"):
         r = mem[phase]
-        rows.append(("memory", f"{phase} {what} (batch {r['batch'][0]}x{r['batch'][1]})", fmt_bytes(r[key]),
+        rows.append(("memory", f"{phase} {what} (batch {r['batch'][0]}x{r['batch'][1]}"
+                     + (", one task in flight)" if phase == "ttt" else ")"), fmt_bytes(r[key]),
                      "<= train" if phase == "val" else "",
                      verdict(r[key] <= mem["train"][key]) if phase == "val" else ""))
     ok = mem["val"][key] <= mem["train"][key]

@@ -52,6 +52,8 @@ from sage.model import (
     build_model,
     parameter_breakdown,
 )
+from sage.memory_probe import describe as describe_memory
+from sage.memory_probe import probe_run
 from sage.overlap import describe
 from sage.recovery import FaultInjection, MicroBatch, all_finite
 from sage.runlog import RunLog, SilentLog, plot_training_curves, read_metrics
@@ -184,6 +186,7 @@ def train(
         stopped_early = False
         try:
             log_header(run)
+            log_memory_probe(run)
             last_step = min(run.total_steps, stop_after_steps or run.total_steps)
             run.bar = tqdm(total=last_step, initial=min(run.state.step, last_step), unit="step",
                            disable=not run.interactive, dynamic_ncols=True)
@@ -411,6 +414,17 @@ def log_header(run: Run) -> None:
             start_record["val_feature_cosine"] = untrained["feature_cosine"]
             log.info(f"untrained distillation head: validation feature cosine {untrained['feature_cosine']:.4f}")
         log.metrics("start", **start_record)
+
+
+def log_memory_probe(run: Run) -> None:
+    """Before the first step, the peak memory of the largest training step and validation pass
+    against what the device has (sage/memory_probe.py; the step is undone). Not under torchrun,
+    where every process would probe at once."""
+    if run.ctx.enabled:
+        return
+    probes = probe_run(run.model, run.optimizer, run.scaler, run.cfg, run.device, run.autocast, run.train_set,
+                       run.train_sampler.batches(), run.val_set, run.val_loader.batch_sampler.batches())
+    run.log.info(describe_memory(probes, run.device))
 
 
 # ----------------------------------------------------------------------------- one epoch

@@ -222,3 +222,26 @@ def test_last_checkpoint_and_curves_can_skip_epochs(tmp_path, monkeypatch):
                       "checkpoint.last_every_epochs=2", "logging.curves_every_epochs=0"), echo=False)
     assert [e for e, name in saved if name == "last"] == [2, 3] and plotted == [3]
     assert json.loads((tmp_path / "checkpoints" / "thin" / "last" / "meta.json").read_text())["train_state"]["epoch"] == 3
+
+
+def test_the_memory_probe_states_the_largest_batches_needs_and_changes_nothing(tmp_path, monkeypatch):
+    """Before the first step the log states the peak memory of one training step and one validation
+    pass on the largest batches, against what this machine offers; the probe's step is undone, so a
+    run without the probe trains to the same epochs and weights."""
+    import re
+
+    import sage.training
+
+    train(tiny_config(tmp_path, "probed", "train.epochs=1", "train.tokens_per_step=400"), echo=False)
+    (line,) = [x for x in (tmp_path / "logs" / "probed" / "train.log").read_text().splitlines() if "memory probe" in x]
+    assert re.search(r"memory probe \(process resident memory, peak of the largest batch\): training step "
+                     r"\d+\.\d\d GiB \(\d+ examples, [\d,]+ tokens\), validation \d+\.\d\d GiB \(\d+ examples, "
+                     r"[\d,]+ tokens\) of \d+\.\d GiB this process can use on this machine \(\d+\.\d GiB\); fits$",
+                     line), line
+    monkeypatch.setattr(sage.training, "log_memory_probe", lambda run: None)
+    train(tiny_config(tmp_path, "unprobed", "train.epochs=1", "train.tokens_per_step=400"), echo=False)
+    assert epoch_records(tmp_path / "logs" / "probed") == epoch_records(tmp_path / "logs" / "unprobed")
+    probed, unprobed = (load_file(tmp_path / "checkpoints" / run / "last" / "model.safetensors")
+                        for run in ("probed", "unprobed"))
+    for key in probed:
+        assert torch.equal(probed[key], unprobed[key]), key

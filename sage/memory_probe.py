@@ -1,0 +1,188 @@
+"""Memory before the run: the peak of one training step and one validation pass on the run's
+largest batches, measured by a probe on the device the run uses, against what the device has free.
+
+    largest_batch(dataset, batches)   the batch with the most examples x (padded context + canvas cells)
+    PeakMeter                         a phase's peak: CUDA's max_memory_allocated, or on a CPU the
+                                      process's resident-set high-water mark (Linux's VmHWM, reset first)
+    available_memory(device)          (free, total) bytes: the card's, or the machine's MemAvailable
+    probe_training(...)               one real training step on the largest batch, then the weights,
+                                      optimiser, loss scale and RNG put back as they were, so the run is
+                                      the run it would have been; and one validation pass
+
+The figures are what one process needs for its largest step with today's micro-batching: an
+out-of-memory error later is still recovered by halving (sage/recovery.py), but the log says before
+the first step whether the run fits.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from sage.config import ExperimentConfig
+from sage.device import release_cached_memory
+from sage.encoding import ARCExamples, collate, uses_shape_buckets
+from sage.recovery import FaultInjection, MicroBatch
+from sage.step import Autocast, to_device, train_step
+from sage.validation import validate
+
+
+def batch_size_in_tokens(dataset: object, indices: Sequence[int]) -> int:
+    """What a batch's activations scale with: examples x (context padded to 8 + answer canvas cells)."""
+    rows, cols = dataset.shapes[list(indices)].max(0)
+    longest = int(np.max(dataset.lengths[list(indices)]))
+    return len(indices) * (-(-longest // 8) * 8 + int(rows) * int(cols))
+
+
+def largest_batch(dataset: object, batches: Sequence[Sequence[int]]) -> list[int]:
+    """The batch of `batches` with the largest activations (`batch_size_in_tokens`)."""
+    return list(max(batches, key=lambda b: batch_size_in_tokens(dataset, b)))
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMeter:
+    """The peak memory of what runs inside the block (`peak`, bytes; None where it cannot be read):
+    on CUDA the allocator's high-water mark, on a CPU the process's resident set (VmHWM, reset
+    when the block starts)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, None
+        self.measures = "CUDA memory allocated" if device.type == "cuda" else "process resident memory"
+
+    def __enter__(self) -> PeakMeter:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak = _status_bytes("VmHWM")
+
+
+def available_memory(device: torch.device) -> tuple[int | None, int | None]:
+    """(bytes this process can use, total bytes): the card's free memory plus what this process
+    already holds in it, or on a CPU the machine's MemAvailable plus this process's resident set;
+    and the card's or the machine's total."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device), total
+    values = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            name, rest = line.split(":", 1)
+            values[name] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError):
+        return None, None
+    own = _status_bytes("VmRSS") or 0
+    return (values["MemAvailable"] + own if "MemAvailable" in values else None), values.get("MemTotal")
+
+
+@dataclass
+class Probe:
+    phase: str
+    examples: int
+    tokens: int  # batch_size_in_tokens
+    peak: int | None  # bytes
+    measures: str
+    micro_batch: int = 0  # examples per forward pass, when the probe itself ran out of memory and halved
+
+
+def restoring(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              scaler: torch.amp.GradScaler | None) -> Callable[[], None]:
+    """A snapshot of everything a training step changes (weights, optimiser state, loss scale, RNG):
+    call the returned function to put it back."""
+    weights = copy.deepcopy(model.state_dict())
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    scaler_state = None if scaler is None else copy.deepcopy(scaler.state_dict())
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def put_back() -> None:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(optimizer_state)
+        if scaler is not None:
+            scaler.load_state_dict(scaler_state)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        optimizer.zero_grad(set_to_none=True)
+
+    return put_back
+
+
+def describe(probes: Sequence[Probe], device: torch.device) -> str:
+    """The log's line: each phase's peak against the device's free memory."""
+    free, total = available_memory(device)
+    gib = 2.0**30
+    parts = []
+    for p in probes:
+        figure = f"{p.peak / gib:.2f} GiB" if p.peak is not None else "not measurable here"
+        halved = f", only at {p.micro_batch} examples a pass" if p.micro_batch else ""
+        parts.append(f"{p.phase} {figure} ({p.examples} examples, {p.tokens:,} tokens{halved})")
+    where = ("the card" if device.type == "cuda" else "this machine")
+    against = (f" of {free / gib:.1f} GiB this process can use on {where} ({total / gib:.1f} GiB)"
+               if free is not None and total else "")
+    largest = max((p.peak for p in probes if p.peak is not None), default=None)
+    verdict = ""
+    if largest is not None and free is not None:
+        verdict = ("; fits" if largest <= free else
+                   "; does NOT fit: steps will halve their examples per pass (slower), or lower "
+                   "train.tokens_per_step / train.batch_size")
+    return (f"memory probe ({probes[0].measures if probes else ''}, peak of the largest batch): "
+            + ", ".join(parts) + against + verdict)
+
+
+def probe_run(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+              cfg: ExperimentConfig, device: torch.device, autocast: Autocast, train_set: ARCExamples,
+              train_batches: Sequence[Sequence[int]], val_set: ARCExamples,
+              val_batches: Sequence[Sequence[int]]) -> list[Probe]:
+    """One training step on the largest training batch and one validation pass on the largest
+    validation batch, each measured (`PeakMeter`); the step's changes are then undone (`restoring`)."""
+    buckets = uses_shape_buckets(device)
+    probes = []
+    for phase, dataset, batches in (("training step", train_set, train_batches),
+                                    ("validation", val_set, val_batches)):
+        if not batches:
+            continue
+        indices = largest_batch(dataset, batches)
+        batch = to_device(collate([dataset[(0, i)] for i in indices], shape_buckets=buckets), device)
+        micro = MicroBatch("the memory probe", len(indices), None, lambda _: None, accumulates=True)
+        if phase == "training step":
+            put_back = restoring(model, optimizer, scaler)
+            model.train()
+            try:
+                with PeakMeter(device) as meter:
+                    train_step(model, optimizer, batch, cfg, autocast, micro, FaultInjection(), 0, scaler=scaler)
+            finally:
+                put_back()
+        else:
+            with PeakMeter(device) as meter:
+                validate(model, [batch], device, autocast, cfg.model.grid_size, micro, distill_slots=cfg.distill.slots)
+        probes.append(Probe(phase, len(indices), batch_size_in_tokens(dataset, indices), meter.peak, meter.measures,
+                            micro.size if micro.size < len(indices) else 0))
+        del batch
+        release_cached_memory(device, f"the {phase} probe", lambda _: None)
+    return probes
