@@ -70,3 +70,22 @@ def test_two_process_gloo_training_matches_one_process_and_resumes(tmp_path):
     weights = [load_file(tmp_path / "checkpoints" / run / "last" / "model.safetensors") for run in ("ddp", "single")]
     for k in weights[1]:
         torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_fp16_loss_scaling_under_torchrun_skips_the_same_steps_as_one_process(tmp_path):
+    """fp16 under torchrun: the loss scaler unscales the gradients after they are averaged, so both
+    processes find the same overflows and halve their scale alike; 2 processes x batch 4 skip the
+    steps 1 process x batch 8 skips and end with its losses (fp16: to 1%)."""
+    settings = ["train.epochs=1", "data.num_workers=0", "run.precision=fp16"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *tiny_command(tmp_path, "ddp16", *settings, "train.batch_size=4")[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train(tiny_config(tmp_path, "single16", *settings, "train.batch_size=8"), echo=False)
+    overflows = [[r["step"] for r in read_metrics(tmp_path / "logs" / run / "metrics.jsonl") if r["event"] == "overflow"]
+                 for run in ("ddp16", "single16")]
+    assert overflows[0] == overflows[1] and overflows[0]  # at least the first step, at the starting scale
+    (ddp,), (single,) = epoch_records(tmp_path / "logs" / "ddp16"), epoch_records(tmp_path / "logs" / "single16")
+    for key in ("train_loss", "val_loss"):
+        assert ddp[key] == pytest.approx(single[key], rel=1e-2), key
