@@ -1,6 +1,7 @@
 """SAGE performance benchmark: one run on this machine measures, for a model config,
 
-    peak     dense matmul FLOP/s (a torch.mm loop in run.precision's autocast dtype: bf16, fp16 or fp32): the MFU denominator,
+    peak     dense matmul FLOP/s (a torch.mm loop in run.precision's autocast dtype, bf16, fp16 or fp32): the MFU
+             denominator,
              measured before and after training (the higher one is used: the machine may be shared)
     train    training throughput (context + answer tokens/s, examples/s) and MFU: FLOPs of every
              timed step counted by torch.utils.flop_counter.FlopCounterMode (forward + backward on

@@ -89,12 +89,14 @@ class Sizes:
 
 GPU = Sizes("configs/sage_44m.yaml", TINY_TEACHER, (5, 120), 4.0, 12, "inductor", 32,
             ["--limit", "8", "--set", "ttt.steps=100"],
-            (("one_at_a_time", ()), ("workers_4", ("--workers", "4")), ("in_flight_8", ("--set", "ttt.tasks_in_flight=8"))),
+            (("one_at_a_time", ()), ("workers_4", ("--workers", "4")),
+             ("in_flight_8", ("--set", "ttt.tasks_in_flight=8"))),
             "groot-n1.5", 3, (8192, 32768, 131072),
             [], [])
 SMOKE = Sizes("configs/quickstart.yaml", SMOKE_MODEL, (1, 2), 0.05, 4, "eager", 8,
               ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=3", "--set", "ttt.batch_size=2"],
-              (("one_at_a_time", ()), ("workers_2", ("--workers", "2")), ("in_flight_2", ("--set", "ttt.tasks_in_flight=2"))),
+              (("one_at_a_time", ()), ("workers_2", ("--workers", "2")),
+               ("in_flight_2", ("--set", "ttt.tasks_in_flight=2"))),
               "groot-n1.5-tiny", 1, (2048,),
               [*SMOKE_MODEL, "train.epochs=1", "train.tokens_per_step=2048", "data.num_workers=0"],
               ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=2", "--device", "cpu"])
@@ -294,8 +296,8 @@ def stage_teacher_precision(check: Check) -> dict[str, Any]:
     path = check.out / "teacher_precision.json"
     preset = "groot-n1.5-tiny" if check.smoke else "groot-n1.5"
     check.run("teacher_precision", [sys.executable, "-m", "benchmarks.teacher_precision", "--preset", preset,
-                                    "--device", "cpu" if check.smoke else "cuda", "--tasks", "2" if check.smoke else "4",
-                                    "--json", str(path)])
+                                    "--device", "cpu" if check.smoke else "cuda",
+                                    "--tasks", "2" if check.smoke else "4", "--json", str(path)])
     report = json.loads(path.read_text())
     keys = ("preset", "min_cosine", "max_abs_difference", "largest_activation", "overflowing_layers")
     return {k: report[k] for k in keys}

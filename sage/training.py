@@ -373,8 +373,9 @@ def log_header(run: Run) -> None:
     untrained distillation head's fidelity (the reference point for distillation)."""
     cfg, log, m, ctx, state = run.cfg, run.log, run.cfg.model, run.ctx, run.state
     train_set, val_set, train_tasks, val_tasks = run.train_set, run.val_set, run.splits.train, run.splits.val
-    log.info(f"run '{cfg.run.name}' on {run.device} ({run.autocast.name}, "
-             f"{attention_kernel(m, run.device, run.autocast.dtype)} attention): {m.kind} {run.parameters:,} parameters "
+    attention = attention_kernel(m, run.device, run.autocast.dtype)
+    log.info(f"run '{cfg.run.name}' on {run.device} ({run.autocast.name}, {attention} attention): "
+             f"{m.kind} {run.parameters:,} parameters "
              f"({', '.join(f'{k} {v:,}' for k, v in parameter_breakdown(run.model).items())})")
     log.info(f"data.train {cfg.data.train}: {run.splits.source}")
     demonstrations_only = sum(map(is_demonstrations_only, train_tasks))

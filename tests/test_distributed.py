@@ -83,8 +83,8 @@ def test_fp16_loss_scaling_under_torchrun_skips_the_same_steps_as_one_process(tm
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     train(tiny_config(tmp_path, "single16", *settings, "train.batch_size=8"), echo=False)
-    overflows = [[r["step"] for r in read_metrics(tmp_path / "logs" / run / "metrics.jsonl") if r["event"] == "overflow"]
-                 for run in ("ddp16", "single16")]
+    overflows = [[r["step"] for r in read_metrics(tmp_path / "logs" / run / "metrics.jsonl")
+                  if r["event"] == "overflow"] for run in ("ddp16", "single16")]
     assert overflows[0] == overflows[1] and overflows[0]  # at least the first step, at the starting scale
     (ddp,), (single,) = epoch_records(tmp_path / "logs" / "ddp16"), epoch_records(tmp_path / "logs" / "single16")
     for key in ("train_loss", "val_loss"):

@@ -30,10 +30,12 @@ def test_every_stage_runs_at_toy_sizes_on_a_cpu(tmp_path):
     assert summary["train"]["epochs"] == 2 and summary["oom"]["halvings"] == ["4"]  # batch 8 went through in 4s
     assert summary["train"]["memory_released"] == []  # a CPU has no caching allocator to flush (CUDA: 2 lines)
     ttt = summary["ttt"]  # one task at a time, two worker processes, two tasks in one pass
-    assert [ttt[arm]["tasks"] for arm in ("one_at_a_time", "workers_2", "in_flight_2")] == [2, 2, 2] and ttt["in_flight_2"]["ttt_examples_per_second"] > 0
+    assert [ttt[arm]["tasks"] for arm in ("one_at_a_time", "workers_2", "in_flight_2")] == [2, 2, 2]
+    assert ttt["in_flight_2"]["ttt_examples_per_second"] > 0
     assert ttt["in_flight_2"]["same_answers_as_one_at_a_time"] and ttt["workers_2"]["same_answers_as_one_at_a_time"]
     assert summary["teacher_speed"]["teacher"]["preset"] == "groot-n1.5-tiny"
-    assert summary["teacher_precision"]["min_cosine"] >= 0.999 and summary["teacher_precision"]["overflowing_layers"] == []
+    precision = summary["teacher_precision"]  # the tiny backbone in fp16 against fp32
+    assert precision["min_cosine"] >= 0.999 and precision["overflowing_layers"] == []
     assert "| oom | ok |" in (tmp_path / "summary.md").read_text()
     recipe = summary["recipe"]  # configs/sage_44m_1gpu.yaml end to end, at toy sizes
     assert recipe["tasks"] == 2 and 0 <= recipe["student_ttt_arc_prize_score"] <= 1

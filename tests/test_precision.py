@@ -66,8 +66,8 @@ def test_overflowing_steps_are_skipped_and_counted_apart_and_never_stop_a_run(tm
     """Overflows skip their steps (no update: AdamW counts only the others) and halve the scale;
     they are not non-finite steps: a run with train.max_nonfinite_steps=2 goes on through a dozen
     of them in a row, while a NaN loss (injected at step 20) is still a non-finite step."""
-    summary = train(tiny_config(tmp_path, "overflow", "run.precision=fp16", "train.epochs=1",
-                                "train.max_nonfinite_steps=2"), echo=False, faults=FaultInjection.parse(["nan:train:20"]))
+    cfg = tiny_config(tmp_path, "overflow", "run.precision=fp16", "train.epochs=1", "train.max_nonfinite_steps=2")
+    summary = train(cfg, echo=False, faults=FaultInjection.parse(["nan:train:20"]))
     logs, last = tmp_path / "logs" / "overflow", tmp_path / "checkpoints" / "overflow" / "last"
     overflows = overflow_events(logs)
     assert len(overflows) >= 10 and overflows == list(range(1, len(overflows) + 1))  # the first steps, in a row
