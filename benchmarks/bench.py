@@ -803,6 +803,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
+    if cfg.train.tokens_per_step == "auto":
+        raise SystemExit("error: bench.py measures a given train.tokens_per_step; auto is chosen when a run starts "
+                         "(its log states the number): set that number")
     device = resolve_device(cfg.run.device)
     if args.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)

@@ -159,7 +159,10 @@ class TrainConfig:
     # step takes examples of one shape bucket, as many as fit, an example counting its context
     # (rounded up to its bucket) plus its answer canvas's cells (sage/token_batches.py). Every
     # example is still seen once an epoch. Small examples go many to a step: fewer, fuller steps.
-    tokens_per_step: int = 0
+    # auto: the largest budget whose step fits the device's free memory with AUTO_TOKENS_HEADROOM to
+    # spare, measured by probe steps at the run's start (sage/memory_probe.py) and kept with the run
+    # (--resume reuses it).
+    tokens_per_step: int | str = 0
     lr: float = 1e-4  # peak learning rate, reached after warmup_steps
     min_lr: float = 1e-6  # cosine floor
     warmup_steps: int = 500  # optimiser steps of linear warmup from lr / warmup_steps to lr
@@ -414,8 +417,13 @@ def _convert(hint: Any, value: Any, where: str, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, where, key)
+        inner = [a for a in args if a is not type(None)]
+        for hint_ in inner[:-1]:  # the first type the value converts to (int | str: 32768 or auto)
+            try:
+                return _convert(hint_, value, where, key)
+            except ConfigError:
+                pass
+        return _convert(inner[-1], value, where, key)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: '{key}' must be a list, got {_show(value)}")
@@ -586,8 +594,8 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     need(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
-    need(t.tokens_per_step >= 0, f"train.tokens_per_step must be >= 0 (0: train.batch_size examples a step), "
-                                 f"got {t.tokens_per_step}")
+    need(t.tokens_per_step == "auto" or (isinstance(t.tokens_per_step, int) and t.tokens_per_step >= 0),
+         f"train.tokens_per_step must be >= 0 (0: train.batch_size examples a step) or auto, got {t.tokens_per_step}")
     need(cfg.val.batch_size >= 1, f"val.batch_size must be >= 1, got {cfg.val.batch_size}")
     need(cfg.val.every_epochs >= 1, f"val.every_epochs must be >= 1, got {cfg.val.every_epochs}")
     need(t.lr > 0 and 0 <= t.min_lr <= t.lr, f"need 0 <= train.min_lr <= train.lr and lr > 0, got {t.min_lr}, {t.lr}")

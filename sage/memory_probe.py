@@ -186,3 +186,59 @@ def probe_run(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: 
         del batch
         release_cached_memory(device, f"the {phase} probe", lambda _: None)
     return probes
+
+
+# ----------------------------------------------------------------------------- train.tokens_per_step: auto
+
+AUTO_TOKENS_HEADROOM = 0.2  # of the memory this process can use, left free by tokens_per_step=auto
+AUTO_PROBE_TOKENS = (2048, 8192)  # the two budgets whose peaks fit the line: peak = fixed + per token x budget
+AUTO_TOKENS_STEP = 1024  # the choice is a multiple of this
+AUTO_TOKENS_MAX = 262144
+
+
+def training_step_peak(cfg: ExperimentConfig, train_set: ARCExamples, device: torch.device, tokens: int) -> Probe:
+    """The peak of one training step on the largest batch `tokens` tokens a step makes, on a fresh
+    model of the run's config (its weights do not matter), freed afterwards. The RNG is left as it was."""
+    from sage.model import build_model
+    from sage.step import make_optimizer
+    from sage.token_batches import TokenBudgetSampler
+
+    rng = torch.get_rng_state()
+    model = build_model(cfg.model).to(device)
+    optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+    autocast = Autocast(device, cfg.run.precision)
+    sampler = TokenBudgetSampler(train_set.lengths, train_set.sides, tokens, cfg.run.seed)
+    try:
+        (probe,) = probe_run(model, optimizer, autocast.loss_scaler(), cfg, device, autocast, train_set,
+                             sampler.batches(), train_set, [])
+    finally:
+        del model, optimizer
+        release_cached_memory(device, "a memory probe", lambda _: None)
+        torch.set_rng_state(rng)
+    return probe
+
+
+def choose_tokens_per_step(cfg: ExperimentConfig, train_set: ARCExamples, device: torch.device,
+                           log: Callable[[str], None]) -> int:
+    """train.tokens_per_step=auto: the largest multiple of AUTO_TOKENS_STEP whose largest training
+    step fits the memory this process can use, less AUTO_TOKENS_HEADROOM. Two probe steps fit the
+    peak as a line in the budget; the choice is then probed itself and lowered until it fits."""
+    usable, _ = available_memory(device)
+    peaks = [training_step_peak(cfg, train_set, device, t) for t in AUTO_PROBE_TOKENS]
+    if usable is None or any(p.peak is None for p in peaks):
+        log(f"train.tokens_per_step auto: memory cannot be measured on {device}: {AUTO_PROBE_TOKENS[0]:,} tokens a step")
+        return AUTO_PROBE_TOKENS[0]
+    budget = usable * (1 - AUTO_TOKENS_HEADROOM)
+    (t1, p1), (t2, p2) = zip(AUTO_PROBE_TOKENS, (p.peak for p in peaks))
+    per_token = max((p2 - p1) / max(t2 - t1, 1), 1.0)
+    tokens = int((budget - (p2 - per_token * t2)) / per_token)
+    tokens = min(max(tokens // AUTO_TOKENS_STEP * AUTO_TOKENS_STEP, AUTO_TOKENS_STEP), AUTO_TOKENS_MAX)
+    checked = training_step_peak(cfg, train_set, device, tokens)
+    while checked.peak > budget and tokens > AUTO_TOKENS_STEP:
+        tokens = max(int(tokens * budget / checked.peak) // AUTO_TOKENS_STEP * AUTO_TOKENS_STEP, AUTO_TOKENS_STEP)
+        checked = training_step_peak(cfg, train_set, device, tokens)
+    gib = 2.0**30
+    log(f"train.tokens_per_step auto: {tokens:,} tokens a step, its largest step peaking at {checked.peak / gib:.2f} "
+        f"GiB of {usable / gib:.1f} GiB this process can use less {AUTO_TOKENS_HEADROOM:.0%} headroom "
+        f"({checked.measures}; probes at {t1:,} and {t2:,} tokens: {p1 / gib:.2f} and {p2 / gib:.2f} GiB)")
+    return tokens

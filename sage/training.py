@@ -16,7 +16,7 @@ import functools
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from sage.encoding import (
     collate,
     uses_shape_buckets,
 )
-from sage.errors import CheckpointError, TrainingError
+from sage.errors import CheckpointError, ConfigError, TrainingError
 from sage.metric_sinks import WandbSettings
 from sage.metrics import score_baselines
 from sage.model import (
@@ -53,7 +53,7 @@ from sage.model import (
     parameter_breakdown,
 )
 from sage.memory_probe import describe as describe_memory
-from sage.memory_probe import probe_run
+from sage.memory_probe import choose_tokens_per_step, probe_run
 from sage.overlap import describe
 from sage.recovery import FaultInjection, MicroBatch, all_finite
 from sage.runlog import RunLog, SilentLog, plot_training_curves, read_metrics
@@ -244,6 +244,8 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
     if cfg.uses_teacher:  # an extraction in this process leaves the teacher's memory reserved
         release_cached_memory(device, "the teacher cache", log.info)
     train_set, val_set = make_datasets(cfg, splits, train_teacher, val_teacher, ctx)
+    if cfg.train.tokens_per_step == "auto":
+        cfg = with_tokens_per_step(cfg, checkpoint, train_set, device, ctx, log)
     train_sampler = training_sampler(train_set.lengths, train_set.sides, cfg.train.batch_size * ctx.world,
                                      cfg.train.tokens_per_step * ctx.world, cfg.run.seed)
     largest_batch = (train_sampler.largest_batch if isinstance(train_sampler, TokenBudgetSampler)
@@ -280,6 +282,24 @@ def setup(cfg: ExperimentConfig, device: torch.device, ctx: DistributedContext, 
                MicroBatch("training", -(-largest_batch // ctx.world), state.train_micro_batch, log.info),
                MicroBatch("validation", cfg.val.batch_size, state.val_micro_batch, log.info),
                interactive=echo and sys.stderr.isatty(), steps_per_epoch=len(train_sampler), scaler=scaler)
+
+
+def with_tokens_per_step(cfg: ExperimentConfig, checkpoint: Checkpoint | None, train_set: ARCExamples,
+                         device: torch.device, ctx: DistributedContext, log: RunLog | SilentLog) -> ExperimentConfig:
+    """train.tokens_per_step=auto made a number: measured now (sage.memory_probe.choose_tokens_per_step),
+    or, resuming, the number the run chose at its start (its batches must stay the same)."""
+    if checkpoint is not None:
+        tokens = checkpoint.meta["config"]["train"].get("tokens_per_step")
+        if not isinstance(tokens, int):
+            raise ConfigError(f"{checkpoint.path}/meta.json: train.tokens_per_step=auto, but the checkpoint does not "
+                              f"say what the run chose ({tokens!r}): set the number its log states")
+        log.info(f"train.tokens_per_step auto: {tokens:,} tokens a step, as the run chose at its start")
+    elif ctx.enabled:
+        raise ConfigError("train.tokens_per_step=auto is measured by one process: run it once without torchrun "
+                          "(its log states the number) and set that number under torchrun")
+    else:
+        tokens = choose_tokens_per_step(cfg, train_set, device, log.info)
+    return replace(cfg, train=replace(cfg.train, tokens_per_step=tokens))
 
 
 def wandb_settings(cfg: ExperimentConfig) -> WandbSettings | None:
@@ -440,7 +460,8 @@ def train_one_epoch(run: Run, stop_after_steps: int | None) -> bool:
     run.epoch_started = time.time()
     run.train_sampler.set_epoch(epoch, skip_batches=state.batch_in_epoch)
     run.model.train()
-    run.lr = training_lr(state.step, cfg.train, run.total_steps)
+    # The latest step's learning rate (the epoch record's, should a resumed epoch have no batch left).
+    run.lr = training_lr(max(state.step - 1, 0), cfg.train, run.total_steps)
     bar = run.bar
     bar.set_description(f"epoch {epoch + 1}/{cfg.train.epochs}")
     stopped, pending = False, []

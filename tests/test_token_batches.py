@@ -1,5 +1,7 @@
 """train.tokens_per_step: steps filled to a token budget, every example once an epoch, resumable."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -81,3 +83,54 @@ def test_bucket_costs_count_the_answer_canvas():
     bucket, cost = example_tokens(np.array([100, 100, 700]), np.array([3, 25, 3]))
     assert list(cost) == [128 + 100, 128 + 900, 768 + 100]  # contexts to 128 and 768, canvases to 10 and 30
     assert len(set(bucket.tolist())) == 3
+
+
+def test_auto_tokens_per_step_is_measured_once_and_kept_by_resume(tmp_path):
+    """train.tokens_per_step=auto on this CPU (memory: the process's resident set against what the
+    machine offers it): the log states the number chosen and its probe, the checkpoint keeps it,
+    --resume reuses it (it does not measure again), and the run equals one given that number."""
+    import re
+
+    auto = ("train.tokens_per_step=auto", "train.epochs=2")
+    train(tiny_config(tmp_path, "auto", *auto), stop_after_steps=2, echo=False)
+    log = (tmp_path / "logs" / "auto" / "train.log").read_text()
+    found = re.search(r"train\.tokens_per_step auto: ([\d,]+) tokens a step, its largest step peaking at "
+                      r"[\d.]+ GiB of [\d.]+ GiB this process can use less 20% headroom", log)
+    assert found, log
+    tokens = int(found.group(1).replace(",", ""))
+    assert tokens % 1024 == 0 and 1024 <= tokens <= 262144
+    meta = json.loads((tmp_path / "checkpoints" / "auto" / "last" / "meta.json").read_text())
+    assert meta["config"]["train"]["tokens_per_step"] == tokens
+    train(tiny_config(tmp_path, "auto", *auto), resume=True, echo=False)
+    log = (tmp_path / "logs" / "auto" / "train.log").read_text()
+    assert f"train.tokens_per_step auto: {tokens:,} tokens a step, as the run chose at its start" in log
+    train(tiny_config(tmp_path, "given", "train.epochs=2", f"train.tokens_per_step={tokens}"), echo=False)
+    assert epoch_records(tmp_path / "logs" / "auto") == epoch_records(tmp_path / "logs" / "given")
+
+
+def test_auto_tokens_per_step_takes_the_largest_budget_that_fits_with_headroom(monkeypatch):
+    """The choice on a device whose step peaks at 100 MiB + 50 KiB a token, with 1 GiB usable: the
+    two probes fit that line, the choice (a multiple of 1,024) is the largest under 80% of 1 GiB,
+    and when its own probe says more (a device that is not linear) it is lowered until it fits."""
+    import sage.memory_probe as memory_probe
+
+    mib, kib = 2**20, 2**10
+    probed = []
+
+    def device(extra_above: int = 0):
+        def peak(cfg, train_set, dev, tokens):
+            probed.append(tokens)
+            over = extra_above if tokens > 8192 else 0
+            return memory_probe.Probe("training step", 1, tokens, 100 * mib + 50 * kib * tokens + over, "a test device")
+        return peak
+
+    monkeypatch.setattr(memory_probe, "available_memory", lambda dev: (1024 * mib, 2048 * mib))
+    monkeypatch.setattr(memory_probe, "training_step_peak", device())
+    chosen = memory_probe.choose_tokens_per_step(None, None, torch.device("cpu"), lambda line: None)
+    fits = (0.8 * 1024 * mib - 100 * mib) / (50 * kib)  # 14,336.0 tokens
+    assert chosen == int(fits) // 1024 * 1024 == 14336 and probed == [2048, 8192, 14336]
+    probed.clear()
+    monkeypatch.setattr(memory_probe, "training_step_peak", device(extra_above=200 * mib))
+    chosen = memory_probe.choose_tokens_per_step(None, None, torch.device("cpu"), lambda line: None)
+    assert chosen < 14336 and 100 * mib + 50 * kib * chosen + 200 * mib <= 0.8 * 1024 * mib
+    assert probed[:3] == [2048, 8192, 14336] and len(probed) >= 4
