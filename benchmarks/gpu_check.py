@@ -29,6 +29,9 @@ Stages, in order, each in its own process with a time limit (one failing does no
                  peak) recovered by halving; on a CPU an injected one
   compile        train.compile's recompilations over the first batches of an epoch, with and
                  without the shape buckets training uses (sage.encoding.bucketed_length)
+  memory_caps    only when named (--only memory_caps): the recipe on smaller cards, this process capped
+                 to 16 and to 8 GB in fp16 and in bf16 (token budget auto, one task tuned at a time):
+                 two epochs and TTT of 16 tasks each, out-of-memory halvings (none expected), peaks
   recipe         only when named (--only recipe --budget-s 600): configs/sage_44m_1gpu.yaml end to end,
                  pretraining then TTT and scoring of all 400 ARC-AGI-1 evaluation tasks
 
@@ -102,7 +105,8 @@ SMOKE = Sizes("configs/quickstart.yaml", SMOKE_MODEL, (1, 2), 0.05, 4, "eager", 
               ["--limit", "2", "--max-grid-side", "5", "--set", "ttt.steps=2", "--device", "cpu"])
 # Seconds a stage's command may take at most (on the H200 the first seven stages took 311 s in all).
 LIMITS = {"device": 60, "throughput": 600, "attention": 240, "extraction": 150, "train": 300, "ttt": 240,
-          "teacher_speed": 180, "teacher_precision": 180, "oom": 150, "compile": 300, "recipe": 420}
+          "teacher_speed": 180, "teacher_precision": 180, "oom": 150, "compile": 300, "recipe": 420,
+          "memory_caps": 540}
 
 
 class StageFailed(Exception):
@@ -253,6 +257,10 @@ def stage_oom(check: Check) -> dict[str, Any]:
     return check.child("oom")
 
 
+def stage_memory_caps(check: Check) -> dict[str, Any]:
+    return check.child("memory_caps")
+
+
 def stage_ttt(check: Check) -> dict[str, Any]:
     checkpoint = check.out / "checkpoints" / "gpu_check" / "last"
     if not checkpoint.is_dir():
@@ -333,10 +341,10 @@ STAGES: dict[str, Callable[[Check], dict[str, Any]]] = {
     "device": stage_device, "throughput": stage_throughput, "attention": stage_attention,
     "extraction": stage_extraction, "train": stage_train,
     "ttt": stage_ttt, "teacher_speed": stage_teacher_speed, "teacher_precision": stage_teacher_precision,
-    "oom": stage_oom, "compile": stage_compile,
+    "oom": stage_oom, "compile": stage_compile, "memory_caps": stage_memory_caps,
     "recipe": stage_recipe,
 }
-ON_REQUEST = ("recipe",)  # stages a GPU check runs only when --only names them
+ON_REQUEST = ("recipe", "memory_caps")  # stages a GPU check runs only when --only names them
 
 
 # ----------------------------------------------------------------------------- in-process stages (children)
@@ -435,7 +443,55 @@ def child_oom(smoke: bool, out: Path) -> dict[str, Any]:
     return figures
 
 
-CHILDREN = {"device": lambda smoke, out: child_device(smoke), "compile": child_compile, "oom": child_oom}
+# The one-GPU recipe on smaller cards: the token budget measured for the card, one task tuned at a
+# time (8 in flight multiply TTT's activations; docs/results/fp16.md), and on 8 GB half TTT's batch.
+SMALL_CARDS = {16: ["train.tokens_per_step=auto", "ttt.tasks_in_flight=1"],
+               8: ["train.tokens_per_step=auto", "ttt.tasks_in_flight=1", "ttt.batch_size=8"]}
+
+
+def child_memory_caps(smoke: bool, out: Path) -> dict[str, Any]:
+    """configs/sage_44m_1gpu.yaml with SMALL_CARDS' settings, this process capped to 16 and then 8 GB
+    of the card (torch.cuda.set_per_process_memory_fraction), in fp16 and in bf16: two epochs of
+    training with their validations, then TTT and scoring of 16 ARC-AGI-1 evaluation tasks. Each
+    run's token budget (auto), its memory probe line, its out-of-memory halvings (none expected)
+    and its peak. On a CPU (the smoke) nothing is capped: toy sizes, the same path."""
+    import torch
+
+    from sage.config import load_config
+    from sage.evaluation import EvalSettings, evaluate
+    from sage.training import train
+
+    figures: dict[str, Any] = {}
+    for cap, settings in SMALL_CARDS.items():
+        for precision in ("fp16", "bf16"):
+            name = f"cap{cap}_{precision}"
+            if not smoke:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                total = torch.cuda.get_device_properties(0).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total))
+            sets = [f"run.checkpoint_dir={out / 'checkpoints'}", f"run.log_dir={out / 'logs'}", f"run.name={name}",
+                    *(SMOKE.recipe_train if smoke else ["train.epochs=2"]), f"run.precision={precision}", *settings]
+            train(load_config(RECIPE, sets), echo=False)
+            lines: list[str] = []
+            result = evaluate(out / "checkpoints" / name / "last", EvalSettings(
+                split="arc-agi-1/evaluation", views=2, limit=2 if smoke else 16, speed_tasks=0, ttt=True,
+                precision=precision, max_grid_side=5 if smoke else None, device="cpu" if smoke else "auto"),
+                progress=False, log=lines.append)
+            log = (out / "logs" / name / "train.log").read_text()
+            chosen = re.search(r"train\.tokens_per_step auto: ([\d,]+) tokens", log)
+            figures[name] = {
+                "cap_gib": None if smoke else cap, "tokens_per_step": chosen.group(1) if chosen else None,
+                "memory_probe": next((x.split(" | ", 1)[-1] for x in log.splitlines() if "memory probe" in x), None),
+                "out_of_memory_halvings": log.count("out of memory in ") + sum("out of memory" in x for x in lines),
+                "ttt_steps": sum(s.steps for s in result.ttt_stats.values()),
+                "score_with_ttt": result.systems["student_ttt"].summary["arc_prize_score"],
+                "peak_gib": None if smoke else round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    return figures
+
+
+CHILDREN = {"device": lambda smoke, out: child_device(smoke), "compile": child_compile, "oom": child_oom,
+            "memory_caps": child_memory_caps}
 
 
 # ----------------------------------------------------------------------------- summary and main

@@ -19,7 +19,7 @@ def test_every_stage_runs_at_toy_sizes_on_a_cpu(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert list(summary) == ["device", "throughput", "attention", "extraction", "train", "ttt", "teacher_speed",
-                             "teacher_precision", "oom", "compile", "recipe"]
+                             "teacher_precision", "oom", "compile", "memory_caps", "recipe"]
     assert all(stage["status"] == "ok" for stage in summary.values()), summary
     assert summary["throughput"]["examples_per_second"] > 0 and summary["extraction"]["prompts"] > 0
     assert summary["throughput"]["by_tokens_per_step"]["2048"]["examples_per_second"] > 0  # batches by tokens
@@ -37,6 +37,10 @@ def test_every_stage_runs_at_toy_sizes_on_a_cpu(tmp_path):
     precision = summary["teacher_precision"]  # the tiny backbone in fp16 against fp32
     assert precision["min_cosine"] >= 0.999 and precision["overflowing_layers"] == []
     assert "| oom | ok |" in (tmp_path / "summary.md").read_text()
+    caps = summary["memory_caps"]  # the small-card recipe in fp16 and bf16 (uncapped on a CPU)
+    runs = {k: v for k, v in caps.items() if k.startswith("cap")}
+    assert sorted(runs) == ["cap16_bf16", "cap16_fp16", "cap8_bf16", "cap8_fp16"]
+    assert all(r["out_of_memory_halvings"] == 0 and r["ttt_steps"] > 0 and r["tokens_per_step"] for r in runs.values())
     recipe = summary["recipe"]  # configs/sage_44m_1gpu.yaml end to end, at toy sizes
     assert recipe["tasks"] == 2 and 0 <= recipe["student_ttt_arc_prize_score"] <= 1
     assert json.loads((tmp_path / "recipe_report" / "submission.json").read_text())
