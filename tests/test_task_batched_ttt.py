@@ -69,10 +69,17 @@ def test_each_task_tunes_as_it_would_alone_whichever_tasks_share_its_passes(tune
     tuning = replace(tuned_alone["tuning"], ttt=replace(tuned_alone["tuning"].ttt, tasks_in_flight=in_flight))
     trainer = TaskBatchedTrainer(tuned_alone["model"], tuning, CPU)
     seen = []
-    for job, stats in trainer.tune(plan_jobs(tuned_alone["tasks"], tuning)):
-        assert_tuned_as_alone(stats, trainer.answering.state_dict(), tuned_alone["alone"], job.task.id)
+    # A task with one demonstration has no leave-one-out example: no steps, the pretrained weights answer.
+    untunable = replace(tuned_alone["tasks"][0], id="one-demonstration", train=tuned_alone["tasks"][0].train[:1])
+    for job, stats in trainer.tune(plan_jobs([*tuned_alone["tasks"], untunable], tuning)):
+        if job.task is untunable:
+            assert (stats.steps, stats.examples) == (0, 0) and not seen  # handed out before any step is taken
+            for key, value in trainer.answering.state_dict().items():
+                assert torch.equal(value, tuned_alone["model"].state_dict()[key]), key
+        else:
+            assert_tuned_as_alone(stats, trainer.answering.state_dict(), tuned_alone["alone"], job.task.id)
         seen.append(job.task.id)
-    assert sorted(seen) == sorted(t.id for t in tuned_alone["tasks"])
+    assert sorted(seen) == sorted([t.id for t in tuned_alone["tasks"]] + ["one-demonstration"])
 
 
 def test_out_of_memory_halves_every_tasks_pieces_and_takes_the_same_steps(tuned_alone):
