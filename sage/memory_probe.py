@@ -84,11 +84,12 @@ class PeakMeter:
 
 def available_memory(device: torch.device) -> tuple[int | None, int | None]:
     """(bytes this process can use, total bytes): the card's free memory plus what this process
-    already holds in it, or on a CPU the machine's MemAvailable plus this process's resident set;
-    and the card's or the machine's total."""
+    already holds in it, within its torch.cuda.set_per_process_memory_fraction cap; or on a CPU the
+    machine's MemAvailable plus this process's resident set; and the card's or the machine's total."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device), total
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+        return min(free + torch.cuda.memory_reserved(device), int(total * fraction)), total
     values = {}
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
