@@ -27,8 +27,10 @@ import torch
 from sage.config import ExperimentConfig
 from sage.device import release_cached_memory
 from sage.encoding import ARCExamples, collate, uses_shape_buckets
+from sage.model import build_model
 from sage.recovery import FaultInjection, MicroBatch
-from sage.step import Autocast, to_device, train_step
+from sage.step import Autocast, make_optimizer, to_device, train_step
+from sage.token_batches import TokenBudgetSampler
 from sage.validation import validate
 
 
@@ -200,10 +202,6 @@ AUTO_TOKENS_MAX = 262144
 def training_step_peak(cfg: ExperimentConfig, train_set: ARCExamples, device: torch.device, tokens: int) -> Probe:
     """The peak of one training step on the largest batch `tokens` tokens a step makes, on a fresh
     model of the run's config (its weights do not matter), freed afterwards. The RNG is left as it was."""
-    from sage.model import build_model
-    from sage.step import make_optimizer
-    from sage.token_batches import TokenBudgetSampler
-
     rng = torch.get_rng_state()
     model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
@@ -227,7 +225,8 @@ def choose_tokens_per_step(cfg: ExperimentConfig, train_set: ARCExamples, device
     usable, _ = available_memory(device)
     peaks = [training_step_peak(cfg, train_set, device, t) for t in AUTO_PROBE_TOKENS]
     if usable is None or any(p.peak is None for p in peaks):
-        log(f"train.tokens_per_step auto: memory cannot be measured on {device}: {AUTO_PROBE_TOKENS[0]:,} tokens a step")
+        log(f"train.tokens_per_step auto: memory cannot be measured on {device}: "
+            f"{AUTO_PROBE_TOKENS[0]:,} tokens a step")
         return AUTO_PROBE_TOKENS[0]
     budget = usable * (1 - AUTO_TOKENS_HEADROOM)
     (t1, p1), (t2, p2) = zip(AUTO_PROBE_TOKENS, (p.peak for p in peaks))

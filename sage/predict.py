@@ -280,7 +280,7 @@ class TaskSolver:
     def __init__(self, loaded: LoadedModel, device: torch.device, n_views: int, seed: int, batch_size: int,
                  tuning: Tuning | None = None) -> None:
         self.predictor = Predictor(loaded, device, n_views, seed, batch_size)
-        self.tuning, self.trainer, self.batched = tuning, None, None
+        self.trainer, self.batched = None, None
         if tuning is not None and tuning.ttt.tasks_in_flight > 1:
             self.batched = TaskBatchedTrainer(loaded.model, tuning, device)
             # Answers after tuning come from the trainer's copy, which holds one task's tuned weights at a time.

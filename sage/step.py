@@ -348,7 +348,7 @@ def tuning_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
         free_memory(batch["target"].device)
         micro.halve("a step")
     if scaler is None:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         return loss, torch.zeros((), dtype=torch.bool, device=loss.device)
     scaler.unscale_(optimizer)

@@ -40,16 +40,15 @@ from sage.losses import answer_cross_entropy, loss_units
 from sage.recovery import FaultInjection, MicroBatch, free_memory
 from sage.step import GROWTH_INTERVAL, INITIAL_LOSS_SCALE, Autocast, to_device
 from sage.ttt import (
-    LOSS_WINDOW,
     TTTStats,
     Tuning,
     pinned,
+    run_stats,
     step_examples,
     task_budget,
     ttt_examples,
     ttt_lr,
     tuning_data,
-    window_means,
 )
 
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which the one-task path uses
@@ -63,7 +62,7 @@ class Job:
     run: int
     steps: int  # its share of the task's step budget; 0: answered with the pretrained weights
     examples: int  # the task's leave-one-out examples
-    shape: tuple[int, int] = (0, 0)  # its first batch's (canvas cells, context tokens): the order it joins in
+    shape: tuple[int, int] = (0, 0)  # the task's first batch's (TaskBudget.first_batch_shape): the order it joins in
     data: ARCExamples | None = None  # its stream of draws
     # While in flight:
     step: int = 0
@@ -81,13 +80,12 @@ def plan_jobs(tasks: Sequence[Task], tuning: Tuning) -> list[Job]:
             raise TestOutputVisible(f"task {task.id}: test-time training was given the task's test outputs; "
                                     "pass it through sage.predict.blind first")
         refs = ttt_examples(task)
-        steps = task_budget(task, tuning).steps // ttt.runs
+        budget = task_budget(task, tuning)
+        steps = budget.steps // ttt.runs
         for run in range(ttt.runs if steps else 1):
-            job = Job(task, run, steps, len(refs))
+            job = Job(task, run, steps, len(refs), budget.first_batch_shape)
             if steps:
                 job.data = tuning_data(task, refs, tuning, run)
-                first = collate(step_examples(job.data, 0, ttt.batch_size))
-                job.shape = (first["target"].shape[1], first["tokens"].shape[1])
             jobs.append(job)
     return jobs
 
@@ -292,8 +290,5 @@ class TaskBatchedTrainer:
         return functional_call(self.template, (parameters, self.buffers), (batch,)).logits
 
     def _stats(self, job: Job) -> TTTStats:
-        values = torch.stack(job.losses).tolist()
-        tail = values[-LOSS_WINDOW:]
-        return TTTStats(len(values), time.perf_counter() - job.started, job.examples, values[0],
-                        sum(tail) / len(tail), self.micro.size if self.micro.size < self.tuning.ttt.batch_size else 0,
-                        overflow_steps=int(torch.stack(job.overflowed).sum()), loss_curves=(window_means(values),))
+        return run_stats(job.losses, job.overflowed, time.perf_counter() - job.started, job.examples,
+                         self.micro.size if self.micro.size < self.tuning.ttt.batch_size else 0)

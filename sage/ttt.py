@@ -157,6 +157,8 @@ class TaskBudget:
 
     steps: int  # budgeted_steps: 0 when the task has no leave-one-out examples or too few steps
     step_flops: float  # estimated FLOPs of its first step (0.0 without examples)
+    # Its first batch's (answer canvas cells, context tokens): the order sage/task_batched_ttt.py tunes tasks in.
+    first_batch_shape: tuple[int, int] = (0, 0)
 
 
 def task_budget(task: Task, tuning: Tuning) -> TaskBudget:
@@ -167,7 +169,7 @@ def task_budget(task: Task, tuning: Tuning) -> TaskBudget:
         return TaskBudget(0, 0.0)
     first = collate(step_examples(tuning_data(task, refs, tuning), 0, tuning.ttt.batch_size))
     flops = step_flops(first, tuning.model)
-    return TaskBudget(budgeted_steps(tuning.ttt, flops), flops)
+    return TaskBudget(budgeted_steps(tuning.ttt, flops), flops, (first["target"].shape[1], first["tokens"].shape[1]))
 
 
 def finetune(model: torch.nn.Module, task: Task, tuning: Tuning, device: torch.device,
@@ -209,10 +211,18 @@ def finetune(model: torch.nn.Module, task: Task, tuning: Tuning, device: torch.d
         losses.append(loss)
         overflowed.append(skipped)
     model.eval()
+    return run_stats(losses, overflowed, time.perf_counter() - started, len(refs),
+                     micro.size if micro.size < ttt.batch_size else 0)
+
+
+def run_stats(losses: list[torch.Tensor], overflowed: list[torch.Tensor], seconds: float, examples: int,
+              micro_batch: int) -> TTTStats:
+    """One tuning run's stats from its steps' losses and overflow flags, still on the device (read
+    here, at once): sage.ttt.finetune's and sage.task_batched_ttt's."""
     values = torch.stack(losses).tolist() if losses else []
     tail = values[-LOSS_WINDOW:]
-    return TTTStats(len(values), time.perf_counter() - started, len(refs), values[0] if values else math.nan,
-                    sum(tail) / len(tail) if tail else math.nan, micro.size if micro.size < ttt.batch_size else 0,
+    return TTTStats(len(values), seconds, examples, values[0] if values else math.nan,
+                    sum(tail) / len(tail) if tail else math.nan, micro_batch,
                     overflow_steps=int(torch.stack(overflowed).sum()) if overflowed else 0,
                     loss_curves=(window_means(values),))
 

@@ -3,8 +3,10 @@ and test-time training follow fp32, steps whose gradients overflow the loss scal
 counted apart from non-finite ones, and --resume restores the scale. fp16 autocast and
 torch.amp.GradScaler run on the CPU too, so all of it is tested here."""
 
+import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from tiny import adam_steps, epoch_records, tiny_config, unseen_tasks
 
 import sage.step
 import sage.task_batched_ttt
+from sage.model import build_model
 from sage.predict import blind
 from sage.recovery import FaultInjection
 from sage.runlog import read_metrics
@@ -101,23 +104,14 @@ def test_fp16_test_time_training_skips_overflows_alike_one_task_or_many_at_once(
     each slot has its own scale: the same steps and overflows, losses within fp16's noise."""
     cfg = tiny_config(tmp_path, "ttt16", "run.precision=fp16", "ttt.steps=25", "ttt.batch_size=4", "ttt.lr=3e-3")
     torch.manual_seed(0)
-    from sage.model import build_model
-
     model = build_model(cfg.model).eval()
     tuning = Tuning.of(cfg)
     tasks = [blind(t) for t in unseen_tasks()][:4]
-    alone = {t.id: finetune(copy_of(model), t, tuning, CPU) for t in tasks}
+    alone = {t.id: finetune(copy.deepcopy(model), t, tuning, CPU) for t in tasks}
     assert all(s.steps == 25 and 10 <= s.overflow_steps < 25 for s in alone.values())
-    many = tuning.__class__(**{**tuning.__dict__, "ttt": cfg.ttt.__class__(**{**cfg.ttt.__dict__,
-                                                                              "tasks_in_flight": 3})})
+    many = replace(tuning, ttt=replace(tuning.ttt, tasks_in_flight=3))
     trainer = TaskBatchedTrainer(model, many, CPU)
     for job, stats in trainer.tune(plan_jobs(tasks, many)):
         expected = alone[job.task.id]
         assert (stats.steps, stats.overflow_steps) == (expected.steps, expected.overflow_steps), job.task.id
         assert stats.last_loss == pytest.approx(expected.last_loss, rel=1e-2) and math.isfinite(stats.last_loss)
-
-
-def copy_of(model):
-    import copy
-
-    return copy.deepcopy(model)
