@@ -11,7 +11,9 @@
              state allocated), of one validation batch (at val.batch_size, inference mode) and of one
              TTT step (the costliest ARC-AGI-1 evaluation task's, one task in flight: each more in
              flight adds 16 bytes a parameter), each on its largest batch in a fresh process: CPU RSS
-             high-water mark (VmHWM), or torch.cuda.max_memory_allocated on a GPU
+             high-water mark (VmHWM), or torch.cuda.max_memory_allocated on a GPU; and everywhere the
+             peak of live tensors counted op by op (sage.memory_probe.TensorPeakMeter): on a CPU, about
+             what a card's allocator would hold for the same step in the same precision
     cache    teacher feature cache bytes per prompt (= per example: one cache entry per task test
              input), pooled and token features: a small cache extracted with the tiny teacher (random
              weights) with and without token features, scaled to the configured teacher's width, and a
@@ -76,7 +78,7 @@ from sage.distill import TeacherTargets  # noqa: E402
 from sage.encoding import PAD, ARCExamples, LengthBucketSampler, collate, uses_shape_buckets  # noqa: E402
 from sage.model import attention_kernel, build_model  # noqa: E402
 from sage.recovery import FaultInjection, MicroBatch  # noqa: E402
-from sage.memory_probe import largest_batch  # noqa: E402
+from sage.memory_probe import TensorPeakMeter, largest_batch  # noqa: E402
 from sage.step import (  # noqa: E402
     Autocast,
     compute_losses,
@@ -437,15 +439,18 @@ def memory_phase(cfg_dict: dict[str, Any], phase: str, threads: int) -> dict[str
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    if phase == "train":
-        real_step(model, optimizer, batch, cfg, autocast, autocast.loss_scaler())
-    elif phase == "ttt":
-        tuning_step(model, optimizer, batch, autocast, cfg.train.loss_normalization, cfg.ttt.grad_clip,
-                    scaler=autocast.loss_scaler())
-    else:  # inference mode, as in training; the whole batch at once
-        micro = MicroBatch("validation", len(idx), None, lambda message: None)
-        validate(model, [batch], device, autocast, cfg.model.grid_size, micro)
-    sync(device)
+    held = [list(model.parameters()), list(optimizer.state.values()) if optimizer else [], batch]
+    with TensorPeakMeter(held) as tensors:
+        if phase == "train":
+            real_step(model, optimizer, batch, cfg, autocast, autocast.loss_scaler())
+        elif phase == "ttt":
+            micro = MicroBatch("test-time training", len(idx), cfg.ttt.examples_per_pass, print, accumulates=True)
+            tuning_step(model, optimizer, batch, autocast, cfg.train.loss_normalization, cfg.ttt.grad_clip, micro,
+                        scaler=autocast.loss_scaler())
+        else:  # inference mode, as in training; the whole batch at once
+            micro = MicroBatch("validation", len(idx), None, lambda message: None)
+            validate(model, [batch], device, autocast, cfg.model.grid_size, micro)
+        sync(device)
     peak_kib = _status_kib("VmHWM")
     if peak_kib is None:  # no /proc (not Linux): the process's lifetime maximum
         import resource
@@ -454,7 +459,7 @@ def memory_phase(cfg_dict: dict[str, Any], phase: str, threads: int) -> dict[str
     out = {
         "phase": phase, "batch": [len(idx), int(batch["tokens"].shape[1])], "seconds": time.perf_counter() - started,
         "rss_before_bytes": None if before_kib is None else before_kib * 1024, "rss_peak_bytes": peak_kib * 1024,
-        "rss_method": rss_method,
+        "rss_method": rss_method, "tensor_peak_bytes": tensors.peak, "precision": autocast.name,
     }
     if device.type == "cuda":
         out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -482,8 +487,8 @@ def memory_section(cfg: ExperimentConfig, device: torch.device, log: Log) -> dic
         with context.Pool(1) as pool:
             result[phase] = pool.apply(memory_phase, (cfg.to_dict(), phase, torch.get_num_threads()))
         r = result[phase]
-        log(f"memory: {phase} {r['batch'][0]}x{r['batch'][1]}: peak RSS {fmt_bytes(r['rss_peak_bytes'])} "
-            f"({r['seconds']:.1f}s)")
+        log(f"memory: {phase} {r['batch'][0]}x{r['batch'][1]}: peak RSS {fmt_bytes(r['rss_peak_bytes'])}, "
+            f"tensors {fmt_bytes(r['tensor_peak_bytes'])} ({r['seconds']:.1f}s)")
     key = "cuda_max_allocated_bytes" if device.type == "cuda" else "rss_peak_bytes"
     result["compared"] = key
     return result
@@ -747,10 +752,11 @@ def memory_rows(s: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
     rows = []
     for phase in ("train", "val", "ttt"):
         r = mem[phase]
-        rows.append(("memory", f"{phase} {what} (batch {r['batch'][0]}x{r['batch'][1]}"
-                     + (", one task in flight)" if phase == "ttt" else ")"), fmt_bytes(r[key]),
-                     "<= train" if phase == "val" else "",
+        shape = f"(batch {r['batch'][0]}x{r['batch'][1]}" + (", one task in flight)" if phase == "ttt" else ")")
+        rows.append(("memory", f"{phase} {what} {shape}", fmt_bytes(r[key]), "<= train" if phase == "val" else "",
                      verdict(r[key] <= mem["train"][key]) if phase == "val" else ""))
+        rows.append(("memory", f"{phase} live tensors, {r['precision']} (what a GPU's allocator holds)",
+                     fmt_bytes(r["tensor_peak_bytes"]), "", ""))
     ok = mem["val"][key] <= mem["train"][key]
     return rows, {"val_memory_le_train": {"value": mem["val"][key], "target": "<= train peak", "pass": ok}}
 

@@ -223,6 +223,11 @@ class TTTConfig:
     # time; more tasks fill a GPU whose small steps are launch-bound. Its cost: K copies of the weights
     # and AdamW's moments.
     tasks_in_flight: int = 1
+    # Examples of a task's step that go through the model at once, their gradients accumulated (null:
+    # the whole batch). Memory only: the steps are the same (up to float rounding). A card too small
+    # for a step's activations sets it rather than lowering batch_size (which changes the recipe) or
+    # waiting for out-of-memory halving to find it, task after task.
+    examples_per_pass: int | None = None
 
 
 @dataclass
@@ -585,6 +590,8 @@ def _check_training(cfg: ExperimentConfig, problems: _Problems) -> None:
     need(tt.batch_size >= 1, f"ttt.batch_size must be >= 1, got {tt.batch_size}")
     need(tt.runs >= 1, f"ttt.runs must be >= 1 (independent tuning runs per task), got {tt.runs}")
     need(tt.tasks_in_flight >= 1, f"ttt.tasks_in_flight must be >= 1 (1: one task at a time), got {tt.tasks_in_flight}")
+    need(tt.examples_per_pass is None or tt.examples_per_pass >= 1,
+         f"ttt.examples_per_pass must be >= 1 or null (the whole batch at once), got {tt.examples_per_pass}")
     need(tt.context_demos is None or tt.context_demos >= 0,
          f"ttt.context_demos must be >= 0 or null (every other demonstration), got {tt.context_demos}")
     need(tt.lr > 0 and tt.grad_clip > 0 and tt.warmup_steps >= 0 and tt.weight_decay >= 0,

@@ -4,6 +4,9 @@ largest batches, measured by a probe on the device the run uses, against what th
     largest_batch(dataset, batches)   the batch with the most examples x (padded context + canvas cells)
     PeakMeter                         a phase's peak: CUDA's max_memory_allocated, or on a CPU the
                                       process's resident-set high-water mark (Linux's VmHWM, reset first)
+    TensorPeakMeter                   the peak bytes of live tensors, counted op by op on any device: on
+                                      a CPU, what a GPU's allocator would hold for the same ops (planning
+                                      a card's recipe without the card)
     available_memory(device)          (free, total) bytes: the card's, or the machine's MemAvailable
     probe_training(...)               one real training step on the largest batch, then the weights,
                                       optimiser, loss scale and RNG put back as they were, so the run is
@@ -17,12 +20,15 @@ the first step whether the run fits.
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from sage.config import ExperimentConfig
 from sage.device import release_cached_memory
@@ -82,6 +88,54 @@ class PeakMeter:
             self.peak = torch.cuda.max_memory_allocated(self.device)
         else:
             self.peak = _status_bytes("VmHWM")
+
+
+CUDA_ALLOCATION_BLOCK = 512  # bytes: CUDA's caching allocator rounds every allocation up to this
+
+
+class TensorPeakMeter(TorchDispatchMode):
+    """The peak bytes of live tensor storages while the block runs (`peak`; `current` at its end),
+    counted from every operator's outputs (forward, backward and optimiser alike) and each rounded up
+    to CUDA's allocation block, plus the tensors named in `held` (weights, gradients, optimiser state,
+    the batch) that are alive when it starts. The same ops on a CPU give about what
+    torch.cuda.max_memory_allocated reports on a card; not counted: kernels' internal workspaces
+    (cuBLAS's, attention's scratch) and the allocator's fragmentation. A storage is freed when its
+    last tensor is (a weak reference's callback). Slow: one Python call per operator."""
+
+    def __init__(self, held: object = ()) -> None:
+        super().__init__()
+        self.held = held
+        self.live: dict[int, int] = {}  # storage address -> bytes counted
+        self.current = self.peak = 0
+
+    def _count(self, tensor: object) -> None:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        address, size = storage.data_ptr(), -(-storage.nbytes() // CUDA_ALLOCATION_BLOCK) * CUDA_ALLOCATION_BLOCK
+        if address == 0 or size == 0:
+            return
+        counted = self.live.get(address)
+        if counted is None:
+            weakref.finalize(storage, self._free, address)
+        self.live[address] = max(size, counted or 0)  # a storage resized in place counts at its largest
+        self.current += self.live[address] - (counted or 0)
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, address: int) -> None:
+        self.current -= self.live.pop(address, 0)
+
+    def __enter__(self) -> TensorPeakMeter:
+        for tensor in tree_flatten(self.held)[0]:
+            self._count(tensor)
+        self.peak = self.current
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            self._count(tensor)
+        return out
 
 
 def available_memory(device: torch.device) -> tuple[int | None, int | None]:

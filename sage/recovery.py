@@ -29,7 +29,7 @@ class MicroBatch:
                  accumulates: bool | None = None, scope: str = "the rest of the run") -> None:
         self.phase, self.batch_size, self.log, self.scope = phase, batch_size, log, scope
         self.accumulates = phase == "training" if accumulates is None else accumulates  # gradients over pieces
-        self.size = size or batch_size
+        self.size = self.start = min(size or batch_size, batch_size)
 
     def halve(self, where: str) -> None:
         if self.size == 1:
@@ -42,6 +42,11 @@ class MicroBatch:
         self.log(f"out of memory in {self.phase} at {where}: {self.phase} now runs {self.size} examples per "
                  f"forward pass instead of {old} (batch size {self.batch_size} kept"
                  f"{' by accumulating gradients' if self.accumulates else ''}) for {self.scope}")
+
+    @property
+    def halved_size(self) -> int:
+        """Examples per pass after out-of-memory halvings; 0 while never halved."""
+        return self.size if self.size < self.start else 0
 
     def pieces(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """`batch` split along its first dimension into pieces of at most `size` examples."""

@@ -197,8 +197,8 @@ class TaskBatchedTrainer:
         with torch.inference_mode(False):  # its tensors take gradients, wherever the trainer is made
             self.weights = StackedWeights(self.template, self.slots, self.autocast.scales_loss)
         self.buckets = uses_shape_buckets(device)
-        self.micro = MicroBatch("test-time training", tuning.ttt.batch_size, None, lambda _: None, accumulates=True,
-                                scope="the rest of the evaluation")
+        self.micro = MicroBatch("test-time training", tuning.ttt.batch_size, tuning.ttt.examples_per_pass,
+                                lambda _: None, accumulates=True, scope="the rest of the evaluation")
 
     def tune(self, jobs: Sequence[Job]) -> Iterator[tuple[Job, TTTStats]]:
         """Each job with its stats as its budget ends (jobs without steps first), `answering`
@@ -250,7 +250,7 @@ class TaskBatchedTrainer:
 
     def _gradients(self, rows: torch.Tensor | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Every slot's gradient of its job's loss (`weights.flat.grad`), and the losses [jobs], on
-        the device. Pieces of `micro.size` examples per job after out-of-memory errors."""
+        the device. Pieces of `micro.size` examples per job (ttt.examples_per_pass, halved by out-of-memory errors)."""
         while True:
             try:
                 return self._accumulate(rows, batch)
@@ -291,4 +291,4 @@ class TaskBatchedTrainer:
 
     def _stats(self, job: Job) -> TTTStats:
         return run_stats(job.losses, job.overflowed, time.perf_counter() - job.started, job.examples,
-                         self.micro.size if self.micro.size < self.tuning.ttt.batch_size else 0)
+                         self.micro.halved_size)

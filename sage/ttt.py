@@ -187,7 +187,7 @@ def finetune(model: torch.nn.Module, task: Task, tuning: Tuning, device: torch.d
         return TTTStats(0, time.perf_counter() - started, len(refs), math.nan, math.nan)
     data = tuning_data(task, refs, tuning, run)
     autocast = Autocast(device, tuning.precision)
-    micro = MicroBatch("test-time training", ttt.batch_size, None, lambda _: None, accumulates=True,
+    micro = MicroBatch("test-time training", ttt.batch_size, ttt.examples_per_pass, lambda _: None, accumulates=True,
                        scope=f"task {task.id}")
     model.train()
     optimizer = make_optimizer(model, ttt.lr, ttt.weight_decay, tuning.betas)
@@ -211,8 +211,7 @@ def finetune(model: torch.nn.Module, task: Task, tuning: Tuning, device: torch.d
         losses.append(loss)
         overflowed.append(skipped)
     model.eval()
-    return run_stats(losses, overflowed, time.perf_counter() - started, len(refs),
-                     micro.size if micro.size < ttt.batch_size else 0)
+    return run_stats(losses, overflowed, time.perf_counter() - started, len(refs), micro.halved_size)
 
 
 def run_stats(losses: list[torch.Tensor], overflowed: list[torch.Tensor], seconds: float, examples: int,

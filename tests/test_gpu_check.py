@@ -40,7 +40,10 @@ def test_every_stage_runs_at_toy_sizes_on_a_cpu(tmp_path):
     caps = summary["memory_caps"]  # the small-card recipe in fp16 and bf16 (uncapped on a CPU)
     runs = {k: v for k, v in caps.items() if k.startswith("cap")}
     assert sorted(runs) == ["cap16_bf16", "cap16_fp16", "cap8_bf16", "cap8_fp16"]
-    assert all(r["out_of_memory_halvings"] == 0 and r["ttt_steps"] > 0 and r["tokens_per_step"] for r in runs.values())
+    assert all(r["out_of_memory_halvings"] == 0 and r["ttt_steps"] > 0 for r in runs.values())
+    counted = caps["counted_against_allocated"]  # on a CPU only the count: no CUDA allocator to hold it against
+    assert all(counted[phase]["counted_mib"] > 0 and counted[phase]["cuda_allocated_mib"] is None
+               for phase in ("train", "val", "ttt"))
     recipe = summary["recipe"]  # configs/sage_44m_1gpu.yaml end to end, at toy sizes
     assert recipe["tasks"] == 2 and 0 <= recipe["student_ttt_arc_prize_score"] <= 1
     assert json.loads((tmp_path / "recipe_report" / "submission.json").read_text())

@@ -95,6 +95,30 @@ def test_out_of_memory_halves_every_tasks_pieces_and_takes_the_same_steps(tuned_
     assert trainer.micro.size == 1 and set(halved) == {1}
 
 
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_examples_per_pass_tunes_as_the_whole_batch(tuned_alone, in_flight):
+    """ttt.examples_per_pass (a small card's setting) pushes each step through in pieces, 3 + 1 of a
+    batch of 4: the same steps, losses and tuned weights, and no out-of-memory halving reported."""
+    tuning = replace(tuned_alone["tuning"], ttt=replace(tuned_alone["tuning"].ttt, tasks_in_flight=in_flight,
+                                                        examples_per_pass=3))
+    passes = []  # examples (per task) of each forward pass
+    count = lambda module, args: passes.append(len(args[0]["target"]))  # noqa: E731 (under vmap: one task's)
+    if in_flight == 1:
+        for task in tuned_alone["tasks"]:
+            copied = copy.deepcopy(tuned_alone["model"])
+            copied.register_forward_pre_hook(count)
+            stats = finetune(copied, task, tuning, CPU)
+            assert_tuned_as_alone(stats, copied.state_dict(), tuned_alone["alone"], task.id)
+            assert stats.micro_batch == 0
+    else:
+        trainer = TaskBatchedTrainer(tuned_alone["model"], tuning, CPU)
+        trainer.template.register_forward_pre_hook(count)
+        for job, stats in trainer.tune(plan_jobs(tuned_alone["tasks"], tuning)):
+            assert_tuned_as_alone(stats, trainer.answering.state_dict(), tuned_alone["alone"], job.task.id)
+            assert stats.micro_batch == 0
+    assert sorted(set(passes)) == [1, 3]
+
+
 def test_stacked_adamw_and_clipping_are_torchs_for_each_slot():
     """StackedWeights' clip and AdamW step (weight decay on matrices only) equal torch's
     clip_grad_norm_ and fused AdamW, slot by slot, each slot at its own learning rate and step."""
