@@ -9,8 +9,8 @@
              spent blocked in next(loader) with data.num_workers workers
     memory   peak memory of one training step (at train.tokens_per_step or train.batch_size, AdamW
              state allocated), of one validation batch (at val.batch_size, inference mode) and of one
-             TTT step (the costliest ARC-AGI-1 evaluation task's, one task in flight: each more in
-             flight adds 16 bytes a parameter), each on its largest batch in a fresh process: CPU RSS
+             TTT step (the costliest ARC-AGI-1 evaluation task's; ttt.tasks_in_flight copies of it
+             in flight, each with its own weights and moments), each on its largest batch in a fresh process: CPU RSS
              high-water mark (VmHWM), or torch.cuda.max_memory_allocated on a GPU; and everywhere the
              peak of live tensors counted op by op (sage.memory_probe.TensorPeakMeter): on a CPU, about
              what a card's allocator would hold for the same step in the same precision
@@ -402,15 +402,52 @@ def _status_kib(field: str) -> int | None:
 def memory_phase(cfg_dict: dict[str, Any], phase: str, threads: int) -> dict[str, Any]:
     """Peak memory of one training step, one validation batch or one TTT step on its largest batch
     (sage.memory_probe.largest_batch; training's by train.tokens_per_step when set; TTT's: the first
-    batch of the ARC-AGI-1 evaluation task with the costliest step, one task in flight). Runs in a
-    fresh process (the peak then belongs to this phase alone); the high-water mark is reset once
-    model, optimiser state and batch are in place, so it is the step's steady-state peak."""
+    batch of the ARC-AGI-1 evaluation task with the costliest step, ttt.tasks_in_flight copies of it
+    in flight). Runs in a fresh process (the peak then belongs to this phase alone); the high-water
+    mark is reset once model, optimiser state and batch are in place, so it is the step's
+    steady-state peak (with tasks in flight the trainer's K rows of weights and moments count too)."""
     torch.set_num_threads(threads)
     cfg = from_dict(ExperimentConfig, cfg_dict, "<benchmark>")
     device = resolve_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(device)
     autocast = Autocast(device, cfg.run.precision)
+    if phase == "ttt" and cfg.ttt.tasks_in_flight > 1:
+        step, held, shape = tasks_in_flight_step(cfg, model, device)
+    else:
+        step, held, shape = one_step(cfg, phase, model, device, autocast)
+    gc.collect()
+    before_kib = _status_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        rss_method = "VmHWM of the phase's process, reset after setup"
+    except OSError:
+        rss_method = "VmHWM of the phase's process (includes setup: it could not be reset)"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    with TensorPeakMeter(held) as tensors:
+        step()
+        sync(device)
+    peak_kib = _status_kib("VmHWM")
+    if peak_kib is None:  # no /proc (not Linux): the process's lifetime maximum
+        import resource
+
+        peak_kib, rss_method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss (includes setup)"
+    out = {
+        "phase": phase, "batch": shape, "seconds": time.perf_counter() - started,
+        "rss_before_bytes": None if before_kib is None else before_kib * 1024, "rss_peak_bytes": peak_kib * 1024,
+        "rss_method": rss_method, "tensor_peak_bytes": tensors.peak, "precision": autocast.name,
+        "tasks_in_flight": cfg.ttt.tasks_in_flight if phase == "ttt" else None,
+    }
+    if device.type == "cuda":
+        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+def one_step(cfg: ExperimentConfig, phase: str, model: torch.nn.Module, device: torch.device,
+             autocast: Autocast) -> tuple[Callable[[], None], list[Any], list[int]]:
+    """The phase's step on its largest batch (to run), the tensors alive before it, the batch's shape."""
     optimizer = None
     if phase == "ttt":
         idx, batch = costliest_ttt_batch(cfg)
@@ -429,18 +466,8 @@ def memory_phase(cfg_dict: dict[str, Any], phase: str, threads: int) -> dict[str
             p.grad = torch.zeros_like(p)  # make that step a near no-op
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    gc.collect()
-    before_kib = _status_kib("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        rss_method = "VmHWM of the phase's process, reset after setup"
-    except OSError:
-        rss_method = "VmHWM of the phase's process (includes setup: it could not be reset)"
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    held = [list(model.parameters()), list(optimizer.state.values()) if optimizer else [], batch]
-    with TensorPeakMeter(held) as tensors:
+
+    def step() -> None:
         if phase == "train":
             real_step(model, optimizer, batch, cfg, autocast, autocast.loss_scaler())
         elif phase == "ttt":
@@ -448,33 +475,50 @@ def memory_phase(cfg_dict: dict[str, Any], phase: str, threads: int) -> dict[str
             tuning_step(model, optimizer, batch, autocast, cfg.train.loss_normalization, cfg.ttt.grad_clip, micro,
                         scaler=autocast.loss_scaler())
         else:  # inference mode, as in training; the whole batch at once
-            micro = MicroBatch("validation", len(idx), None, lambda message: None)
-            validate(model, [batch], device, autocast, cfg.model.grid_size, micro)
-        sync(device)
-    peak_kib = _status_kib("VmHWM")
-    if peak_kib is None:  # no /proc (not Linux): the process's lifetime maximum
-        import resource
+            validate(model, [batch], device, autocast, cfg.model.grid_size, MicroBatch("validation", len(idx), None,
+                                                                                      lambda message: None))
 
-        peak_kib, rss_method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss (includes setup)"
-    out = {
-        "phase": phase, "batch": [len(idx), int(batch["tokens"].shape[1])], "seconds": time.perf_counter() - started,
-        "rss_before_bytes": None if before_kib is None else before_kib * 1024, "rss_peak_bytes": peak_kib * 1024,
-        "rss_method": rss_method, "tensor_peak_bytes": tensors.peak, "precision": autocast.name,
-    }
-    if device.type == "cuda":
-        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-    return out
+    held = [list(model.parameters()), list(optimizer.state.values()) if optimizer else [], batch]
+    return step, held, [len(idx), int(batch["tokens"].shape[1])]
 
 
-def costliest_ttt_batch(cfg: ExperimentConfig) -> tuple[list[int], dict[str, torch.Tensor]]:
-    """The first TTT batch of the ARC-AGI-1 evaluation task whose step costs the most (its indices
-    are the batch's draws)."""
+def tasks_in_flight_step(cfg: ExperimentConfig, model: torch.nn.Module,
+                         device: torch.device) -> tuple[Callable[[], None], list[Any], list[int]]:
+    """One task-batched TTT step of ttt.tasks_in_flight copies of the costliest task (to run: the
+    trainer is built inside it, its K rows of weights and AdamW moments counted), the model, the
+    shape of each task's batch."""
+    from sage.task_batched_ttt import TaskBatchedTrainer, plan_jobs
+    from sage.ttt import Tuning
+
+    task, _ = costliest_ttt_task(cfg)
+    tuning = Tuning.of(replace(cfg, ttt=replace(cfg.ttt, steps=1, flops=0.0, min_steps=0)))
+    copies = [replace(task, id=f"{task.id}/{slot}") for slot in range(cfg.ttt.tasks_in_flight)]
+    _, batch = costliest_ttt_batch(cfg)
+
+    def step() -> None:
+        trainer = TaskBatchedTrainer(model, tuning, device)
+        for _ in trainer.tune(plan_jobs(copies, tuning)):
+            pass
+
+    return step, [list(model.parameters())], [cfg.ttt.tasks_in_flight * len(batch["target"]),
+                                              int(batch["tokens"].shape[1])]
+
+
+def costliest_ttt_task(cfg: ExperimentConfig) -> tuple[Any, Any]:
+    """The ARC-AGI-1 evaluation task (blind) whose TTT step costs the most, and its tuning settings."""
     from sage.predict import blind
-    from sage.ttt import Tuning, step_examples, task_budget, ttt_examples, tuning_data
+    from sage.ttt import Tuning, task_budget
 
     tuning = Tuning.of(cfg)
     tasks = [blind(t) for t in load_dataset("arc-agi-1/evaluation")]
-    task = max(tasks, key=lambda t: task_budget(t, tuning).step_flops)
+    return max(tasks, key=lambda t: task_budget(t, tuning).step_flops), tuning
+
+
+def costliest_ttt_batch(cfg: ExperimentConfig) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """The first TTT batch of `costliest_ttt_task` (its indices are the batch's draws)."""
+    from sage.ttt import step_examples, ttt_examples, tuning_data
+
+    task, tuning = costliest_ttt_task(cfg)
     items = step_examples(tuning_data(task, ttt_examples(task), tuning), 0, cfg.ttt.batch_size)
     return list(range(len(items))), collate(items)
 
@@ -752,7 +796,9 @@ def memory_rows(s: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
     rows = []
     for phase in ("train", "val", "ttt"):
         r = mem[phase]
-        shape = f"(batch {r['batch'][0]}x{r['batch'][1]}" + (", one task in flight)" if phase == "ttt" else ")")
+        flight = r.get("tasks_in_flight", 1)
+        shape = f"(batch {r['batch'][0]}x{r['batch'][1]}" + (
+            f", {flight} tasks in flight)" if phase == "ttt" and flight > 1 else ", one task)" if phase == "ttt" else ")")
         rows.append(("memory", f"{phase} {what} {shape}", fmt_bytes(r[key]), "<= train" if phase == "val" else "",
                      verdict(r[key] <= mem["train"][key]) if phase == "val" else ""))
         rows.append(("memory", f"{phase} live tensors, {r['precision']} (what a GPU's allocator holds)",

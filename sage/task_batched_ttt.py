@@ -193,6 +193,8 @@ class TaskBatchedTrainer:
         self.template = copy.deepcopy(model).train()  # its structure runs every slot's weights (functional_call)
         self.answering = copy.deepcopy(model).eval()
         self.buffers = dict(self.template.named_buffers())
+        self.linear_biases = {f"{name}.bias" for name, module in self.template.named_modules()
+                              if isinstance(module, torch.nn.Linear) and module.bias is not None}
         self.autocast = Autocast(device, tuning.precision)
         with torch.inference_mode(False):  # its tensors take gradients, wherever the trainer is made
             self.weights = StackedWeights(self.template, self.slots, self.autocast.scales_loss)
@@ -274,7 +276,7 @@ class TaskBatchedTrainer:
                 # On the CPU, torch has no vmap rule for its flash attention and runs it task by task
                 # (it warns on every pass); CUDA's attention kernels have one.
                 warnings.filterwarnings("ignore", "There is a performance drop because we have not yet implemented")
-                logits = vmap(self._logits, randomness="different")(self.weights.parameters(rows), piece)
+                logits = vmap(self._logits, randomness="different")(self._autocast_biases(rows), piece)
             losses = torch.stack([answer_cross_entropy(logits[i], piece["target"][i], normalization)
                                   for i in range(jobs)])
             if whole is not None:  # each piece's share of its job's whole batch mean
@@ -285,6 +287,16 @@ class TaskBatchedTrainer:
             scaled.sum().backward()  # the jobs' losses share no weights: each slot gets its own gradient
             total = total + losses.detach()
         return total
+
+    def _autocast_biases(self, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The slots' parameters, with each linear layer's bias in autocast's dtype. Under vmap a linear
+        layer with batched weights runs as a matmul and an add: an fp32 bias would promote its output,
+        and all that backward saves of it, to fp32, where autocast's addmm of one task gives bf16/fp16
+        (tensor memory 1.7x one task's on the quickstart's costliest TTT step; docs/results/fp16.md)."""
+        parameters = self.weights.parameters(rows)
+        if not self.autocast.enabled:
+            return parameters
+        return {n: t.to(self.autocast.dtype) if n in self.linear_biases else t for n, t in parameters.items()}
 
     def _logits(self, parameters: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return functional_call(self.template, (parameters, self.buffers), (batch,)).logits
