@@ -249,6 +249,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 4.0) 
     """Dense matmul FLOP/s: the best of 5 trials of back-to-back torch.mm on n x n operands, in the
     dtype training runs its matmuls in (run.precision's autocast: bf16, fp16, or fp32)."""
     n = 8192 if device.type == "cuda" else 2048
+    if device.type == "cpu" and dtype == torch.float16:  # without fp16 hardware ~0.4 GFLOP/s: one 2048^3 mm, 40 s
+        n = 512
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
     torch.mm(a, b, out=c)
@@ -796,9 +798,9 @@ def memory_rows(s: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
     rows = []
     for phase in ("train", "val", "ttt"):
         r = mem[phase]
-        flight = r.get("tasks_in_flight", 1)
-        shape = f"(batch {r['batch'][0]}x{r['batch'][1]}" + (
-            f", {flight} tasks in flight)" if phase == "ttt" and flight > 1 else ", one task)" if phase == "ttt" else ")")
+        flight = r.get("tasks_in_flight") or 1
+        tasks = "" if phase != "ttt" else f", {flight} tasks in flight" if flight > 1 else ", one task"
+        shape = f"(batch {r['batch'][0]}x{r['batch'][1]}{tasks})"
         rows.append(("memory", f"{phase} {what} {shape}", fmt_bytes(r[key]), "<= train" if phase == "val" else "",
                      verdict(r[key] <= mem["train"][key]) if phase == "val" else ""))
         rows.append(("memory", f"{phase} live tensors, {r['precision']} (what a GPU's allocator holds)",

@@ -32,7 +32,8 @@ Stages, in order, each in its own process with a time limit (one failing does no
   memory_caps    only when named (--only memory_caps): the recipe on smaller cards, this process capped
                  to 16 and to 8 GB in fp16 and in bf16 (one task tuned at a time; on 8 GB in passes of
                  8 examples): two epochs and TTT of 16 tasks each, out-of-memory halvings (none
-                 expected), peaks; and the CPU's live-tensor count against CUDA's for the same steps
+                 expected), peaks; the CPU's live-tensor count against CUDA's for the same steps; and
+                 fp16 against bf16 training throughput (bench.py --only train)
   recipe         only when named (--only recipe --budget-s 600): configs/sage_44m_1gpu.yaml end to end,
                  pretraining then TTT and scoring of all 400 ARC-AGI-1 evaluation tasks
 
@@ -259,7 +260,14 @@ def stage_oom(check: Check) -> dict[str, Any]:
 
 
 def stage_memory_caps(check: Check) -> dict[str, Any]:
-    return check.child("memory_caps")
+    """fp16 against bf16 training throughput on this card (bench_train, one run each), then the
+    small-card recipe under capped memory (child_memory_caps)."""
+    kept = ("precision", "examples_per_second", "step_seconds", "achieved_tflops")
+    throughput = {}
+    for precision in ("bf16", "fp16"):
+        figures = bench_train(check, f"memory_caps-{precision}", f"run.precision={precision}", stage="memory_caps")
+        throughput[precision] = {k: figures[k] for k in kept}
+    return {"throughput_by_precision": throughput, **check.child("memory_caps")}
 
 
 def stage_ttt(check: Check) -> dict[str, Any]:

@@ -41,6 +41,7 @@ def test_every_stage_runs_at_toy_sizes_on_a_cpu(tmp_path):
     runs = {k: v for k, v in caps.items() if k.startswith("cap")}
     assert sorted(runs) == ["cap16_bf16", "cap16_fp16", "cap8_bf16", "cap8_fp16"]
     assert all(r["out_of_memory_halvings"] == 0 and r["ttt_steps"] > 0 for r in runs.values())
+    assert all(caps["throughput_by_precision"][p]["examples_per_second"] > 0 for p in ("bf16", "fp16"))
     counted = caps["counted_against_allocated"]  # on a CPU only the count: no CUDA allocator to hold it against
     assert all(counted[phase]["counted_mib"] > 0 and counted[phase]["cuda_allocated_mib"] is None
                for phase in ("train", "val", "ttt"))

@@ -43,8 +43,12 @@ def tiny_step_peak(precision: str) -> int:
     model = build_model(cfg.model)
     optimizer = make_optimizer(model, 1e-3, 0.0, (0.9, 0.95))
     autocast = Autocast(torch.device("cpu"), precision)
-    step = lambda: train_step(model, optimizer, batch, cfg, autocast, MicroBatch("training", 8, None, print),  # noqa: E731
-                              FaultInjection(), step=1, scaler=autocast.loss_scaler())
+    scaler = autocast.loss_scaler()
+
+    def step() -> None:
+        train_step(model, optimizer, batch, cfg, autocast, MicroBatch("training", 8, None, print), FaultInjection(),
+                   step=1, scaler=scaler)
+
     step()  # AdamW's state exists from here on, as in every later step
     held = [list(model.parameters()), [p.grad for p in model.parameters()], optimizer.state_dict()["state"], batch]
     with TensorPeakMeter(held) as meter:
