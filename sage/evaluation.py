@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from sage.arc import Task, tasks_up_to_side
-from sage.config import PRECISIONS, with_overrides
+from sage.config import PRECISIONS, TTTConfig, with_overrides
 from sage.device import release_cached_memory, resolve_device
 from sage.encoding import ARCExamples, evaluation_examples
 from sage.errors import ConfigError, EvaluationError
@@ -160,10 +160,7 @@ def evaluate(
     log(f"evaluating {loaded.path} ({loaded.parameters:,} parameters) on {len(tasks)} tasks of {settings.split}, "
         f"{settings.views} views per test input, on {device} ({precision})")
     if tuning is not None:
-        t = tuning.ttt
-        log(f"test-time training per task: {describe_budget(t)}, batch {t.batch_size}, lr {t.lr:g}, "
-            f"tuning {describe_tuning(t)}, on the task's demonstrations only; then the original weights"
-            + (f"; {t.tasks_in_flight} tasks tuned at once, each on its own weights" if t.tasks_in_flight > 1 else ""))
+        log(describe_ttt(tuning.ttt))
     if settings.workers > 1:
         log(f"{settings.workers} worker processes, {max(1, torch.get_num_threads() // settings.workers)} "
             "CPU thread(s) each")
@@ -346,6 +343,15 @@ def answer_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task
                              settings.workers, done))
     bar.close()
     return [earlier[t.id] if t.id in earlier else next(fresh) for t in tasks]
+
+
+def describe_ttt(t: TTTConfig) -> str:
+    """The evaluation log's line on test-time training."""
+    per_pass = t.examples_per_pass or t.batch_size
+    passes = f" in passes of {per_pass}" if per_pass < t.batch_size else ""
+    return (f"test-time training per task: {describe_budget(t)}, batch {t.batch_size}{passes}, lr {t.lr:g}, "
+            f"tuning {describe_tuning(t)}, on the task's demonstrations only; then the original weights"
+            + (f"; {t.tasks_in_flight} tasks tuned at once, each on its own weights" if t.tasks_in_flight > 1 else ""))
 
 
 def planned_work(tasks: Sequence[Task], tuning: Tuning | None) -> dict[str, float]:
