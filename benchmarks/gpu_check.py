@@ -455,7 +455,7 @@ def child_oom(smoke: bool, out: Path) -> dict[str, Any]:
 # The one-GPU recipe on smaller cards, as its config states them: one task tuned at a time (8 in
 # flight multiply TTT's activations), and on 8 GB each TTT step in two passes of 8 examples (the same
 # steps). Training's 32,768 tokens a step fit both (docs/results/fp16.md: planned from CPU counts).
-SMALL_CARDS = {16: ["ttt.tasks_in_flight=1"], 8: ["ttt.tasks_in_flight=1", "ttt.examples_per_pass=8"]}
+SMALL_CARDS = {8: ["ttt.tasks_in_flight=1", "ttt.examples_per_pass=8"], 16: ["ttt.tasks_in_flight=1"]}  # tightest first
 
 
 def counted_against_allocated(smoke: bool) -> dict[str, Any]:
@@ -478,7 +478,7 @@ def counted_against_allocated(smoke: bool) -> dict[str, Any]:
 
 
 def child_memory_caps(smoke: bool, out: Path) -> dict[str, Any]:
-    """configs/sage_44m_1gpu.yaml with SMALL_CARDS' settings, this process capped to 16 and then 8 GB
+    """configs/sage_44m_1gpu.yaml with SMALL_CARDS' settings, this process capped to 8 and then 16 GB
     of the card (torch.cuda.set_per_process_memory_fraction), in fp16 and in bf16: two epochs of
     training with their validations, then TTT and scoring of 16 ARC-AGI-1 evaluation tasks. Each
     run's memory probe line, its out-of-memory halvings (none expected) and its peak; first, the
@@ -491,6 +491,7 @@ def child_memory_caps(smoke: bool, out: Path) -> dict[str, Any]:
     from sage.training import train
 
     figures: dict[str, Any] = {"counted_against_allocated": counted_against_allocated(smoke)}
+    print(json.dumps(figures), file=sys.stderr, flush=True)
     for cap, settings in SMALL_CARDS.items():
         for precision in ("fp16", "bf16"):
             name = f"cap{cap}_{precision}"
@@ -515,6 +516,7 @@ def child_memory_caps(smoke: bool, out: Path) -> dict[str, Any]:
                 "ttt_steps": sum(s.steps for s in result.ttt_stats.values()),
                 "score_with_ttt": result.systems["student_ttt"].summary["arc_prize_score"],
                 "peak_gib": None if smoke else round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+            print(json.dumps(figures), file=sys.stderr, flush=True)  # in the stage's log if the next run times out
     return figures
 
 
