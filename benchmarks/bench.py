@@ -78,7 +78,7 @@ from sage.distill import TeacherTargets  # noqa: E402
 from sage.encoding import PAD, ARCExamples, LengthBucketSampler, collate, uses_shape_buckets  # noqa: E402
 from sage.model import attention_kernel, build_model  # noqa: E402
 from sage.recovery import FaultInjection, MicroBatch  # noqa: E402
-from sage.memory_probe import TensorPeakMeter, largest_batch  # noqa: E402
+from sage.memory_probe import TensorPeakMeter, costliest_ttt_task, largest_batch, ttt_step  # noqa: E402
 from sage.step import (  # noqa: E402
     Autocast,
     compute_losses,
@@ -86,7 +86,6 @@ from sage.step import (  # noqa: E402
     read_steps,
     to_device,
     train_step,
-    tuning_step,
     unwrap,
 )
 from sage.teacher.settings import TeacherConfig  # noqa: E402
@@ -405,17 +404,18 @@ def memory_phase(cfg_dict: dict[str, Any], phase: str, threads: int) -> dict[str
     """Peak memory of one training step, one validation batch or one TTT step on its largest batch
     (sage.memory_probe.largest_batch; training's by train.tokens_per_step when set; TTT's: the first
     batch of the ARC-AGI-1 evaluation task with the costliest step, ttt.tasks_in_flight copies of it
-    in flight). Runs in a fresh process (the peak then belongs to this phase alone); the high-water
-    mark is reset once model, optimiser state and batch are in place, so it is the step's
-    steady-state peak (with tasks in flight the trainer's K rows of weights and moments count too)."""
+    in flight, through the trainer an evaluation uses: its copies of the weights and AdamW's state
+    count). Runs in a fresh process (the peak then belongs to this phase alone); the high-water mark
+    is reset once model, optimiser state and batch are in place, so it is the step's steady-state
+    peak."""
     torch.set_num_threads(threads)
     cfg = from_dict(ExperimentConfig, cfg_dict, "<benchmark>")
     device = resolve_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(device)
     autocast = Autocast(device, cfg.run.precision)
-    if phase == "ttt" and cfg.ttt.tasks_in_flight > 1:
-        step, held, shape = tasks_in_flight_step(cfg, model, device)
+    if phase == "ttt":
+        step, held, shape = ttt_phase_step(cfg, model, device)
     else:
         step, held, shape = one_step(cfg, phase, model, device, autocast)
     gc.collect()
@@ -451,18 +451,14 @@ def one_step(cfg: ExperimentConfig, phase: str, model: torch.nn.Module, device: 
              autocast: Autocast) -> tuple[Callable[[], None], list[Any], list[int]]:
     """The phase's step on its largest batch (to run), the tensors alive before it, the batch's shape."""
     optimizer = None
-    if phase == "ttt":
-        idx, batch = costliest_ttt_batch(cfg)
-        batch = to_device(batch, device)
-    else:
-        data = build_data(cfg)
-        dataset = data.train_set if phase == "train" else data.val_set
-        sampler = (training_sampler(dataset.lengths, dataset.sides, cfg.train.batch_size, cfg.train.tokens_per_step,
-                                    cfg.run.seed) if phase == "train" else
-                   LengthBucketSampler(dataset.lengths, cfg.val.batch_size, shuffle=False, sides=dataset.sides))
-        idx = largest_batch(dataset, sampler.batches())
-        batch = to_device(collate([dataset[i] for i in idx], shape_buckets=uses_shape_buckets(device)), device)
-    if phase != "val":
+    data = build_data(cfg)
+    dataset = data.train_set if phase == "train" else data.val_set
+    sampler = (training_sampler(dataset.lengths, dataset.sides, cfg.train.batch_size, cfg.train.tokens_per_step,
+                                cfg.run.seed) if phase == "train" else
+               LengthBucketSampler(dataset.lengths, cfg.val.batch_size, shuffle=False, sides=dataset.sides))
+    idx = largest_batch(dataset, sampler.batches())
+    batch = to_device(collate([dataset[i] for i in idx], shape_buckets=uses_shape_buckets(device)), device)
+    if phase == "train":
         optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
         for p in model.parameters():  # AdamW allocates its state on the first step; zero gradients
             p.grad = torch.zeros_like(p)  # make that step a near no-op
@@ -472,10 +468,6 @@ def one_step(cfg: ExperimentConfig, phase: str, model: torch.nn.Module, device: 
     def step() -> None:
         if phase == "train":
             real_step(model, optimizer, batch, cfg, autocast, autocast.loss_scaler())
-        elif phase == "ttt":
-            micro = MicroBatch("test-time training", len(idx), cfg.ttt.examples_per_pass, print, accumulates=True)
-            tuning_step(model, optimizer, batch, autocast, cfg.train.loss_normalization, cfg.ttt.grad_clip, micro,
-                        scaler=autocast.loss_scaler())
         else:  # inference mode, as in training; the whole batch at once
             validate(model, [batch], device, autocast, cfg.model.grid_size, MicroBatch("validation", len(idx), None,
                                                                                       lambda message: None))
@@ -484,45 +476,18 @@ def one_step(cfg: ExperimentConfig, phase: str, model: torch.nn.Module, device: 
     return step, held, [len(idx), int(batch["tokens"].shape[1])]
 
 
-def tasks_in_flight_step(cfg: ExperimentConfig, model: torch.nn.Module,
-                         device: torch.device) -> tuple[Callable[[], None], list[Any], list[int]]:
-    """One task-batched TTT step of ttt.tasks_in_flight copies of the costliest task (to run: the
-    trainer is built inside it, its K rows of weights and AdamW moments counted), the model, the
-    shape of each task's batch."""
-    from sage.task_batched_ttt import TaskBatchedTrainer, plan_jobs
+def ttt_phase_step(cfg: ExperimentConfig, model: torch.nn.Module,
+                   device: torch.device) -> tuple[Callable[[], None], list[Any], list[int]]:
+    """One TTT step of the costliest ARC-AGI-1 evaluation task as an evaluation takes it
+    (sage.memory_probe.ttt_step: ttt.tasks_in_flight copies, the trainer's own state counted), the
+    tensors alive before it (the model), the shape of all the tasks' batches."""
+    from sage.predict import blind
     from sage.ttt import Tuning
 
-    task, _ = costliest_ttt_task(cfg)
-    tuning = Tuning.of(replace(cfg, ttt=replace(cfg.ttt, steps=1, flops=0.0, min_steps=0)))
-    copies = [replace(task, id=f"{task.id}/{slot}") for slot in range(cfg.ttt.tasks_in_flight)]
-    _, batch = costliest_ttt_batch(cfg)
-
-    def step() -> None:
-        trainer = TaskBatchedTrainer(model, tuning, device)
-        for _ in trainer.tune(plan_jobs(copies, tuning)):
-            pass
-
-    return step, [list(model.parameters())], [cfg.ttt.tasks_in_flight * len(batch["target"]),
-                                              int(batch["tokens"].shape[1])]
-
-
-def costliest_ttt_task(cfg: ExperimentConfig) -> tuple[Any, Any]:
-    """The ARC-AGI-1 evaluation task (blind) whose TTT step costs the most, and its tuning settings."""
-    from sage.predict import blind
-    from sage.ttt import Tuning, task_budget
-
     tuning = Tuning.of(cfg)
-    tasks = [blind(t) for t in load_dataset("arc-agi-1/evaluation")]
-    return max(tasks, key=lambda t: task_budget(t, tuning).step_flops), tuning
-
-
-def costliest_ttt_batch(cfg: ExperimentConfig) -> tuple[list[int], dict[str, torch.Tensor]]:
-    """The first TTT batch of `costliest_ttt_task` (its indices are the batch's draws)."""
-    from sage.ttt import step_examples, ttt_examples, tuning_data
-
-    task, tuning = costliest_ttt_task(cfg)
-    items = step_examples(tuning_data(task, ttt_examples(task), tuning), 0, cfg.ttt.batch_size)
-    return list(range(len(items))), collate(items)
+    task, budget = costliest_ttt_task([blind(t) for t in load_dataset("arc-agi-1/evaluation")], tuning)
+    return (lambda: ttt_step(model, tuning, task, device)), [list(model.parameters())], [
+        cfg.ttt.tasks_in_flight * cfg.ttt.batch_size, budget.first_batch_shape[1]]
 
 
 def memory_section(cfg: ExperimentConfig, device: torch.device, log: Log) -> dict[str, Any]:

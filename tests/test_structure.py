@@ -22,8 +22,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("config", "teacher.oracle"),  # config checks values against the model's and the teacher's
     ("datasets", "step", "config_reference"),  # step: autocast, optimiser, schedule, loss and step, under training and inference
     ("extraction", "validation", "ttt"),
-    ("memory_probe",),  # one probe step of training and validation before a run
     ("distill", "task_batched_ttt"),
+    ("memory_probe",),  # one probe step of training and validation before a run, of TTT before an evaluation
     ("splits",),  # what a run trained on and held out: training, evaluation and the benchmarks rebuild it here
     ("training", "predict"),
     ("speed", "student_vs_teacher", "ablate", "finished_tasks", "compare_reports"),
