@@ -53,6 +53,8 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -485,7 +487,10 @@ def ttt_phase_step(cfg: ExperimentConfig, model: torch.nn.Module,
     from sage.ttt import Tuning
 
     tuning = Tuning.of(cfg)
-    task, budget = costliest_ttt_task([blind(t) for t in load_dataset("arc-agi-1/evaluation")], tuning)
+    costliest = costliest_ttt_task([blind(t) for t in load_dataset("arc-agi-1/evaluation")], tuning)
+    if costliest is None:
+        raise SystemExit("error: no ARC-AGI-1 evaluation task gets a TTT step under this config's ttt: budget")
+    task, budget = costliest
     return (lambda: ttt_step(model, tuning, task, device)), [list(model.parameters())], [
         cfg.ttt.tasks_in_flight * cfg.ttt.batch_size, budget.first_batch_shape[1]]
 
@@ -495,8 +500,12 @@ def memory_section(cfg: ExperimentConfig, device: torch.device, log: Log) -> dic
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per phase
     for phase in ("train", "val", "ttt"):
         log(f"memory: {phase} phase on its largest batch in a fresh process")
-        with context.Pool(1) as pool:
-            result[phase] = pool.apply(memory_phase, (cfg.to_dict(), phase, torch.get_num_threads()))
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            try:
+                result[phase] = pool.submit(memory_phase, cfg.to_dict(), phase, torch.get_num_threads()).result()
+            except BrokenProcessPool:  # killed: on Linux most likely by the kernel's out-of-memory killer
+                raise SystemExit(f"error: the memory section's {phase} phase died (out of memory? `dmesg` says); "
+                                 f"lower its batch (ttt.tasks_in_flight, ttt.batch_size, train.tokens_per_step)")
         r = result[phase]
         log(f"memory: {phase} {r['batch'][0]}x{r['batch'][1]}: peak RSS {fmt_bytes(r['rss_peak_bytes'])}, "
             f"tensors {fmt_bytes(r['tensor_peak_bytes'])} ({r['seconds']:.1f}s)")

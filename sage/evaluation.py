@@ -160,9 +160,11 @@ def evaluate(
     precision = Autocast(device, loaded.cfg.run.precision).name
     log(f"evaluating {loaded.path} ({loaded.parameters:,} parameters) on {len(tasks)} tasks of {settings.split}, "
         f"{settings.views} views per test input, on {device} ({precision})")
+    run_tuning = tuning  # with what the memory probe found: the same steps (the report names `tuning`)
     if tuning is not None:
         log(describe_ttt(tuning.ttt))
-        log(probe_ttt(loaded.model, tuning, [blind(t) for t in tasks], device))
+        line, run_tuning = probe_ttt(loaded.model, tuning, [blind(t) for t in tasks], device)
+        log(line)
     if settings.workers > 1:
         log(f"{settings.workers} worker processes, {max(1, torch.get_num_threads() // settings.workers)} "
             "CPU thread(s) each")
@@ -174,7 +176,7 @@ def evaluate(
             "split": settings.split, "views": settings.views, "seed": settings.seed, "batch_size": batch_size,
             "device": device.type, "precision": precision,
             "ttt": asdict(tuning.ttt) if tuning is not None else None})
-    outcomes = answer_tasks(loaded, device, tasks, settings, batch_size, tuning, progress, finished, resume, log)
+    outcomes = answer_tasks(loaded, device, tasks, settings, batch_size, run_tuning, progress, finished, resume, log)
     release_cached_memory(device, "answering the tasks", log)  # before the probe, fidelity and speed phases
     predictions = {t.id: o.plain for t, o in zip(tasks, outcomes)}
     ttt_predictions = {t.id: o.tuned for t, o in zip(tasks, outcomes) if o.tuned is not None}

@@ -311,43 +311,55 @@ TOO_BIG_FOR_TTT = ("an out-of-memory error will halve its examples per pass afte
                    "ttt.examples_per_pass (the same steps) or lower ttt.tasks_in_flight")
 
 
-def ttt_step(model: torch.nn.Module, tuning: Tuning, task: Task, device: torch.device) -> int:
+def ttt_step(model: torch.nn.Module, tuning: Tuning, task: Task, device: torch.device,
+             faults: FaultInjection | None = None) -> int:
     """One test-time training step of `task` (blind) as an evaluation takes it: ttt.tasks_in_flight
     copies of it at once through the trainer the evaluation uses (the model's own weights, put back
     after, or the task-batched trainer's copies). Returns the examples per pass that out-of-memory
     halving came down to (0: none)."""
     one_step = replace(tuning, ttt=replace(tuning.ttt, steps=1, flops=0.0, min_steps=0, runs=1))
     if tuning.ttt.tasks_in_flight == 1:
-        with TestTimeTrainer(model, one_step, device).tuned(task) as stats:
+        with TestTimeTrainer(model, one_step, device, faults).tuned(task) as stats:
             return stats.micro_batch
-    trainer = TaskBatchedTrainer(model, one_step, device)
+    trainer = TaskBatchedTrainer(model, one_step, device, faults)
     copies = [replace(task, id=f"{task.id}/{slot}") for slot in range(tuning.ttt.tasks_in_flight)]
     return max(stats.micro_batch for _, stats in trainer.tune(plan_jobs(copies, one_step)))
 
 
-def costliest_ttt_task(tasks: Sequence[Task], tuning: Tuning) -> tuple[Task, TaskBudget]:
-    """The task whose test-time training step costs the most (sage.ttt.task_budget), and its budget."""
-    budgets = [task_budget(t, tuning) for t in tasks]
-    i = max(range(len(tasks)), key=lambda k: budgets[k].step_flops)
-    return tasks[i], budgets[i]
+def costliest_ttt_task(tasks: Sequence[Task], tuning: Tuning) -> tuple[Task, TaskBudget] | None:
+    """Of the tasks that get test-time training steps, the one whose step costs the most
+    (sage.ttt.task_budget), and its budget; None when no task gets a step."""
+    budgets = [(t, task_budget(t, tuning)) for t in tasks]
+    return max(((t, b) for t, b in budgets if b.steps), key=lambda tb: tb[1].step_flops, default=None)
 
 
-def probe_ttt(model: torch.nn.Module, tuning: Tuning, tasks: Sequence[Task], device: torch.device) -> str:
+def probe_ttt(model: torch.nn.Module, tuning: Tuning, tasks: Sequence[Task], device: torch.device,
+              faults: FaultInjection | None = None) -> tuple[str, Tuning]:
     """The evaluation log's line on test-time training's memory: `ttt_step` on the costliest of
-    `tasks` (blind: sage.predict.blind), its first batch, measured (`PeakMeter`) against what this
-    process can use. The RNG is left as it was."""
-    task, budget = costliest_ttt_task(tasks, tuning)
-    if not budget.steps:
-        return "memory probe: no task has a test-time training step"
+    `tasks` (blind: sage.predict.blind) that get steps, its first batch, measured (`PeakMeter`)
+    against what this process can use; and the tuning to run with: where the probe itself ran out of
+    memory and halved its examples per pass, ttt.examples_per_pass from the start (the same steps,
+    without a failed step to find it again). The RNG is left as it was."""
+    costliest = costliest_ttt_task(tasks, tuning)
+    if costliest is None:
+        return "memory probe: no task gets a test-time training step", tuning
+    task, budget = costliest
     in_flight, rng = tuning.ttt.tasks_in_flight, torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         with PeakMeter(device) as meter:
-            halved = ttt_step(model, tuning, task, device)
+            halved = ttt_step(model, tuning, task, device, faults)
     finally:
         torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
         release_cached_memory(device, "the test-time training probe", lambda _: None)
     cells, tokens = budget.first_batch_shape
     examples = tuning.ttt.batch_size  # draws of the task's leave-one-out examples, cycled
     what = f"test-time training step of task {task.id}" + (f", {in_flight} in flight" if in_flight > 1 else "")
-    return describe([Probe(what, in_flight * examples, in_flight * examples * (tokens + cells), meter.peak,
+    line = describe([Probe(what, in_flight * examples, in_flight * examples * (tokens + cells), meter.peak,
                            meter.measures, halved)], device, TOO_BIG_FOR_TTT)
+    if not halved:
+        return line, tuning
+    return (line + f"; test-time training runs {halved} examples a pass from the start",
+            replace(tuning, ttt=replace(tuning.ttt, examples_per_pass=halved)))

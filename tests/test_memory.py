@@ -1,6 +1,7 @@
 """Memory planned without the card: sage.memory_probe.TensorPeakMeter counts live tensor bytes op by
 op, so a CPU run of a step says what a GPU's allocator would hold for it."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -87,11 +88,21 @@ def test_the_ttt_probe_measures_the_costliest_task_and_changes_nothing(in_flight
     tuning = Tuning.of(cfg)
     costliest = max(tasks, key=lambda t: task_budget(t, tuning).step_flops)
     rng = torch.get_rng_state()
-    line = probe_ttt(model, tuning, tasks, torch.device("cpu"))
+    line, run_tuning = probe_ttt(model, tuning, tasks, torch.device("cpu"))
     assert f"step of task {costliest.id}" in line and line.endswith("; fits"), line
+    assert run_tuning is tuning  # nothing to change
     assert (f"{in_flight} in flight" in line) == (in_flight > 1)
     assert torch.equal(torch.get_rng_state(), rng)
     for key, value in model.state_dict().items():
         assert torch.equal(value, weights[key]), key
     monkeypatch.setattr(memory_probe, "available_memory", lambda device: (2**20, 2**30))  # 1 MiB free
-    assert "does NOT fit" in probe_ttt(model, tuning, tasks, torch.device("cpu"))
+    assert "does NOT fit" in probe_ttt(model, tuning, tasks, torch.device("cpu"))[0]
+    # The probe ran out of memory (injected) and halved: the evaluation starts at that many examples a pass.
+    line, run_tuning = probe_ttt(model, tuning, tasks, torch.device("cpu"), FaultInjection.parse(["oom:ttt:1"]))
+    assert "only at 2 examples a pass" in line and run_tuning.ttt.examples_per_pass == 2, line
+    # A task whose budget buys fewer than ttt.min_steps is answered untuned: the next costliest is probed.
+    few = replace(tuning, ttt=replace(tuning.ttt, steps=10, flops=10.5 * task_budget(costliest, tuning).step_flops
+                                      * 0.95, min_steps=10))
+    untuned = [t.id for t in tasks if not task_budget(t, few).steps]
+    assert untuned == [costliest.id]
+    assert f"step of task {costliest.id}" not in probe_ttt(model, few, tasks, torch.device("cpu"))[0]
