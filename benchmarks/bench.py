@@ -9,11 +9,11 @@
              spent blocked in next(loader) with data.num_workers workers
     memory   peak memory of one training step (at train.tokens_per_step or train.batch_size, AdamW
              state allocated), of one validation batch (at val.batch_size, inference mode) and of one
-             TTT step (the costliest ARC-AGI-1 evaluation task's; ttt.tasks_in_flight copies of it
-             in flight, each with its own weights and moments), each on its largest batch in a fresh process: CPU RSS
-             high-water mark (VmHWM), or torch.cuda.max_memory_allocated on a GPU; and everywhere the
-             peak of live tensors counted op by op (sage.memory_probe.TensorPeakMeter): on a CPU, about
-             what a card's allocator would hold for the same step in the same precision
+             TTT step (the costliest ARC-AGI-1 evaluation task's, ttt.tasks_in_flight copies of it,
+             through the trainer an evaluation uses), each on its largest batch in a fresh process:
+             CPU RSS high-water mark (VmHWM), or torch.cuda.max_memory_allocated on a GPU; and
+             everywhere the peak of live tensors counted op by op (sage.memory_probe.TensorPeakMeter):
+             on a CPU, about what a card's allocator would hold for the same step in the same precision
     cache    teacher feature cache bytes per prompt (= per example: one cache entry per task test
              input), pooled and token features: a small cache extracted with the tiny teacher (random
              weights) with and without token features, scaled to the configured teacher's width, and a
