@@ -122,7 +122,7 @@ class TensorPeakMeter(TorchDispatchMode):
             return
         counted = self.live.get(address)
         if counted is None:
-            weakref.finalize(storage, self._free, address)
+            weakref.finalize(storage, self._free, address).atexit = False  # nothing to count at exit
         self.live[address] = max(size, counted or 0)  # a storage resized in place counts at its largest
         self.current += self.live[address] - (counted or 0)
         self.peak = max(self.peak, self.current)
