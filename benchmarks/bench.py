@@ -484,10 +484,11 @@ def ttt_phase_step(cfg: ExperimentConfig, model: torch.nn.Module,
     (sage.memory_probe.ttt_step: ttt.tasks_in_flight copies, the trainer's own state counted), the
     tensors alive before it (the model), the shape of all the tasks' batches."""
     from sage.predict import blind
-    from sage.ttt import Tuning
+    from sage.ttt import Tuning, task_budget
 
     tuning = Tuning.of(cfg)
-    costliest = costliest_ttt_task([blind(t) for t in load_dataset("arc-agi-1/evaluation")], tuning)
+    tasks = [blind(t) for t in load_dataset("arc-agi-1/evaluation")]
+    costliest = costliest_ttt_task(tasks, {t.id: task_budget(t, tuning) for t in tasks})
     if costliest is None:
         raise SystemExit("error: no ARC-AGI-1 evaluation task gets a TTT step under this config's ttt: budget")
     task, budget = costliest

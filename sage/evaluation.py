@@ -43,7 +43,7 @@ from sage.splits import DEFAULT_SPLIT, scored_tasks
 from sage.speed import machine_description, measure_speed
 from sage.step import Autocast
 from sage.student_vs_teacher import feature_fidelity, is_probe, load_probe, parameter_counts, probe_attempts
-from sage.ttt import TTTStats, Tuning, describe_budget, describe_tuning, task_budget
+from sage.ttt import TaskBudget, TTTStats, Tuning, describe_budget, describe_tuning, task_budget
 from sage.voting import RANKINGS, ranked
 from sage.voting import attempts as top_attempts
 
@@ -160,11 +160,7 @@ def evaluate(
     precision = Autocast(device, loaded.cfg.run.precision).name
     log(f"evaluating {loaded.path} ({loaded.parameters:,} parameters) on {len(tasks)} tasks of {settings.split}, "
         f"{settings.views} views per test input, on {device} ({precision})")
-    run_tuning = tuning  # with what the memory probe found: the same steps (the report names `tuning`)
-    if tuning is not None:
-        log(describe_ttt(tuning.ttt))
-        line, run_tuning = probe_ttt(loaded.model, tuning, [blind(t) for t in tasks], device)
-        log(line)
+    run_tuning, budgets = prepare_ttt(loaded, tuning, tasks, device, log)
     if settings.workers > 1:
         log(f"{settings.workers} worker processes, {max(1, torch.get_num_threads() // settings.workers)} "
             "CPU thread(s) each")
@@ -176,7 +172,8 @@ def evaluate(
             "split": settings.split, "views": settings.views, "seed": settings.seed, "batch_size": batch_size,
             "device": device.type, "precision": precision,
             "ttt": asdict(tuning.ttt) if tuning is not None else None})
-    outcomes = answer_tasks(loaded, device, tasks, settings, batch_size, run_tuning, progress, finished, resume, log)
+    outcomes = answer_tasks(loaded, device, tasks, settings, batch_size, run_tuning, budgets, progress, finished,
+                            resume, log)
     release_cached_memory(device, "answering the tasks", log)  # before the probe, fidelity and speed phases
     predictions = {t.id: o.plain for t, o in zip(tasks, outcomes)}
     ttt_predictions = {t.id: o.tuned for t, o in zip(tasks, outcomes) if o.tuned is not None}
@@ -304,19 +301,20 @@ def select_tasks(loaded: LoadedModel, tasks: list[Task], protocol: dict[str, Any
 
 
 def answer_tasks(loaded: LoadedModel, device: torch.device, tasks: Sequence[Task], settings: EvalSettings,
-                 batch_size: int, tuning: Tuning | None, progress: bool,
+                 batch_size: int, tuning: Tuning | None, budgets: dict[str, TaskBudget] | None, progress: bool,
                  finished: FinishedTasks | None = None, resume: bool = False,
                  log: Callable[[str], None] = print) -> list[TaskOutcome]:
     """Every task answered (and with TTT, answered again after tuning), in task order, under a
-    progress bar that shows the running scores (sums of task scores). Each outcome goes to
-    `finished` as the task finishes; with `resume`, the tasks found there are not answered again."""
+    progress bar that shows the running scores (sums of task scores), each task weighed by its TTT
+    budget (`budgets`, None without TTT). Each outcome goes to `finished` as the task finishes; with `resume`,
+    the tasks found there are not answered again."""
     from tqdm import tqdm
 
     earlier = finished.start(resume) if finished is not None else {}
     earlier = {t.id: earlier[t.id] for t in tasks if t.id in earlier}
     if resume:
         log(f"resuming: {len(earlier)} of {len(tasks)} tasks already answered in {finished.directory}")
-    weights = planned_work(tasks, tuning if progress else None)  # planning 400 tasks takes seconds: only for a bar
+    weights = planned_work(tasks, budgets)
     bar = tqdm(total=sum(weights.values()), desc="tasks", unit="TFLOP" if tuning else "task", disable=not progress,
                file=sys.stderr, dynamic_ncols=True, bar_format=None if tuning is None else
                "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} TFLOP [{elapsed}<{remaining}{postfix}]")
@@ -358,13 +356,27 @@ def describe_ttt(t: TTTConfig) -> str:
             + (f"; {t.tasks_in_flight} tasks tuned at once, each on its own weights" if t.tasks_in_flight > 1 else ""))
 
 
-def planned_work(tasks: Sequence[Task], tuning: Tuning | None) -> dict[str, float]:
+def prepare_ttt(loaded: LoadedModel, tuning: Tuning | None, tasks: Sequence[Task], device: torch.device,
+                log: Callable[[str], None]) -> tuple[Tuning | None, dict[str, TaskBudget] | None]:
+    """With TTT: its settings and its memory probe (sage.memory_probe.probe_ttt) in the log; the
+    tuning to run with (the probe's examples per pass: the same steps; the report names `tuning`)
+    and every task's budget, planned once for the probe and the progress bar (seconds for 400 tasks)."""
+    if tuning is None:
+        return None, None
+    log(describe_ttt(tuning.ttt))
+    budgets = {t.id: task_budget(t, tuning) for t in tasks}
+    line, run_tuning = probe_ttt(loaded.model, tuning, [blind(t) for t in tasks], budgets, device)
+    log(line)
+    return run_tuning, budgets
+
+
+def planned_work(tasks: Sequence[Task], budgets: dict[str, TaskBudget] | None) -> dict[str, float]:
     """What each task weighs in the progress bar, so that its ETA means something: with TTT the
     TFLOPs its budget plans (steps x a step's FLOPs, sage.ttt.task_budget: 0.3 to 45 TFLOP a step on
     ARC-AGI-1), at least a hundredth of the mean for the tasks answered untuned; else 1 a task."""
-    if tuning is None:
+    if budgets is None:
         return {t.id: 1.0 for t in tasks}
-    planned = {t.id: (b.steps * b.step_flops) / 1e12 for t in tasks for b in [task_budget(t, tuning)]}
+    planned = {t.id: (budgets[t.id].steps * budgets[t.id].step_flops) / 1e12 for t in tasks}
     floor = max(sum(planned.values()) / max(len(planned), 1) / 100, 1e-9)
     return {k: max(v, floor) for k, v in planned.items()}
 

